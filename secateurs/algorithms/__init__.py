@@ -1,0 +1,31 @@
+"""Pure tensor compression algorithms: pruning masks, SparseGPT, GPTQ and their quantization grids."""
+
+from .gptq import GPTQResult, gptq
+from .hessian import HessianError, PreparedHessian, prepare_hessian
+from .magnitude import magnitude_mask
+from .owl import outlier_fraction, owl_ratios
+from .quant import QuantSpec, RTNResult, dequantize, fit_grid, quantize_codes, round_to_nearest
+from .sparsegpt import SparseGPTResult, sparsegpt
+from .wanda import WandaResult, wanda_mask, wanda_scores
+
+__all__ = [
+    "GPTQResult",
+    "HessianError",
+    "PreparedHessian",
+    "QuantSpec",
+    "RTNResult",
+    "SparseGPTResult",
+    "WandaResult",
+    "dequantize",
+    "fit_grid",
+    "gptq",
+    "magnitude_mask",
+    "outlier_fraction",
+    "owl_ratios",
+    "prepare_hessian",
+    "quantize_codes",
+    "round_to_nearest",
+    "sparsegpt",
+    "wanda_mask",
+    "wanda_scores",
+]

@@ -1,0 +1,155 @@
+"""The Optimal-Brain-Surgeon column sweep shared by SparseGPT and GPTQ.
+
+Columns are fixed one at a time in sweep order: column j gets its compressed value q (pruned to 0
+and/or rounded to the grid) and the error e = (w_j - q) / U[j, j] is compensated on the later
+columns by -e * U[j, j:], U being the upper Cholesky factor of H^-1 (see hessian.py). Each step is
+the exact optimum of the quadratic objective over the columns not fixed yet, so the loss it adds,
+e^2 / 2 per row, sums to the final (W - W_hat) (H + damp I) (W - W_hat)^T / 2 (summed over rows).
+Updates are applied eagerly inside a block of columns and lazily, as one matmul, to the columns
+after the block.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .hessian import prepare_hessian
+from .quant import QuantSpec, fake_quantize, fit_grid, group_count, group_index, quantize_codes
+
+
+class MaskRule(Protocol):
+    """Chooses the kept weights of a span of columns from their OBS scores w^2 / U[j, j]^2.
+
+    `period` None: called once per block with the whole block; an int p: called with the p columns
+    starting at every multiple of p (blocks are aligned to p). Dead columns get score -1.
+    `columns` are the original indices of the span's columns.
+    """
+
+    period: int | None
+
+    def __call__(self, scores: Tensor, columns: Tensor) -> Tensor: ...
+
+
+@dataclass
+class SweepOutput:
+    weight: Tensor  # dtype of W, original column order
+    mask: Tensor | None  # bool kept mask, None without a MaskRule
+    codes: Tensor | None  # uint8 [rows, cols], None without a QuantSpec
+    scale: Tensor | None  # float32 [rows, n_groups], original column groups
+    zero: Tensor | None
+    loss: float
+    damp: float
+
+
+class _StaticGroupGrid:
+    """Grid of each (row, group), fitted on the current weights when the sweep first reaches any
+    column of the group. Groups are original-order column runs, so act-order needs no g_idx."""
+
+    def __init__(self, spec: QuantSpec, rows: int, order: Tensor, dtype: torch.dtype):
+        self.spec, self.dtype = spec, dtype
+        self.group_at = group_index(len(order), spec.group_size)[order]  # sweep position -> group
+        self.group_list = self.group_at.tolist()
+        n_groups = group_count(len(order), spec.group_size)
+        self.scale = torch.zeros(rows, n_groups)
+        self.zero = torch.zeros(rows, n_groups)
+        self.fitted: dict[int, tuple[Tensor, Tensor]] = {}  # group -> scale, zero in work dtype
+
+    def round(self, position: int, w: Tensor, current: Callable[[Tensor], Tensor]) -> Tensor:
+        group = self.group_list[position]
+        if group not in self.fitted:
+            members = (self.group_at == group).nonzero().squeeze(1)
+            scale, zero = fit_grid(current(members), self.spec)
+            self.scale[:, group], self.zero[:, group] = scale, zero
+            self.fitted[group] = scale.to(self.dtype), zero.to(self.dtype)
+        scale, zero = self.fitted[group]
+        return fake_quantize(w, scale, zero, self.spec.bits)
+
+
+def compress(
+    W: Tensor,
+    H: Tensor,
+    *,
+    block_size: int,
+    percdamp: float,
+    rule: MaskRule | None = None,
+    spec: QuantSpec | None = None,
+) -> SweepOutput:
+    """Prune (rule) and/or quantize (spec) W [rows, cols] given H [cols, cols] in one OBS sweep."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    rows, cols = W.shape
+    if spec is not None and spec.act_order:
+        order = torch.argsort(H.diagonal(), descending=True, stable=True)
+        H, W_sweep = H[order][:, order], W[:, order]
+    else:
+        order, W_sweep = torch.arange(cols), W
+    prepared = prepare_hessian(H, W_sweep, percdamp)
+    weight = prepared.weight
+    grid = _StaticGroupGrid(spec, rows, order, weight.dtype) if spec is not None else None
+    mask, loss = _sweep(weight, prepared.hinv_chol, prepared.dead, order, block_size, rule, grid)
+
+    inverse = torch.argsort(order)
+    weight = weight[:, inverse]
+    mask = None if mask is None else mask[:, inverse]
+    codes = None
+    if grid is not None:
+        # Every weight is exactly scale * (integer - zero), so rounding recovers its code; pruned
+        # weights (0) get the zero point.
+        groups = group_index(cols, spec.group_size)
+        codes = quantize_codes(weight, grid.scale[:, groups], grid.zero[:, groups], spec.bits)
+    scale, zero = (grid.scale, grid.zero) if grid is not None else (None, None)
+    return SweepOutput(weight.to(W.dtype), mask, codes, scale, zero, loss, prepared.damp)
+
+
+def _sweep(weight, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Tensor | None, float]:
+    """Run the sweep in place on `weight` (sweep order); returns the kept mask and the loss."""
+    rows, cols = weight.shape
+    mask = torch.ones(rows, cols, dtype=torch.bool) if rule is not None else None
+    zero = torch.zeros((), dtype=weight.dtype)
+    loss = 0.0
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        block = weight[:, i1:i2].clone()  # up to date: received all earlier lazy updates
+        errors = torch.zeros_like(block)  # (w - q) / U[j, j] of the block's columns
+        hinv = hinv_chol[i1:i2, i1:i2]
+        diag = hinv.diagonal()
+        for i in range(i2 - i1):
+            j = i1 + i
+            span = _selection_span(rule, i, j, i2) if rule is not None else 0
+            if span:
+                scores = (block[:, i : i + span] / diag[i : i + span]).square()
+                scores[:, dead[j : j + span]] = -1  # dead inputs are pruned first
+                mask[:, j : j + span] = rule(scores, order[j : j + span])
+            w = block[:, i]
+            q = w
+            if grid is not None:
+                q = grid.round(j, w, lambda members: _current(weight, block, errors, hinv_chol, i1, i, members))
+            if mask is not None:
+                q = torch.where(mask[:, j], q, zero)
+            error = (w - q) / diag[i]
+            block[:, i:].addr_(error, hinv[i, i:], alpha=-1)
+            block[:, i] = q  # exact zeros / grid points despite rounding in the update
+            errors[:, i] = error
+        weight[:, i1:i2] = block
+        weight[:, i2:].addmm_(errors, hinv_chol[i1:i2, i2:], alpha=-1)
+        loss += errors.square().sum().item() / 2
+    return mask, loss
+
+
+def _selection_span(rule: MaskRule, i: int, j: int, i2: int) -> int:
+    """Number of columns whose mask is chosen at sweep position j (i inside the block), or 0."""
+    if rule.period is None:
+        return i2 - j if i == 0 else 0
+    return rule.period if j % rule.period == 0 else 0
+
+
+def _current(weight, block, errors, hinv_chol, i1, i, positions: Tensor) -> Tensor:
+    """Current values of the not-yet-fixed columns at sweep `positions` (all >= i1 + i): those in
+    the block are up to date, later ones still miss the block's pending lazy update."""
+    i2 = i1 + block.shape[1]
+    inside, beyond = positions[positions < i2], positions[positions >= i2]
+    pending = errors[:, :i] @ hinv_chol[i1 : i1 + i, beyond]
+    return torch.cat([block[:, inside - i1], weight[:, beyond] - pending], dim=1)

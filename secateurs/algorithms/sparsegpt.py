@@ -1,0 +1,109 @@
+"""SparseGPT (Frantar & Alistarh 2023): one-shot pruning with OBS weight reconstruction.
+
+The mask is chosen during the column sweep (obs.py) from the OBS scores w^2 / U[j, j]^2 of the
+current, already-compensated weights:
+- unstructured: at the start of every block, over the whole block (all rows at once, as in the
+  paper's Algorithm 1), pruning as many entries as keep the running total on round(sparsity * rows
+  * cols_so_far); the layer total is therefore exactly round(sparsity * numel);
+- n:m: at the start of every group of m columns, the n highest scores of each row's group are kept;
+- fixed_mask: used as is.
+Dead inputs (diag(H) == 0) have their weights zeroed. In unstructured mode they are always pruned
+and count towards the target, so the sparsity is exact unless the dead weights alone exceed it
+(then it is their count). With n:m or a fixed mask they are pruned first / as given, and a dead
+weight that the pattern keeps is a kept 0.
+With `quant`, every kept weight is rounded to its group's grid within the same sweep (grid fitted
+on the current weights when the sweep reaches the group); pruned weights stay exactly 0.
+"""
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .masks import check_nm, check_sparsity, nm_keep, prune_lowest, pruned_count
+from .obs import compress
+from .quant import QuantSpec
+
+
+@dataclass
+class SparseGPTResult:
+    weight: Tensor  # pruned (and quantized) weights, dtype of W
+    mask: Tensor  # bool [rows, cols], True where kept
+    loss: float  # sum over rows of (w - w_hat)^T (H + damp I) (w - w_hat) / 2
+    damp: float  # absolute damping added to diag(H)
+    codes: Tensor | None = None  # uint8 [rows, cols] when quant is given (pruned: zero point)
+    scale: Tensor | None = None  # float32 [rows, n_groups]
+    zero: Tensor | None = None  # float32 [rows, n_groups]
+
+
+class _BlockwiseMask:
+    """Unstructured: prune the lowest scores of each block, tracking the running target."""
+
+    period = None
+
+    def __init__(self, sparsity: float, rows: int):
+        self.sparsity, self.rows = sparsity, rows
+        self.columns_seen = self.pruned = 0
+
+    def __call__(self, scores: Tensor, columns: Tensor) -> Tensor:
+        self.columns_seen += scores.shape[1]
+        target = pruned_count(self.sparsity, self.rows * self.columns_seen) - self.pruned
+        forced = int((scores < 0).sum())  # dead inputs
+        count = min(max(target, forced), scores.numel())
+        self.pruned += count
+        return prune_lowest(scores.flatten(), count).reshape(scores.shape)
+
+
+class _NMMask:
+    def __init__(self, n: int, m: int):
+        self.n, self.period = n, m
+
+    def __call__(self, scores: Tensor, columns: Tensor) -> Tensor:
+        return nm_keep(scores, self.n, self.period)
+
+
+class _FixedMask:
+    period = None
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+
+    def __call__(self, scores: Tensor, columns: Tensor) -> Tensor:
+        return self.mask[:, columns]
+
+
+def sparsegpt(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    quant: QuantSpec | None = None,
+    fixed_mask: Tensor | None = None,
+) -> SparseGPTResult:
+    """Prune W [rows, cols] (Linear weight, out x in) using H = 2 X X^T / n_tokens [cols, cols].
+
+    n:m selects N:M sparsity (sparsity is then ignored); block_size is rounded down to a multiple
+    of m. fixed_mask (bool, True = kept) replaces mask selection; sparsity is then ignored.
+    Computes in float64 if W is float64, else float32; raises HessianError (hessian.py) if H
+    cannot be made positive definite.
+    """
+    rows, cols = W.shape
+    sparsity = check_sparsity(sparsity)
+    nm = check_nm(n, m, cols)
+    if fixed_mask is not None:
+        if nm:
+            raise ValueError("fixed_mask cannot be combined with n:m")
+        if fixed_mask.shape != W.shape:
+            raise ValueError(f"fixed_mask must have shape {tuple(W.shape)}, got {tuple(fixed_mask.shape)}")
+        rule = _FixedMask(fixed_mask.bool())
+    elif nm:
+        if quant is not None and quant.act_order:
+            raise ValueError("act_order cannot be combined with n:m (groups of m must stay contiguous)")
+        rule = _NMMask(n, m)
+        block_size = max(m, block_size - block_size % m)
+    else:
+        rule = _BlockwiseMask(sparsity, rows)
+    out = compress(W, H, block_size=block_size, percdamp=percdamp, rule=rule, spec=quant)
+    return SparseGPTResult(out.weight, out.mask, out.loss, out.damp, out.codes, out.scale, out.zero)

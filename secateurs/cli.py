@@ -1,0 +1,84 @@
+"""The `secateurs` command line. Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from secateurs.errors import SecateursError
+
+
+def _add_model(parser, default=None):
+    parser.add_argument("--model", default=default, required=default is None,
+                        help="embedded name (smollm2-135m, gemma3-270m), model directory, .gguf file or hub id")
+
+
+def cmd_prepare(args) -> None:
+    from secateurs.models import DEFAULT_MODEL, EMBEDDED, materialize_embedded
+
+    for name in EMBEDDED if args.all else [DEFAULT_MODEL]:
+        print(f"model {name}: {materialize_embedded(name)}")
+    try:
+        from secateurs.runtime import build
+    except ImportError:
+        return
+    print(f"kernels: {build.ensure_built()}")
+
+
+def cmd_eval(args) -> None:
+    from secateurs.data.corpus import load_text, tokenize
+    from secateurs.eval.perplexity import check_seqlen, perplexity
+    from secateurs.models import load_model
+
+    loaded = load_model(args.model)
+    check_seqlen(loaded.model, args.seqlen)
+    ids = tokenize(loaded.tokenizer, load_text(args.data))
+    result = perplexity(loaded.model, ids, args.seqlen, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data} | result.as_dict(), indent=2))
+    else:
+        print(f"perplexity {result.ppl:.3f} on {args.data}: {result.windows} windows x {result.seqlen} tokens "
+              f"({result.tokens_evaluated} evaluated, {result.tokens_dropped} dropped), "
+              f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secateurs", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="convert the embedded model(s) and build the CPU kernels")
+    prepare.add_argument("--all", action="store_true", help="also the second embedded model (Gemma-3-270M)")
+    prepare.set_defaults(run=cmd_prepare)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
+    _add_model(evaluate, default="smollm2-135m")
+    evaluate.add_argument("--data", default="austen-eval",
+                          help="austen-eval (Persuasion), austen:<novel>, .txt/.jsonl file or directory, hf:<dataset>")
+    evaluate.add_argument("--seqlen", type=int, default=512)
+    evaluate.add_argument("--max-tokens", type=int, default=None)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if "SECATEURS_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(int(os.environ["SECATEURS_THREADS"]))
+    try:
+        args.run(args)
+    except SecateursError as exc:
+        print(f"secateurs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("secateurs: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

