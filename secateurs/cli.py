@@ -65,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if "SECATEURS_THREADS" in os.environ:
-        import torch
-
-        torch.set_num_threads(int(os.environ["SECATEURS_THREADS"]))
     try:
+        if "SECATEURS_THREADS" in os.environ:
+            import torch
+
+            threads = os.environ["SECATEURS_THREADS"]
+            if not threads.isdigit() or int(threads) < 1:
+                raise SecateursError(f"SECATEURS_THREADS must be a positive integer (got {threads!r})")
+            torch.set_num_threads(int(threads))
         args.run(args)
     except SecateursError as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)

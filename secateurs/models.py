@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,19 @@ def embedded_gguf(name: str) -> Path:
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
-        for index, part in enumerate(model.parts, start=1):
-            chunk = (_package_dir(model.module.format(index), model.package) / part).read_bytes()
-            digest.update(chunk)
-            out.write(chunk)
+        try:
+            for index, part in enumerate(model.parts, start=1):
+                path = _package_dir(model.module.format(index), model.package) / part
+                try:
+                    chunk = path.read_bytes()
+                except OSError as exc:
+                    raise SecateursError(f"{name}: cannot read {path} ({exc.strerror})") from None
+                digest.update(chunk)
+                out.write(chunk)
+        except BaseException:  # a missing part package: leave no partial file in the cache
+            out.close()
+            os.unlink(out.name)
+            raise
     if model.sha256 and digest.hexdigest() != model.sha256:
         os.unlink(out.name)
         raise SecateursError(f"{name}: assembled GGUF has sha256 {digest.hexdigest()}, expected {model.sha256}")
@@ -112,15 +122,38 @@ def _drop_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
+def _hf_step(location: str, what: str, load):
+    """One transformers loading step; a local directory's failure becomes one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as exc:
+        if isinstance(exc, OSError) and not Path(location).is_dir():
+            raise  # a hub id: load_model says the hub could not provide it
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SecateursError(f"{location}: {what} ({detail})") from None
+
+
 def _load_pretrained(location: str, dtype: torch.dtype, **kwargs) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
-    config = AutoConfig.from_pretrained(location, **kwargs)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    config = _hf_step(location, "unreadable model config", lambda: AutoConfig.from_pretrained(location, **kwargs))
+    # BERT-like encoders have a causal-LM class too, but unless configured as decoders they attend
+    # to the tokens they predict, which makes their perplexity meaningless.
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
         raise SecateursError(f"{location}: architecture {config.model_type!r} is not a supported causal LM")
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+    tokenizer = _hf_step(location, "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(location, **kwargs))
+    model, info = _hf_step(location, "unreadable weights", lambda: AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, output_loading_info=True, **kwargs))
+    if info["missing_keys"]:  # transformers would leave them randomly initialized
+        missing = sorted(info["missing_keys"])
+        raise SecateursError(f"{location}: the weights lack {len(missing)} tensor(s) of the architecture, e.g. {missing[0]}")
     if "gguf_file" in kwargs:
         _drop_gguf_quantizer(model)
     return LoadedModel(model.eval(), tokenizer, location)
@@ -142,7 +175,8 @@ def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | Non
     """Write a transformers model directory atomically: a temporary sibling, then one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # not mkdtemp: its mode 0700 would leave the saved model unreadable to others
     try:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:

@@ -45,10 +45,10 @@ def prepare_hessian(
     """
     cols = W.shape[1]
     if H.shape != (cols, cols):
-        raise ValueError(f"H must have shape ({cols}, {cols}) to match W {tuple(W.shape)}, got {tuple(H.shape)}")
+        raise ValueError(f"H must have shape ({cols}, {cols}) to match W, got {tuple(H.shape)}")
     if percdamp < 0 or max_tries < 1:
         raise ValueError(f"need percdamp >= 0 and max_tries >= 1, got {percdamp}, {max_tries}")
-    if not torch.isfinite(H).all():
+    if not (H.amin().isfinite() and H.amax().isfinite()):  # NaN propagates; no [cols, cols] temporary
         raise HessianError("Hessian contains NaN or Inf", name)
 
     H = H.to(work_dtype(H, W), copy=True)
@@ -89,6 +89,6 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor | None:
     if info.item() != 0:
         return None
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if info.item() != 0 or not torch.isfinite(upper).all():
+    if info.item() != 0 or not upper.diagonal().isfinite().all():  # overflow in the inverse
         return None
     return upper

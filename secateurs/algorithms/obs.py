@@ -4,13 +4,15 @@ Columns are fixed one at a time in sweep order: column j gets its compressed val
 and/or rounded to the grid) and the error e = (w_j - q) / U[j, j] is compensated on the later
 columns by -e * U[j, j:], U being the upper Cholesky factor of H^-1 (see hessian.py). Each step is
 the exact optimum of the quadratic objective over the columns not fixed yet, so the loss it adds,
-e^2 / 2 per row, sums to the final (W - W_hat) (H + damp I) (W - W_hat)^T / 2 (summed over rows).
+e^2 / 2 per row, sums to the final (W - W_hat) (H + damp I) (W - W_hat)^T / 2 (summed over rows;
+W with its dead columns already zeroed).
 Updates are applied eagerly inside a block of columns and lazily, as one matmul, to the columns
 after the block.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -81,38 +83,43 @@ def compress(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     rows, cols = W.shape
-    if spec is not None and spec.act_order:
+    permuted = spec is not None and spec.act_order
+    if permuted:
         order = torch.argsort(H.diagonal(), descending=True, stable=True)
-        H, W_sweep = H[order][:, order], W[:, order]
+        H, W_sweep = H.index_select(0, order).index_select(1, order), W.index_select(1, order)
     else:
         order, W_sweep = torch.arange(cols), W
     prepared = prepare_hessian(H, W_sweep, percdamp)
-    weight = prepared.weight
-    grid = _StaticGroupGrid(spec, rows, order, weight.dtype) if spec is not None else None
-    mask, loss = _sweep(weight, prepared.hinv_chol, prepared.dead, order, block_size, rule, grid)
+    weight_t = prepared.weight.T.contiguous()
+    grid = _StaticGroupGrid(spec, rows, order, weight_t.dtype) if spec is not None else None
+    keep_t, loss = _sweep(weight_t, prepared.hinv_chol, prepared.dead, order, block_size, rule, grid)
 
-    inverse = torch.argsort(order)
-    weight = weight[:, inverse]
-    mask = None if mask is None else mask[:, inverse]
-    codes = None
+    if permuted:
+        inverse = torch.argsort(order)  # sweep position of each original column
+        weight_t = weight_t[inverse]
+        keep_t = None if keep_t is None else keep_t[inverse]
+    weight = weight_t.T.contiguous()
+    mask = None if keep_t is None else keep_t.T.contiguous()
+    codes = scale = zero = None
     if grid is not None:
         # Every weight is exactly scale * (integer - zero), so rounding recovers its code; pruned
         # weights (0) get the zero point.
+        scale, zero = grid.scale, grid.zero
         groups = group_index(cols, spec.group_size)
-        codes = quantize_codes(weight, grid.scale[:, groups], grid.zero[:, groups], spec.bits)
-    scale, zero = (grid.scale, grid.zero) if grid is not None else (None, None)
+        codes = quantize_codes(weight, scale[:, groups], zero[:, groups], spec.bits)
     return SweepOutput(weight.to(W.dtype), mask, codes, scale, zero, loss, prepared.damp)
 
 
-def _sweep(weight, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Tensor | None, float]:
-    """Run the sweep in place on `weight` (sweep order); returns the kept mask and the loss."""
-    rows, cols = weight.shape
-    mask = torch.ones(rows, cols, dtype=torch.bool) if rule is not None else None
-    zero = torch.zeros((), dtype=weight.dtype)
+def _sweep(weight_t, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Tensor | None, float]:
+    """Run the sweep in place on weight_t = W^T [cols, rows] in sweep order; returns the kept mask
+    (transposed too) and the loss. Column j of W is the contiguous row j of weight_t, which makes
+    the per-column rank-1 updates about 3x faster than on W itself."""
+    cols, rows = weight_t.shape
+    keep_t = torch.ones(cols, rows, dtype=torch.bool) if rule is not None else None
     loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        block = weight[:, i1:i2].clone()  # up to date: received all earlier lazy updates
+        block = weight_t[i1:i2].clone()  # up to date: received all earlier lazy updates
         errors = torch.zeros_like(block)  # (w - q) / U[j, j] of the block's columns
         hinv = hinv_chol[i1:i2, i1:i2]
         diag = hinv.diagonal()
@@ -120,23 +127,22 @@ def _sweep(weight, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Tens
             j = i1 + i
             span = _selection_span(rule, i, j, i2) if rule is not None else 0
             if span:
-                scores = (block[:, i : i + span] / diag[i : i + span]).square()
-                scores[:, dead[j : j + span]] = -1  # dead inputs are pruned first
-                mask[:, j : j + span] = rule(scores, order[j : j + span])
-            w = block[:, i]
+                scores = (block[i : i + span] / diag[i : i + span, None]).square()
+                scores[dead[j : j + span]] = -1  # dead inputs are pruned first
+                keep_t[j : j + span] = rule(scores.T, order[j : j + span]).T
+            w = block[i]
             q = w
             if grid is not None:
-                q = grid.round(j, w, lambda members: _current(weight, block, errors, hinv_chol, i1, i, members))
-            if mask is not None:
-                q = torch.where(mask[:, j], q, zero)
-            error = (w - q) / diag[i]
-            block[:, i:].addr_(error, hinv[i, i:], alpha=-1)
-            block[:, i] = q  # exact zeros / grid points despite rounding in the update
-            errors[:, i] = error
-        weight[:, i1:i2] = block
-        weight[:, i2:].addmm_(errors, hinv_chol[i1:i2, i2:], alpha=-1)
+                q = grid.round(j, w, partial(_current, weight_t, block, errors, hinv_chol, i1, i))
+            if keep_t is not None:
+                q = torch.where(keep_t[j], q, 0.0)
+            error = torch.sub(w, q, out=errors[i]).div_(diag[i])
+            block[i + 1 :].addr_(hinv[i, i + 1 :], error, alpha=-1)
+            block[i] = q  # exactly 0 / on the grid
+        weight_t[i1:i2] = block
+        weight_t[i2:].addmm_(hinv_chol[i1:i2, i2:].T, errors, alpha=-1)
         loss += errors.square().sum().item() / 2
-    return mask, loss
+    return keep_t, loss
 
 
 def _selection_span(rule: MaskRule, i: int, j: int, i2: int) -> int:
@@ -146,10 +152,11 @@ def _selection_span(rule: MaskRule, i: int, j: int, i2: int) -> int:
     return rule.period if j % rule.period == 0 else 0
 
 
-def _current(weight, block, errors, hinv_chol, i1, i, positions: Tensor) -> Tensor:
-    """Current values of the not-yet-fixed columns at sweep `positions` (all >= i1 + i): those in
-    the block are up to date, later ones still miss the block's pending lazy update."""
-    i2 = i1 + block.shape[1]
+def _current(weight_t, block, errors, hinv_chol, i1, i, positions: Tensor) -> Tensor:
+    """Current values [rows, len(positions)] of the not-yet-fixed columns at sweep `positions`
+    (all >= i1 + i): those in the block are up to date, later ones still miss the block's pending
+    lazy update."""
+    i2 = i1 + block.shape[0]
     inside, beyond = positions[positions < i2], positions[positions >= i2]
-    pending = errors[:, :i] @ hinv_chol[i1 : i1 + i, beyond]
-    return torch.cat([block[:, inside - i1], weight[:, beyond] - pending], dim=1)
+    pending = hinv_chol[i1 : i1 + i, beyond].T @ errors[:i]
+    return torch.cat([block[inside - i1], weight_t[beyond] - pending]).T

@@ -8,9 +8,9 @@ current, already-compensated weights:
 - n:m: at the start of every group of m columns, the n highest scores of each row's group are kept;
 - fixed_mask: used as is.
 Dead inputs (diag(H) == 0) have their weights zeroed. In unstructured mode they are always pruned
-and count towards the target, so the sparsity is exact unless the dead weights alone exceed it
-(then it is their count). With n:m or a fixed mask they are pruned first / as given, and a dead
-weight that the pattern keeps is a kept 0.
+and count towards the target: the number of pruned weights is max(round(sparsity * numel),
+rows * dead columns). With n:m they are pruned first (a dead weight the pattern must keep is a kept
+0); a fixed mask is used as given (its kept dead weights are 0 too).
 With `quant`, every kept weight is rounded to its group's grid within the same sweep (grid fitted
 on the current weights when the sweep reaches the group); pruned weights stay exactly 0.
 """
@@ -36,20 +36,24 @@ class SparseGPTResult:
 
 
 class _BlockwiseMask:
-    """Unstructured: prune the lowest scores of each block, tracking the running target."""
+    """Unstructured: prune the lowest scores of each block. Dead inputs (score -1) are always
+    pruned and count towards round(sparsity * numel); the rest of that budget is spread over the
+    live weights so that the running total stays on target after every block."""
 
     period = None
 
-    def __init__(self, sparsity: float, rows: int):
-        self.sparsity, self.rows = sparsity, rows
-        self.columns_seen = self.pruned = 0
+    def __init__(self, sparsity: float, rows: int, cols: int, dead_cols: int):
+        self.live_weights = rows * (cols - dead_cols)
+        self.budget = max(pruned_count(sparsity, rows * cols) - rows * dead_cols, 0)  # live ones to prune
+        self.live_seen = self.live_pruned = 0
 
     def __call__(self, scores: Tensor, columns: Tensor) -> Tensor:
-        self.columns_seen += scores.shape[1]
-        target = pruned_count(self.sparsity, self.rows * self.columns_seen) - self.pruned
-        forced = int((scores < 0).sum())  # dead inputs
-        count = min(max(target, forced), scores.numel())
-        self.pruned += count
+        forced = int((scores < 0).sum())
+        self.live_seen += scores.numel() - forced
+        # round(budget * live_seen / live_weights) in exact integer arithmetic
+        target = (2 * self.budget * self.live_seen + self.live_weights) // max(2 * self.live_weights, 1)
+        count = forced + target - self.live_pruned
+        self.live_pruned = target
         return prune_lowest(scores.flatten(), count).reshape(scores.shape)
 
 
@@ -104,6 +108,7 @@ def sparsegpt(
         rule = _NMMask(n, m)
         block_size = max(m, block_size - block_size % m)
     else:
-        rule = _BlockwiseMask(sparsity, rows)
+        dead_cols = int((H.diagonal() == 0).sum())  # the dead inputs of prepare_hessian
+        rule = _BlockwiseMask(sparsity, rows, cols, dead_cols)
     out = compress(W, H, block_size=block_size, percdamp=percdamp, rule=rule, spec=quant)
     return SparseGPTResult(out.weight, out.mask, out.loss, out.damp, out.codes, out.scale, out.zero)

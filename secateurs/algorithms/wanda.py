@@ -33,4 +33,4 @@ def wanda_mask(W: Tensor, col_norm: Tensor, sparsity: float, n: int = 0, m: int 
         mask = nm_keep(scores, n, m)
     else:
         mask = prune_lowest(scores, pruned_count(check_sparsity(sparsity), W.shape[1]))
-    return WandaResult(mask, torch.where(mask, W, torch.zeros((), dtype=W.dtype)))
+    return WandaResult(mask, torch.where(mask, W, 0.0))

@@ -35,16 +35,23 @@ def _join_novels(titles) -> str:
 
 
 def _read_file(path: Path) -> str:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SecateursError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
     if path.suffix == ".jsonl":
         texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(content.splitlines(), start=1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SecateursError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                    text = None
+                if not isinstance(text, str):
+                    raise SecateursError(f"{path}:{number}: expected a JSON object with a 'text' string field")
+                texts.append(text)
         return "\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return content
 
 
 def _load_dataset(spec: str) -> str:

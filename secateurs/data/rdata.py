@@ -18,6 +18,7 @@ from secateurs.errors import SecateursError
 _STRSXP = 16
 _CHARSXP = 9
 _NA_STRING_LENGTH = -1
+_LATIN1_FLAG = 1 << (12 + 2)  # LATIN1_MASK among a CHARSXP's encoding bits (UTF8 is 1 << 15, ASCII 1 << 18)
 
 
 class RDataError(SecateursError):
@@ -57,8 +58,8 @@ class _XdrReader:
         return value
 
     def raw(self, length: int) -> bytes:
-        if self.offset + length > len(self.payload):
-            raise RDataError("serialized string ends early")
+        if length < 0 or self.offset + length > len(self.payload):
+            raise RDataError("serialized string ends early" if length >= 0 else f"negative string length {length}")
         chunk = self.payload[self.offset : self.offset + length]
         self.offset += length
         return chunk
@@ -79,13 +80,20 @@ def decode_character_vector(payload: bytes) -> list[str | None]:
     flags = reader.int()
     if flags & 0xFF != _STRSXP:
         raise RDataError(f"record holds R type {flags & 0xFF}, not a character vector")
+    count = reader.int()
+    if count < 0:
+        raise RDataError("long vectors are not supported")
     lines: list[str | None] = []
-    for _ in range(reader.int()):
+    for _ in range(count):
         element_flags = reader.int()
         if element_flags & 0xFF != _CHARSXP:
             raise RDataError(f"vector element has R type {element_flags & 0xFF}, not a string")
         length = reader.int()
-        lines.append(None if length == _NA_STRING_LENGTH else reader.raw(length).decode("utf-8", "replace"))
+        if length == _NA_STRING_LENGTH:
+            lines.append(None)
+            continue
+        encoding = "latin-1" if element_flags & _LATIN1_FLAG else "utf-8"
+        lines.append(reader.raw(length).decode(encoding, "replace"))
     return lines
 
 

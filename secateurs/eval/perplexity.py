@@ -60,6 +60,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of `model` on a 1-D tensor of token ids."""
     check_seqlen(model, seqlen)
+    if max_tokens is not None and max_tokens < 0:  # a negative slice would silently cut from the end
+        raise SecateursError(f"max_tokens must not be negative (got {max_tokens})")
+    if batch_size < 1:
+        raise SecateursError(f"batch_size must be at least 1 (got {batch_size})")
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]
     windows = token_ids.numel() // seqlen

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 
-def make_problem(seed: int, rows: int = 16, cols: int = 32, tokens: int = 256, dtype=torch.float64, spread: bool = True):
-    """W [rows, cols], X [cols, tokens] correlated (X = A Z) with per-input scales logspace(-2, 2)
-    when `spread`, and H = 2 X X^T / tokens."""
+def make_problem(seed: int, rows: int = 16, cols: int = 32, tokens: int = 256, dtype=torch.float64, decades: float = 2.0):
+    """W [rows, cols], X [cols, tokens] correlated (X = A Z), its rows scaled by a shuffled
+    logspace(-decades, decades), and H = 2 X X^T / tokens."""
     gen = torch.Generator().manual_seed(seed)
     mixing = torch.randn(cols, cols, generator=gen, dtype=torch.float64)
     X = mixing @ torch.randn(cols, tokens, generator=gen, dtype=torch.float64)
-    if spread:
-        X = X * torch.logspace(-2, 2, cols, dtype=torch.float64)[torch.randperm(cols, generator=gen), None]
+    X = X * torch.logspace(-decades, decades, cols, dtype=torch.float64)[torch.randperm(cols, generator=gen), None]
     W = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     H = 2 * X @ X.T / tokens
     return W.to(dtype), X.to(dtype), H.to(dtype)
@@ -29,6 +28,17 @@ def recon_error(W, W_hat, X) -> float:
     return ((W - W_hat).double() @ X.double()).square().sum().item()
 
 
+def assert_close(actual, expected, tol: float):
+    """Like torch.testing.assert_close, without its ~1 s first-call import."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    assert torch.allclose(actual, expected, rtol=tol, atol=tol), f"max abs diff {(actual - expected).abs().max()}"
+
+
+@pytest.fixture
+def close():
+    return assert_close
+
+
 @pytest.fixture
 def problem():
     return make_problem
@@ -42,3 +52,12 @@ def loss_of():
 @pytest.fixture
 def error_of():
     return recon_error
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These problems are tiny: thread start-up costs more than it saves on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

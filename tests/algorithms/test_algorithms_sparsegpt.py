@@ -18,16 +18,16 @@ def sequential_obs_reference(W, H, keep):
     return W
 
 
-def test_fixed_mask_matches_sequential_obs_reference(problem, loss_of):
+def test_fixed_mask_matches_sequential_obs_reference(problem, loss_of, close):
     W, _, H = problem(0, cols=24)
     keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.4
     result = sparsegpt(W, H, 0.0, fixed_mask=keep, block_size=5, percdamp=0.0)
-    torch.testing.assert_close(result.weight, sequential_obs_reference(W, H, keep), rtol=1e-9, atol=1e-9)
+    close(result.weight, sequential_obs_reference(W, H, keep), 1e-9)
     assert torch.equal(result.mask, keep) and (result.weight[~keep] == 0).all()
     assert result.loss == pytest.approx(loss_of(W, result.weight, H), rel=1e-9)
 
 
-def test_fixed_prefix_mask_is_the_exact_least_squares_reconstruction(problem):
+def test_fixed_prefix_mask_is_the_exact_least_squares_reconstruction(problem, close):
     # The sweep only compensates to the right, so it is the exact least-squares optimum when every
     # pruned weight of a row precedes its kept ones.
     W, X, H = problem(2, rows=6, cols=20)
@@ -37,7 +37,7 @@ def test_fixed_prefix_mask_is_the_exact_least_squares_reconstruction(problem):
     for row, start in enumerate(prefix.tolist()):
         target = X.T @ W[row]
         best = torch.linalg.lstsq(X[start:].T, target[:, None]).solution.flatten()
-        torch.testing.assert_close(result.weight[row, start:], best, rtol=1e-8, atol=1e-8)
+        close(result.weight[row, start:], best, 1e-8)
 
 
 @pytest.mark.parametrize("sparsity, block_size", [(0.5, 8), (0.3, 7), (0.77, 128), (0.0, 4), (1.0, 16)])
@@ -58,17 +58,18 @@ def test_nm_pattern_in_every_group(problem, n, m, block_size):
     assert torch.equal(result.weight != 0, result.mask)
 
 
-def test_dead_and_rank_deficient_inputs(problem):
+@pytest.mark.parametrize("dead, sparsity", [([1, 9, 30], 0.5), (list(range(24, 32)), 0.5), (list(range(8)), 0.1)])
+def test_dead_and_rank_deficient_inputs(problem, dead, sparsity):
     W, X, _ = problem(5, cols=32, tokens=20, dtype=torch.float32)  # rank 20 < 32
-    X[[1, 9, 30]] = 0
+    X[dead] = 0
     H = 2 * X @ X.T / X.shape[1]
-    result = sparsegpt(W, H, 0.5, block_size=8)
+    result = sparsegpt(W, H, sparsity, block_size=8)
     assert torch.isfinite(result.weight).all()
-    assert not result.mask[:, [1, 9, 30]].any()  # dead inputs are pruned and counted
-    assert int((result.weight == 0).sum()) >= int(0.5 * W.numel() + 0.5)
-    assert int((~result.mask).sum()) == int(0.5 * W.numel() + 0.5)
+    assert not result.mask[:, dead].any()  # dead inputs are pruned and counted
+    expected = max(int(sparsity * W.numel() + 0.5), W.shape[0] * len(dead))
+    assert int((~result.mask).sum()) == expected == int((result.weight == 0).sum())
     nm = sparsegpt(W, H, 0.0, n=2, m=4)
-    assert (nm.mask.reshape(W.shape[0], -1, 4).sum(-1) == 2).all() and (nm.weight[:, [1, 9, 30]] == 0).all()
+    assert (nm.mask.reshape(W.shape[0], -1, 4).sum(-1) == 2).all() and (nm.weight[:, dead] == 0).all()
 
 
 def test_deterministic(problem):
@@ -77,11 +78,14 @@ def test_deterministic(problem):
     assert torch.equal(first.weight, second.weight) and torch.equal(first.mask, second.mask)
 
 
-def test_beats_wanda_beats_magnitude_on_correlated_inputs(problem, error_of):
+# Damping by 0.01 x mean(diag H) swamps the small inputs when their scales span 4 decades (the
+# mean is set by the largest ones): SparseGPT then loses to Wanda, so that case uses less damping.
+@pytest.mark.parametrize("decades, percdamp", [(1, 0.01), (2, 1e-4)])
+def test_beats_wanda_beats_magnitude_on_correlated_inputs(problem, error_of, decades, percdamp):
     errors = {"sparsegpt": [], "wanda": [], "magnitude": []}
     for seed in range(20):
-        W, X, H = problem(100 + seed, dtype=torch.float32)
-        errors["sparsegpt"].append(error_of(W, sparsegpt(W, H, 0.5, block_size=16).weight, X))
+        W, X, H = problem(100 + seed, dtype=torch.float32, decades=decades)
+        errors["sparsegpt"].append(error_of(W, sparsegpt(W, H, 0.5, percdamp=percdamp).weight, X))
         errors["wanda"].append(error_of(W, wanda_mask(W, X.norm(dim=1), 0.5).weight, X))
         errors["magnitude"].append(error_of(W, W * magnitude_mask(W, 0.5), X))
     mean = {name: statistics.fmean(values) for name, values in errors.items()}

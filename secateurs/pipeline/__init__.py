@@ -1,0 +1,1 @@
+"""The sequential layer-by-layer compression engine."""

@@ -1,0 +1,67 @@
+"""Compress one layer: route its weight and statistics to the algorithms a recipe names.
+
+Plumbing only; the mathematics is in secateurs.algorithms.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from secateurs import algorithms as alg
+from secateurs.recipe import Stage
+
+
+@dataclass
+class LayerResult:
+    weight: torch.Tensor  # [out, in], dense, pruned weights exactly 0
+    loss: float  # ½ Σ_rows ΔwᵀHΔw with the undamped H = ‖(W-Ŵ)X‖² / n, same for every method
+    sparsity: float
+    seconds: float
+    scale: torch.Tensor | None = None  # quantization grid, see docs/layouts.md
+    zero: torch.Tensor | None = None
+    damp: float = 0.0
+
+
+def compress_layer(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    column_norms: torch.Tensor,
+    prune: Stage | None,
+    quant: Stage | None,
+    sparsity: float | None = None,
+) -> LayerResult:
+    """`sparsity` overrides the pruning stage's (non-uniform profiles such as OWL)."""
+    started = time.perf_counter()
+    W = weight.float()
+    spec = quant.quant_spec() if quant else None
+    target = prune.sparsity if sparsity is None and prune else sparsity
+    scale = zero = None
+    damp = 0.0
+    if prune is not None:
+        n, m = prune.nm
+        if prune.method == "sparsegpt":
+            out = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=spec)
+            new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
+        else:
+            if prune.method == "wanda":
+                mask = alg.wanda_mask(W, column_norms, target, n, m).mask
+            else:
+                mask = alg.magnitude_mask(W, target, per_row=prune.per_row, n=n, m=m)
+            if spec is None:
+                new = W * mask
+            else:  # GPTQ on the surviving weights, the mask held fixed
+                out = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
+                                    quant=spec, fixed_mask=mask)
+                new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
+    elif quant.method == "gptq":
+        out = alg.gptq(W, hessian, spec, quant.block_size, quant.percdamp)
+        new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
+    else:
+        new, _, scale, zero = alg.round_to_nearest(W, spec)
+    delta = (W - new).to(hessian.dtype)
+    loss = 0.5 * float(((delta @ hessian) * delta).sum())
+    sparsity_achieved = float((new == 0).sum()) / new.numel()
+    return LayerResult(new.to(weight.dtype), loss, sparsity_achieved, time.perf_counter() - started, scale, zero, damp)

@@ -1,0 +1,11 @@
+"""CPU inference runtime: compressed Linear modules over C++/OpenMP kernels (see kernels.py).
+
+The native library is compiled on first use (or by `python -m secateurs.runtime.build`)."""
+
+from .kernels import KernelPathError, bitmask_mm, kernel_path, last_kernel_path, nm_mm, quant_mm, supported_paths
+from .modules import BitmaskLinear, CompressedLinear, NMLinear, QuantLinear, SparseQuantLinear
+
+__all__ = [
+    "BitmaskLinear", "CompressedLinear", "KernelPathError", "NMLinear", "QuantLinear", "SparseQuantLinear",
+    "bitmask_mm", "kernel_path", "last_kernel_path", "nm_mm", "quant_mm", "supported_paths",
+]

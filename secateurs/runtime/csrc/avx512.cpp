@@ -1,0 +1,57 @@
+// AVX-512F path (16 floats per vector): mask expansion is one vexpandps and the N:M gather one
+// vpermt2ps. Only AVX-512F instructions are used, which is what the dispatcher checks for.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#pragma GCC target("avx512f,avx2,fma,popcnt,bmi,bmi2")
+
+namespace secateurs {
+namespace {
+
+struct Simd {
+  static constexpr int W = 16;
+  using F = __m512;
+  using I = __m512i;
+
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+
+  static I load_i32(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I load_u8(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I add_i32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
+  static I high_nibbles(I v) { return _mm512_srli_epi32(v, 4); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+
+  static F load_values(const float* p) { return load(p); }
+  static F load_values(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_values(const uint16_t* p) {
+    const I widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
+  }
+
+  static F expand(unsigned bits, F packed) { return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), packed); }
+  static F lookup2(const float* window, I idx) {
+    return _mm512_permutex2var_ps(load(window), idx, load(window + 16));
+  }
+};
+
+}  // namespace
+}  // namespace secateurs
+
+#include "row_kernels.h"
+
+namespace secateurs {
+const KernelTable& avx512_kernels() { return kTable; }
+}  // namespace secateurs

@@ -1,0 +1,236 @@
+// C entry points (loaded with ctypes): validate the path, lay out fp32 activations, split rows
+// over OpenMP threads and convert the fp32 result to the activation dtype.
+// Every function returns a Status; the Python wrapper validates shapes before calling.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+#include "kernels.h"
+
+namespace secateurs {
+namespace {
+
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Status : int { kOk = 0, kUnsupportedPath = 1, kInvalidArgument = 2, kOutOfMemory = 3 };
+
+bool cpu_supports(int path) {
+  __builtin_cpu_init();
+  switch (path) {
+    case kPortable: return true;
+    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+  }
+  return false;
+}
+
+const KernelTable& kernels_for(int path) {
+  switch (path) {
+    case kAvx2: return avx2_kernels();
+    case kAvx512: return avx512_kernels();
+    default: return portable_kernels();
+  }
+}
+
+struct FreeBuffer {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float[], FreeBuffer>;
+
+// Zero-initialized, 64-byte aligned floats.
+Buffer zeroed_floats(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return Buffer(static_cast<float*>(p));
+}
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+}
+
+// Round to nearest even, like torch's float -> bfloat16; NaN stays a quiet NaN.
+inline uint16_t float_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float activation(const void* x, int type, int64_t i) {
+  return type == kBFloat16 ? bf16_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
+}
+
+// Activation rows as fp32 padded far enough that every vector load past `cols` reads zeros;
+// with deinterleave_block > 0 each block lists its even columns first, then its odd ones.
+int64_t padded_stride(int64_t cols) { return (cols + 63) / 64 * 64 + 64; }
+
+Buffer activation_rows(const void* x, int type, int64_t batch, int64_t cols, int64_t deinterleave_block) {
+  const int64_t stride = padded_stride(cols);
+  Buffer rows = zeroed_floats(batch * stride);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t j = 0; j < cols; ++j) {
+      int64_t position = j;
+      if (deinterleave_block > 0) {
+        const int64_t in_block = j % deinterleave_block;
+        position = j - in_block + in_block / 2 + (in_block % 2) * (deinterleave_block / 2);
+      }
+      rows[b * stride + position] = activation(x, type, b * cols + j);
+    }
+  return rows;
+}
+
+// [n_tiles][cols][tile]: the batch lanes of one column are contiguous, padded with zeros.
+Buffer activation_tiles(const void* x, int type, int64_t batch, int64_t cols, int64_t tile) {
+  Buffer tiles = zeroed_floats(((batch + tile - 1) / tile * cols + 1) * tile);
+  for (int64_t b = 0; b < batch; ++b) {
+    float* lane = tiles.get() + (b / tile) * cols * tile + b % tile;
+    for (int64_t j = 0; j < cols; ++j) lane[j * tile] = activation(x, type, b * cols + j);
+  }
+  return tiles;
+}
+
+// Activations as the row kernels want them for sparse weights: a padded row for batch 1, tiles
+// of W or 2W batch lanes otherwise.
+struct SparseActivations {
+  Buffer storage;
+  Activations view;
+};
+
+SparseActivations sparse_activations(const void* x, int type, int64_t batch, int64_t cols, int simd_width) {
+  SparseActivations a;
+  a.view = Activations{batch, nullptr, padded_stride(cols), nullptr, batch <= simd_width ? simd_width : 2 * simd_width};
+  if (batch == 1) {
+    a.storage = activation_rows(x, type, batch, cols, 0);
+    a.view.rows = a.storage.get();
+  } else {
+    a.storage = activation_tiles(x, type, batch, cols, a.view.tile);
+    a.view.tiles = a.storage.get();
+  }
+  return a;
+}
+
+// First row of part `part` out of `parts` when rows are split into contiguous ranges of about
+// equal cost; cost(r) is the (nondecreasing) work of rows [0, r).
+template <class Cost>
+int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
+  if (part >= parts) return rows;
+  const double target = static_cast<double>(cost(rows)) * part / parts;
+  int64_t low = 0, high = rows;
+  while (low < high) {
+    const int64_t mid = (low + high) / 2;
+    if (static_cast<double>(cost(mid)) < target) low = mid + 1; else high = mid;
+  }
+  return low;
+}
+
+// Runs kernel over all rows on `threads` OpenMP threads (static contiguous ranges) and writes y
+// in `y_type`; bf16 outputs go through an fp32 buffer converted by the thread owning the rows.
+// cost(r) is the weight bytes of rows [0, r).
+template <class Args, class Cost>
+void run_rows(RowKernel<Args> kernel, Args args, int simd_width, int threads, void* y, int y_type, const Cost& cost) {
+  const int64_t rows = args.rows, batch = args.x.batch;
+  Buffer y_float = y_type == kBFloat16 ? zeroed_floats(batch * rows) : Buffer();
+  args.y = y_type == kBFloat16 ? y_float.get() : static_cast<float*>(y);
+  // Small problems run on fewer threads: waking a thread costs more than it would save.
+  constexpr double kMinWorkPerThread = 1 << 17;  // weight bytes x batch rows
+  const double work = static_cast<double>(cost(rows)) * static_cast<double>(batch);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(work / kMinWorkPerThread) + 1)));
+  const int64_t scratch_per_thread = scratch_floats(args.cols, simd_width);
+  Buffer scratch = zeroed_floats(threads * scratch_per_thread);
+#pragma omp parallel num_threads(threads)
+  {
+    const int part = omp_get_thread_num(), parts = omp_get_num_threads();
+    const int64_t begin = split_row(rows, part, parts, cost), end = split_row(rows, part + 1, parts, cost);
+    kernel(args, begin, end, scratch.get() + part * scratch_per_thread);
+    if (y_type == kBFloat16)
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t r = begin; r < end; ++r)
+          static_cast<uint16_t*>(y)[b * rows + r] = float_to_bf16(args.y[b * rows + r]);
+  }
+}
+
+bool valid_activation_type(int type) { return type == kFloat32 || type == kBFloat16; }
+bool valid_value_type(int type) { return type == kFloat32 || type == kBFloat16 || type == kInt8; }
+
+// Shared preamble of the entry points: argument checks and the out-of-memory guard.
+template <class Body>
+int guarded(int path, bool arguments_ok, Body&& body) {
+  if (!cpu_supports(path)) return kUnsupportedPath;
+  if (!arguments_ok) return kInvalidArgument;
+  try {
+    body(kernels_for(path));
+  } catch (const std::bad_alloc&) {
+    return kOutOfMemory;
+  }
+  return kOk;
+}
+
+}  // namespace
+}  // namespace secateurs
+
+using namespace secateurs;
+
+#define SECATEURS_EXPORT __attribute__((visibility("default")))
+
+extern "C" {
+
+SECATEURS_EXPORT int secateurs_path_supported(int path) { return cpu_supports(path) ? 1 : 0; }
+
+SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows,
+                         int64_t cols, const uint8_t* mask, const void* values, int value_type,
+                         const int64_t* row_offsets, const float* row_scale, void* y) {
+  const bool ok = valid_activation_type(x_type) && valid_value_type(value_type) && batch > 0 && rows >= 0 &&
+                  cols >= 0 && (value_type == kInt8) == (row_scale != nullptr);
+  return guarded(path, ok, [&](const KernelTable& table) {
+    SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width);
+    const int64_t mask_stride = (cols + 7) / 8, value_bytes = value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1;
+    const BitmaskArgs args{xa.view, rows, cols, mask_stride, row_offsets[rows], mask, values, value_type, row_offsets, row_scale, nullptr};
+    // Rows cost their mask bytes plus their values: balance threads on that, not on row count.
+    const auto cost = [&](int64_t r) { return row_offsets[r] * value_bytes + r * mask_stride; };
+    run_rows(table.bitmask, args, table.simd_width, threads, y, x_type, cost);
+  });
+}
+
+SECATEURS_EXPORT int secateurs_nm_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows, int64_t cols,
+                    int64_t n, int64_t m, const void* values, int value_type, const uint8_t* indices, void* y) {
+  const bool ok = valid_activation_type(x_type) && (value_type == kFloat32 || value_type == kBFloat16) &&
+                  batch > 0 && rows >= 0 && n > 0 && m >= n && m <= 256 && cols % m == 0;
+  return guarded(path, ok, [&](const KernelTable& table) {
+    SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width);
+    const NMArgs args{xa.view, rows, cols, n, m, values, value_type, indices, nullptr};
+    const int64_t row_bytes = cols / m * n * ((value_type == kFloat32 ? 4 : 2) + 1);
+    run_rows(table.nm, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
+  });
+}
+
+SECATEURS_EXPORT int secateurs_quant_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows, int64_t cols,
+                       int64_t bits, int64_t group_size, const uint8_t* qweight, const float* scale,
+                       const float* zero, void* y) {
+  if (group_size <= 0) group_size = cols;  // per channel: one group per row
+  const bool ok = valid_activation_type(x_type) && (bits == 4 || bits == 8) && batch > 0 && rows >= 0 &&
+                  cols > 0 && cols % group_size == 0;
+  return guarded(path, ok, [&](const KernelTable& table) {
+    const int64_t n_groups = cols / group_size, int4_block = 2 * table.simd_width;
+    Buffer rows_buffer = activation_rows(x, x_type, batch, cols, bits == 4 ? int4_block : 0);
+    Buffer group_sums = zeroed_floats(batch * n_groups);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t g = 0; g < n_groups; ++g) {
+        double sum = 0.0;
+        for (int64_t j = g * group_size; j < (g + 1) * group_size; ++j) sum += activation(x, x_type, b * cols + j);
+        group_sums[b * n_groups + g] = static_cast<float>(sum);
+      }
+    const Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    const QuantArgs args{xa, rows, cols, bits, group_size, n_groups, int4_block, qweight, scale, zero, group_sums.get(), nullptr};
+    const int64_t row_bytes = bits == 8 ? cols : (cols + 1) / 2;
+    run_rows(table.quant, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,74 @@
+// Portable path: standard C++ over fixed-size lane arrays (the compiler vectorizes what the
+// baseline ISA allows). It is the reference the SIMD paths are tested against, and runs anywhere.
+#include "kernels.h"
+
+namespace secateurs {
+namespace {
+
+struct Simd {
+  static constexpr int W = 8;
+  struct F { float lane[W]; };
+  struct I { int32_t lane[W]; };
+
+  template <class Fn>
+  static F map(Fn&& fn) {
+    F r;
+    for (int i = 0; i < W; ++i) r.lane[i] = fn(i);
+    return r;
+  }
+  template <class Fn>
+  static I map_i32(Fn&& fn) {
+    I r;
+    for (int i = 0; i < W; ++i) r.lane[i] = fn(i);
+    return r;
+  }
+
+  static F zero() { return F{}; }
+  static F set1(float v) { return map([&](int) { return v; }); }
+  static F load(const float* p) { return map([&](int i) { return p[i]; }); }
+  static void store(float* p, F v) { std::memcpy(p, v.lane, sizeof v.lane); }
+  static F add(F a, F b) { return map([&](int i) { return a.lane[i] + b.lane[i]; }); }
+  static F mul(F a, F b) { return map([&](int i) { return a.lane[i] * b.lane[i]; }); }
+  static F fma(F a, F b, F c) { return map([&](int i) { return a.lane[i] * b.lane[i] + c.lane[i]; }); }
+  static float hsum(F v) {
+    float total = 0.0f;
+    for (float x : v.lane) total += x;
+    return total;
+  }
+
+  static I load_i32(const int32_t* p) { return map_i32([&](int i) { return p[i]; }); }
+  static I load_u8(const uint8_t* p) { return map_i32([&](int i) { return p[i]; }); }
+  static I add_i32(I a, I b) { return map_i32([&](int i) { return a.lane[i] + b.lane[i]; }); }
+  static I low_nibbles(I v) { return map_i32([&](int i) { return v.lane[i] & 15; }); }
+  static I high_nibbles(I v) { return map_i32([&](int i) { return v.lane[i] >> 4; }); }
+  static F to_float(I v) { return map([&](int i) { return static_cast<float>(v.lane[i]); }); }
+
+  static F load_values(const float* p) { return load(p); }
+  static F load_values(const int8_t* p) { return map([&](int i) { return static_cast<float>(p[i]); }); }
+  static F load_values(const uint16_t* p) {
+    return map([&](int i) {
+      const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      return v;
+    });
+  }
+
+  static F expand(unsigned bits, F packed) {
+    F r{};
+    int rank = 0;
+    for (int i = 0; i < W; ++i)
+      if (bits >> i & 1u) r.lane[i] = packed.lane[rank++];
+    return r;
+  }
+  static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }
+};
+
+}  // namespace
+}  // namespace secateurs
+
+#include "row_kernels.h"
+
+namespace secateurs {
+const KernelTable& portable_kernels() { return kTable; }
+}  // namespace secateurs

@@ -1,0 +1,349 @@
+// Row kernels written once against the `Simd` wrapper that the including translation unit defines
+// (portable.cpp, avx2.cpp, avx512.cpp). It is included after that unit's `#pragma GCC target`,
+// and everything here has internal linkage, so each instruction set gets its own compiled copy
+// and no inline function compiled for a wider ISA can leak into another unit.
+//
+// Simd provides: W (floats per vector), F / I (float / int32 vectors), zero, set1, load, store,
+// add, mul, fma(a, b, c) = a * b + c, hsum, load_i32, add_i32, load_u8 (W bytes -> int32 lanes),
+// low_nibbles, high_nibbles, to_float, load_values(float | bf16 bits | int8 pointer -> W floats),
+// expand(bits, packed) (lane i gets the packed value of rank i among the set bits, else 0) and
+// lookup2(window, idx) (lane i gets window[idx[i]] for idx in [0, 2W)).
+
+namespace secateurs {
+namespace {
+
+using F = Simd::F;
+using I = Simd::I;
+constexpr int W = Simd::W;
+
+inline float value_to_float(float v) { return v; }
+inline float value_to_float(int8_t v) { return static_cast<float>(v); }
+inline float value_to_float(uint16_t bf16_bits) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// Calls fn with a value of the C++ type that stores values of `type` (bf16 as its raw bits).
+template <class Fn>
+void visit_value_type(int type, Fn&& fn) {
+  switch (type) {
+    case kFloat32: fn(float{}); break;
+    case kBFloat16: fn(uint16_t{}); break;
+    case kInt8: fn(int8_t{}); break;
+  }
+}
+
+inline F sum_of(const F* v, int count) {
+  F total = v[0];
+  for (int i = 1; i < count; ++i) total = Simd::add(total, v[i]);
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sparse rows times a batch of activations (batch > 1): the kept weights of a row are decoded
+// once into (offset of their x column in a tile, fp32 value) pairs, then every kept weight is
+// broadcast and multiplied with the batch lanes of its x column, so the work scales with nnz.
+
+template <class T>
+const float* values_as_float(const T* values, int64_t count, float* buffer) {
+  for (int64_t k = 0; k < count; ++k) buffer[k] = value_to_float(values[k]);
+  return buffer;
+}
+inline const float* values_as_float(const float* values, int64_t, float*) { return values; }
+
+template <int kVecs>
+void sparse_row_times_tiles(const Activations& x, int64_t cols, const int32_t* offsets,
+                            const float* values, int64_t count, float scale, float* y,
+                            int64_t y_stride) {
+  constexpr int kChains = 4;  // independent accumulators per vector to hide the FMA latency
+  for (int64_t tile = 0; tile * x.tile < x.batch; ++tile) {
+    const float* xt = x.tiles + tile * cols * x.tile;
+    F acc[kChains][kVecs];
+    for (auto& chain : acc)
+      for (F& v : chain) v = Simd::zero();
+    int64_t k = 0;
+    for (; k + kChains <= count; k += kChains)
+      for (int c = 0; c < kChains; ++c) {
+        const F weight = Simd::set1(values[k + c]);
+        for (int v = 0; v < kVecs; ++v)
+          acc[c][v] = Simd::fma(weight, Simd::load(xt + offsets[k + c] + v * W), acc[c][v]);
+      }
+    for (; k < count; ++k) {
+      const F weight = Simd::set1(values[k]);
+      for (int v = 0; v < kVecs; ++v)
+        acc[0][v] = Simd::fma(weight, Simd::load(xt + offsets[k] + v * W), acc[0][v]);
+    }
+    float lanes[kVecs * W];
+    for (int v = 0; v < kVecs; ++v) {
+      const F chains[kChains] = {acc[0][v], acc[1][v], acc[2][v], acc[3][v]};
+      Simd::store(lanes + v * W, sum_of(chains, kChains));
+    }
+    const int64_t first = tile * x.tile;
+    const int64_t lane_count = x.batch - first < x.tile ? x.batch - first : x.tile;
+    for (int64_t lane = 0; lane < lane_count; ++lane) y[(first + lane) * y_stride] = lanes[lane] * scale;
+  }
+}
+
+inline void sparse_row_times_activations(const Activations& x, int64_t cols, const int32_t* offsets,
+                                         const float* values, int64_t count, float scale, float* y,
+                                         int64_t y_stride) {
+  if (x.tile == W)
+    sparse_row_times_tiles<1>(x, cols, offsets, values, count, scale, y, y_stride);
+  else
+    sparse_row_times_tiles<2>(x, cols, offsets, values, count, scale, y, y_stride);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bitmask: uint8 [rows, mask_stride] LSB first, values [nnz] row-major, row_offsets [rows + 1].
+
+// Bits of one mask chunk (W / 8 bytes, of which `bytes` exist), little endian.
+inline unsigned chunk_bits(const uint8_t* mask, int64_t bytes) {
+  unsigned bits = 0;
+  std::memcpy(&bits, mask, static_cast<size_t>(bytes));
+  return bits;
+}
+
+// Expands the next popcount(bits) values onto the set lanes of a chunk. A vector load reads W
+// values; kSafe reads only the ones that exist, for rows whose loads could run past the buffer.
+template <bool kSafe, class T>
+inline F expand_next(unsigned bits, const T*& values) {
+  const int count = __builtin_popcount(bits);
+  F packed;
+  if (kSafe) {
+    T exact[W] = {};
+    std::memcpy(exact, values, count * sizeof(T));
+    packed = Simd::load_values(exact);
+  } else {
+    packed = Simd::load_values(values);
+  }
+  values += count;
+  return Simd::expand(bits, packed);
+}
+
+template <bool kSafe, class T>
+float bitmask_row_dot(const uint8_t* mask, int64_t mask_bytes, const T* values, const float* x) {
+  constexpr int kChunkBytes = W / 8;
+  constexpr int kChains = 4;
+  const int64_t chunks = mask_bytes / kChunkBytes;
+  F acc[kChains] = {Simd::zero(), Simd::zero(), Simd::zero(), Simd::zero()};
+  int64_t chunk = 0;
+  for (; chunk + kChains <= chunks; chunk += kChains)
+    for (int c = 0; c < kChains; ++c) {
+      const unsigned bits = chunk_bits(mask + (chunk + c) * kChunkBytes, kChunkBytes);
+      acc[c] = Simd::fma(expand_next<kSafe>(bits, values), Simd::load(x + (chunk + c) * W), acc[c]);
+    }
+  for (; chunk < chunks; ++chunk) {
+    const unsigned bits = chunk_bits(mask + chunk * kChunkBytes, kChunkBytes);
+    acc[0] = Simd::fma(expand_next<kSafe>(bits, values), Simd::load(x + chunk * W), acc[0]);
+  }
+  const int64_t rest = mask_bytes - chunks * kChunkBytes;  // x is zero padded past cols
+  if (rest > 0) {
+    const unsigned bits = chunk_bits(mask + chunks * kChunkBytes, rest);
+    acc[1] = Simd::fma(expand_next<kSafe>(bits, values), Simd::load(x + chunks * W), acc[1]);
+  }
+  return Simd::hsum(sum_of(acc, kChains));
+}
+
+inline int64_t bitmask_row_offsets(const uint8_t* mask, int64_t mask_bytes, int64_t tile,
+                                   int32_t* offsets) {
+  int64_t count = 0;
+  for (int64_t byte = 0; byte < mask_bytes; ++byte)
+    for (unsigned bits = mask[byte]; bits != 0; bits &= bits - 1)
+      offsets[count++] = static_cast<int32_t>((byte * 8 + __builtin_ctz(bits)) * tile);
+  return count;
+}
+
+template <class T>
+void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  const T* values = static_cast<const T*>(a.values);
+  int32_t* offsets = reinterpret_cast<int32_t*>(scratch);
+  float* converted = scratch + a.cols + 2 * W;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint8_t* mask = a.mask + r * a.mask_stride;
+    const T* row_values = values + a.row_offsets[r];
+    const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
+    if (a.x.batch == 1) {
+      const bool near_end = a.row_offsets[r + 1] + W > a.nnz;
+      const float dot = near_end ? bitmask_row_dot<true>(mask, a.mask_stride, row_values, a.x.rows)
+                                 : bitmask_row_dot<false>(mask, a.mask_stride, row_values, a.x.rows);
+      a.y[r] = dot * scale;
+    } else {
+      const int64_t count = bitmask_row_offsets(mask, a.mask_stride, a.x.tile, offsets);
+      sparse_row_times_activations(a.x, a.cols, offsets, values_as_float(row_values, count, converted),
+                                   count, scale, a.y + r, a.rows);
+    }
+  }
+}
+
+void bitmask_rows(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  visit_value_type(a.value_type, [&](auto type) {
+    bitmask_rows_typed<decltype(type)>(a, row_begin, row_end, scratch);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// N:M: values and in-group indices [rows, cols * n / m].
+
+template <class T>
+float nm_row_dot(const NMArgs& a, const T* values, const uint8_t* indices, const float* x) {
+  const int64_t kept = a.cols / a.m * a.n;
+  int64_t k = 0;
+  F acc[2] = {Simd::zero(), Simd::zero()};
+  if (a.m <= 2 * a.n && W % a.n == 0) {
+    // W kept values then come from W / n whole groups spanning at most 2W columns of x.
+    int32_t group_start[W];
+    for (int lane = 0; lane < W; ++lane) group_start[lane] = static_cast<int32_t>(lane / a.n * a.m);
+    const I lane_base = Simd::load_i32(group_start);
+    const int64_t window_step = W / a.n * a.m;
+    auto accumulate_chunk = [&](int64_t first, F& sum) {
+      const I window_index = Simd::add_i32(Simd::load_u8(indices + first), lane_base);
+      const F gathered = Simd::lookup2(x + first / W * window_step, window_index);
+      sum = Simd::fma(Simd::load_values(values + first), gathered, sum);
+    };
+    for (; k + 2 * W <= kept; k += 2 * W) {
+      accumulate_chunk(k, acc[0]);
+      accumulate_chunk(k + W, acc[1]);
+    }
+    if (k + W <= kept) accumulate_chunk(k, acc[0]), k += W;
+  }
+  float dot = Simd::hsum(Simd::add(acc[0], acc[1]));
+  for (; k < kept; ++k) dot += value_to_float(values[k]) * x[k / a.n * a.m + indices[k]];
+  return dot;
+}
+
+template <class T>
+void nm_rows_typed(const NMArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  const int64_t kept = a.cols / a.m * a.n;
+  int32_t* offsets = reinterpret_cast<int32_t*>(scratch);
+  float* converted = scratch + a.cols + 2 * W;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* values = static_cast<const T*>(a.values) + r * kept;
+    const uint8_t* indices = a.indices + r * kept;
+    if (a.x.batch == 1) {
+      a.y[r] = nm_row_dot(a, values, indices, a.x.rows);
+      continue;
+    }
+    for (int64_t group = 0, k = 0; k < kept; ++group)
+      for (int64_t i = 0; i < a.n; ++i, ++k)
+        offsets[k] = static_cast<int32_t>((group * a.m + indices[k]) * a.x.tile);
+    sparse_row_times_activations(a.x, a.cols, offsets, values_as_float(values, kept, converted), kept,
+                                 1.0f, a.y + r, a.rows);
+  }
+}
+
+void nm_rows(const NMArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  visit_value_type(a.value_type, [&](auto type) {
+    nm_rows_typed<decltype(type)>(a, row_begin, row_end, scratch);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense weight-only quantization. With w = s * (q - z) per group,
+//   sum_j w_j x_j = sum_g s_g * sum_{j in g} q_j x_j  -  sum_g s_g z_g xsum_g,
+// so the inner loop decodes s_g * q_j once per chunk and FMAs it into every batch row, and the
+// zero-point term only needs the per-group sums of x (computed once per call by the dispatcher).
+
+template <int kBits>
+struct QuantCodes;
+
+template <>
+struct QuantCodes<8> {
+  static constexpr int kVectors = 1;  // one chunk = W columns
+  static int64_t row_bytes(int64_t cols) { return cols; }
+  static void decode(const uint8_t* row, int64_t col, F scale, F* w) {
+    w[0] = Simd::mul(Simd::to_float(Simd::load_u8(row + col)), scale);
+  }
+  static int code(const uint8_t* row, int64_t col) { return row[col]; }
+  static int64_t x_index(int64_t col, int64_t) { return col; }
+};
+
+template <>
+struct QuantCodes<4> {
+  static constexpr int kVectors = 2;  // one chunk = W bytes = 2W columns: even, then odd ones
+  static int64_t row_bytes(int64_t cols) { return (cols + 1) / 2; }
+  static void decode(const uint8_t* row, int64_t col, F scale, F* w) {
+    const I bytes = Simd::load_u8(row + col / 2);
+    w[0] = Simd::mul(Simd::to_float(Simd::low_nibbles(bytes)), scale);
+    w[1] = Simd::mul(Simd::to_float(Simd::high_nibbles(bytes)), scale);
+  }
+  static int code(const uint8_t* row, int64_t col) { return (row[col / 2] >> (col % 2 * 4)) & 15; }
+  // Position of column `col` in activations deinterleaved in blocks of `block` columns.
+  static int64_t x_index(int64_t col, int64_t block) {
+    const int64_t in_block = col % block;
+    return col - in_block + in_block / 2 + (in_block % 2) * (block / 2);
+  }
+};
+
+// Output row r for the kBatch batch rows starting at first_batch.
+template <int kBits, int kBatch>
+void quant_row_batch(const QuantArgs& a, int64_t r, int64_t first_batch) {
+  using Codes = QuantCodes<kBits>;
+  constexpr int kVectors = Codes::kVectors;
+  constexpr int64_t kChunkCols = kVectors * W;
+  constexpr int kUnroll = kBatch >= 4 ? 1 : 4 / kBatch;  // keep >= 4 independent FMA chains
+  const uint8_t* row = a.qweight + r * Codes::row_bytes(a.cols);
+  const float* x[kBatch];
+  for (int b = 0; b < kBatch; ++b) x[b] = a.x.rows + (first_batch + b) * a.x.row_stride;
+  F acc[kBatch][kUnroll];
+  for (auto& per_batch : acc)
+    for (F& v : per_batch) v = Simd::zero();
+  float tail[kBatch] = {};
+
+  // int4 chunks must start on an activation deinterleave block (multiple of kChunkCols).
+  const bool vectorize = kBits == 8 || a.n_groups == 1 || a.group_size % kChunkCols == 0;
+  auto accumulate_chunk = [&](int64_t col, F scale, int slot) {
+    F w[kVectors];
+    Codes::decode(row, col, scale, w);
+    for (int b = 0; b < kBatch; ++b)
+      for (int v = 0; v < kVectors; ++v)
+        acc[b][slot] = Simd::fma(w[v], Simd::load(x[b] + col + v * W), acc[b][slot]);
+  };
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    const float s = a.scale[r * a.n_groups + g];
+    const F scale = Simd::set1(s);
+    const int64_t begin = g * a.group_size, end = begin + a.group_size;
+    const int64_t vector_end = vectorize ? begin + (end - begin) / kChunkCols * kChunkCols : begin;
+    int64_t col = begin;
+    for (; col + kUnroll * kChunkCols <= vector_end; col += kUnroll * kChunkCols)
+      for (int u = 0; u < kUnroll; ++u) accumulate_chunk(col + u * kChunkCols, scale, u);
+    for (; col < vector_end; col += kChunkCols) accumulate_chunk(col, scale, 0);
+    for (; col < end; ++col) {
+      const float w = s * static_cast<float>(Codes::code(row, col));
+      const int64_t xi = Codes::x_index(col, a.int4_block);
+      for (int b = 0; b < kBatch; ++b) tail[b] += w * x[b][xi];
+    }
+  }
+  for (int b = 0; b < kBatch; ++b) {
+    const float* sums = a.x_group_sums + (first_batch + b) * a.n_groups;
+    float zero_term = 0.0f;
+    for (int64_t g = 0; g < a.n_groups; ++g)
+      zero_term += a.scale[r * a.n_groups + g] * a.zero[r * a.n_groups + g] * sums[g];
+    a.y[(first_batch + b) * a.rows + r] = Simd::hsum(sum_of(acc[b], kUnroll)) + tail[b] - zero_term;
+  }
+}
+
+template <int kBits>
+void quant_rows_bits(const QuantArgs& a, int64_t row_begin, int64_t row_end) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    int64_t b = 0;
+    for (; b + 8 <= a.x.batch; b += 8) quant_row_batch<kBits, 8>(a, r, b);
+    if (b + 4 <= a.x.batch) quant_row_batch<kBits, 4>(a, r, b), b += 4;
+    if (b + 2 <= a.x.batch) quant_row_batch<kBits, 2>(a, r, b), b += 2;
+    if (b < a.x.batch) quant_row_batch<kBits, 1>(a, r, b);
+  }
+}
+
+void quant_rows(const QuantArgs& a, int64_t row_begin, int64_t row_end, float*) {
+  if (a.bits == 8)
+    quant_rows_bits<8>(a, row_begin, row_end);
+  else
+    quant_rows_bits<4>(a, row_begin, row_end);
+}
+
+}  // namespace
+
+const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows};
+
+}  // namespace secateurs

@@ -1,0 +1,213 @@
+"""Typed wrappers of the C++ CPU kernels, with pure-torch fallbacks implementing the same math.
+
+Every kernel computes y = x @ W_hat^T for activations x [batch, in_features] (float32 or bfloat16),
+returns y in x's dtype and accumulates in fp32. Shapes, dtypes, devices and contiguity are checked
+here (ValueError) so that nothing malformed reaches C++; the layout *contents* (popcounts,
+indices) are trusted and checked once by the modules that own them.
+
+The instruction-set path is picked per call: SECATEURS_KERNEL_PATH=avx512|avx2|portable forces one
+(KernelPathError if this CPU or build lacks it), =torch forces the pure-torch fallback, unset picks
+the best the CPU supports. `last_kernel_path()` tells which path the latest call used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import layouts
+
+ENV_VAR = "SECATEURS_KERNEL_PATH"
+NATIVE_PATHS = ("avx512", "avx2", "portable")  # best first
+TORCH_PATH = "torch"
+_PATH_IDS = {"portable": 0, "avx2": 1, "avx512": 2}
+_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+_STATUS_UNSUPPORTED_PATH, _STATUS_INVALID_ARGUMENT, _STATUS_OUT_OF_MEMORY = 1, 2, 3
+
+
+class KernelPathError(RuntimeError):
+    """The requested kernel path cannot run here."""
+
+
+_library: ctypes.CDLL | None = None
+_library_failed = False
+_library_lock = threading.Lock()
+_last_path: str | None = None
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    head = [i32, i32, ptr, i32, i64, i64, i64]  # path, threads, x, x dtype, batch, rows, cols
+    library.secateurs_path_supported.argtypes = [i32]
+    library.secateurs_bitmask_mm.argtypes = head + [ptr, ptr, i32, ptr, ptr, ptr]
+    library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
+    library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
+    return library
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The kernel library, built on first use if missing or stale; None if it cannot be built
+    (with a warning), except that with CI=true a failed build raises."""
+    global _library, _library_failed
+    from . import build  # not at import: `python -m secateurs.runtime.build` imports this package first
+
+    with _library_lock:
+        if _library is None and not _library_failed:
+            try:
+                _library = _declare(ctypes.CDLL(str(build.build())))
+            except (build.BuildError, OSError) as error:
+                if os.environ.get("CI", "").lower() == "true":
+                    raise
+                _library_failed = True
+                warnings.warn(f"secateurs CPU kernels unavailable, using the slower pure-torch fallback: {error}")
+        return _library
+
+
+@functools.cache
+def supported_paths() -> tuple[str, ...]:
+    """Native paths this CPU and build can run, best first, then 'torch'."""
+    library = native_library()
+    native = [p for p in NATIVE_PATHS if library is not None and library.secateurs_path_supported(_PATH_IDS[p])]
+    return (*native, TORCH_PATH)
+
+
+def kernel_path() -> str:
+    """The path the next kernel call will take (reads SECATEURS_KERNEL_PATH now)."""
+    requested = os.environ.get(ENV_VAR, "").strip().lower()
+    if requested and requested not in _PATH_IDS and requested != TORCH_PATH:
+        raise KernelPathError(f"{ENV_VAR}={requested!r}: expected one of {', '.join(NATIVE_PATHS)}, {TORCH_PATH}")
+    if requested == TORCH_PATH:
+        return TORCH_PATH
+    available = supported_paths()
+    if not requested:
+        return available[0]
+    if requested not in available:
+        reason = "the kernel library could not be built" if native_library() is None else "this CPU lacks it"
+        raise KernelPathError(f"{ENV_VAR}={requested} but {reason}; available: {', '.join(available)}")
+    return requested
+
+
+def last_kernel_path() -> str | None:
+    """The path used by the most recent kernel call in this process (None before any)."""
+    return _last_path
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_tensor(name: str, tensor: object, dtypes: tuple[torch.dtype, ...], shape: tuple[int | None, ...]) -> None:
+    """dtype in dtypes, CPU, contiguous, and shape matching (None = any size)."""
+    # Messages are only formatted on failure: this runs several times per kernel call.
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {tensor.device}")
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
+    actual = tensor.shape
+    if len(actual) != len(shape) or any(s is not None and s != t for s, t in zip(shape, actual)):
+        expected = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(actual)}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_activations(x: object, in_features: int) -> None:
+    _check_tensor("x", x, _ACTIVATION_DTYPES, (None, in_features))
+
+
+def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object, fallback) -> Tensor:
+    """Calls the native kernel on the active path (or the torch fallback) and records the path."""
+    global _last_path
+    path = kernel_path()
+    _last_path = path
+    if path == TORCH_PATH:
+        return fallback().to(x.dtype)
+    y = torch.empty(x.shape[0], rows, dtype=x.dtype)
+    if x.shape[0] == 0 or rows == 0:
+        return y
+    pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in arguments]
+    status = getattr(native_library(), function_name)(
+        _PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, cols, *pointers, y.data_ptr())
+    if status == _STATUS_UNSUPPORTED_PATH:
+        raise KernelPathError(f"kernel path {path} is not supported by this CPU")
+    if status == _STATUS_INVALID_ARGUMENT:
+        raise ValueError(f"{function_name}: arguments rejected by the native kernel")
+    if status == _STATUS_OUT_OF_MEMORY:
+        raise MemoryError(f"{function_name}: out of memory")
+    return y
+
+
+def _dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    return x.to(torch.float32) @ weight.to(torch.float32).T
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, in_features: int,
+               row_scale: Tensor | None = None) -> Tensor:
+    """Bitmask-sparse weight [rows, in_features]: values float32 / bfloat16, or int8 codes with a
+    float32 per-row `row_scale` (w = row_scale[r] * v)."""
+    _check_activations(x, in_features)
+    _check_tensor("bitmask", bitmask, (torch.uint8,), (None, (in_features + 7) // 8))
+    rows = bitmask.shape[0]
+    _check_tensor("values", values, tuple(_DTYPE_IDS), (None,))
+    _check_tensor("row_offsets", row_offsets, (torch.int64,), (rows + 1,))
+    if values.dtype == torch.int8:
+        _require(row_scale is not None, "int8 values need row_scale")
+        _check_tensor("row_scale", row_scale, (torch.float32,), (rows,))
+    else:
+        _require(row_scale is None, f"row_scale is only for int8 values, got {values.dtype} values")
+    _require(int(row_offsets[0]) == 0 and int(row_offsets[-1]) == values.numel(),
+             f"row_offsets must run from 0 to values.numel() = {values.numel()}")
+
+    def fallback() -> Tensor:
+        dense = layouts.bitmask_to_dense(bitmask, values, row_offsets, in_features).to(torch.float32)
+        return _dense_matmul(x, dense if row_scale is None else dense * row_scale[:, None])
+
+    return _run("secateurs_bitmask_mm", x, rows, in_features, bitmask, values, _DTYPE_IDS[values.dtype],
+                row_offsets, row_scale, fallback=fallback)
+
+
+def nm_mm(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    """N:M-sparse weight: values [rows, in_features * n / m] float32 / bfloat16, uint8 indices."""
+    _require(isinstance(n, int) and isinstance(m, int) and 0 < n <= m <= 256, f"bad N:M = {n}:{m}")
+    _check_tensor("values", values, _ACTIVATION_DTYPES, (None, None))
+    _require(values.shape[1] % n == 0, f"values has {values.shape[1]} columns, not a multiple of n = {n}")
+    rows, in_features = values.shape[0], values.shape[1] // n * m
+    _check_tensor("indices", indices, (torch.uint8,), tuple(values.shape))
+    _check_activations(x, in_features)
+    return _run("secateurs_nm_mm", x, rows, in_features, n, m, values, _DTYPE_IDS[values.dtype], indices,
+                fallback=lambda: _dense_matmul(x, layouts.nm_to_dense(values, indices, n, m)))
+
+
+def quant_mm(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int,
+             group_size: int | None = None) -> Tensor:
+    """Dense weight-only quantized weight: w = scale * (q - zero) per (row, group); int8 codes
+    uint8 [rows, in_features], int4 packed uint8 [rows, ceil(in_features / 2)]."""
+    _require(bits in (4, 8), f"bits must be 4 or 8, got {bits}")
+    _check_activations(x, in_features)
+    group_size = layouts.normalize_group_size(group_size, in_features)
+    packed_cols = in_features if bits == 8 else (in_features + 1) // 2
+    _check_tensor("qweight", qweight, (torch.uint8,), (None, packed_cols))
+    rows, groups = qweight.shape[0], in_features // group_size if group_size else 1
+    _check_tensor("scale", scale, (torch.float32,), (rows, groups))
+    _check_tensor("zero", zero, (torch.float32,), (rows, groups))
+
+    def fallback() -> Tensor:
+        codes = qweight if bits == 8 else layouts.unpack_int4(qweight, in_features)
+        return _dense_matmul(x, layouts.dequantize(codes, scale, zero, group_size))
+
+    return _run("secateurs_quant_mm", x, rows, in_features, bits, group_size or 0, qweight, scale, zero,
+                fallback=fallback)

@@ -1,0 +1,169 @@
+"""Conversions between dense weights and the in-memory layouts of docs/layouts.md.
+
+Plain torch, used by the compressed modules (from_dense / to_dense) and by the pure-torch
+fallback of the kernels. The `check_*` functions validate a whole layout once (construction time);
+the kernels themselves only check shapes and dtypes on every call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _require_2d(name: str, tensor: Tensor) -> None:
+    _require(isinstance(tensor, Tensor) and tensor.dim() == 2, f"{name} must be a 2-D tensor")
+
+
+# --- bitmask -------------------------------------------------------------------------------
+
+def pack_bitmask(keep: Tensor) -> Tensor:
+    """bool [rows, cols] -> uint8 [rows, ceil(cols / 8)], bit j % 8 of byte j // 8, LSB first."""
+    rows, cols = keep.shape
+    padded = torch.nn.functional.pad(keep.to(torch.int32), (0, -cols % 8)).view(rows, (cols + 7) // 8, 8)
+    return (padded * _BIT_WEIGHTS).sum(-1).to(torch.uint8)
+
+
+def unpack_bitmask(bitmask: Tensor, cols: int) -> Tensor:
+    """uint8 [rows, ceil(cols / 8)] -> bool [rows, cols]."""
+    bits = bitmask.to(torch.int32).unsqueeze(-1).bitwise_and(_BIT_WEIGHTS) != 0
+    return bits.view(bitmask.shape[0], bitmask.shape[1] * 8)[:, :cols]
+
+
+def bitmask_from_dense(weight: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense [rows, cols] -> (bitmask, values in weight's dtype, row_offsets); kept entries are
+    `keep` (default: the nonzeros)."""
+    _require_2d("weight", weight)
+    keep = weight != 0 if keep is None else keep
+    row_offsets = torch.zeros(weight.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(keep.sum(1), 0, out=row_offsets[1:])
+    return pack_bitmask(keep), weight[keep].contiguous(), row_offsets
+
+
+def bitmask_to_dense(bitmask: Tensor, values: Tensor, row_offsets: Tensor, cols: int) -> Tensor:
+    """Exact dense weight [rows, cols] in values' dtype (int8 values stay codes)."""
+    keep = unpack_bitmask(bitmask, cols)
+    dense = torch.zeros(keep.shape, dtype=values.dtype)
+    dense[keep] = values
+    return dense
+
+
+def check_bitmask(bitmask: Tensor, values: Tensor, row_offsets: Tensor, cols: int) -> None:
+    """Full consistency check of a bitmask layout (shapes, padding bits, offsets = popcounts)."""
+    _require_2d("bitmask", bitmask)
+    _require(bitmask.dtype == torch.uint8, f"bitmask must be uint8, got {bitmask.dtype}")
+    _require(bitmask.shape[1] == (cols + 7) // 8,
+             f"bitmask has {bitmask.shape[1]} bytes per row, expected ceil({cols} / 8) = {(cols + 7) // 8}")
+    _require(row_offsets.dtype == torch.int64 and row_offsets.shape == (bitmask.shape[0] + 1,),
+             f"row_offsets must be int64 [rows + 1 = {bitmask.shape[0] + 1}]")
+    _require(values.dim() == 1, "values must be 1-D")
+    padding = unpack_bitmask(bitmask, ((cols + 7) // 8) * 8)[:, cols:]
+    _require(not bool(padding.any()), "bitmask padding bits (columns >= cols) must be 0")
+    counts = unpack_bitmask(bitmask, cols).sum(1)
+    _require(int(row_offsets[0]) == 0 and torch.equal(row_offsets.diff(), counts),
+             "row_offsets must start at 0 and grow by each row's popcount")
+    _require(values.numel() == int(row_offsets[-1]),
+             f"values has {values.numel()} elements but row_offsets[-1] = {int(row_offsets[-1])}")
+
+
+# --- N:M -----------------------------------------------------------------------------------
+
+def nm_from_dense(weight: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """Dense [rows, cols] with at most n nonzeros in every group of m columns -> (values, indices).
+
+    Groups with fewer than n nonzeros keep some zeros (the first zero positions)."""
+    _require_2d("weight", weight)
+    rows, cols = weight.shape
+    _require(0 < n <= m <= 256 and cols % m == 0, f"N:M = {n}:{m} needs 0 < n <= m <= 256 and cols % m == 0 (cols = {cols})")
+    groups = weight.view(rows, cols // m, m)
+    nonzero = groups != 0
+    _require(bool((nonzero.sum(-1) <= n).all()), f"weight has groups of {m} columns with more than {n} nonzeros")
+    # Nonzeros first, then by position; keep the first n and restore increasing column order.
+    order = (~nonzero).to(torch.int64) * m + torch.arange(m)
+    kept = order.topk(n, dim=-1, largest=False).indices.sort(-1).values
+    values = groups.gather(-1, kept).reshape(rows, -1).contiguous()
+    return values, kept.to(torch.uint8).reshape(rows, -1).contiguous()
+
+
+def nm_to_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    rows, kept = values.shape
+    dense = torch.zeros(rows, kept // n, m, dtype=values.dtype)
+    dense.scatter_(-1, indices.view(rows, -1, n).to(torch.int64), values.view(rows, -1, n))
+    return dense.view(rows, -1)
+
+
+def check_nm(values: Tensor, indices: Tensor, n: int, m: int) -> None:
+    _require_2d("values", values)
+    _require(0 < n <= m <= 256, f"N:M = {n}:{m} needs 0 < n <= m <= 256")
+    _require(values.shape[1] % n == 0, f"values has {values.shape[1]} columns, not a multiple of n = {n}")
+    _require(indices.dtype == torch.uint8 and indices.shape == values.shape,
+             f"indices must be uint8 with the shape of values {tuple(values.shape)}")
+    grouped = indices.view(values.shape[0], -1, n).to(torch.int64)
+    _require(bool((grouped < m).all()) and bool((grouped.diff(dim=-1) > 0).all()),
+             f"indices must increase within each group and be < m = {m}")
+
+
+# --- dense weight-only quantization ---------------------------------------------------------
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """uint8 codes [rows, cols] in [0, 15] -> [rows, ceil(cols / 2)], low nibble = even column."""
+    padded = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2))
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor, cols: int) -> Tensor:
+    nibbles = torch.stack((packed & 15, packed >> 4), dim=-1)
+    return nibbles.view(packed.shape[0], packed.shape[1] * 2)[:, :cols]
+
+
+def normalize_group_size(group_size: int | None, cols: int) -> int | None:
+    """None for one group per row (the layout also spells it -1, or a group of all columns)."""
+    if group_size is None or group_size == -1 or group_size == cols:
+        return None
+    _require(isinstance(group_size, int) and group_size > 0 and cols % group_size == 0,
+             f"group_size {group_size} must be a positive divisor of in_features {cols}, None or -1")
+    return group_size
+
+
+def group_columns(values: Tensor, group_size: int | None, cols: int) -> Tensor:
+    """Expand per-(row, group) values [rows, n_groups] to per-column [rows, cols]."""
+    return values.repeat_interleave(group_size or cols, dim=1)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int | None) -> Tensor:
+    """w_hat = scale * (q - zero) in float32, codes [rows, cols] unpacked."""
+    cols = codes.shape[1]
+    return group_columns(scale, group_size, cols) * (codes.to(torch.float32) - group_columns(zero, group_size, cols))
+
+
+def quantize_rtn(weight: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric round-to-nearest on a min/max grid per (row, group) -> (codes, scale, zero)."""
+    rows, cols = weight.shape
+    groups = weight.to(torch.float32).reshape(rows, -1, group_size or cols)
+    low = groups.amin(-1).clamp(max=0.0)
+    high = groups.amax(-1).clamp(min=0.0)
+    levels = 2**bits - 1
+    scale = torch.where(high > low, (high - low) / levels, torch.ones_like(low))
+    zero = torch.round(-low / scale).clamp(0, levels)
+    codes = torch.round(groups / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, levels)
+    return codes.reshape(rows, cols).to(torch.uint8), scale.contiguous(), zero.contiguous()
+
+
+def check_quant(qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, cols: int, group_size: int | None) -> None:
+    _require_2d("qweight", qweight)
+    _require(bits in (4, 8), f"bits must be 4 or 8, got {bits}")
+    _require(qweight.dtype == torch.uint8, f"qweight must be uint8, got {qweight.dtype}")
+    packed_cols = cols if bits == 8 else (cols + 1) // 2
+    _require(qweight.shape[1] == packed_cols, f"qweight has {qweight.shape[1]} columns, expected {packed_cols} for {cols} int{bits} columns")
+    group_size = normalize_group_size(group_size, cols)
+    groups = cols // group_size if group_size else 1
+    for name, tensor in (("scale", scale), ("zero", zero)):
+        _require(tensor.dtype == torch.float32 and tensor.shape == (qweight.shape[0], groups),
+                 f"{name} must be float32 [{qweight.shape[0]}, {groups}], got {tensor.dtype} {tuple(tensor.shape)}")

@@ -1,0 +1,243 @@
+"""Compressed drop-in replacements of nn.Linear running on the secateurs CPU kernels.
+
+Each module keeps its layout tensors (docs/layouts.md) as buffers, validates them once at
+construction, and in forward uses the compressed kernel for up to KERNEL_MAX_BATCH rows of
+activations (decode, batch-1 generation) and a dense matmul on a weight decompressed on the fly
+(not cached: that would cost the memory the compression saved) for larger batches (prefill),
+for other dtypes, and when x needs gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels, layouts, ops
+
+# Above this many activation rows a dense matmul on the decompressed weight wins: the compressed
+# kernels are bandwidth-bound at batch 1 and lose to BLAS once compute dominates.
+KERNEL_MAX_BATCH = 64
+
+_VALUE_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_QUANT_FORMATS = {"int8": 8, "int4": 4}
+
+
+def _format_dtype(format: str | None, weight: Tensor) -> torch.dtype:
+    if format is None:
+        if weight.dtype not in _VALUE_FORMATS.values():
+            raise ValueError(f"weight dtype {weight.dtype} is not float32/bfloat16: pass format='fp32' or 'bf16'")
+        return weight.dtype
+    if format not in _VALUE_FORMATS:
+        raise ValueError(f"format must be one of {sorted(_VALUE_FORMATS)}, got {format!r}")
+    return _VALUE_FORMATS[format]
+
+
+def _kernel(name: str):
+    """The kernel function, or its custom op while torch.compile traces (the op costs ~30 us more)."""
+    return getattr(ops if torch.compiler.is_compiling() else kernels, name)
+
+
+class CompressedLinear(nn.Module):
+    """Shared forward and bias handling; subclasses provide _compressed_matmul and to_dense."""
+
+    # Buffers that must stay float32 when the module is cast (model.to(torch.bfloat16)).
+    _float32_buffers: tuple[str, ...] = ()
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (out_features,)):
+            raise ValueError(f"bias must be a tensor of shape ({out_features},)")
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
+        flat = x.reshape(-1, self.in_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        use_kernel = (flat.shape[0] <= KERNEL_MAX_BATCH and x.dtype in (torch.float32, torch.bfloat16)
+                      and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))
+        if use_kernel:
+            y = self._compressed_matmul(flat.contiguous())
+            if bias is not None:
+                y = y + bias
+        else:
+            y = F.linear(flat, self.to_dense(x.dtype), bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._float32_buffers:
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                setattr(self, name, buffer.to(torch.float32))
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _cast(weight: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return weight if dtype is None else weight.to(dtype)
+
+
+class BitmaskLinear(CompressedLinear):
+    """Unstructured sparsity: bitmask uint8 [out, ceil(in / 8)], values float32/bfloat16 [nnz],
+    row_offsets int64 [out + 1]."""
+
+    def __init__(self, bitmask: Tensor, values: Tensor, row_offsets: Tensor, in_features: int,
+                 bias: Tensor | None = None) -> None:
+        layouts.check_bitmask(bitmask, values, row_offsets, in_features)
+        if values.dtype not in _VALUE_FORMATS.values():
+            raise ValueError(f"values must be float32 or bfloat16, got {values.dtype}")
+        super().__init__(in_features, bitmask.shape[0], bias)
+        self.register_buffer("bitmask", bitmask.contiguous())
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("row_offsets", row_offsets.contiguous())
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, format: str | None = None) -> BitmaskLinear:
+        """Zeros of weight are pruned; format 'fp32' / 'bf16' (default: weight's dtype)."""
+        weight = weight.detach().to(_format_dtype(format, weight))
+        return cls(*layouts.bitmask_from_dense(weight), weight.shape[1], bias)
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return _cast(layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features), dtype)
+
+
+class SparseQuantLinear(CompressedLinear):
+    """Bitmask sparsity with int8 symmetric codes: w = scale[r] * v, scale float32 [out]."""
+
+    _float32_buffers = ("scale",)
+
+    def __init__(self, bitmask: Tensor, values: Tensor, row_offsets: Tensor, scale: Tensor, in_features: int,
+                 bias: Tensor | None = None) -> None:
+        layouts.check_bitmask(bitmask, values, row_offsets, in_features)
+        if values.dtype != torch.int8:
+            raise ValueError(f"values must be int8 codes, got {values.dtype}")
+        if scale.dtype != torch.float32 or scale.shape != (bitmask.shape[0],):
+            raise ValueError(f"scale must be float32 [{bitmask.shape[0]}], got {scale.dtype} {tuple(scale.shape)}")
+        super().__init__(in_features, bitmask.shape[0], bias)
+        self.register_buffer("bitmask", bitmask.contiguous())
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("row_offsets", row_offsets.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> SparseQuantLinear:
+        """codes int8 [out, in] in [-127, 127] (zeros = pruned), scale float32 [out]."""
+        if codes.dtype != torch.int8:
+            raise ValueError(f"codes must be int8, got {codes.dtype}")
+        return cls(*layouts.bitmask_from_dense(codes), scale, codes.shape[1], bias)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, format: str = "int8") -> SparseQuantLinear:
+        """Zeros of weight are pruned; kept weights get per-row symmetric int8 codes (round to
+        nearest, scale = max |w| / 127). The mask is the weight's, even where a code rounds to 0."""
+        if format != "int8":
+            raise ValueError(f"SparseQuantLinear only supports format='int8', got {format!r}")
+        weight = weight.detach().to(torch.float32)
+        max_abs = weight.abs().amax(1)
+        scale = torch.where(max_abs > 0, max_abs / 127, torch.ones_like(max_abs))
+        codes = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(*layouts.bitmask_from_dense(codes, keep=weight != 0), scale, weight.shape[1], bias)
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        codes = layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features)
+        return _cast(codes.to(torch.float32) * self.scale[:, None], dtype)
+
+
+class NMLinear(CompressedLinear):
+    """N:M sparsity: values float32/bfloat16 [out, in * n / m], in-group indices uint8, same shape."""
+
+    def __init__(self, values: Tensor, indices: Tensor, n: int, m: int, bias: Tensor | None = None) -> None:
+        layouts.check_nm(values, indices, n, m)
+        if values.dtype not in _VALUE_FORMATS.values():
+            raise ValueError(f"values must be float32 or bfloat16, got {values.dtype}")
+        super().__init__(values.shape[1] // n * m, values.shape[0], bias)
+        self.n, self.m = n, m
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("indices", indices.contiguous())
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, n: int = 2, m: int = 4,
+                   format: str | None = None) -> NMLinear:
+        """weight must have at most n nonzeros per group of m columns; format 'fp32' / 'bf16'."""
+        weight = weight.detach().to(_format_dtype(format, weight))
+        return cls(*layouts.nm_from_dense(weight, n, m), n, m, bias)
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        return _kernel("nm_mm")(x, self.values, self.indices, self.n, self.m)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return _cast(layouts.nm_to_dense(self.values, self.indices, self.n, self.m), dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, n={self.n}, m={self.m}"
+
+
+class QuantLinear(CompressedLinear):
+    """Dense weight-only int8 / int4: w = scale * (q - zero) per (row, group of group_size input
+    columns; None or -1 = per channel). qweight uint8 [out, in] (int8) or [out, ceil(in / 2)]
+    (int4, low nibble = even column); scale, zero float32 [out, n_groups]."""
+
+    _float32_buffers = ("scale", "zero")
+
+    def __init__(self, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, in_features: int,
+                 group_size: int | None = None, bias: Tensor | None = None) -> None:
+        layouts.check_quant(qweight, scale, zero, bits, in_features, group_size)
+        super().__init__(in_features, qweight.shape[0], bias)
+        self.bits = bits
+        self.group_size = layouts.normalize_group_size(group_size, in_features)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("zero", zero.contiguous())
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None = None,
+                   format: str = "int8", group_size: int | None = None) -> QuantLinear:
+        """codes [out, in] integers in [0, 2**bits - 1] (unpacked), scale / zero float32 [out, n_groups]."""
+        if format not in _QUANT_FORMATS:
+            raise ValueError(f"format must be one of {sorted(_QUANT_FORMATS)}, got {format!r}")
+        bits = _QUANT_FORMATS[format]
+        in_range = codes.numel() == 0 or (int(codes.min()) >= 0 and int(codes.max()) < 2**bits)
+        if codes.dim() != 2 or codes.is_floating_point() or not in_range:
+            raise ValueError(f"codes must be a 2-D integer tensor with values in [0, {2**bits - 1}]")
+        codes = codes.to(torch.uint8)
+        return cls(codes if bits == 8 else layouts.pack_int4(codes), scale, zero, bits, codes.shape[1], group_size, bias)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, format: str = "int8",
+                   group_size: int | None = None) -> QuantLinear:
+        """Round-to-nearest on a per-(row, group) min/max grid; for GPTQ & co. use from_codes."""
+        if format not in _QUANT_FORMATS:
+            raise ValueError(f"format must be one of {sorted(_QUANT_FORMATS)}, got {format!r}")
+        group_size = layouts.normalize_group_size(group_size, weight.shape[1])
+        codes, scale, zero = layouts.quantize_rtn(weight.detach(), _QUANT_FORMATS[format], group_size)
+        return cls.from_codes(codes, scale, zero, bias, format, group_size)
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        return _kernel("quant_mm")(x, self.qweight, self.scale, self.zero, self.bits, self.in_features, self.group_size)
+
+    def codes(self) -> Tensor:
+        return self.qweight if self.bits == 8 else layouts.unpack_int4(self.qweight, self.in_features)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return _cast(layouts.dequantize(self.codes(), self.scale, self.zero, self.group_size), dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"

@@ -1,0 +1,69 @@
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # plain `pytest` from anywhere, without installing the package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from secateurs.runtime import kernels  # noqa: E402
+
+ALL_PATHS = ("portable", "avx2", "avx512", "torch")
+
+
+@contextlib.contextmanager
+def forced_path(path: str):
+    """Run with SECATEURS_KERNEL_PATH=path (usable inside hypothesis tests, unlike monkeypatch)."""
+    previous = os.environ.get(kernels.ENV_VAR)
+    os.environ[kernels.ENV_VAR] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[kernels.ENV_VAR]
+        else:
+            os.environ[kernels.ENV_VAR] = previous
+
+
+@pytest.fixture(params=ALL_PATHS)
+def kernel_path(request):
+    """Each dispatch path forced through the environment; skipped where it cannot run."""
+    path = request.param
+    if path not in kernels.supported_paths():
+        pytest.skip(f"{path} kernels cannot run here (supported: {', '.join(kernels.supported_paths())})")
+    with forced_path(path):
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread by default: the machine is shared, and OpenMP barriers stall when another
+    process holds the second core. Tests of the row split ask for `threads` explicitly."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def two_threads(_one_thread):
+    torch.set_num_threads(2)
+
+
+def reference_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64) @ weight.to(torch.float64).T
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """y ~= x @ weight^T within fp32 accumulation error (plus bf16 output rounding), scaled by
+    sum |x| |w| so that cancellations don't make the check flaky."""
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], weight.shape[0])
+    magnitude = x.to(torch.float64).abs() @ weight.to(torch.float64).abs().T
+    relative = 2e-5 if y.dtype == torch.float32 else 2**-7
+    error = (y.to(torch.float64) - reference_matmul(x, weight)).abs()
+    worst = (error - relative * magnitude - 1e-6).max() if error.numel() else torch.tensor(-1.0)
+    assert worst <= 0, f"max error {error.max():.3g} exceeds tolerance"

@@ -1,0 +1,199 @@
+"""Kernels against a float64 reference, on every dispatch path."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_matches_reference, forced_path
+from secateurs.runtime import kernels, layouts
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+BATCHES = (1, 3, 16, 64)
+# (rows, cols): odd sizes, cols below / around / far from the vector widths, a realistic width.
+SHAPES = ((1, 1), (7, 13), (33, 64), (20, 100), (19, 257), (9, 1031))
+
+
+def sparse_weight(rows: int, cols: int, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Random weight with an empty first row, a fully dense last row and a zero column block."""
+    weight = torch.randn(rows, cols, generator=generator)
+    weight *= torch.rand(rows, cols, generator=generator) < density
+    weight[0] = 0
+    if rows > 2:
+        weight[-1] = torch.randn(cols, generator=generator)
+        weight[1, : cols // 2] = 0
+    return weight
+
+
+def activations(batch: int, cols: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, cols, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16, torch.int8))
+def test_bitmask_matches_reference(kernel_path, value_dtype, batch):
+    generator = torch.Generator().manual_seed(batch * 7 + hash(str(value_dtype)) % 1000)
+    for rows, cols in SHAPES:
+        for density in (0.0, 0.3, 0.9):
+            weight = sparse_weight(rows, cols, density, generator)
+            row_scale = None
+            if value_dtype == torch.int8:
+                weight = (weight * 40).round().clamp(-127, 127)
+                row_scale = torch.rand(rows, generator=generator) + 0.5
+            else:
+                weight = weight.to(value_dtype)
+            bitmask, values, row_offsets = layouts.bitmask_from_dense(weight.to(value_dtype))
+            dense = weight.to(torch.float32) * (1 if row_scale is None else row_scale[:, None])
+            for x_dtype in ACTIVATION_DTYPES:
+                x = activations(batch, cols, x_dtype, generator)
+                y = kernels.bitmask_mm(x, bitmask, values, row_offsets, cols, row_scale)
+                assert kernels.last_kernel_path() == kernel_path
+                assert_matches_reference(y, x, dense)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), batch=st.integers(1, 70),
+       density=st.floats(0, 1), seed=st.integers(0, 2**31))
+def test_bitmask_random_shapes_all_native_paths(rows, cols, batch, density, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = sparse_weight(rows, cols, density, generator)
+    x = activations(batch, cols, torch.float32, generator)
+    layout = layouts.bitmask_from_dense(weight)
+    for path in kernels.supported_paths():
+        with forced_path(path):
+            assert_matches_reference(kernels.bitmask_mm(x, *layout, cols), x, weight)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16))
+# 2:4, 1:2, 4:8, 8:16 and 2:3 take the vector gather where it applies; 1:4 and 3:4 the scalar loop.
+@pytest.mark.parametrize("n,m", ((2, 4), (1, 2), (4, 8), (8, 16), (2, 3), (1, 4), (3, 4)))
+def test_nm_matches_reference(kernel_path, value_dtype, batch, n, m):
+    generator = torch.Generator().manual_seed(batch * 31 + n * 7 + m)
+    for rows, groups in ((1, 1), (5, 3), (17, 64), (8, 129)):
+        cols = groups * m
+        weight = torch.randn(rows, cols, generator=generator).to(value_dtype)
+        keep = torch.rand(rows, groups, m, generator=generator).argsort(-1).argsort(-1) < n
+        weight = weight * keep.view(rows, cols)
+        values, indices = layouts.nm_from_dense(weight, n, m)
+        for x_dtype in ACTIVATION_DTYPES:
+            x = activations(batch, cols, x_dtype, generator)
+            y = kernels.nm_mm(x, values, indices, n, m)
+            assert kernels.last_kernel_path() == kernel_path
+            assert_matches_reference(y, x, weight)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("bits", (8, 4))
+# (cols, group_size): per channel with odd / unaligned cols, vector-aligned groups, odd groups.
+@pytest.mark.parametrize("cols,group_size", ((37, None), (64, -1), (256, 32), (192, 64), (96, 12), (45, 9)))
+def test_quant_matches_reference(kernel_path, bits, batch, cols, group_size):
+    generator = torch.Generator().manual_seed(batch * 13 + bits + cols)
+    rows = 23
+    groups = cols // group_size if group_size and group_size > 0 else 1
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(rows, groups, generator=generator) * 0.1 + 0.01
+    zero = torch.randint(0, 2**bits, (rows, groups), generator=generator).to(torch.float32)
+    qweight = codes if bits == 8 else layouts.pack_int4(codes)
+    weight = layouts.dequantize(codes, scale, zero, layouts.normalize_group_size(group_size, cols))
+    for x_dtype in ACTIVATION_DTYPES:
+        x = activations(batch, cols, x_dtype, generator)
+        y = kernels.quant_mm(x, qweight, scale, zero, bits, cols, group_size)
+        assert kernels.last_kernel_path() == kernel_path
+        assert_matches_reference(y, x, weight)
+
+
+def test_paths_agree_on_a_large_layer(two_threads):
+    """Big enough to be split between threads, on every path."""
+    generator = torch.Generator().manual_seed(0)
+    weight = sparse_weight(300, 2048, 0.3, generator)
+    x = activations(16, 2048, torch.float32, generator)
+    layout = layouts.bitmask_from_dense(weight)
+    values, indices = layouts.nm_from_dense(weight * (torch.arange(2048) % 4 < 2), 2, 4)
+    nm_weight = layouts.nm_to_dense(values, indices, 2, 4)
+    codes, scale, zero = layouts.quantize_rtn(weight, 4, 128)
+    quant_weight = layouts.dequantize(codes, scale, zero, 128)
+    for path in kernels.supported_paths():
+        for batch in (1, 16):
+            with forced_path(path):
+                xb = x[:batch]
+                assert_matches_reference(kernels.bitmask_mm(xb, *layout, 2048), xb, weight)
+                assert_matches_reference(kernels.nm_mm(xb, values, indices, 2, 4), xb, nm_weight)
+                y = kernels.quant_mm(xb, layouts.pack_int4(codes), scale, zero, 4, 2048, 128)
+                assert_matches_reference(y, xb, quant_weight)
+
+
+def test_empty_batch_and_empty_layer(kernel_path):
+    weight = sparse_weight(5, 20, 0.5, torch.Generator().manual_seed(1))
+    layout = layouts.bitmask_from_dense(weight)
+    assert kernels.bitmask_mm(torch.zeros(0, 20), *layout, 20).shape == (0, 5)
+    empty = layouts.bitmask_from_dense(torch.zeros(0, 20))
+    assert kernels.bitmask_mm(torch.ones(2, 20), *empty, 20).shape == (2, 0)
+
+
+def test_default_path_is_the_best_supported(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.kernel_path() == kernels.supported_paths()[0]
+
+
+def test_forcing_an_unknown_or_unsupported_path_raises(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "sse9")
+    with pytest.raises(kernels.KernelPathError, match="expected one of"):
+        kernels.kernel_path()
+    missing = [p for p in kernels.NATIVE_PATHS if p not in kernels.supported_paths()]
+    if not missing:
+        pytest.skip("this CPU supports every native path")
+    monkeypatch.setenv(kernels.ENV_VAR, missing[0])
+    weight = torch.eye(8)
+    with pytest.raises(kernels.KernelPathError, match="lacks"):
+        kernels.bitmask_mm(torch.ones(1, 8), *layouts.bitmask_from_dense(weight), 8)
+
+
+def _valid_bitmask_arguments():
+    weight = sparse_weight(6, 20, 0.5, torch.Generator().manual_seed(2))
+    bitmask, values, row_offsets = layouts.bitmask_from_dense(weight)
+    return dict(x=torch.randn(2, 20), bitmask=bitmask, values=values, row_offsets=row_offsets, in_features=20)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.randn(2, 21)), "x must have shape"),
+    (dict(x=torch.randn(2, 20, dtype=torch.float64)), "x must have dtype"),
+    (dict(x=torch.randn(20, 2).T), "x must be contiguous"),
+    (dict(x=torch.randn(2, 20, device="meta")), "x must be on the CPU"),
+    (dict(x=[[0.0] * 20]), "x must be a torch.Tensor"),
+    (dict(bitmask=torch.zeros(6, 2, dtype=torch.uint8)), "bitmask must have shape"),
+    (dict(values=torch.zeros(3)), "row_offsets must run from 0"),
+    (dict(values=torch.zeros(3, dtype=torch.float16)), "values must have dtype"),
+    (dict(row_offsets=torch.zeros(6, dtype=torch.int64)), "row_offsets must have shape"),
+    (dict(row_scale=torch.ones(6)), "row_scale is only for int8"),
+])
+def test_bitmask_rejects_bad_arguments(change, message):
+    arguments = {**_valid_bitmask_arguments(), **change}
+    with pytest.raises(ValueError, match=message):
+        kernels.bitmask_mm(**arguments)
+
+
+def test_int8_bitmask_needs_row_scale():
+    arguments = _valid_bitmask_arguments()
+    arguments["values"] = arguments["values"].to(torch.int8)
+    with pytest.raises(ValueError, match="need row_scale"):
+        kernels.bitmask_mm(**arguments)
+
+
+def test_nm_and_quant_reject_bad_arguments():
+    values, indices = layouts.nm_from_dense(torch.eye(4, 8), 2, 4)
+    with pytest.raises(ValueError, match="indices must have shape"):
+        kernels.nm_mm(torch.randn(1, 8), values, indices[:, :2].contiguous(), 2, 4)
+    with pytest.raises(ValueError, match="bad N:M"):
+        kernels.nm_mm(torch.randn(1, 8), values, indices, 5, 4)
+    with pytest.raises(ValueError, match="x must have shape"):
+        kernels.nm_mm(torch.randn(1, 9), values, indices, 2, 4)
+    qweight, scale, zero = torch.zeros(3, 8, dtype=torch.uint8), torch.ones(3, 2), torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 3, 8, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 8, 8, 3)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 8, 8, None)
+    with pytest.raises(ValueError, match="qweight must have shape"):
+        kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 4, 8, 4)
