@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from secateurs.errors import SecateursError
 
@@ -44,6 +45,47 @@ def cmd_eval(args) -> None:
               f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s")
 
 
+def _calibration(tokenizer, args):
+    from secateurs.data.corpus import load_text, sample_windows, tokenize
+
+    return sample_windows(tokenize(tokenizer, load_text(args.calib)), args.samples, args.seqlen, args.seed)
+
+
+def cmd_compress(args) -> None:
+    from secateurs.models import load_model, save_model
+    from secateurs.pipeline.engine import Engine, validate
+    from secateurs.recipe import load_recipe
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise SecateursError(f"output {output} exists (pass --overwrite to replace it)")
+    recipe = load_recipe(args.recipe)
+    loaded = load_model(args.model)
+    validate(loaded.model, recipe)
+    calibration = _calibration(loaded.tokenizer, args)
+    engine = Engine(loaded.model, recipe, device=args.device, true_sequential=args.true_sequential or None)
+    report = engine.run(calibration)
+    summary = report.as_dict() | {"model": args.model, "calibration_data": args.calib, "seed": args.seed}
+    save_model(loaded.model, loaded.tokenizer, output, {"compression.json": json.dumps(summary, indent=2)})
+    totals = summary["totals"]
+    print(f"compressed {totals['layers']} layers with {recipe.name} in {totals['seconds']:.1f} s "
+          f"(sparsity {totals['sparsity']:.3f}); wrote {output}")
+
+
+def cmd_demo(args) -> None:
+    from secateurs.demo import run_demo
+
+    run_demo(args)
+
+
+def _add_calibration(parser, samples: int, seqlen: int) -> None:
+    parser.add_argument("--calib", default="austen-calib",
+                        help="calibration text (default: the five Austen novels other than Persuasion)")
+    parser.add_argument("--samples", type=int, default=samples, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=seqlen, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateurs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=None)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=cmd_eval)
+
+    compress = commands.add_parser("compress", help="one-shot compression with a recipe")
+    _add_model(compress, default="smollm2-135m")
+    compress.add_argument("--recipe", default="sparsegpt-50", help="preset name or YAML file")
+    _add_calibration(compress, samples=128, seqlen=2048)
+    compress.add_argument("--output", required=True, help="model directory to write")
+    compress.add_argument("--overwrite", action="store_true")
+    compress.add_argument("--device", default=None, help="compute device for the block being compressed")
+    compress.add_argument("--true-sequential", action="store_true",
+                          help="inside a block: q/k/v, then o, then gate/up, then down")
+    compress.set_defaults(run=cmd_compress)
+
+    demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")
+    demo.add_argument("--recipe", default="sparsegpt-50")
+    _add_calibration(demo, samples=32, seqlen=512)
+    demo.add_argument("--eval-tokens", type=int, default=8192, help="Persuasion tokens to evaluate (windows of 512)")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -10,7 +10,10 @@ statistics gathered after the groups before it were compressed.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,10 +22,13 @@ from tqdm.auto import tqdm
 
 from secateurs.algorithms import HessianError, outlier_fraction, owl_ratios
 from secateurs.errors import SecateursError
+from secateurs.pipeline.activations import discard_chunks, keep_chunks
 from secateurs.pipeline.capture import capture_block_inputs, run_block
 from secateurs.pipeline.discovery import find_blocks, get_weight, in_features, linear_layers, set_weight
+from secateurs.pipeline.distributed import ProcessGroup, layer_cost
 from secateurs.pipeline.layer import compress_layer
-from secateurs.pipeline.statistics import HessianAccumulator, attach
+from secateurs.pipeline.statistics import HessianAccumulator, StatisticsHooks
+from secateurs.pipeline.streaming import BlockSource, InMemoryModel
 from secateurs.recipe import Recipe, load_recipe
 
 
@@ -37,6 +43,7 @@ class LayerReport:
     group_size: int | None
     seconds: float
     damp: float
+    input_group: str  # first layer of the group reading the same input (they share one Hessian)
 
 
 @dataclass
@@ -62,6 +69,17 @@ class CompressionReport:
             },
             "layers": layers,
         }
+
+
+@dataclass
+class ResumeState:
+    """Where an interrupted run stopped (see pipeline.checkpoint)."""
+
+    next_block: int
+    layers: list[LayerReport]
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    block_sparsity: list[float | None] | None
+    hidden: Iterable[torch.Tensor]  # this process's inputs of `next_block`, chunk by chunk
 
 
 def targeted_layers(model: nn.Module, recipe: Recipe) -> dict[str, nn.Module]:
@@ -92,50 +110,47 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
             raise SecateursError(f"{quant.method}.group_size {quant.group_size} does not divide the {columns} input columns of layer {name}")
 
 
-def execution_groups(block: nn.Module, layers: dict[str, nn.Module], hidden, kwargs, device) -> list[list[str]]:
-    """Layers in first-call order, grouped by the input tensor they read."""
-    calls: list[tuple[str, int]] = []
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: calls.append((n, args[0].data_ptr())))
-               for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            run_block(block, hidden[:1], kwargs, device)
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: list[list[str]] = []
-    inputs: list[int] = []
-    for name, pointer in calls:
-        if any(name in group for group in groups):
-            continue
-        if inputs and inputs[-1] == pointer:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-            inputs.append(pointer)
-    return groups
-
-
 class Engine:
-    def __init__(self, model, recipe, device=None, chunk_size: int = 8, hessian_dtype=torch.float32, progress=True):
+    """`source` streams the block weights (default: the model in memory), `offload_dir` keeps the
+    activations between blocks on disk, `group` spreads the work over torchrun processes (default:
+    the initialized torch.distributed group, if any)."""
+
+    def __init__(self, model, recipe, device=None, chunk_size: int = 8, hessian_dtype=torch.float32, progress=True,
+                 true_sequential: bool | None = None, source: BlockSource | None = None, offload_dir=None,
+                 group: ProcessGroup | None = None):
         self.model = model
         self.recipe = load_recipe(recipe)
+        if true_sequential is not None:
+            self.recipe = dataclasses.replace(self.recipe, true_sequential=true_sequential)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.chunk_size = chunk_size
         self.hessian_dtype = hessian_dtype
         self.progress = progress
         self.prefix, self.blocks = find_blocks(model)
+        self.source = source or InMemoryModel(model, None)
+        self.offload_dir = offload_dir
+        self.group = group or ProcessGroup.current()
+        self.inputs = None  # the current block's inputs; its outputs once the block is done
+        self.block_sparsity: list[float | None] | None = None
 
-    def _gather(self, block, layers: dict[str, nn.Module], inputs, index) -> dict[str, HessianAccumulator]:
-        accumulators = {n: HessianAccumulator(in_features(m), self.hessian_dtype, self.device) for n, m in layers.items()}
-        handles = attach(layers, accumulators)
+    def _gather(self, block, layers: dict[str, nn.Module], inputs, index, accumulate=True, chunks=None) -> StatisticsHooks:
+        """Run calibration chunks through the block with statistics hooks on `layers`."""
+        hooks = StatisticsHooks(layers, self.hessian_dtype, self.device, accumulate)
         try:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs[index]):
+            for hidden, kwargs in itertools.islice(zip(inputs.hidden, inputs.kwargs[index]), chunks):
                 run_block(block, hidden, kwargs, self.device)
         finally:
-            for handle in handles:
-                handle.remove()
-        return accumulators
+            hooks.remove()
+        self.group.all_reduce(list(hooks.accumulators.values()))
+        return hooks
+
+    def _advance(self, block, inputs, index, discard_previous=True) -> None:
+        """Replace the block's inputs by its outputs, the next block's inputs."""
+        previous = inputs.hidden
+        inputs.hidden = keep_chunks((run_block(block, h, k, self.device) for h, k in zip(previous, inputs.kwargs[index])),
+                                    self.offload_dir)
+        if discard_previous:
+            discard_chunks(previous)
 
     def _block_layers(self, index: int) -> dict[str, nn.Module]:
         return {name: module for name, module in linear_layers(self.blocks[index]).items()
@@ -146,45 +161,81 @@ class Engine:
         stage = next(s for s in self.recipe.stages if s.prunes)
         fractions = []
         hidden = inputs.hidden
-        for index, block in enumerate(tqdm(self.blocks, desc="OWL outlier ratios", disable=not self.progress)):
-            block.to(self.device)
+        for index in tqdm(range(len(self.blocks)), desc="OWL outlier ratios", disable=not self.progress):
+            block = self.source.load(index).to(self.device)
             layers = self._block_layers(index)
             stats = self._gather(block, layers, inputs, index)
             fractions.append(outlier_fraction([get_weight(m) for m in layers.values()],
-                                              [stats[n].column_norms() for n in layers], stage.owl_threshold))
-            inputs.hidden = [run_block(block, h, k, self.device).cpu() for h, k in zip(inputs.hidden, inputs.kwargs[index])]
+                                              [stats.accumulators[stats.owner[n]].column_norms() for n in layers],
+                                              stage.owl_threshold))
+            self._advance(block, inputs, index, discard_previous=index > 0)  # the first inputs are needed again
             block.to("cpu")
+            self.source.release(index)
+        discard_chunks(inputs.hidden)
         inputs.hidden = hidden
         return owl_ratios(fractions, stage.sparsity, stage.owl_lambda)
 
     @torch.no_grad()
-    def run(self, calibration: torch.Tensor, on_block_done=None) -> CompressionReport:
+    def run(self, calibration: torch.Tensor, on_block_done=None, resume: ResumeState | None = None) -> CompressionReport:
+        """`on_block_done(index, report)` runs after each block, while `self.inputs` holds the next
+        block's inputs; `resume` continues an interrupted run after its last finished block."""
         validate(self.model, self.recipe)
         started = time.perf_counter()
         report = CompressionReport(self.recipe.as_dict(), calibration={
             "samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1])})
-        inputs = capture_block_inputs(self.model, self.blocks, calibration, self.chunk_size)
-        owl = any(s.prunes and s.sparsity_profile == "owl" for s in self.recipe.stages)
-        block_sparsity = self._owl_sparsities(inputs) if owl else [None] * len(self.blocks)
-        bar = tqdm(range(len(self.blocks)), desc="compress", unit="block", disable=not self.progress)
+        with self.source.outside_blocks():
+            inputs = self.inputs = capture_block_inputs(self.model, self.blocks, self.group.shard(calibration), self.chunk_size)
+        start, self.block_sparsity = 0, None
+        if resume is not None:
+            start, report.layers, report.grids = resume.next_block, resume.layers, resume.grids
+            inputs.hidden, self.block_sparsity = resume.hidden, resume.block_sparsity
+        inputs.hidden = keep_chunks(inputs.hidden, self.offload_dir)
+        if self.block_sparsity is None:
+            owl = any(s.prunes and s.sparsity_profile == "owl" for s in self.recipe.stages)
+            self.block_sparsity = self._owl_sparsities(inputs) if owl else [None] * len(self.blocks)
+        bar = tqdm(range(start, len(self.blocks)), desc="compress", unit="block", disable=not self.progress)
         for index in bar:
-            block = self.blocks[index].to(self.device)
+            block = self.source.load(index).to(self.device)
             layers = self._block_layers(index)
-            groups = (execution_groups(block, layers, inputs.hidden[0], inputs.kwargs[index][0], self.device)
-                      if self.recipe.true_sequential else [list(layers)])
-            for group in groups:
-                stats = self._gather(block, {n: layers[n] for n in group}, inputs, index)
-                for name in group:
-                    bar.set_postfix_str(name)
-                    report.layers.append(self._compress_one(index, name, layers[name], stats.pop(name), block_sparsity[index], report))
-            inputs.hidden = [run_block(block, h, k, self.device).cpu() for h, k in zip(inputs.hidden, inputs.kwargs[index])]
+            # true_sequential: one cheap pass learns the input groups in execution order, then each
+            # group's statistics are gathered after the groups before it were compressed.
+            steps = ([{n: layers[n] for n in group} for group in self._gather(block, layers, inputs, index, False, 1).groups()]
+                     if self.recipe.true_sequential else [layers])
+            for step in steps:
+                stats = self._gather(block, step, inputs, index)
+                self._compress_step(index, step, stats, report, bar)
+            self._advance(block, inputs, index)
             self.blocks[index] = block.to("cpu")
             if on_block_done:
                 on_block_done(index, report)
+            self.source.release(index)
+        discard_chunks(inputs.hidden)
+        self.inputs = None
         report.seconds = time.perf_counter() - started
         return report
 
-    def _compress_one(self, index, name, module, stats: HessianAccumulator, sparsity, report) -> LayerReport:
+    def _compress_step(self, index, layers: dict[str, nn.Module], stats: StatisticsHooks, report, bar) -> None:
+        """Compress `layers`, in order; with several processes each takes a share balanced by
+        estimated cost, then every compressed weight is broadcast from the process that made it."""
+        costs = {name: layer_cost(module.weight.numel() // in_features(module), in_features(module),
+                                  [s.method for s in self.recipe.stages_for(f"{self.prefix}.{index}.{name}") if s])
+                 for name, module in layers.items()}
+        owners = self.group.assign(costs)
+        mine = {}
+        for name, module in layers.items():
+            if owners[name] == self.group.rank:
+                bar.set_postfix_str(name)
+                owner = stats.owner[name]
+                mine[name] = self._compress_one(index, name, module, stats.accumulators[owner],
+                                                f"{self.prefix}.{index}.{owner}", self.block_sparsity[index], report)
+        for name, module in layers.items():
+            full = f"{self.prefix}.{index}.{name}"
+            entry, grid = self.group.share(owners[name], module.weight.data, (mine.get(name), report.grids.get(full)))
+            report.layers.append(entry)
+            if grid is not None:
+                report.grids[full] = grid
+
+    def _compress_one(self, index, name, module, stats: HessianAccumulator, input_group: str, sparsity, report) -> LayerReport:
         full = f"{self.prefix}.{index}.{name}"
         prune, quant = self.recipe.stages_for(full)
         weight = get_weight(module)
@@ -197,7 +248,7 @@ class Engine:
             report.grids[full] = (result.scale.cpu(), result.zero.cpu())
         return LayerReport(full, list(weight.shape), "+".join(s.method for s in (prune, quant) if s),
                            result.loss, result.sparsity, quant.bits if quant else None,
-                           quant.group_size if quant else None, result.seconds, result.damp)
+                           quant.group_size if quant else None, result.seconds, result.damp, input_group)
 
 
 def compress(model, recipe="sparsegpt-50", calibration: torch.Tensor | None = None, **options) -> CompressionReport:

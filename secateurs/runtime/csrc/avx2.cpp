@@ -9,19 +9,19 @@
 namespace secateurs {
 namespace {
 
-// For each 8-bit mask, the vpermps source lane of every destination lane (the rank of its bit)
-// with the sign bit set on lanes whose bit is set, so one blendv zeroes the others.
-struct ExpandTable {
-  alignas(32) int32_t lanes[256][8];
-  constexpr ExpandTable() : lanes() {
+// For each 8-bit mask, the lanes of its set bits in increasing order (then zeros): the vpermps
+// indices that compress a vector. 8 bytes per entry keep the table at 2 KiB.
+struct CompressTable {
+  alignas(64) uint8_t lanes[256][8];
+  constexpr CompressTable() : lanes() {
     for (int bits = 0; bits < 256; ++bits) {
       int rank = 0;
       for (int lane = 0; lane < 8; ++lane)
-        lanes[bits][lane] = (bits >> lane & 1) ? INT32_MIN + rank++ : 0;
+        if (bits >> lane & 1) lanes[bits][rank++] = static_cast<uint8_t>(lane);
     }
   }
 };
-constexpr ExpandTable kExpandTable;
+constexpr CompressTable kCompressTable;
 
 struct Simd {
   static constexpr int W = 8;
@@ -51,6 +51,8 @@ struct Simd {
   static I high_nibbles(I v) { return _mm256_srli_epi32(v, 4); }
   static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
 
+  static F as_float(I v) { return _mm256_castsi256_ps(v); }
+
   static F load_values(const float* p) { return load(p); }
   static F load_values(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -60,10 +62,7 @@ struct Simd {
     return _mm256_castsi256_ps(_mm256_slli_epi32(widened, 16));
   }
 
-  static F expand(unsigned bits, F packed) {
-    const I lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTable.lanes[bits]));
-    return _mm256_blendv_ps(zero(), _mm256_permutevar8x32_ps(packed, lanes), _mm256_castsi256_ps(lanes));
-  }
+  static F compress(unsigned bits, F v) { return _mm256_permutevar8x32_ps(v, load_u8(kCompressTable.lanes[bits])); }
   static F lookup2(const float* window, I idx) {
     const F low = _mm256_permutevar8x32_ps(load(window), idx);
     const F high = _mm256_permutevar8x32_ps(load(window + 8), idx);

@@ -1,5 +1,5 @@
-// AVX-512F path (16 floats per vector): mask expansion is one vexpandps and the N:M gather one
-// vpermt2ps. Only AVX-512F instructions are used, which is what the dispatcher checks for.
+// AVX-512F path (16 floats per vector): packing the x of kept columns is one vcompressps and the
+// N:M gather one vpermt2ps. Only AVX-512F instructions are used: what the dispatcher checks for.
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -32,6 +32,8 @@ struct Simd {
   static I high_nibbles(I v) { return _mm512_srli_epi32(v, 4); }
   static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
 
+  static F as_float(I v) { return _mm512_castsi512_ps(v); }
+
   static F load_values(const float* p) { return load(p); }
   static F load_values(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -41,7 +43,7 @@ struct Simd {
     return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
   }
 
-  static F expand(unsigned bits, F packed) { return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), packed); }
+  static F compress(unsigned bits, F v) { return _mm512_maskz_compress_ps(static_cast<__mmask16>(bits), v); }
   static F lookup2(const float* window, I idx) {
     return _mm512_permutex2var_ps(load(window), idx, load(window + 16));
   }

@@ -191,7 +191,7 @@ SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, 
   return guarded(path, ok, [&](const KernelTable& table) {
     SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width);
     const int64_t mask_stride = (cols + 7) / 8, value_bytes = value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1;
-    const BitmaskArgs args{xa.view, rows, cols, mask_stride, row_offsets[rows], mask, values, value_type, row_offsets, row_scale, nullptr};
+    const BitmaskArgs args{xa.view, rows, cols, mask_stride, mask, values, value_type, row_offsets, row_scale, nullptr};
     // Rows cost their mask bytes plus their values: balance threads on that, not on row count.
     const auto cost = [&](int64_t r) { return row_offsets[r] * value_bytes + r * mask_stride; };
     run_rows(table.bitmask, args, table.simd_width, threads, y, x_type, cost);

@@ -26,7 +26,7 @@ struct Activations {
 
 struct BitmaskArgs {
   Activations x;
-  int64_t rows, cols, mask_stride, nnz;
+  int64_t rows, cols, mask_stride;
   const uint8_t* mask;
   const void* values;
   int value_type;

@@ -43,6 +43,12 @@ struct Simd {
   static I high_nibbles(I v) { return map_i32([&](int i) { return v.lane[i] >> 4; }); }
   static F to_float(I v) { return map([&](int i) { return static_cast<float>(v.lane[i]); }); }
 
+  static F as_float(I v) {
+    F r;
+    std::memcpy(r.lane, v.lane, sizeof r.lane);
+    return r;
+  }
+
   static F load_values(const float* p) { return load(p); }
   static F load_values(const int8_t* p) { return map([&](int i) { return static_cast<float>(p[i]); }); }
   static F load_values(const uint16_t* p) {
@@ -54,11 +60,11 @@ struct Simd {
     });
   }
 
-  static F expand(unsigned bits, F packed) {
+  static F compress(unsigned bits, F v) {
     F r{};
     int rank = 0;
     for (int i = 0; i < W; ++i)
-      if (bits >> i & 1u) r.lane[i] = packed.lane[rank++];
+      if (bits >> i & 1u) r.lane[rank++] = v.lane[i];
     return r;
   }
   static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }

@@ -5,8 +5,8 @@
 //
 // Simd provides: W (floats per vector), F / I (float / int32 vectors), zero, set1, load, store,
 // add, mul, fma(a, b, c) = a * b + c, hsum, load_i32, add_i32, load_u8 (W bytes -> int32 lanes),
-// low_nibbles, high_nibbles, to_float, load_values(float | bf16 bits | int8 pointer -> W floats),
-// expand(bits, packed) (lane i gets the packed value of rank i among the set bits, else 0) and
+// low_nibbles, high_nibbles, to_float, as_float (same bits), load_values(float | bf16 bits | int8 pointer -> W floats),
+// compress(bits, v) (the lanes of v whose bit is set, packed from lane 0 up; others any) and
 // lookup2(window, idx) (lane i gets window[idx[i]] for idx in [0, 2W)).
 
 namespace secateurs {
@@ -105,70 +105,72 @@ inline unsigned chunk_bits(const uint8_t* mask, int64_t bytes) {
   return bits;
 }
 
-// Expands the next popcount(bits) values onto the set lanes of a chunk. A vector load reads W
-// values; kSafe reads only the ones that exist, for rows whose loads could run past the buffer.
-template <bool kSafe, class T>
-inline F expand_next(unsigned bits, const T*& values) {
-  const int count = __builtin_popcount(bits);
-  F packed;
-  if (kSafe) {
-    T exact[W] = {};
-    std::memcpy(exact, values, count * sizeof(T));
-    packed = Simd::load_values(exact);
-  } else {
-    packed = Simd::load_values(values);
-  }
-  values += count;
-  return Simd::expand(bits, packed);
-}
-
-template <bool kSafe, class T>
-float bitmask_row_dot(const uint8_t* mask, int64_t mask_bytes, const T* values, const float* x) {
+// Stores, for every W-column chunk of a mask row, the lanes of vector_of(chunk) whose mask bit
+// is set, contiguously into out (full-vector stores: the lanes past a chunk's popcount are
+// overwritten by the next store, so out needs W spare floats). Branch-free; returns the count.
+template <class VectorOf>
+int64_t compress_by_mask(const uint8_t* mask, int64_t mask_bytes, float* out, VectorOf&& vector_of) {
   constexpr int kChunkBytes = W / 8;
-  constexpr int kChains = 4;
-  const int64_t chunks = mask_bytes / kChunkBytes;
-  F acc[kChains] = {Simd::zero(), Simd::zero(), Simd::zero(), Simd::zero()};
-  int64_t chunk = 0;
-  for (; chunk + kChains <= chunks; chunk += kChains)
-    for (int c = 0; c < kChains; ++c) {
-      const unsigned bits = chunk_bits(mask + (chunk + c) * kChunkBytes, kChunkBytes);
-      acc[c] = Simd::fma(expand_next<kSafe>(bits, values), Simd::load(x + (chunk + c) * W), acc[c]);
-    }
-  for (; chunk < chunks; ++chunk) {
-    const unsigned bits = chunk_bits(mask + chunk * kChunkBytes, kChunkBytes);
-    acc[0] = Simd::fma(expand_next<kSafe>(bits, values), Simd::load(x + chunk * W), acc[0]);
+  const int64_t chunks = (mask_bytes + kChunkBytes - 1) / kChunkBytes;
+  int64_t count = 0;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t bytes = mask_bytes - chunk * kChunkBytes < kChunkBytes ? mask_bytes - chunk * kChunkBytes : kChunkBytes;
+    const unsigned bits = chunk_bits(mask + chunk * kChunkBytes, bytes);
+    Simd::store(out + count, Simd::compress(bits, vector_of(chunk)));
+    count += __builtin_popcount(bits);
   }
-  const int64_t rest = mask_bytes - chunks * kChunkBytes;  // x is zero padded past cols
-  if (rest > 0) {
-    const unsigned bits = chunk_bits(mask + chunks * kChunkBytes, rest);
-    acc[1] = Simd::fma(expand_next<kSafe>(bits, values), Simd::load(x + chunks * W), acc[1]);
-  }
-  return Simd::hsum(sum_of(acc, kChains));
+  return count;
 }
 
-inline int64_t bitmask_row_offsets(const uint8_t* mask, int64_t mask_bytes, int64_t tile,
-                                   int32_t* offsets) {
-  int64_t count = 0;
-  for (int64_t byte = 0; byte < mask_bytes; ++byte)
-    for (unsigned bits = mask[byte]; bits != 0; bits &= bits - 1)
-      offsets[count++] = static_cast<int32_t>((byte * 8 + __builtin_ctz(bits)) * tile);
-  return count;
+// Batch 1: the x entries of the kept columns are packed contiguously, then the row is a dense dot
+// product of its values with the packed x: values are converted per W kept weights rather than
+// per W columns, and nothing needs zeroing. (x is zero padded past cols.)
+inline int64_t pack_kept_x(const uint8_t* mask, int64_t mask_bytes, const float* x, float* packed) {
+  return compress_by_mask(mask, mask_bytes, packed, [&](int64_t chunk) { return Simd::load(x + chunk * W); });
+}
+
+template <class T>
+float dense_dot(const T* values, const float* x, int64_t count) {
+  constexpr int kChains = 4;  // independent accumulators to hide the FMA latency
+  F acc[kChains] = {Simd::zero(), Simd::zero(), Simd::zero(), Simd::zero()};
+  int64_t k = 0;
+  for (; k + kChains * W <= count; k += kChains * W)
+    for (int c = 0; c < kChains; ++c)
+      acc[c] = Simd::fma(Simd::load_values(values + k + c * W), Simd::load(x + k + c * W), acc[c]);
+  for (; k + W <= count; k += W) acc[0] = Simd::fma(Simd::load_values(values + k), Simd::load(x + k), acc[0]);
+  float dot = Simd::hsum(sum_of(acc, kChains));
+  for (; k < count; ++k) dot += value_to_float(values[k]) * x[k];
+  return dot;
+}
+
+// Offsets (column * tile) of the kept columns of a mask row, for the batched path.
+inline int64_t bitmask_row_offsets(const uint8_t* mask, int64_t mask_bytes, int64_t tile, int32_t* offsets) {
+  int32_t first_chunk[W], chunk_step[W];
+  for (int lane = 0; lane < W; ++lane) {
+    first_chunk[lane] = static_cast<int32_t>(lane * tile);
+    chunk_step[lane] = static_cast<int32_t>(W * tile);
+  }
+  I columns = Simd::load_i32(first_chunk);
+  const I step = Simd::load_i32(chunk_step);
+  return compress_by_mask(mask, mask_bytes, reinterpret_cast<float*>(offsets), [&](int64_t) {
+    const F chunk_offsets = Simd::as_float(columns);
+    columns = Simd::add_i32(columns, step);
+    return chunk_offsets;
+  });
 }
 
 template <class T>
 void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
   const T* values = static_cast<const T*>(a.values);
   int32_t* offsets = reinterpret_cast<int32_t*>(scratch);
-  float* converted = scratch + a.cols + 2 * W;
+  float* converted = scratch + a.cols + 2 * W;  // packed x (batch 1) or fp32 values
   for (int64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* mask = a.mask + r * a.mask_stride;
     const T* row_values = values + a.row_offsets[r];
     const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
     if (a.x.batch == 1) {
-      const bool near_end = a.row_offsets[r + 1] + W > a.nnz;
-      const float dot = near_end ? bitmask_row_dot<true>(mask, a.mask_stride, row_values, a.x.rows)
-                                 : bitmask_row_dot<false>(mask, a.mask_stride, row_values, a.x.rows);
-      a.y[r] = dot * scale;
+      const int64_t count = pack_kept_x(mask, a.mask_stride, a.x.rows, converted);
+      a.y[r] = dense_dot(row_values, converted, count) * scale;
     } else {
       const int64_t count = bitmask_row_offsets(mask, a.mask_stride, a.x.tile, offsets);
       sparse_row_times_activations(a.x, a.cols, offsets, values_as_float(row_values, count, converted),

@@ -1,0 +1,273 @@
+"""Per-layer benchmark of the secateurs CPU kernels at Llama-7B shapes.
+
+    .venv/bin/python benchmarks/kernels.py [--quick]
+
+Batch-1 decoding is bound by the bytes of the weight, so each format is reported against the
+memory bandwidth measured in the same run (floor = its bytes / read bandwidth) and against dense
+torch fp32 / bf16 matmuls timed in the same run. Several copies of every weight are rotated so
+that the total exceeds 4x the L3 cache and no call finds its weight cached.
+
+Writes benchmarks/results/kernels.json (one row per measurement), kernels.md and kernels.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from secateurs.runtime import kernels, layouts  # noqa: E402
+
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+SPARSE_FORMATS = ("bitmask-fp32", "bitmask-bf16", "bitmask-int8")
+GROUP_SIZE = 128
+
+Layout = tuple[torch.Tensor, ...]
+Apply = Callable[..., torch.Tensor]  # apply(*layout, x) -> y
+
+
+def l3_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+    except (OSError, KeyError, ValueError):
+        return 32 << 20
+
+
+def best_seconds(fn: Callable[[], object], runs: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_bandwidth(threads: int) -> dict[str, float]:
+    """GB/s of a large read (sum) and a large copy (read + write counted)."""
+    torch.set_num_threads(threads)
+    source = torch.ones(1 << 27)  # 512 MiB, touched so pages are real
+    target = torch.zeros_like(source)
+    read = source.nbytes / best_seconds(source.sum) / 1e9
+    copy = 2 * source.nbytes / best_seconds(lambda: target.copy_(source)) / 1e9
+    return {"read": read, "copy": copy}
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+def dense_formats(weight: torch.Tensor) -> dict[str, tuple[Layout, Apply, torch.dtype]]:
+    """Formats whose cost does not depend on sparsity: name -> (layout, apply, activation dtype)."""
+    cols = weight.shape[1]
+    int8 = layouts.quantize_rtn(weight, 8, GROUP_SIZE)
+    int4 = layouts.quantize_rtn(weight, 4, GROUP_SIZE)
+    row_scale = weight.abs().amax(1) / 127
+    int8pack = (torch.round(weight / row_scale[:, None]).to(torch.int8), row_scale)
+    keep_24 = torch.arange(cols) % 4 < 2  # 2 of every 4 columns
+    nm_values, nm_indices = layouts.nm_from_dense(weight * keep_24, 2, 4)
+    f32, bf16 = torch.float32, torch.bfloat16
+    return {
+        "dense-fp32": ((weight,), lambda w, x: x @ w.T, f32),
+        "dense-bf16": ((weight.to(bf16),), lambda w, x: x @ w.T, bf16),
+        "torch-int8pack": (int8pack, lambda w, s, x: torch._weight_int8pack_mm(x, w, s), f32),
+        "int8": (int8, lambda q, s, z, x: kernels.quant_mm(x, q, s, z, 8, cols, GROUP_SIZE), f32),
+        "int4": ((layouts.pack_int4(int4[0]), *int4[1:]),
+                 lambda q, s, z, x: kernels.quant_mm(x, q, s, z, 4, cols, GROUP_SIZE), f32),
+        "2:4-fp32": ((nm_values, nm_indices), lambda v, i, x: kernels.nm_mm(x, v, i, 2, 4), f32),
+    }
+
+
+def sparse_formats(weight: torch.Tensor, sparsity: float, generator: torch.Generator):
+    cols = weight.shape[1]
+    pruned = weight * (torch.rand(weight.shape, generator=generator) >= sparsity)
+    bitmask, values, row_offsets = layouts.bitmask_from_dense(pruned)
+    row_scale = pruned.abs().amax(1).clamp(min=1e-12) / 127
+    codes = torch.round(pruned / row_scale[:, None]).to(torch.int8)[pruned != 0]
+    bitmask_apply = lambda m, v, o, x: kernels.bitmask_mm(x, m, v, o, cols)  # noqa: E731
+    return {
+        "bitmask-fp32": ((bitmask, values, row_offsets), bitmask_apply, torch.float32),
+        "bitmask-bf16": ((bitmask, values.to(torch.bfloat16), row_offsets), bitmask_apply, torch.float32),
+        "bitmask-int8": ((bitmask, codes, row_offsets, row_scale),
+                         lambda m, v, o, s, x: kernels.bitmask_mm(x, m, v, o, cols, s), torch.float32),
+    }
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def weight_copies(layout: Layout, min_total_bytes: int) -> list[Layout]:
+    nbytes = sum(t.nbytes for t in layout)
+    count = max(2, math.ceil(min_total_bytes / nbytes))
+    return [layout] + [tuple(t.clone() for t in layout) for _ in range(count - 1)]
+
+
+def median_ms(apply: Apply, copies: list[Layout], x: torch.Tensor, reps: int) -> float:
+    """Median time of one call, each call on the next copy of the weight."""
+    for copy in copies[:2]:
+        apply(*copy, x)
+    times = []
+    for i in range(max(reps, len(copies))):
+        copy = copies[i % len(copies)]
+        start = time.perf_counter()
+        apply(*copy, x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def run(shapes, batches, thread_counts, sparsities, reps) -> tuple[list[dict], dict]:
+    generator = torch.Generator().manual_seed(0)
+    bandwidth = {threads: measure_bandwidth(threads) for threads in thread_counts}
+    min_total = 4 * l3_bytes()
+    rows = []
+    for shape in shapes:
+        weight = torch.randn(shape, generator=generator) * 0.02
+        cases = [(0.0, name, case) for name, case in dense_formats(weight).items()]
+        cases += [(s, name, case) for s in sparsities for name, case in sparse_formats(weight, s, generator).items()]
+        for sparsity, name, (layout, apply, x_dtype) in cases:
+            sparsity = 0.5 if name == "2:4-fp32" else sparsity
+            copies = weight_copies(layout, min_total)
+            nbytes = sum(t.nbytes for t in layout)
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                for batch in batches:
+                    x = torch.randn(batch, shape[1], generator=generator).to(x_dtype)
+                    ms = median_ms(apply, copies, x, reps)
+                    floor_ms = nbytes / (bandwidth[threads]["read"] * 1e9) * 1e3
+                    rows.append({
+                        "shape": list(shape), "batch": batch, "threads": threads, "sparsity": sparsity,
+                        "format": name, "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 2),
+                        "floor_pct": round(100 * floor_ms / ms, 1), "bytes": nbytes,
+                    })
+                    print(f"{shape} b{batch} t{threads} {name:15s} s={sparsity:.1f} {ms:9.3f} ms "
+                          f"{rows[-1]['gbps']:6.1f} GB/s {rows[-1]['floor_pct']:5.1f}% of floor", flush=True)
+            del copies
+    add_speedups(rows)
+    return rows, bandwidth
+
+
+def add_speedups(rows: list[dict]) -> None:
+    reference = {(tuple(r["shape"]), r["batch"], r["threads"], r["format"]): r["ms"] for r in rows}
+    for r in rows:
+        key = (tuple(r["shape"]), r["batch"], r["threads"])
+        for suffix, dense in (("fp32", "dense-fp32"), ("bf16", "dense-bf16")):
+            r[f"speedup_vs_dense_{suffix}"] = round(reference[(*key, dense)] / r["ms"], 2)
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+def target_checks(rows: list[dict]) -> list[str]:
+    """The goals of the kernels, checked on the best thread count of each (shape, format, sparsity)."""
+    def best(**match):
+        found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+        return max(found, key=lambda r: r["floor_pct"]) if found else None
+
+    lines = []
+    shapes = sorted({tuple(r["shape"]) for r in rows})
+    for shape in shapes:
+        for name in SPARSE_FORMATS:
+            for sparsity in (0.5, 0.7):
+                r = best(shape=list(shape), batch=1, format=name, sparsity=sparsity)
+                if r:
+                    verdict = "PASS" if r["floor_pct"] >= 80 else "MISS"
+                    lines.append(f"- {verdict} {shape} {name} {sparsity:.0%} batch 1: {r['floor_pct']}% of its bandwidth "
+                                 f"floor (target >= 80%, {r['threads']} thread(s))")
+        r = best(shape=list(shape), batch=1, format="bitmask-fp32", sparsity=0.7)
+        if r:
+            verdict = "PASS" if r["speedup_vs_dense_fp32"] >= 2.5 else "MISS"
+            lines.append(f"- {verdict} {shape} bitmask-fp32 70% batch 1: {r['speedup_vs_dense_fp32']}x dense fp32 "
+                         f"(target >= 2.5x, {r['threads']} thread(s))")
+        batch16 = [r for r in rows if tuple(r["shape"]) == shape and r["batch"] == 16 and r["sparsity"] >= 0.5
+                   and (r["format"] in SPARSE_FORMATS or r["format"] == "2:4-fp32")]
+        if batch16:
+            slowest = min(batch16, key=lambda r: r["speedup_vs_dense_bf16"])
+            verdict = "PASS" if slowest["speedup_vs_dense_bf16"] >= 1 else "MISS"
+            lines.append(f"- {verdict} {shape} batch 16: slowest sparse format ({slowest['format']} "
+                         f"{slowest['sparsity']:.0%}, {slowest['threads']} thread(s)) is "
+                         f"{slowest['speedup_vs_dense_bf16']}x dense bf16 (target >= 1x)")
+    return lines
+
+
+def write_markdown(rows: list[dict], bandwidth: dict, header: list[str], path: Path) -> None:
+    lines = ["# CPU kernel benchmark", "", *header, ""]
+    lines += [f"- bandwidth with {t} thread(s): read {b['read']:.1f} GB/s, copy {b['copy']:.1f} GB/s"
+              for t, b in bandwidth.items()]
+    lines += ["", "## Targets", "", *target_checks(rows), "", "## Measurements", "",
+              "| shape | batch | threads | format | sparsity | ms | GB/s | % of floor | vs dense fp32 | vs dense bf16 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['threads']} | {r['format']} | "
+                     f"{r['sparsity']:.0%} | {r['ms']:.3f} | {r['gbps']:.1f} | {r['floor_pct']:.0f} | "
+                     f"{r['speedup_vs_dense_fp32']:.2f} | {r['speedup_vs_dense_bf16']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(tuple(r["shape"]), r["batch"], r["threads"]) for r in rows})
+    sparsities = sorted({r["sparsity"] for r in rows})
+    columns = min(4, len(panels))
+    figure, axes = plt.subplots(math.ceil(len(panels) / columns), columns, squeeze=False,
+                                figsize=(4.5 * columns, 3.6 * math.ceil(len(panels) / columns)))
+    for axis, (shape, batch, threads) in zip(axes.flat, panels):
+        panel = [r for r in rows if (tuple(r["shape"]), r["batch"], r["threads"]) == (shape, batch, threads)]
+        for name in dict.fromkeys(r["format"] for r in panel):
+            points = sorted((r["sparsity"], r["speedup_vs_dense_fp32"]) for r in panel if r["format"] == name)
+            if name in SPARSE_FORMATS:
+                axis.plot(*zip(*points), marker="o", label=name)
+            elif name == "2:4-fp32":
+                axis.plot(*zip(*points), marker="s", linestyle="none", label=name)
+            else:  # independent of sparsity: a flat reference line
+                axis.plot([sparsities[0], sparsities[-1]], [points[0][1]] * 2, linestyle="--", label=name)
+        axis.set_title(f"{shape[0]}x{shape[1]}, batch {batch}, {threads} thread(s)", fontsize=9)
+        axis.set_xlabel("sparsity")
+        axis.set_ylabel("speedup vs dense fp32")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape, one thread, 50/70%% sparsity, fewer runs")
+    args = parser.parse_args()
+    if args.quick:
+        config = dict(shapes=[(4096, 4096)], batches=(1, 16), thread_counts=(1,), sparsities=(0.5, 0.7), reps=5)
+    else:
+        config = dict(shapes=[(4096, 4096), (11008, 4096)], batches=(1, 16), thread_counts=(1, 2),
+                      sparsities=(0.0, 0.5, 0.7, 0.9), reps=9)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    rows, bandwidth = run(**config)
+    header = [
+        f"- {'quick' if args.quick else 'full'} run, kernel path `{kernels.kernel_path()}`, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, L3 {l3_bytes() >> 20} MiB, {time.perf_counter() - started:.0f} s",
+        f"- load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} (other processes share the machine)",
+        "- ms = median of calls rotating weight copies totalling > 4x L3; floor = format bytes / read bandwidth; "
+        "activations fp32 except dense-bf16; int8/int4 use groups of 128, bitmask-int8 per-row scales",
+    ]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "kernels.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_markdown(rows, bandwidth, header, RESULTS_DIR / "kernels.md")
+    write_plot(rows, RESULTS_DIR / "kernels.png")
+    print("\n".join(target_checks(rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The sequential engine on tiny random models of several architectures."""
+
+import pytest
+import torch
+import transformers as tf
+
+from secateurs.errors import SecateursError
+from secateurs.pipeline.discovery import find_blocks, get_weight, linear_layers
+from secateurs.pipeline.engine import Engine, compress
+from secateurs.pipeline.statistics import HessianAccumulator
+from secateurs.recipe import load_recipe
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64)
+CONFIGS = {
+    "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, **COMMON)),
+    "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                               num_attention_heads=4, num_key_value_heads=2, **COMMON)),
+    "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, **COMMON)),
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        **COMMON)),
+    "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                                  word_embed_proj_dim=64, **COMMON)),
+    "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB)),
+}
+
+
+def tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return CONFIGS[arch]().eval()
+
+
+def calibration(samples=6, seqlen=32, seed=1):
+    return torch.randint(0, VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def targeted(model):
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in linear_layers(b).items()}
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_every_architecture_compresses_to_exact_sparsity(arch):
+    model = tiny(arch)
+    head_before = model.get_output_embeddings().weight.clone()
+    report = compress(model, "sparsegpt-50", calibration(), progress=False)
+    layers = targeted(model)
+    assert len(report.layers) == len(layers) > 0
+    for name, module in layers.items():
+        weight = get_weight(module)
+        assert (weight == 0).sum().item() == weight.numel() // 2, name
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+    with torch.no_grad():
+        assert torch.isfinite(model(calibration(2)).logits).all()
+
+
+def test_gpt2_conv1d_weights_are_handled_transposed():
+    model = tiny("gpt2")
+    compress(model, [{"sparsegpt": {"mask": "2:4"}}], calibration(), progress=False)
+    conv = model.transformer.h[0].attn.c_attn  # weight [in, out]; groups run along the input dim
+    groups = (conv.weight.t() != 0).reshape(conv.weight.shape[1], -1, 4).sum(-1)
+    assert torch.all(groups == 2)
+
+
+def test_true_sequential_groups_llama_in_execution_order():
+    model = tiny("llama")
+    engine = Engine(model, load_recipe({"stages": [{"sparsegpt": {"sparsity": 0.5}}], "true_sequential": True}),
+                    progress=False)
+    from secateurs.pipeline.capture import capture_block_inputs
+
+    inputs = capture_block_inputs(model, engine.blocks, calibration(2), 2)
+    groups = engine._gather(engine.blocks[0], engine._block_layers(0), inputs, 0, accumulate=False).groups()
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_next_block_sees_compressed_outputs(true_sequential):
+    """The loss the engine reports for block 1 equals ½ΣΔwᵀHΔw with H measured on the *compressed*
+    model's block-1 inputs: so block 1 was calibrated on block 0's compressed outputs."""
+    model = tiny("llama")
+    original = {n: get_weight(m).clone() for n, m in targeted(model).items()}
+    ids = calibration()
+    recipe = load_recipe({"stages": [{"wanda": {"sparsity": 0.5}}], "true_sequential": true_sequential})
+    report = compress(model, recipe, ids, progress=False)
+    name = "model.layers.1.self_attn.q_proj"
+    accumulator = HessianAccumulator(64, torch.float64)
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, a, o: accumulator.add(a[0]))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    delta = (original[name] - get_weight(targeted(model)[name])).double()
+    expected = 0.5 * ((delta @ accumulator.hessian()) * delta).sum().item()
+    reported = next(layer.loss for layer in report.layers if layer.name == name)
+    assert reported == pytest.approx(expected, rel=1e-4)
+
+
+def test_deterministic():
+    first, second = tiny("llama"), tiny("llama")
+    compress(first, "sparsegpt-50-w4", calibration(), progress=False)
+    compress(second, "sparsegpt-50-w4", calibration(), progress=False)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_quantized_layers_lie_on_their_grid():
+    model = tiny("llama")
+    report = compress(model, [{"gptq": {"bits": 3, "group_size": 32}}], calibration(), progress=False)
+    for name, module in targeted(model).items():
+        scale, zero = report.grids[name]
+        weight = get_weight(module)
+        codes = torch.round(weight / scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1))
+        assert codes.min() >= 0 and codes.max() <= 7
+        assert torch.allclose(scale.repeat_interleave(32, 1) * (codes - zero.repeat_interleave(32, 1)), weight, atol=1e-6)
+
+
+def test_mask_then_gptq_keeps_the_mask():
+    model = tiny("llama")
+    compress(model, [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}], calibration(), progress=False)
+    for name, module in targeted(model).items():
+        assert (get_weight(module) == 0).float().mean() >= 0.5, name
+
+
+def test_ignore_and_targets():
+    model = tiny("llama")
+    report = compress(model, [{"sparsegpt": {"sparsity": 0.5, "targets": ["mlp"], "ignore": ["down_proj"]}}],
+                      calibration(), progress=False)
+    assert {layer.name.split(".")[-1] for layer in report.layers} == {"gate_proj", "up_proj"}
+    assert (model.model.layers[0].mlp.down_proj.weight != 0).all()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ([{"sparsegpt": {"sparsity": 1.3}}], "sparsegpt.sparsity"),
+    ([{"gptq": {"bits": 9}}], "bits"),
+    ([{"sparsegpt": {"mask": "3:2"}}], "sparsegpt.mask"),
+    ([{"sparsegpt": {"sparsity": 0.5, "bogus": 1}}], "bogus"),
+    ([{"gptq": {"bits": 4, "group_size": 48}}], "does not divide the 64 input columns of layer model.layers.0"),
+    ([{"sparsegpt": {"mask": "3:5"}}], "not divisible by 5"),
+    ([{"sparsegpt": {"sparsity": 0.5, "targets": ["nothing_like_this"]}}], "match no layer"),
+])
+def test_bad_recipes_are_rejected_before_work(recipe, message):
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SecateursError, match=message):
+        compress(model, recipe, calibration(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_owl_profile_keeps_the_mean_sparsity():
+    model = tiny("llama")
+    report = compress(model, "sparsegpt-50-owl", calibration(), progress=False)
+    assert report.as_dict()["totals"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
