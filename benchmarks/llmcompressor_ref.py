@@ -46,6 +46,10 @@ DECODER_BLOCKS = [r"re:.*layers\.\d+$"]
 # The Linear layers inside the decoder blocks, for MagnitudePruningModifier, which takes modules.
 DECODER_LINEARS = [r"re:.*layers\.\d+\.(self_attn|mlp)\.\w+_proj$"]
 IGNORE = ["lm_head", "re:.*lm_head"]
+MAGNITUDE_UNSUPPORTED = (
+    "llmcompressor 0.14's MagnitudePruningModifier never applies its masks under oneshot "
+    "(a training-time modifier: masks are multiplied in on optimizer steps; verified: weights "
+    "left unchanged)")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
                    "added_tokens.json", "generation_config.json")
@@ -90,14 +94,12 @@ def build_recipe(spec: dict, actorder: str | None) -> list:
             recipe.append(WandaPruningModifier(sparsity=sparsity, mask_structure=structure,
                                                targets=DECODER_BLOCKS, ignore=IGNORE))
         else:
-            if structure != "0:0":
-                unsupported("llmcompressor's MagnitudePruningModifier has no N:M mask structure "
-                            "(only unstructured, channel, filter, block_*)")
-            from llmcompressor.modifiers.pruning.magnitude import MagnitudePruningModifier
-            recipe.append(MagnitudePruningModifier(
-                targets=DECODER_LINEARS, init_sparsity=sparsity,
-                final_sparsity=sparsity, start=0, end=1, update_scheduler="linear",
-                mask_structure="unstructured"))
+            # MagnitudePruningModifier is a training-time modifier: it builds its masks at
+            # initialize but multiplies them into the weights only on optimizer steps (or in
+            # forward hooks it installs only when asked through a private flag), so under
+            # oneshot it leaves every weight dense. (Its masks are also per tensor and know no
+            # N:M structure.)
+            unsupported(MAGNITUDE_UNSUPPORTED)
     if spec["bits"] is not None:
         from llmcompressor.modifiers.quantization import GPTQModifier
         weights = QuantizationArgs(num_bits=spec["bits"], type="int", symmetric=True,
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.row not in ROWS:
         unsupported(f"{args.row!r} is not a known row ({', '.join(ROWS)})")
     spec = parse_row(args.row)
+    if spec["prune"] is not None and spec["prune"][0] == "magnitude":
+        unsupported(MAGNITUDE_UNSUPPORTED)  # before the slow imports
 
     import torch
     from loguru import logger

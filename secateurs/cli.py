@@ -52,22 +52,20 @@ def _calibration(tokenizer, args):
 
 
 def cmd_compress(args) -> None:
-    from secateurs.models import load_model, save_model
-    from secateurs.pipeline.engine import Engine, validate
+    from secateurs.pipeline.distributed import init_from_environment
+    from secateurs.pipeline.job import CompressionJob
     from secateurs.recipe import load_recipe
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise SecateursError(f"output {output} exists (pass --overwrite to replace it)")
     recipe = load_recipe(args.recipe)
-    loaded = load_model(args.model)
-    validate(loaded.model, recipe)
-    calibration = _calibration(loaded.tokenizer, args)
-    engine = Engine(loaded.model, recipe, device=args.device, true_sequential=args.true_sequential or None)
-    report = engine.run(calibration)
-    summary = report.as_dict() | {"model": args.model, "calibration_data": args.calib, "seed": args.seed}
-    save_model(loaded.model, loaded.tokenizer, output, {"compression.json": json.dumps(summary, indent=2)})
-    totals = summary["totals"]
+    # Scale and reliability (pipeline/job.py): <output>.partial, --resume, --stream, torchrun.
+    device = init_from_environment(args.device)
+    job = CompressionJob(args.model, output, overwrite=args.overwrite, resume=args.resume, stream=args.stream,
+                         offload_activations=args.offload_activations)
+    calibration = _calibration(job.tokenizer, args)
+    report = job.run(recipe, calibration, {"model": args.model, "calibration_data": args.calib, "seed": args.seed},
+                     device=device, true_sequential=args.true_sequential or None)
+    totals = report.as_dict()["totals"]
     print(f"compressed {totals['layers']} layers with {recipe.name} in {totals['seconds']:.1f} s "
           f"(sparsity {totals['sparsity']:.3f}); wrote {output}")
 
@@ -112,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--device", default=None, help="compute device for the block being compressed")
     compress.add_argument("--true-sequential", action="store_true",
                           help="inside a block: q/k/v, then o, then gate/up, then down")
+    # Scale and reliability: resumable runs, streamed weights, offloaded activations.
+    compress.add_argument("--resume", action="store_true",
+                          help="continue the run interrupted in <output>.partial/ (same model, recipe and calibration)")
+    compress.add_argument("--stream", action="store_true",
+                          help="read each block from the safetensors shards only when it is compressed (larger-than-memory models)")
+    compress.add_argument("--offload-activations", action="store_true",
+                          help="keep the calibration activations between blocks on disk, in <output>.partial/offload/")
     compress.set_defaults(run=cmd_compress)
 
     demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")

@@ -52,11 +52,11 @@ class _StaticGroupGrid:
 
     def __init__(self, spec: QuantSpec, rows: int, order: Tensor, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
-        self.group_at = group_index(len(order), spec.group_size)[order]  # sweep position -> group
+        self.group_at = group_index(len(order), spec.group_size).to(order.device)[order]  # sweep position -> group
         self.group_list = self.group_at.tolist()
         n_groups = group_count(len(order), spec.group_size)
-        self.scale = torch.zeros(rows, n_groups)
-        self.zero = torch.zeros(rows, n_groups)
+        self.scale = torch.zeros(rows, n_groups, device=order.device)
+        self.zero = torch.zeros(rows, n_groups, device=order.device)
         self.fitted: dict[int, tuple[Tensor, Tensor]] = {}  # group -> scale, zero in work dtype
 
     def round(self, position: int, w: Tensor, current: Callable[[Tensor], Tensor]) -> Tensor:
@@ -88,7 +88,7 @@ def compress(
         order = torch.argsort(H.diagonal(), descending=True, stable=True)
         H, W_sweep = H.index_select(0, order).index_select(1, order), W.index_select(1, order)
     else:
-        order, W_sweep = torch.arange(cols), W
+        order, W_sweep = torch.arange(cols, device=W.device), W
     prepared = prepare_hessian(H, W_sweep, percdamp)
     weight_t = prepared.weight.T.contiguous()
     grid = _StaticGroupGrid(spec, rows, order, weight_t.dtype) if spec is not None else None
@@ -105,7 +105,7 @@ def compress(
         # Every weight is exactly scale * (integer - zero), so rounding recovers its code; pruned
         # weights (0) get the zero point.
         scale, zero = grid.scale, grid.zero
-        groups = group_index(cols, spec.group_size)
+        groups = group_index(cols, spec.group_size).to(W.device)
         codes = quantize_codes(weight, scale[:, groups], zero[:, groups], spec.bits)
     return SweepOutput(weight.to(W.dtype), mask, codes, scale, zero, loss, prepared.damp)
 
@@ -115,7 +115,7 @@ def _sweep(weight_t, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Te
     (transposed too) and the loss. Column j of W is the contiguous row j of weight_t, which makes
     the per-column rank-1 updates about 3x faster than on W itself."""
     cols, rows = weight_t.shape
-    keep_t = torch.ones(cols, rows, dtype=torch.bool) if rule is not None else None
+    keep_t = torch.ones(cols, rows, dtype=torch.bool, device=weight_t.device) if rule is not None else None
     loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)

@@ -123,7 +123,7 @@ def round_to_nearest(W: Tensor, spec: QuantSpec) -> RTNResult:
     grids = [fit_grid(work[:, start : start + size], spec) for start in range(0, cols, size)]
     scale = torch.stack([s for s, _ in grids], dim=1)
     zero = torch.stack([z for _, z in grids], dim=1)
-    groups = group_index(cols, spec.group_size)
+    groups = group_index(cols, spec.group_size).to(W.device)
     codes = quantize_codes(work, scale[:, groups], zero[:, groups], spec.bits)
     weight = dequantize(codes, scale[:, groups], zero[:, groups], work.dtype).to(W.dtype)
     return RTNResult(weight, codes, scale, zero)

@@ -69,7 +69,7 @@ def test_gpt2_conv1d_weights_are_handled_transposed():
 def test_true_sequential_groups_llama_in_execution_order():
     model = tiny("llama")
     engine = Engine(model, load_recipe({"stages": [{"sparsegpt": {"sparsity": 0.5}}], "true_sequential": True}),
-                    progress=False)
+                    device="cpu", progress=False)
     from secateurs.pipeline.capture import capture_block_inputs
 
     inputs = capture_block_inputs(model, engine.blocks, calibration(2), 2)
@@ -154,3 +154,14 @@ def test_owl_profile_keeps_the_mean_sparsity():
     model = tiny("llama")
     report = compress(model, "sparsegpt-50-owl", calibration(), progress=False)
     assert report.as_dict()["totals"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_matches_cpu():
+    """Only the block being compressed moves to the GPU; the result matches the CPU run."""
+    on_cpu, on_gpu = tiny("llama"), tiny("llama")
+    compress(on_cpu, "sparsegpt-50", calibration(), device="cpu", progress=False, hessian_dtype=torch.float64)
+    compress(on_gpu, "sparsegpt-50", calibration(), device="cuda", progress=False, hessian_dtype=torch.float64)
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), name

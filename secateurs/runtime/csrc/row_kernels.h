@@ -5,9 +5,9 @@
 //
 // Simd provides: W (floats per vector), F / I (float / int32 vectors), zero, set1, load, store,
 // add, mul, fma(a, b, c) = a * b + c, hsum, load_i32, add_i32, load_u8 (W bytes -> int32 lanes),
-// low_nibbles, high_nibbles, to_float, as_float (same bits), load_values(float | bf16 bits | int8 pointer -> W floats),
-// compress(bits, v) (the lanes of v whose bit is set, packed from lane 0 up; others any) and
-// lookup2(window, idx) (lane i gets window[idx[i]] for idx in [0, 2W)).
+// low_nibbles, high_nibbles, to_float (convert), as_float (same bits), load_values (W float,
+// bf16-bits or int8 values -> fp32), compress(bits, v) (the lanes of v whose bit is set, packed
+// from lane 0 up; the others undefined) and lookup2(window, idx) (lane i = window[idx[i]], idx < 2W).
 
 namespace secateurs {
 namespace {
@@ -111,14 +111,16 @@ inline unsigned chunk_bits(const uint8_t* mask, int64_t bytes) {
 template <class VectorOf>
 int64_t compress_by_mask(const uint8_t* mask, int64_t mask_bytes, float* out, VectorOf&& vector_of) {
   constexpr int kChunkBytes = W / 8;
-  const int64_t chunks = (mask_bytes + kChunkBytes - 1) / kChunkBytes;
+  const int64_t full_chunks = mask_bytes / kChunkBytes;
   int64_t count = 0;
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t bytes = mask_bytes - chunk * kChunkBytes < kChunkBytes ? mask_bytes - chunk * kChunkBytes : kChunkBytes;
-    const unsigned bits = chunk_bits(mask + chunk * kChunkBytes, bytes);
+  auto store_chunk = [&](int64_t chunk, unsigned bits) {
     Simd::store(out + count, Simd::compress(bits, vector_of(chunk)));
     count += __builtin_popcount(bits);
-  }
+  };
+  for (int64_t chunk = 0; chunk < full_chunks; ++chunk)
+    store_chunk(chunk, chunk_bits(mask + chunk * kChunkBytes, kChunkBytes));
+  if (const int64_t rest = mask_bytes - full_chunks * kChunkBytes)
+    store_chunk(full_chunks, chunk_bits(mask + full_chunks * kChunkBytes, rest));
   return count;
 }
 
@@ -329,9 +331,9 @@ void quant_row_batch(const QuantArgs& a, int64_t r, int64_t first_batch) {
 template <int kBits>
 void quant_rows_bits(const QuantArgs& a, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
+    // At most 4 batch rows per pass: with 8, their x pointers no longer fit in registers.
     int64_t b = 0;
-    for (; b + 8 <= a.x.batch; b += 8) quant_row_batch<kBits, 8>(a, r, b);
-    if (b + 4 <= a.x.batch) quant_row_batch<kBits, 4>(a, r, b), b += 4;
+    for (; b + 4 <= a.x.batch; b += 4) quant_row_batch<kBits, 4>(a, r, b);
     if (b + 2 <= a.x.batch) quant_row_batch<kBits, 2>(a, r, b), b += 2;
     if (b < a.x.batch) quant_row_batch<kBits, 1>(a, r, b);
   }

@@ -1,0 +1,82 @@
+"""Resume after a kill: the finished blocks are kept in <output>.partial/, the result is bit-identical."""
+
+import json
+
+import pytest
+from pipeline_helpers import assert_identical, cli_subprocess, save_tiny
+
+from secateurs.cli import main
+
+# compress_layer is called once per layer: 7 per Llama block, so call 17 is inside block 2.
+FAIL_AT_CALL = """
+import secateurs.pipeline.engine as engine
+original, calls = engine.compress_layer, [0]
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 17:
+        {failure}
+    return original(*args, **kwargs)
+engine.compress_layer = failing
+"""
+
+
+def compress_args(model, calib, output, *extra):
+    return ["compress", "--model", str(model), "--calib", str(calib), "--samples", "6", "--seqlen", "16",
+            "--output", str(output), *extra]
+
+
+def crash_in_process(monkeypatch, args):
+    import secateurs.pipeline.engine as engine
+
+    original, calls = engine.compress_layer, []
+
+    def failing(*arguments, **options):
+        calls.append(None)
+        if len(calls) == 17:
+            raise RuntimeError("simulated crash")
+        return original(*arguments, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "compress_layer", failing)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            main(args)
+
+
+def blocks_done(output):
+    return json.loads((output.with_name(output.name + ".partial") / "manifest.json").read_text())["blocks_done"]
+
+
+def test_sigkill_mid_block_then_resume_is_bit_identical(tmp_path, tiny_dir, calib_file):
+    assert main(compress_args(tiny_dir, calib_file, tmp_path / "reference", "--stream")) == 0
+    killed = cli_subprocess(compress_args(tiny_dir, calib_file, tmp_path / "out", "--stream"),
+                            FAIL_AT_CALL.format(failure="import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "out").exists() and blocks_done(tmp_path / "out") == 2
+    assert main(compress_args(tiny_dir, calib_file, tmp_path / "out", "--stream", "--resume")) == 0
+    assert_identical(tmp_path / "reference", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
+    report = json.loads((tmp_path / "out" / "compression.json").read_text())
+    assert len(report["layers"]) == 28 and report["totals"]["sparsity"] == 0.5
+
+
+def test_resume_refuses_other_settings_then_continues(tmp_path, tiny_dir, calib_file, capsys, monkeypatch):
+    output = tmp_path / "out"
+    assert main(compress_args(tiny_dir, calib_file, tmp_path / "reference", "--offload-activations")) == 0
+    crash_in_process(monkeypatch, compress_args(tiny_dir, calib_file, output, "--offload-activations"))
+    assert blocks_done(output) == 2
+    other_model = save_tiny(tmp_path / "other", seed=1)
+    refusals = {
+        "--resume": compress_args(tiny_dir, calib_file, output),  # a partial run is never silently reused
+        "different recipe": compress_args(tiny_dir, calib_file, output, "--resume", "--recipe", "wanda-50"),
+        "different model": compress_args(other_model, calib_file, output, "--resume"),
+        "different calibration": compress_args(tiny_dir, calib_file, output, "--resume", "--seed", "3"),
+    }
+    for expected, args in refusals.items():
+        capsys.readouterr()
+        assert main(args) == 2
+        message = capsys.readouterr().err.strip()
+        assert expected in message and "\n" not in message, message
+    assert blocks_done(output) == 2  # refusals leave the partial run as it was
+    assert main(compress_args(tiny_dir, calib_file, output, "--resume", "--offload-activations")) == 0
+    assert_identical(tmp_path / "reference", output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out", "reference"]
