@@ -68,6 +68,31 @@ def cmd_compress(args) -> None:
     totals = report.as_dict()["totals"]
     print(f"compressed {totals['layers']} layers with {recipe.name} in {totals['seconds']:.1f} s "
           f"(sparsity {totals['sparsity']:.3f}); wrote {output}")
+    if args.save_compressed and job.group.is_main:
+        _rewrite_compressed(output, report)
+
+
+def _rewrite_compressed(output: Path, report) -> None:
+    """Replace the dense output by its compressed formats (secateurs/formats), keeping compression.json."""
+    from secateurs.formats import save_compressed
+    from secateurs.models import load_model
+
+    dense = load_model(output)  # what the job wrote, also after --stream
+    saved = save_compressed(dense.model, report, output, dense.tokenizer,
+                            extra_files={"compression.json": (output / "compression.json").read_text()})
+    sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in saved.bytes_by_format.items())
+    print(f"compressed formats: {sizes}; {saved.file_bytes / 2**20:.1f} MiB on disk"
+          f"{' (compressed-tensors config)' if saved.compressed_tensors else ''}")
+
+
+def cmd_decompress(args) -> None:
+    from secateurs.formats import decompress
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise SecateursError(f"output {output} exists (pass --overwrite to replace it)")
+    decompress(args.model, output)
+    print(f"wrote the dense model {output}")
 
 
 def cmd_demo(args) -> None:
@@ -117,7 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read each block from the safetensors shards only when it is compressed (larger-than-memory models)")
     compress.add_argument("--offload-activations", action="store_true",
                           help="keep the calibration activations between blocks on disk, in <output>.partial/offload/")
+    compress.add_argument("--save-compressed", action="store_true",
+                          help="write compressed formats (bitmask, 2:4, packed int) instead of dense weights")
     compress.set_defaults(run=cmd_compress)
+
+    decompress = commands.add_parser("decompress", help="turn a compressed model directory back into a dense one")
+    decompress.add_argument("--model", required=True, help="compressed model directory (compress --save-compressed)")
+    decompress.add_argument("--output", required=True, help="dense model directory to write")
+    decompress.add_argument("--overwrite", action="store_true")
+    decompress.set_defaults(run=cmd_decompress)
 
     demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")
     demo.add_argument("--recipe", default="sparsegpt-50")

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,24 +172,32 @@ def materialize_embedded(name: str) -> Path:
     return target
 
 
-def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | None = None) -> None:
-    """Write a transformers model directory atomically: a temporary sibling, then one rename."""
+@contextmanager
+def atomic_directory(target: Path):
+    """Yield a temporary sibling of `target` to fill; on success it replaces `target` in one rename,
+    on any failure it is removed and `target` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     staging.mkdir()  # not mkdtemp: its mode 0700 would leave the saved model unreadable to others
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for filename, text in (extra_files or {}).items():
-            (staging / filename).write_text(text)
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Write a transformers model directory atomically: a temporary sibling, then one rename."""
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for filename, text in (extra_files or {}).items():
+            (staging / filename).write_text(text)
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:

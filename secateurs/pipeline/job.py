@@ -77,7 +77,8 @@ class CompressionJob:
     def run(self, recipe, calibration: torch.Tensor, summary: dict | None = None, **engine_options) -> CompressionReport:
         """Compress and write the output; `summary` adds keys to compression.json, `engine_options`
         go to Engine (device, chunk_size, hessian_dtype, true_sequential, progress)."""
-        engine = Engine(self.source.model, recipe, source=self.source, group=self.group,
+        progress = engine_options.pop("progress", True) and self.group.is_main  # one progress bar under torchrun
+        engine = Engine(self.source.model, recipe, source=self.source, group=self.group, progress=progress,
                         offload_dir=self.partial.offload_dir() if self.offload else None, **engine_options)
         validate(engine.model, engine.recipe)
         fingerprint = {

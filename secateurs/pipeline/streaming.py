@@ -14,6 +14,7 @@ tokenizer) and a fingerprint that identifies the model for a resume.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import shutil
@@ -46,8 +47,8 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class BlockSource:
     """A model and its decoder blocks, as the engine and the checkpoint writer see them."""
 
-    def __init__(self, model: nn.Module, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: nn.Module):
+        self.model = model
         self.prefix, self.blocks = find_blocks(model)
 
     def block_prefix(self, index: int) -> str:
@@ -94,6 +95,10 @@ class BlockSource:
 
 class InMemoryModel(BlockSource):
     """A model already loaded; blocks are written in the model's dtype."""
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        super().__init__(model)
+        self.tokenizer = tokenizer
 
     def layout(self):
         return {name: (t.shape, t.dtype) for name, t in unique_state(self.model).items()}
@@ -209,16 +214,15 @@ class StreamedModel(BlockSource):
 
     def __init__(self, folder: Path, compute_dtype: torch.dtype = torch.float32):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from secateurs.models import _hf_step
 
         location = str(folder)
         config = _hf_step(location, "unreadable model config", lambda: AutoConfig.from_pretrained(location))
-        tokenizer = _hf_step(location, "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(location))
         with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
             model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-        super().__init__(model.eval(), tokenizer)
+        super().__init__(model.eval())
         self.folder, self.compute_dtype = folder, compute_dtype
         self.shards = SafetensorsFolder(folder)
         expected = unique_state(model)
@@ -227,6 +231,16 @@ class StreamedModel(BlockSource):
             raise SecateursError(f"{folder}: the weights lack {len(missing)} tensor(s) of the architecture, e.g. {missing[0]}")
         self.outside_names = [name for name in self.shards.files if not self.in_blocks(name)]
         self._placeholders = model.state_dict()  # meta tensors, put back to free a block
+
+    @functools.cached_property
+    def tokenizer(self):
+        """Loaded when asked for: calibration from token ids needs none."""
+        from transformers import AutoTokenizer
+
+        from secateurs.models import _hf_step
+
+        location = str(self.folder)
+        return _hf_step(location, "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(location))
 
     def layout(self):
         return {name: self.shards.layout(name) for name in self.shards.files}

@@ -80,3 +80,17 @@ def cli_subprocess(args: list[str], prelude: str = "") -> subprocess.CompletedPr
     code = f"import sys\n{prelude}\nfrom secateurs.cli import main\nsys.exit(main({args!r}))\n"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=os.environ | {"SECATEURS_THREADS": "1"})
+
+
+def compress_in_process_group(rank: int, world_size: int, rendezvous: str, model_dir: str, output: str, recipe) -> None:
+    """One torchrun-like process (gloo, file rendezvous) of a streamed compression."""
+    import torch.distributed as dist
+
+    from secateurs.pipeline.job import CompressionJob
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        CompressionJob(model_dir, output, stream=True).run(recipe, calibration(), hessian_dtype=torch.float64, progress=False)
+    finally:
+        dist.destroy_process_group()

@@ -35,6 +35,15 @@ void visit_value_type(int type, Fn&& fn) {
   }
 }
 
+// Requests [begin, begin + bytes) into the cache. The batch-1 kernels stream each weight once
+// and compute too little per byte for the hardware prefetcher alone to hide the DRAM latency,
+// so every row asks for the weights of the row kPrefetchRows ahead.
+constexpr int64_t kPrefetchRows = 2;
+inline void prefetch(const void* begin, int64_t bytes) {
+  const char* p = static_cast<const char*>(begin);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+}
+
 inline F sum_of(const F* v, int count) {
   F total = v[0];
   for (int i = 1; i < count; ++i) total = Simd::add(total, v[i]);
@@ -171,6 +180,11 @@ void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end
     const T* row_values = values + a.row_offsets[r];
     const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
     if (a.x.batch == 1) {
+      if (r + kPrefetchRows < a.rows) {
+        const int64_t ahead = a.row_offsets[r + kPrefetchRows];
+        prefetch(values + ahead, (a.row_offsets[r + kPrefetchRows + 1] - ahead) * sizeof(T));
+        prefetch(mask + kPrefetchRows * a.mask_stride, a.mask_stride);
+      }
       const int64_t count = pack_kept_x(mask, a.mask_stride, a.x.rows, converted);
       a.y[r] = dense_dot(row_values, converted, count) * scale;
     } else {
@@ -226,6 +240,10 @@ void nm_rows_typed(const NMArgs& a, int64_t row_begin, int64_t row_end, float* s
     const T* values = static_cast<const T*>(a.values) + r * kept;
     const uint8_t* indices = a.indices + r * kept;
     if (a.x.batch == 1) {
+      if (r + kPrefetchRows < a.rows) {
+        prefetch(values + kPrefetchRows * kept, kept * sizeof(T));
+        prefetch(indices + kPrefetchRows * kept, kept);
+      }
       a.y[r] = nm_row_dot(a, values, indices, a.x.rows);
       continue;
     }
@@ -330,7 +348,9 @@ void quant_row_batch(const QuantArgs& a, int64_t r, int64_t first_batch) {
 
 template <int kBits>
 void quant_rows_bits(const QuantArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t row_bytes = QuantCodes<kBits>::row_bytes(a.cols);
   for (int64_t r = row_begin; r < row_end; ++r) {
+    if (r + kPrefetchRows < a.rows) prefetch(a.qweight + (r + kPrefetchRows) * row_bytes, row_bytes);
     // At most 4 batch rows per pass: with 8, their x pointers no longer fit in registers.
     int64_t b = 0;
     for (; b + 4 <= a.x.batch; b += 4) quant_row_batch<kBits, 4>(a, r, b);

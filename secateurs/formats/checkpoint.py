@@ -1,0 +1,331 @@
+"""Compressed model directories: write them, load them as runtime modules, turn them back to dense.
+
+A compressed directory is a transformers model directory whose `model.safetensors` holds, for each
+compressed Linear layer, the tensors of its format (registry.py) instead of `<layer>.weight`, and
+whose `config.json` records every layer's format under `secateurs_compression` and, when every
+layer has a compressed-tensors layout, the compressed-tensors `quantization_config`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from secateurs.errors import SecateursError
+from secateurs.formats.registry import DTYPES, FORMATS, FormatError, LayerSpec, tensor_bytes
+from secateurs.models import atomic_directory
+from secateurs.pipeline.discovery import find_blocks, get_weight, is_transposed, linear_layers
+from secateurs.runtime.layouts import group_columns
+
+LAYOUT_KEY = "secateurs_compression"
+LAYOUT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class SavedModel:
+    path: Path
+    formats: dict[str, str] = field(default_factory=dict)  # compressed layer -> format name
+    bytes_by_format: dict[str, int] = field(default_factory=dict)  # tensor bytes; "dense" for the rest
+    file_bytes: int = 0  # model.safetensors, header included
+    compressed_tensors: bool = False  # config.json has a compressed-tensors quantization_config
+
+
+# --- saving ---------------------------------------------------------------------------------
+
+def _layer_options(report_or_grids) -> tuple[dict, object]:
+    """(grids by layer, recipe or None) from a CompressionReport or a plain {layer: (scale, zero)}."""
+    from secateurs.pipeline.engine import CompressionReport
+    from secateurs.recipe import load_recipe
+
+    if isinstance(report_or_grids, CompressionReport):
+        return report_or_grids.grids, load_recipe(report_or_grids.recipe)
+    return dict(report_or_grids or {}), None
+
+
+def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> dict:
+    """bits (the fewest holding every code and zero point), group_size and symmetry of a grid."""
+    scale, zero = grid
+    rows, cols = weight.shape
+    groups = scale.shape[1] if scale.dim() == 2 else 0
+    if scale.shape != (rows, groups) or zero.shape != scale.shape or groups == 0 or cols % groups:
+        raise SecateursError(f"layer {layer}: grid of shape {tuple(scale.shape)} does not fit a [{rows}, {cols}] weight")
+    group_size = None if groups == 1 else cols // groups
+    scale_columns, zero_columns = (group_columns(t.to(torch.float32), group_size, cols) for t in grid)
+    codes = torch.round(weight.to(torch.float32) / scale_columns + zero_columns)
+    largest = int(max(codes.max(), zero.max())) if codes.numel() else 0
+    if largest > 255 or float(min(codes.min(), zero.min())) < 0:
+        raise SecateursError(f"layer {layer}: codes outside [0, 255]: the weights are not on the quantization grid")
+    bits = max(2, largest.bit_length())
+    return {"bits": bits, "group_size": group_size, "symmetric": bool((zero == 2 ** (bits - 1)).all())}
+
+
+def _choose(layer: str, module: nn.Module, grid, nm) -> tuple[LayerSpec, dict[str, Tensor]] | None:
+    """The smallest exact format for one layer, or None where its dense weight is smallest."""
+    weight = get_weight(module).detach()
+    if weight.dtype not in DTYPES.values():
+        raise SecateursError(f"layer {layer}: dtype {weight.dtype} has no compressed format (float32, bfloat16)")
+    dtype = next(name for name, value in DTYPES.items() if value == weight.dtype)
+    base = {"rows": weight.shape[0], "cols": weight.shape[1], "dtype": dtype, "transposed": is_transposed(module)}
+    if grid is not None:
+        base |= _quant_fields(weight, grid, layer)
+        names = ("int8", "bitmask-int8") if base["bits"] == 8 else ("pack-quantized", "bitmask-packed")
+    elif nm:
+        base |= {"n": nm[0], "m": nm[1]}
+        names = ("nm",)
+    else:
+        names = (None, "bitmask")
+    best, best_bytes = None, None
+    for name in names:  # ties keep the earlier: dense quantized over sparse, dense float over bitmask
+        if name is None:
+            candidate, size = None, weight.numel() * weight.element_size()
+        else:
+            spec = LayerSpec(format=name, **base)
+            try:
+                tensors = FORMATS[name].compress(weight, spec, grid)
+            except ValueError as exc:  # e.g. a group with more than n nonzeros
+                raise SecateursError(f"layer {layer}: {exc}") from None
+            candidate, size = (spec, tensors), tensor_bytes(tensors)
+        if best_bytes is None or size < best_bytes:
+            best, best_bytes = candidate, size
+    if best is not None and not torch.equal(FORMATS[best[0].format].decompress(best[1], best[0]), weight):
+        raise SecateursError(f"layer {layer}: the weights are not exactly representable in format {best[0].format} "
+                             f"(quantized weights off their grid, or NaN)")
+    return best
+
+
+def _compressed_tensors_config(specs: dict[str, LayerSpec], nonzeros: dict[str, int], act_order: set[str]) -> dict | None:
+    """config.json's compressed-tensors quantization_config, or None if some layer has a layout
+    compressed-tensors lacks (or the model mixes two sparse formats, which it cannot read)."""
+    names = {layer: FORMATS[spec.format].compressed_tensors_names(spec) for layer, spec in specs.items()}
+    if not specs or None in names.values():
+        return None
+    sparse_formats = {sparsity for sparsity, _ in names.values() if sparsity}
+    if len(sparse_formats) > 1:
+        return None
+    config: dict = {"quant_method": "compressed-tensors", "sparsity_config": {}}
+    if sparse_formats:
+        sparse = sorted(layer for layer, (sparsity, _) in names.items() if sparsity)
+        weights = sum(specs[layer].rows * specs[layer].cols for layer in sparse)
+        config["sparsity_config"] = {
+            "format": sparse_formats.pop(), "targets": sparse, "ignore": [],
+            "sparsity_structure": "2:4" if specs[sparse[0]].format == "nm" else "unstructured",
+            "global_sparsity": 1 - sum(nonzeros[layer] for layer in sparse) / weights,
+        }
+    groups: dict[tuple, list[str]] = {}
+    for layer, (_, quantization) in sorted(names.items()):
+        if quantization:
+            spec = specs[layer]
+            groups.setdefault((quantization, spec.bits, spec.group_size, spec.symmetric, layer in act_order), []).append(layer)
+    if groups:
+        formats = {key[0] for key in groups}
+        config |= {"format": formats.pop() if len(formats) == 1 else "mixed-precision",
+                   "quantization_status": "compressed", "ignore": [], "kv_cache_scheme": None,
+                   "config_groups": {f"group_{index}": {
+                       "targets": targets, "format": quantization, "input_activations": None, "output_activations": None,
+                       "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+                                   "strategy": "group" if group_size else "channel", "group_size": group_size,
+                                   # static groups: parameters by original column order, no g_idx
+                                   "actorder": "static" if static else None, "observer": "minmax"}}
+                       for index, ((quantization, bits, group_size, symmetric, static), targets) in enumerate(groups.items())}}
+    return config
+
+
+def save_compressed(model: nn.Module, report_or_grids=None, output_dir=None, tokenizer=None,
+                    extra_files: dict[str, str] | None = None) -> SavedModel:
+    """Write `model` as a compressed directory, atomically (a temporary sibling, then one rename).
+
+    Every linear layer of the decoder blocks gets the smallest format that holds it exactly: its
+    grid from `report_or_grids` (a CompressionReport, or {layer: (scale, zero)}) makes it quantized,
+    an N:M mask of the report's recipe makes it `nm`, and zeros make it `bitmask` where that is
+    smaller than dense. Other tensors are stored as they are."""
+    from safetensors.torch import save_file
+
+    from secateurs.pipeline.streaming import unique_state
+
+    if output_dir is None:
+        raise SecateursError("save_compressed needs an output directory")
+    grids, recipe = _layer_options(report_or_grids)
+    prefix, blocks = find_blocks(model)
+    saved = SavedModel(Path(output_dir))
+    specs, nonzeros, act_order, state = {}, {}, set(), {}
+    for index, block in enumerate(blocks):
+        for name, module in linear_layers(block).items():
+            layer = f"{prefix}.{index}.{name}"
+            prune, quant = recipe.stages_for(layer) if recipe else (None, None)
+            nm = prune.nm if prune and prune.nm != (0, 0) else None
+            chosen = _choose(layer, module, grids.get(layer), nm)
+            if chosen is None:
+                continue
+            spec, tensors = chosen
+            specs[layer] = spec
+            nonzeros[layer] = int((get_weight(module) != 0).sum())
+            if quant and quant.act_order:
+                act_order.add(layer)
+            state |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
+            saved.formats[layer] = spec.format
+            saved.bytes_by_format[spec.format] = saved.bytes_by_format.get(spec.format, 0) + tensor_bytes(tensors)
+    dense = {name: tensor.contiguous() for name, tensor in unique_state(model).items()
+             if name.removesuffix(".weight") not in specs}
+    saved.bytes_by_format["dense"] = tensor_bytes(dense)
+    ct_config = _compressed_tensors_config(specs, nonzeros, act_order)
+    saved.compressed_tensors = ct_config is not None
+    with atomic_directory(saved.path) as staging:
+        save_file(state | dense, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        config = json.loads((staging / CONFIG_FILE).read_text())
+        config.pop("quantization_config", None)
+        if ct_config:
+            config["quantization_config"] = ct_config
+        config[LAYOUT_KEY] = {"version": LAYOUT_VERSION, "layers": {layer: spec.as_json() for layer, spec in specs.items()}}
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for filename, text in (extra_files or {}).items():
+            (staging / filename).write_text(text)
+        saved.file_bytes = (staging / WEIGHTS_FILE).stat().st_size
+    return saved
+
+
+# --- reading --------------------------------------------------------------------------------
+
+@dataclass
+class CompressedDirectory:
+    """A compressed directory read and validated: every layer's tensors passed its format's checks."""
+
+    path: Path
+    config: dict  # config.json without the compression keys: a plain dense model's config
+    dtype: torch.dtype
+    specs: dict[str, LayerSpec]
+    layers: dict[str, dict[str, Tensor]]  # compressed layer -> suffix -> tensor
+    dense: dict[str, Tensor]  # every other tensor of the file
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise SecateursError(f"{path}: not a model directory (no {CONFIG_FILE})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{path / CONFIG_FILE}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path / CONFIG_FILE}: not a JSON object")
+    return config
+
+
+def _read_tensors(file: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise FormatError(f"{file}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated or garbled header
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"{file}: not a readable safetensors file ({detail})") from None
+
+
+def read_compressed(path) -> CompressedDirectory:
+    """Read and validate a compressed directory (SecateursError if it is not one)."""
+    path = Path(path)
+    config = _read_config(path)
+    layout = config.pop(LAYOUT_KEY, None)
+    config.pop("quantization_config", None)
+    if layout is None:
+        raise SecateursError(f"{path}: not a secateurs compressed model (config.json has no {LAYOUT_KEY})")
+    if not isinstance(layout, dict) or layout.get("version") != LAYOUT_VERSION or not isinstance(layout.get("layers"), dict):
+        raise FormatError(f"config.json: {LAYOUT_KEY} must be {{version: {LAYOUT_VERSION}, layers: {{...}}}}")
+    specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in layout["layers"].items()}
+    tensors = _read_tensors(path / WEIGHTS_FILE)
+    layers = {}
+    for layer, spec in specs.items():
+        if f"{layer}.weight" in tensors:
+            raise FormatError(f"tensor {layer}.weight: layer {layer} is compressed and must not have a dense weight")
+        expected = FORMATS[spec.format].expected_tensors(spec)
+        layers[layer] = {suffix: tensors.pop(f"{layer}.{suffix}") for suffix in expected if f"{layer}.{suffix}" in tensors}
+        FORMATS[spec.format].validate(layer, layers[layer], spec)
+    floating = {t.dtype for t in tensors.values() if t.is_floating_point()} | {s.torch_dtype for s in specs.values()}
+    if len(floating) != 1:
+        raise FormatError(f"{path / WEIGHTS_FILE}: tensors of mixed float dtypes {sorted(map(str, floating))}")
+    return CompressedDirectory(path, config, floating.pop(), specs, layers, tensors)
+
+
+def _build_model(directory: CompressedDirectory) -> nn.Module:
+    """The architecture from config.json, weights left uninitialized (they are all loaded next)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = dict(directory.config)
+    try:
+        hf_config = AutoConfig.for_model(config.pop("model_type", None), **config)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=directory.dtype)
+        model.tie_weights()  # skipped with the weight initialization
+        return model.eval()
+    except Exception as exc:  # transformers raises many types on a bad config; name the file instead
+        raise FormatError(f"{directory.path / CONFIG_FILE}: cannot build the model ({type(exc).__name__}: {exc})") from None
+
+
+def load(path) -> nn.Module:
+    """A compressed directory as a model whose compressed Linear layers are secateurs.runtime
+    modules (every tensor validated first); a plain model directory loads as it is."""
+    path = Path(path)
+    if LAYOUT_KEY not in _read_config(path):
+        from secateurs.models import load_model
+
+        return load_model(path).model
+    directory = read_compressed(path)
+    model = _build_model(directory)
+    from secateurs.pipeline.streaming import unique_state
+
+    expected = {name: tensor for name, tensor in unique_state(model).items()
+                if name.removesuffix(".weight") not in directory.specs}
+    for name, tensor in directory.dense.items():
+        if name not in expected:
+            raise FormatError(f"tensor {name}: not a tensor of this {type(model).__name__}")
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise FormatError(f"tensor {name}: has {tensor.dtype} {tuple(tensor.shape)}, the model needs "
+                              f"{expected[name].dtype} {tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - set(directory.dense))
+    if missing:
+        raise FormatError(f"tensor {missing[0]}: missing from {path / WEIGHTS_FILE} ({len(missing)} missing)")
+    model.load_state_dict(directory.dense, strict=False)  # copies into the tied parameters too
+    for layer, spec in directory.specs.items():
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            raise FormatError(f"config.json: layer {layer} is not a module of this {type(model).__name__}") from None
+        weight_shape = tuple(module.weight.shape[::-1] if spec.transposed else module.weight.shape)
+        if weight_shape != (spec.rows, spec.cols):
+            raise FormatError(f"config.json: layer {layer} is [{spec.rows}, {spec.cols}], the model's is {list(weight_shape)}")
+        bias = None if getattr(module, "bias", None) is None else module.bias.detach()
+        model.set_submodule(layer, FORMATS[spec.format].module(directory.layers[layer], spec, bias))
+    return model
+
+
+def decompress(path, output) -> Path:
+    """Write the plain dense model directory of a compressed one (bit-exact weights), atomically."""
+    from safetensors.torch import save_file
+
+    directory = read_compressed(path)
+    state = dict(directory.dense)
+    for layer, spec in directory.specs.items():
+        weight = FORMATS[spec.format].decompress(directory.layers[layer], spec)
+        state[f"{layer}.weight"] = weight.t().contiguous() if spec.transposed else weight
+    output = Path(output)
+    with atomic_directory(output) as staging:
+        save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(directory.config, indent=2, sort_keys=True) + "\n")
+        for item in directory.path.iterdir():  # tokenizer, generation config, reports
+            if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE):
+                shutil.copy2(item, staging / item.name)
+    return output

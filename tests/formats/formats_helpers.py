@@ -1,0 +1,90 @@
+"""Tiny models compressed into every format, for the formats tests (a unique module name)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import transformers as tf
+
+from secateurs.algorithms import QuantSpec, magnitude_mask, round_to_nearest
+from secateurs.pipeline.discovery import find_blocks, get_weight, linear_layers, set_weight
+from secateurs.pipeline.engine import CompressionReport
+from secateurs.recipe import load_recipe
+
+VOCAB = 64
+
+
+def tiny(arch: str = "llama", dtype=torch.float32, seed: int = 0):
+    """Odd shapes on purpose: 100 input columns leave bitmask padding bits and partial int32 words."""
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
+            hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, max_position_embeddings=32, tie_word_embeddings=True))
+    return model.to(dtype).eval()
+
+
+def layers(model) -> dict[str, torch.nn.Module]:
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{name}": module for i, block in enumerate(blocks) for name, module in linear_layers(block).items()}
+
+
+def group_size(cols: int, wanted: int | None) -> int | None:
+    return None if wanted is None else next(g for g in (wanted, 20, 4) if cols % g == 0)
+
+
+# kind -> (sparsity, N:M, bits, symmetric, group size); every format of the registry is reached.
+KINDS = {
+    "bitmask": (0.5, None, None, True, None),
+    "bitmask70": (0.7, None, None, True, None),
+    "nm": (None, (2, 4), None, True, None),
+    "nm48": (None, (4, 8), None, True, None),
+    "int8": (None, None, 8, True, None),
+    "int8-asym-g": (None, None, 8, False, 16),
+    "int4-g": (None, None, 4, True, 16),
+    "int3-asym-g": (None, None, 3, False, 16),
+    "int2": (None, None, 2, True, None),
+    "int6-asym": (None, None, 6, False, None),
+    "sparse-int8": (0.5, None, 8, True, None),
+    "sparse-int4-g": (0.7, None, 4, True, 16),
+}
+EXPECTED_FORMAT = {
+    "bitmask": "bitmask", "bitmask70": "bitmask", "nm": "nm", "nm48": "nm", "int8": "int8", "int8-asym-g": "int8",
+    "int4-g": "pack-quantized", "int3-asym-g": "pack-quantized", "int2": "pack-quantized",
+    "int6-asym": "pack-quantized", "sparse-int8": "bitmask-int8", "sparse-int4-g": "bitmask-packed",
+}
+
+
+def compress(model, kind: str):
+    """Prune and quantize every block linear layer in place as `kind` says, with the weights the
+    engine writes (pruned exactly 0, quantized exactly on the grid). Returns what save_compressed
+    takes: a CompressionReport whose recipe carries the N:M mask, or the grids."""
+    sparsity, nm, bits, symmetric, wanted_group = KINDS[kind]
+    grids, skipped = {}, []
+    for name, module in layers(model).items():
+        weight = get_weight(module).float()
+        if nm and weight.shape[1] % nm[1]:
+            skipped.append(re.escape(name) + "$")  # 4:8 does not fit 100 columns: left dense
+            continue
+        if sparsity or nm:
+            n, m = nm or (0, 0)
+            weight = weight * magnitude_mask(weight, sparsity or 0.0, n=n, m=m)
+        if bits:
+            spec = QuantSpec(bits, symmetric, group_size(weight.shape[1], wanted_group))
+            result = round_to_nearest(weight, spec)
+            weight = torch.where(weight == 0, 0.0, result.weight)  # pruned stay pruned
+            grids[name] = (result.scale, result.zero)
+        set_weight(module, weight)
+    if nm:
+        stage = {"mask": f"{nm[0]}:{nm[1]}", "ignore": ["lm_head", *skipped]}
+        return CompressionReport(load_recipe([{"magnitude": stage}]).as_dict())
+    return grids
+
+
+def dense_weights(model) -> dict[str, torch.Tensor]:
+    from secateurs.pipeline.streaming import unique_state
+
+    return {name: tensor.clone() for name, tensor in unique_state(model).items()}
