@@ -248,10 +248,10 @@ def read_compressed(path) -> CompressedDirectory:
     tensors = _read_tensors(path / WEIGHTS_FILE)
     layers = {}
     for layer, spec in specs.items():
-        if f"{layer}.weight" in tensors:
-            raise FormatError(f"tensor {layer}.weight: layer {layer} is compressed and must not have a dense weight")
         expected = FORMATS[spec.format].expected_tensors(spec)
         layers[layer] = {suffix: tensors.pop(f"{layer}.{suffix}") for suffix in expected if f"{layer}.{suffix}" in tensors}
+        if f"{layer}.weight" in tensors:
+            raise FormatError(f"tensor {layer}.weight: layer {layer} is compressed ({spec.format}) and has a dense weight too")
         FORMATS[spec.format].validate(layer, layers[layer], spec)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()} | {s.torch_dtype for s in specs.values()}
     if len(floating) != 1:

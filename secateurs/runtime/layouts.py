@@ -86,7 +86,7 @@ def nm_from_dense(weight: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
     nonzero = groups != 0
     _require(bool((nonzero.sum(-1) <= n).all()), f"weight has groups of {m} columns with more than {n} nonzeros")
     # Nonzeros first, then by position; keep the first n and restore increasing column order.
-    order = (~nonzero).to(torch.int64) * m + torch.arange(m)
+    order = (~nonzero).to(torch.int64) * m + torch.arange(m, device=weight.device)
     kept = order.topk(n, dim=-1, largest=False).indices.sort(-1).values
     values = groups.gather(-1, kept).reshape(rows, -1).contiguous()
     return values, kept.to(torch.uint8).reshape(rows, -1).contiguous()
@@ -94,7 +94,7 @@ def nm_from_dense(weight: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
 
 def nm_to_dense(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
     rows, kept = values.shape
-    dense = torch.zeros(rows, kept // n, m, dtype=values.dtype)
+    dense = torch.zeros(rows, kept // n, m, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, indices.view(rows, -1, n).to(torch.int64), values.view(rows, -1, n))
     return dense.view(rows, -1)
 

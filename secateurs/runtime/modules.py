@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.sparse import to_sparse_semi_structured
 
 from . import kernels, layouts, ops
 
@@ -161,6 +162,15 @@ class SparseQuantLinear(CompressedLinear):
         return _cast(codes.to(torch.float32) * self.scale[:, None], dtype)
 
 
+# PyTorch's 2:4 semi-structured kernels (CUTLASS / cuSPARSELt) take half-precision inputs whose
+# token count is a multiple of the tile. On an H100 (torch 2.11, cuSPARSELt) each call costs ~0.65 ms
+# whatever its size, so 2:4 beats dense only from ~16k tokens (1.23x fp16 at 4096x4096, 1.26x at
+# 11008x4096; benchmarks/results/semi_structured_cuda.md): below that the dense matmul runs.
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
+SEMI_STRUCTURED_ROW_TILE = 64
+SEMI_STRUCTURED_MIN_TOKENS = 16384
+
+
 class NMLinear(CompressedLinear):
     """N:M sparsity: values float32/bfloat16 [out, in * n / m], in-group indices uint8, same shape."""
 
@@ -182,6 +192,25 @@ class NMLinear(CompressedLinear):
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
         return _kernel("nm_mm")(x, self.values, self.indices, self.n, self.m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type == "cuda" and (self.n, self.m) == (2, 4) and x.dtype in SEMI_STRUCTURED_DTYPES
+                and x.numel() >= SEMI_STRUCTURED_MIN_TOKENS * self.in_features):
+            return self._semi_structured_forward(x)
+        return super().forward(x)
+
+    def _semi_structured_forward(self, x: Tensor) -> Tensor:
+        """2:4 on NVIDIA GPUs through PyTorch's semi-structured sparse tensors (sparse tensor cores).
+        The sparse weight is built once per dtype; the token count is padded to the kernel's tile."""
+        weights = self.__dict__.setdefault("_semi_structured", {})
+        if x.dtype not in weights:
+            weights[x.dtype] = to_sparse_semi_structured(self.to_dense(x.dtype))
+        flat = x.reshape(-1, self.in_features)
+        padded = F.pad(flat, (0, 0, 0, -flat.shape[0] % SEMI_STRUCTURED_ROW_TILE))
+        y = F.linear(padded, weights[x.dtype])[: flat.shape[0]]
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return _cast(layouts.nm_to_dense(self.values, self.indices, self.n, self.m), dtype)

@@ -58,30 +58,43 @@ EXPECTED_FORMAT = {
 }
 
 
-def compress(model, kind: str):
-    """Prune and quantize every block linear layer in place as `kind` says, with the weights the
-    engine writes (pruned exactly 0, quantized exactly on the grid). Returns what save_compressed
-    takes: a CompressionReport whose recipe carries the N:M mask, or the grids."""
-    sparsity, nm, bits, symmetric, wanted_group = KINDS[kind]
-    grids, skipped = {}, []
+# One layer of each format (every layer with a bitmask has 100 columns: padding bits).
+MIXED = {"q_proj": "int3-asym-g", "k_proj": "nm", "v_proj": "int8-asym-g", "o_proj": "int4-g",
+         "gate_proj": "sparse-int8", "up_proj": "sparse-int4-g", "down_proj": "bitmask70"}
+
+
+def compress(model, kinds: str | dict[str, str]):
+    """Prune and quantize the block linear layers in place with the weights the engine writes
+    (pruned exactly 0, quantized exactly on the grid): `kinds` is one kind for every layer, or
+    {layer name suffix: kind}. Returns what save_compressed takes: a CompressionReport whose recipe
+    names the N:M layers, or the quantization grids."""
+    grids, nm_layers, nm_pattern = {}, [], None
     for name, module in layers(model).items():
+        kind = kinds if isinstance(kinds, str) else next((k for end, k in kinds.items() if name.endswith(end)), None)
+        if kind is None:
+            continue
+        sparsity, nm, bits, symmetric, wanted_group = KINDS[kind]
         weight = get_weight(module).float()
         if nm and weight.shape[1] % nm[1]:
-            skipped.append(re.escape(name) + "$")  # 4:8 does not fit 100 columns: left dense
-            continue
+            continue  # 4:8 does not fit 100 columns: left dense
         if sparsity or nm:
             n, m = nm or (0, 0)
             weight = weight * magnitude_mask(weight, sparsity or 0.0, n=n, m=m)
+        if nm:
+            nm_layers.append(re.escape(name) + "$")
+            nm_pattern = nm
         if bits:
             spec = QuantSpec(bits, symmetric, group_size(weight.shape[1], wanted_group))
             result = round_to_nearest(weight, spec)
             weight = torch.where(weight == 0, 0.0, result.weight)  # pruned stay pruned
             grids[name] = (result.scale, result.zero)
         set_weight(module, weight)
-    if nm:
-        stage = {"mask": f"{nm[0]}:{nm[1]}", "ignore": ["lm_head", *skipped]}
-        return CompressionReport(load_recipe([{"magnitude": stage}]).as_dict())
-    return grids
+    if not nm_layers:
+        return grids
+    stage = {"mask": f"{nm_pattern[0]}:{nm_pattern[1]}", "targets": nm_layers}
+    report = CompressionReport(load_recipe([{"magnitude": stage}]).as_dict())
+    report.grids = grids
+    return report
 
 
 def dense_weights(model) -> dict[str, torch.Tensor]:

@@ -23,6 +23,33 @@ struct CompressTable {
 };
 constexpr CompressTable kCompressTable;
 
+// For each 8-bit mask, what expands 8 packed values into the lanes of its set bits (zeros in the
+// others). fp32: per lane the vpermps index of its value (its rank among the set bits), or -128
+// for a cleared lane: sign-extended, that index's sign bit then drives the zeroing blend.
+// bf16 / int8: vpshufb controls over the values broadcast to both 128-bit halves, putting value
+// `rank` into the upper 16 bits (bf16 -> its fp32 bits) or upper 8 bits (int8 -> int32 * 2^24)
+// of the lane; 0x80 bytes give zeros.
+struct ExpandTables {
+  alignas(64) int8_t fp32[256][8];
+  alignas(64) uint8_t bf16[256][32];
+  alignas(64) uint8_t int8[256][32];
+  constexpr ExpandTables() : fp32(), bf16(), int8() {
+    for (int bits = 0; bits < 256; ++bits) {
+      int rank = 0;
+      for (int lane = 0; lane < 8; ++lane) {
+        const bool kept = bits >> lane & 1;
+        fp32[bits][lane] = kept ? static_cast<int8_t>(rank) : int8_t{-128};
+        for (int byte = 0; byte < 4; ++byte) {
+          bf16[bits][4 * lane + byte] = kept && byte >= 2 ? static_cast<uint8_t>(2 * rank + byte - 2) : 0x80;
+          int8[bits][4 * lane + byte] = kept && byte == 3 ? static_cast<uint8_t>(rank) : 0x80;
+        }
+        rank += kept;
+      }
+    }
+  }
+};
+constexpr ExpandTables kExpandTables;
+
 struct Simd {
   static constexpr int W = 8;
   using F = __m256;
@@ -63,6 +90,26 @@ struct Simd {
   }
 
   static F compress(unsigned bits, F v) { return _mm256_permutevar8x32_ps(v, load_u8(kCompressTable.lanes[bits])); }
+  static F expand(unsigned bits, const float* p) {
+    const I index = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandTables.fp32[bits])));
+    const F packed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
+    return _mm256_blendv_ps(packed, _mm256_setzero_ps(), _mm256_castsi256_ps(index));
+  }
+  static F expand(unsigned bits, const uint16_t* p) {
+    const I packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const I control = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.bf16[bits]));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control));
+  }
+  static F expand(unsigned bits, const int8_t* p) {
+    int64_t eight;
+    std::memcpy(&eight, p, sizeof eight);
+    const I control = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.int8[bits]));
+    return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(_mm256_set1_epi64x(eight), control));
+  }
+  static float expand_unit(float) { return 1.0f; }
+  static float expand_unit(uint16_t) { return 1.0f; }
+  static float expand_unit(int8_t) { return 1.0f / 16777216.0f; }  // the int8 lanes come out * 2^24
+
   static F lookup2(const float* window, I idx) {
     const F low = _mm256_permutevar8x32_ps(load(window), idx);
     const F high = _mm256_permutevar8x32_ps(load(window + 8), idx);

@@ -44,6 +44,13 @@ struct Simd {
   }
 
   static F compress(unsigned bits, F v) { return _mm512_maskz_compress_ps(static_cast<__mmask16>(bits), v); }
+  // vexpandps: fp32 reads only the kept values; bf16 / int8 convert W values first.
+  static F expand(unsigned bits, const float* p) { return _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(bits), p); }
+  template <class T>
+  static F expand(unsigned bits, const T* p) { return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load_values(p)); }
+  template <class T>
+  static float expand_unit(T) { return 1.0f; }
+
   static F lookup2(const float* window, I idx) {
     return _mm512_permutex2var_ps(load(window), idx, load(window + 16));
   }

@@ -67,6 +67,18 @@ struct Simd {
       if (bits >> i & 1u) r.lane[rank++] = v.lane[i];
     return r;
   }
+  template <class T>
+  static F expand(unsigned bits, const T* p) {
+    const F values = load_values(p);
+    F r{};
+    int rank = 0;
+    for (int i = 0; i < W; ++i)
+      if (bits >> i & 1u) r.lane[i] = values.lane[rank++];
+    return r;
+  }
+  template <class T>
+  static float expand_unit(T) { return 1.0f; }
+
   static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }
 };
 

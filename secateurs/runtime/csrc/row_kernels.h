@@ -7,7 +7,9 @@
 // add, mul, fma(a, b, c) = a * b + c, hsum, load_i32, add_i32, load_u8 (W bytes -> int32 lanes),
 // low_nibbles, high_nibbles, to_float (convert), as_float (same bits), load_values (W float,
 // bf16-bits or int8 values -> fp32), compress(bits, v) (the lanes of v whose bit is set, packed
-// from lane 0 up; the others undefined) and lookup2(window, idx) (lane i = window[idx[i]], idx < 2W).
+// from lane 0 up; the others undefined), expand(bits, values) (lane i = the next value, in order,
+// if bit i is set, else 0; reads up to W values, converted to fp32 times 1 / expand_unit(T{}))
+// and lookup2(window, idx) (lane i = window[idx[i]], idx < 2W).
 
 namespace secateurs {
 namespace {
@@ -133,25 +135,89 @@ int64_t compress_by_mask(const uint8_t* mask, int64_t mask_bytes, float* out, Ve
   return count;
 }
 
-// Batch 1: the x entries of the kept columns are packed contiguously, then the row is a dense dot
-// product of its values with the packed x: values are converted per W kept weights rather than
-// per W columns, and nothing needs zeroing. (x is zero padded past cols.)
-inline int64_t pack_kept_x(const uint8_t* mask, int64_t mask_bytes, const float* x, float* packed) {
-  return compress_by_mask(mask, mask_bytes, packed, [&](int64_t chunk) { return Simd::load(x + chunk * W); });
+// Batch 1: every W-column chunk of a row expands its kept values (read at the row's running value
+// offset) into the lanes of its set mask bits, zeros elsewhere, and multiplies them with the dense
+// x chunk: x stays in L1, nothing is stored, and the only serial work per chunk is adding a popcount.
+// kRows rows are interleaved to share the x loads and keep independent chains in flight, and two
+// chunks are taken per step (one mask load, the second chunk's offset from the low popcount).
+// The expansion may read up to W values past a row's last one: rows within W of the end of
+// `values` read from a zero-padded copy instead (see bitmask_rows_typed).
+template <class T, int kRows>
+void expand_dot_rows(const uint8_t* mask, int64_t mask_stride, const T* const* row_values, const float* x,
+                     float* dots) {
+  constexpr int kChunkBytes = W / 8;
+  constexpr unsigned kLow = W >= 32 ? ~0u : (1u << W) - 1;
+  const T* v[kRows];
+  F acc[kRows][2];
+  for (int i = 0; i < kRows; ++i) {
+    v[i] = row_values[i];
+    acc[i][0] = acc[i][1] = Simd::zero();
+  }
+  const int64_t pairs = mask_stride / (2 * kChunkBytes);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const F x0 = Simd::load(x + 2 * p * W), x1 = Simd::load(x + (2 * p + 1) * W);
+    for (int i = 0; i < kRows; ++i) {
+      const unsigned bits = chunk_bits(mask + i * mask_stride + 2 * p * kChunkBytes, 2 * kChunkBytes);
+      const unsigned low = bits & kLow;
+      acc[i][0] = Simd::fma(Simd::expand(low, v[i]), x0, acc[i][0]);
+      acc[i][1] = Simd::fma(Simd::expand(bits >> W, v[i] + __builtin_popcount(low)), x1, acc[i][1]);
+      v[i] += __builtin_popcount(bits);
+    }
+  }
+  for (int64_t byte = pairs * 2 * kChunkBytes; byte < mask_stride; byte += kChunkBytes) {
+    const int64_t bytes = mask_stride - byte < kChunkBytes ? mask_stride - byte : kChunkBytes;
+    const F xc = Simd::load(x + byte * 8);
+    for (int i = 0; i < kRows; ++i) {
+      const unsigned bits = chunk_bits(mask + i * mask_stride + byte, bytes);
+      acc[i][0] = Simd::fma(Simd::expand(bits, v[i]), xc, acc[i][0]);
+      v[i] += __builtin_popcount(bits);
+    }
+  }
+  for (int i = 0; i < kRows; ++i) dots[i] = Simd::hsum(Simd::add(acc[i][0], acc[i][1]));
 }
 
+// Rows [row_begin, row_end) at batch 1.
 template <class T>
-float dense_dot(const T* values, const float* x, int64_t count) {
-  constexpr int kChains = 4;  // independent accumulators to hide the FMA latency
-  F acc[kChains] = {Simd::zero(), Simd::zero(), Simd::zero(), Simd::zero()};
-  int64_t k = 0;
-  for (; k + kChains * W <= count; k += kChains * W)
-    for (int c = 0; c < kChains; ++c)
-      acc[c] = Simd::fma(Simd::load_values(values + k + c * W), Simd::load(x + k + c * W), acc[c]);
-  for (; k + W <= count; k += W) acc[0] = Simd::fma(Simd::load_values(values + k), Simd::load(x + k), acc[0]);
-  float dot = Simd::hsum(sum_of(acc, kChains));
-  for (; k < count; ++k) dot += value_to_float(values[k]) * x[k];
-  return dot;
+void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  constexpr int kRows = 2;
+  constexpr int64_t kAhead = 4;  // rows ahead whose weights are prefetched
+  const T* values = static_cast<const T*>(a.values);
+  const int64_t nnz = a.row_offsets[a.rows];
+  const float unit = Simd::expand_unit(T{});
+  auto scale_of = [&](int64_t r) { return (a.row_scale ? a.row_scale[r] : 1.0f) * unit; };
+  auto prefetch_rows = [&](int64_t first, int64_t count) {
+    if (first + count > a.rows) count = a.rows - first;
+    if (count <= 0) return;
+    const int64_t begin = a.row_offsets[first];
+    prefetch(values + begin, (a.row_offsets[first + count] - begin) * static_cast<int64_t>(sizeof(T)));
+    prefetch(a.mask + first * a.mask_stride, count * a.mask_stride);
+  };
+  // Rows whose expansion could read past the end of `values` (the last ones) go through scratch.
+  int64_t safe_end = row_end;
+  while (safe_end > row_begin && a.row_offsets[safe_end] + W > nnz) --safe_end;
+  prefetch_rows(row_begin, kAhead);
+  int64_t r = row_begin;
+  for (; r + kRows <= safe_end; r += kRows) {
+    prefetch_rows(r + kAhead, kRows);
+    const T* rows[kRows];
+    float dots[kRows];
+    for (int i = 0; i < kRows; ++i) rows[i] = values + a.row_offsets[r + i];
+    expand_dot_rows<T, kRows>(a.mask + r * a.mask_stride, a.mask_stride, rows, a.x.rows, dots);
+    for (int i = 0; i < kRows; ++i) a.y[r + i] = dots[i] * scale_of(r + i);
+  }
+  T* padded = reinterpret_cast<T*>(scratch);
+  for (; r < row_end; ++r) {
+    const T* row = values + a.row_offsets[r];
+    if (r >= safe_end) {
+      const int64_t count = a.row_offsets[r + 1] - a.row_offsets[r];
+      if (count > 0) std::memcpy(padded, row, static_cast<size_t>(count) * sizeof(T));
+      std::memset(padded + count, 0, W * sizeof(T));
+      row = padded;
+    }
+    float dot;
+    expand_dot_rows<T, 1>(a.mask + r * a.mask_stride, a.mask_stride, &row, a.x.rows, &dot);
+    a.y[r] = dot * scale_of(r);
+  }
 }
 
 // Offsets (column * tile) of the kept columns of a mask row, for the batched path.
@@ -172,26 +238,17 @@ inline int64_t bitmask_row_offsets(const uint8_t* mask, int64_t mask_bytes, int6
 
 template <class T>
 void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  if (a.x.batch == 1) return bitmask_rows_batch1<T>(a, row_begin, row_end, scratch);
   const T* values = static_cast<const T*>(a.values);
   int32_t* offsets = reinterpret_cast<int32_t*>(scratch);
-  float* converted = scratch + a.cols + 2 * W;  // packed x (batch 1) or fp32 values
+  float* converted = scratch + a.cols + 2 * W;  // fp32 values
   for (int64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* mask = a.mask + r * a.mask_stride;
     const T* row_values = values + a.row_offsets[r];
     const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
-    if (a.x.batch == 1) {
-      if (r + kPrefetchRows < a.rows) {
-        const int64_t ahead = a.row_offsets[r + kPrefetchRows];
-        prefetch(values + ahead, (a.row_offsets[r + kPrefetchRows + 1] - ahead) * sizeof(T));
-        prefetch(mask + kPrefetchRows * a.mask_stride, a.mask_stride);
-      }
-      const int64_t count = pack_kept_x(mask, a.mask_stride, a.x.rows, converted);
-      a.y[r] = dense_dot(row_values, converted, count) * scale;
-    } else {
-      const int64_t count = bitmask_row_offsets(mask, a.mask_stride, a.x.tile, offsets);
-      sparse_row_times_activations(a.x, a.cols, offsets, values_as_float(row_values, count, converted),
-                                   count, scale, a.y + r, a.rows);
-    }
+    const int64_t count = bitmask_row_offsets(mask, a.mask_stride, a.x.tile, offsets);
+    sparse_row_times_activations(a.x, a.cols, offsets, values_as_float(row_values, count, converted),
+                                 count, scale, a.y + r, a.rows);
   }
 }
 
