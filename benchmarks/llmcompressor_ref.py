@@ -18,12 +18,29 @@ The wall seconds of the oneshot call alone are measured. The last line on stdout
 object: {"seconds", "llmcompressor", "torch", "achieved_sparsity", ...}. Everything else
 (llmcompressor's log, the checks) goes to stderr. A row that llmcompressor cannot run exits 3
 with a one-line reason on stderr.
+
+What llmcompressor 0.14 does with these rows (read from its source, checked on SmolLM2-135M):
+- oneshot's default "independent" pipeline runs each modifier in its own sequential pass: one
+  decoder block at a time, its inputs taken from the already-compressed blocks before it; all
+  Linear layers of a block see that block's dense inputs (not true-sequential inside a block).
+- A pre-tokenized Dataset is used as given: no shuffling here, batch size 1, and every window
+  at full length (the truncation collator cuts to min(len, max_seq_length)).
+- SparseGPT's unstructured mask is chosen per 128-column block over all rows, so the sparsity
+  is exact per block but uneven across rows; Wanda's is per row. N:M rows are exact.
+- GPTQ: symmetric int, per group of 64, min-max scales computed from the weights before the
+  GPTQ sweep ("static" groups), actorder "static" (columns swept by decreasing diag(H)) unless
+  --actorder says otherwise, dampening 0.01.
+- sparsegpt-50-w4g64 is SparseGPTModifier then GPTQModifier, two passes: GPTQ keeps no mask,
+  so some pruned weights come back nonzero; achieved_sparsity says how many stayed zero.
+- magnitude-* exit 3: MagnitudePruningModifier is a training-time modifier whose masks are never
+  applied under oneshot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -150,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     if spec["prune"] is not None and spec["prune"][0] == "magnitude":
         unsupported(MAGNITUDE_UNSUPPORTED)  # before the slow imports
 
+    # llmcompressor's loguru sink writes to stdout; keep stdout for the one JSON line by sending
+    # everything written to file descriptor 1 to stderr until the end
+    sys.stdout.flush()
+    result_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
     import torch
-    from loguru import logger
-
-    # llmcompressor logs through loguru; keep stdout for the one JSON line
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
-
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
@@ -229,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.model / name).is_file() and not (args.output / name).exists():
             shutil.copy2(args.model / name, args.output / name)
 
+    sys.stdout.flush()
     print(json.dumps({
         "seconds": round(seconds, 3),
         "llmcompressor": version("llmcompressor"),
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "row": args.row,
         "calibration": [n, seq],
         **check,
-    }), flush=True)
+    }), file=result_out, flush=True)
     return 0
 
 

@@ -85,9 +85,12 @@ def generate_llama(folder: Path, blocks: int) -> int:
     return size
 
 
-def child(model_dir: str, output: str, device: str | None) -> dict:
+def child(model_dir: str, output: str, device: str | None, threads: int) -> dict:
     """One streamed compression in this process; everything measured is this process's own."""
+    from secateurs.pipeline.engine import Engine
     from secateurs.pipeline.job import CompressionJob
+
+    torch.set_num_threads(threads)
 
     started = time.perf_counter()
     job = CompressionJob(model_dir, output, stream=True)
@@ -102,6 +105,17 @@ def child(model_dir: str, output: str, device: str | None) -> dict:
         log(f"block {len(ends) - 1} done at {ends[-1] - started:.0f} s")
 
     job.partial.commit = timed_commit
+    forward_seconds = [0.0] * len(job.source.blocks)
+
+    def timed(method, index_at: int):  # block forwards with statistics hooks (_gather) and without (_advance)
+        def wrapper(engine, *args, **kwargs):
+            began = time.perf_counter()
+            result = method(engine, *args, **kwargs)
+            forward_seconds[args[index_at]] += time.perf_counter() - began
+            return result
+        return wrapper
+
+    Engine._gather, Engine._advance = timed(Engine._gather, 3), timed(Engine._advance, 2)  # (block, ..., index)
     report = job.run(RECIPE, calibration, device=device, progress=False)
     seconds = time.perf_counter() - started
     prefix = job.source.prefix
@@ -116,6 +130,7 @@ def child(model_dir: str, output: str, device: str | None) -> dict:
         "seconds_per_block": round((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0] - started, 2),
         "block_seconds": [round(b - a, 2) for a, b in zip([started] + ends, ends)],
         "sweep_seconds": [round(s, 2) for s in sweeps],
+        "forward_seconds": [round(s, 2) for s in forward_seconds],
         "disk_written_mb": round(int(io["wchar"]) / 2**20, 1),
         "output_mb": round(sum(p.stat().st_size for p in Path(output).iterdir()) / 2**20, 1),
         "sparsity": report.as_dict()["totals"]["sparsity"],
@@ -124,15 +139,16 @@ def child(model_dir: str, output: str, device: str | None) -> dict:
     }
 
 
-def run_child(model_dir: Path, output: Path, device: str | None) -> dict:
-    command = [sys.executable, __file__, "--child", str(model_dir), str(output)] + (["--device", device] if device else [])
+def run_child(model_dir: Path, output: Path, device: str | None, threads: int) -> dict:
+    command = [sys.executable, __file__, "--child", str(model_dir), str(output), "--threads", str(threads)]
+    command += ["--device", device] if device else []
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     if done.returncode:
         raise RuntimeError(f"child failed with exit code {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(name: str, scratch: Path, blocks: int, device: str | None) -> dict | None:
+def measure(name: str, scratch: Path, blocks: int, device: str | None, threads: int) -> dict | None:
     from secateurs.models import materialize_embedded
 
     if name == "llama2-7b-shape":
@@ -147,7 +163,7 @@ def measure(name: str, scratch: Path, blocks: int, device: str | None) -> dict |
         model_dir = scratch / "model"
     else:
         model_dir = materialize_embedded({"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}[name])
-    result = run_child(model_dir, scratch / "output", device)
+    result = run_child(model_dir, scratch / "output", device, threads)
     log(f"{name}: {json.dumps(result)}")
     return {"model": name} | result
 
@@ -159,47 +175,61 @@ def layer_shapes(hidden: int, inter: int, kv: int, gated: bool) -> list[tuple[in
     return attention + mlp
 
 
+def block_params(shape) -> int:
+    return sum(rows * cols for rows, cols in layer_shapes(*shape[:4]))
+
+
 def block_flops(shape, tokens: int) -> tuple[float, float]:
     """(sweeps, forwards + Hessians) FLOPs of one block on `tokens` calibration tokens.
 
     Sweep of a [rows, cols] layer: ~rows·cols² for the lazy-batch updates plus ~4/3·cols³ to factor
     the damped inverse Hessian (each layer factors its own). The engine runs the block forward twice
     (statistics, then the next block's inputs): 2 x 2·params·tokens; a Hessian costs 2·cols²·tokens
-    per distinct input (q/k/v share one, so do gate/up)."""
+    per distinct input (q/k/v share one, so do gate/up). Attention scores (~seqlen/hidden of the
+    projections) are left out."""
     hidden, inter, kv, gated, _ = shape
-    layers = layer_shapes(hidden, inter, kv, gated)
-    sweeps = sum(rows * cols**2 + 4 / 3 * cols**3 for rows, cols in layers)
-    params = sum(rows * cols for rows, cols in layers)
+    sweeps = sum(rows * cols**2 + 4 / 3 * cols**3 for rows, cols in layer_shapes(hidden, inter, kv, gated))
     hessians = 2 * tokens * (3 * hidden**2 + inter**2)
-    return sweeps, 2 * 2 * params * tokens + hessians
+    return sweeps, 2 * 2 * block_params(shape) * tokens + hessians
 
 
 def extrapolate(run: dict) -> tuple[list[dict], dict]:
-    """Hours for each shape, from the measured 7B-shape rates of the two kinds of work."""
+    """Hours per shape from the measured 7B-shape block: sweep time scales with sweep FLOPs,
+    forward + Hessian time with their FLOPs, the rest (reading, writing, checkpoints) with the
+    block's weights. Without a separate forward timing the 128 x 2048 column is left out."""
     tokens = SAMPLES * SEQLEN
-    sweep_flops, rest_flops = block_flops(SHAPES["llama2-7b"], tokens)
-    sweep_seconds = sum(run["sweep_seconds"]) / run["blocks"]
-    rest_seconds = run["seconds_per_block"] - sweep_seconds
-    sweep_rate, rest_rate = sweep_flops / sweep_seconds, rest_flops / rest_seconds
+    base = SHAPES["llama2-7b"]
+    sweep_flops, compute_flops = block_flops(base, tokens)
+    sweep_s = sum(run["sweep_seconds"]) / run["blocks"]
+    compute_s = sum(run["forward_seconds"]) / run["blocks"] if "forward_seconds" in run else None
+    other_s = run["seconds_per_block"] - sweep_s - (compute_s or 0)
     rows = []
     for name, shape in SHAPES.items():
         row = {"shape": name, "blocks": shape[-1]}
+        weights_ratio = block_params(shape) / block_params(base)
         for label, calibration_tokens in (("16x256", tokens), ("128x2048", 128 * 2048)):
-            sweeps, rest = block_flops(shape, calibration_tokens)
-            row[f"hours_{label}"] = round(shape[-1] * (sweeps / sweep_rate + rest / rest_rate) / 3600, 1)
+            if compute_s is None and calibration_tokens != tokens:
+                row[f"hours_{label}"] = None
+                continue
+            sweeps, compute = block_flops(shape, calibration_tokens)
+            seconds = sweeps / sweep_flops * sweep_s + other_s * weights_ratio
+            seconds += compute / compute_flops * compute_s if compute_s is not None else 0
+            row[f"hours_{label}"] = round(shape[-1] * seconds / 3600, 1)
         rows.append(row)
-    return rows, {"sweep_gflops": round(sweep_rate / 1e9, 1), "forward_hessian_gflops": round(rest_rate / 1e9, 1)}
+    rates = {"sweep_gflops": round(sweep_flops / sweep_s / 1e9, 1)}
+    if compute_s is not None:
+        rates["forward_hessian_gflops"] = round(compute_flops / compute_s / 1e9, 1)
+    return rows, rates
 
 
-def write_results(runs: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "scale.json"
+def write_results(runs: list[dict], results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "scale.json"
     previous = json.loads(path.read_text())["runs"] if path.is_file() else []
     merged = {(run["model"], run["blocks"], run["device"]): run for run in previous + runs}
     ordered = sorted(merged.values(), key=lambda run: (run["device"], -run["params"]))
     document = {"protocol": {"recipe": RECIPE, "calibration": f"{SAMPLES} x {SEQLEN} random token ids, seed 0",
                              "mode": "--stream"}, "runs": ordered}
-    full = [run for run in ordered if run["model"] == "llama2-7b-shape" and run["device"] == "cpu"]
     lines = ["# Scale: streamed SparseGPT 50%, 16 x 256 calibration tokens", "",
              "| model | device | blocks | params | peak RSS (MiB) | seconds | s/block | sweeps s/block | disk written (MiB) | output (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -208,16 +238,20 @@ def write_results(runs: list[dict]) -> None:
                      f"{run['params'] / 1e9:.2f} B | {run['peak_rss_mb']:.0f} | {run['seconds']:.0f} | "
                      f"{run['seconds_per_block']:.1f} | {sum(run['sweep_seconds']) / run['blocks']:.1f} | "
                      f"{run['disk_written_mb']:.0f} | {run['output_mb']:.0f} |")
-    if full:
-        base = max(full, key=lambda run: run["blocks"])
+    document["extrapolation"] = []
+    for device in sorted({run["device"] for run in ordered}):
+        measured = [run for run in ordered if run["model"] == "llama2-7b-shape" and run["device"] == device]
+        if not measured:
+            continue
+        base = max(measured, key=lambda run: run["blocks"])
         rows, rates = extrapolate(base)
-        document["extrapolation"] = {"from": f"llama2-7b-shape, {base['blocks']} blocks, cpu", **rates, "shapes": rows}
-        lines += ["", f"Extrapolated from the {base['blocks']}-block 7B-shape run on this CPU "
-                  f"(sweeps {rates['sweep_gflops']} GFLOP/s, forwards + Hessians {rates['forward_hessian_gflops']} GFLOP/s):", "",
+        document["extrapolation"].append({"from": f"llama2-7b-shape, {base['blocks']} blocks, {device}", **rates, "shapes": rows})
+        lines += ["", f"Extrapolated from the {base['blocks']}-block 7B-shape run on {device} ({base['threads']} threads; "
+                  f"measured GFLOP/s: {json.dumps(rates)}):", "",
                   "| shape | blocks | hours, 16 x 256 tokens | hours, 128 x 2048 tokens |", "|---|---|---|---|"]
         lines += [f"| {row['shape']} | {row['blocks']} | {row['hours_16x256']} | {row['hours_128x2048']} |" for row in rows]
     path.write_text(json.dumps(document, indent=2) + "\n")
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    (results / "scale.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -225,22 +259,26 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llama2-7b-shape", "smollm2", "gemma3"])
     parser.add_argument("--blocks", type=int, default=32, help="blocks of the 7B-shaped model (2 for a quick estimate)")
     parser.add_argument("--device", default=None)
+    # One thread by default: on a shared machine a second OpenMP thread that has to wait for a busy
+    # core made the SparseGPT sweep 12x slower, not 2x faster.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the compressing process")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for scale.json and scale.md")
     parser.add_argument("--scratch", default=None, help="folder for the generated checkpoint and outputs")
     parser.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.device)))
+        print(json.dumps(child(*args.child, args.device, args.threads)))
         return
     runs = []
     for name in args.models:
         scratch = Path(tempfile.mkdtemp(prefix="secateurs-scale-", dir=args.scratch))
         try:
-            run = measure(name, scratch, args.blocks, args.device)
+            run = measure(name, scratch, args.blocks, args.device, args.threads)
         finally:  # the 13.5 GB checkpoint never outlives the benchmark
             shutil.rmtree(scratch, ignore_errors=True)
         if run is not None:
             runs.append(run)
-            write_results(runs)
+            write_results(runs, args.results)
     if not runs:
         log("nothing measured")
 

@@ -17,10 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
-from secateurs.formats.registry import DTYPES, FORMATS, FormatError, LayerSpec, tensor_bytes
+from secateurs.formats.registry import DTYPES, FORMATS, FormatError, LayerSpec, grid_codes, tensor_bytes
 from secateurs.models import atomic_directory
 from secateurs.pipeline.discovery import find_blocks, get_weight, is_transposed, linear_layers
-from secateurs.runtime.layouts import group_columns
 
 LAYOUT_KEY = "secateurs_compression"
 LAYOUT_VERSION = 1
@@ -56,13 +55,13 @@ def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> di
     groups = scale.shape[1] if scale.dim() == 2 else 0
     if scale.shape != (rows, groups) or zero.shape != scale.shape or groups == 0 or cols % groups:
         raise SecateursError(f"layer {layer}: grid of shape {tuple(scale.shape)} does not fit a [{rows}, {cols}] weight")
+    if not bool(weight.isfinite().all()) or not bool(((zero >= 0) & (zero <= 255) & (zero == zero.round())).all()):
+        raise SecateursError(f"layer {layer}: NaN weights, or zero points that are not integers in [0, 255]")
     group_size = None if groups == 1 else cols // groups
-    scale_columns, zero_columns = (group_columns(t.to(torch.float32), group_size, cols) for t in grid)
-    codes = torch.round(weight.to(torch.float32) / scale_columns + zero_columns)
-    largest = int(max(codes.max(), zero.max())) if codes.numel() else 0
-    if largest > 255 or float(min(codes.min(), zero.min())) < 0:
-        raise SecateursError(f"layer {layer}: codes outside [0, 255]: the weights are not on the quantization grid")
-    bits = max(2, largest.bit_length())
+    # Clamped: a bfloat16 weight at the edge of an 8-bit grid can round to just past it; whether the
+    # codes are right is checked once the layer is encoded.
+    codes = grid_codes(weight, grid, group_size, 255)
+    bits = max(2, int(max(codes.max(), zero.max())).bit_length())
     return {"bits": bits, "group_size": group_size, "symmetric": bool((zero == 2 ** (bits - 1)).all())}
 
 

@@ -104,7 +104,7 @@ class Format:
     def compressed_tensors_names(self, spec: LayerSpec) -> tuple[str | None, str | None] | None:
         """(sparsity format, quantization format) as compressed-tensors names them, or None where
         compressed-tensors has no such layout."""
-        if self.name == "bitmask-packed" or (self.sparsity == "nm" and (spec.n, spec.m) != (2, 4)):
+        if (self.ct_sparsity, self.ct_quantization) == (None, None) or (self.sparsity == "nm" and (spec.n, spec.m) != (2, 4)):
             return None
         return self.ct_sparsity, self.ct_quantization
 
@@ -159,9 +159,7 @@ class Format:
     def _codes(self, weight: Tensor, spec: LayerSpec, grid) -> Tensor:
         if grid is None:
             raise ValueError(f"format {self.name} needs a quantization grid")
-        scale, zero = (group_columns(t.to(torch.float32), spec.group_size, spec.cols) for t in grid)
-        codes = torch.round(weight.to(torch.float32) / scale + zero)
-        return codes.clamp(0, 2**spec.bits - 1).to(torch.uint8)
+        return grid_codes(weight, grid, spec.group_size, 2**spec.bits - 1).to(torch.uint8)
 
     def _values_name(self) -> str:
         if self.sparsity != "dense":
@@ -317,6 +315,12 @@ class Format:
         scale, zero = self._grid(tensors, spec)
         codes = self.dense_codes(tensors, spec, keep, zero)
         return QuantLinear.from_codes(codes, scale, zero, bias, "int4" if spec.bits <= 4 else "int8", spec.group_size)
+
+
+def grid_codes(weight: Tensor, grid: tuple[Tensor, Tensor], group_size: int | None, max_code: int) -> Tensor:
+    """round(w / scale + zero) per (row, group), clamped to [0, max_code], as float32."""
+    scale, zero = (group_columns(t.to(torch.float32), group_size, weight.shape[1]) for t in grid)
+    return torch.round(weight.to(torch.float32) / scale + zero).clamp(0, max_code)
 
 
 def _signed(codes: Tensor) -> Tensor:

@@ -56,9 +56,7 @@ class OffloadedChunks(Sequence):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.count))]
+    def __getitem__(self, index: int) -> torch.Tensor:
         if not -self.count <= index < self.count:
             raise IndexError(index)
         return read_chunk(self.folder / CHUNK_FILE.format(index % self.count))

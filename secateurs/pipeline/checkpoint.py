@@ -67,12 +67,15 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class PartialRun:
+    """The partial folder of one output; every process of a torchrun group holds one."""
+
     def __init__(self, output: Path, group: ProcessGroup):
         self.output = Path(output)
         self.folder = self.output.with_name(self.output.name + ".partial")
         self.group = group
         self.started = time.perf_counter()
         self.previous_seconds = 0.0  # spent by the runs this one continues
+        self.fingerprint: dict | None = None
 
     def exists(self) -> bool:
         return self.folder.exists()
@@ -93,7 +96,7 @@ class PartialRun:
 
     def create(self, fingerprint: dict, blocks: int) -> None:
         if self.group.is_main:
-            self.folder.mkdir()
+            self.folder.mkdir(parents=True)
             write_json(self.folder / MANIFEST, self._manifest(fingerprint, blocks, 0, None))
         self.group.barrier()
         self.fingerprint = fingerprint

@@ -85,8 +85,9 @@ class CompressionJob:
             "recipe": engine.recipe.digest(),
             "model": self.source.fingerprint(),
             "calibration": calibration_digest(calibration),
-            "options": {"stream": self.stream, "chunk_size": engine.chunk_size, "hessian_dtype": str(engine.hessian_dtype)},
-            "processes": self.group.world_size,
+            "engine options": {"stream": self.stream, "chunk_size": engine.chunk_size,
+                               "hessian_dtype": str(engine.hessian_dtype)},
+            "number of processes": self.group.world_size,
         }
         resuming = self.partial.exists()
         state = self.partial.resume(fingerprint, self.source) if resuming else None

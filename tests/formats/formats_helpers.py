@@ -15,14 +15,14 @@ from secateurs.recipe import load_recipe
 VOCAB = 64
 
 
-def tiny(arch: str = "llama", dtype=torch.float32, seed: int = 0):
+def tiny(arch: str = "llama", dtype=torch.float32, seed: int = 0, intermediate: int = 100):
     """Odd shapes on purpose: 100 input columns leave bitmask padding bits and partial int32 words."""
     torch.manual_seed(seed)
     if arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB))
     else:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(
-            hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            hidden_size=48, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=VOCAB, max_position_embeddings=32, tie_word_embeddings=True))
     return model.to(dtype).eval()
 

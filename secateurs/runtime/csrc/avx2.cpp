@@ -23,14 +23,15 @@ struct CompressTable {
 };
 constexpr CompressTable kCompressTable;
 
-// For each 8-bit mask, what expands 8 packed values into the lanes of its set bits (zeros in the
-// others). fp32: per lane the vpermps index of its value (its rank among the set bits), or -128
-// for a cleared lane: sign-extended, that index's sign bit then drives the zeroing blend.
-// bf16 / int8: vpshufb controls over the values broadcast to both 128-bit halves, putting value
-// `rank` into the upper 16 bits (bf16 -> its fp32 bits) or upper 8 bits (int8 -> int32 * 2^24)
-// of the lane; 0x80 bytes give zeros.
+// For each 8-bit mask, what expands 8 packed values (read from the running value offset) into the
+// lanes of its set bits, with zeros in the others:
+// - fp32: per lane the vpermps index of its value (its rank among the set bits), or -1 for a
+//   cleared lane, whose sign bit then drives the blend with zero;
+// - bf16 / int8: vpshufb controls over the 8 values broadcast to both 128-bit halves, putting
+//   value `rank` into the upper 16 bits (bf16 -> its fp32 bits) or upper 8 bits (int8 ->
+//   int32 * 2^24) of the lane; 0x80 bytes give the zeros for free.
 struct ExpandTables {
-  alignas(64) int8_t fp32[256][8];
+  alignas(64) int32_t fp32[256][8];
   alignas(64) uint8_t bf16[256][32];
   alignas(64) uint8_t int8[256][32];
   constexpr ExpandTables() : fp32(), bf16(), int8() {
@@ -38,7 +39,7 @@ struct ExpandTables {
       int rank = 0;
       for (int lane = 0; lane < 8; ++lane) {
         const bool kept = bits >> lane & 1;
-        fp32[bits][lane] = kept ? static_cast<int8_t>(rank) : int8_t{-128};
+        fp32[bits][lane] = kept ? rank : -1;
         for (int byte = 0; byte < 4; ++byte) {
           bf16[bits][4 * lane + byte] = kept && byte >= 2 ? static_cast<uint8_t>(2 * rank + byte - 2) : 0x80;
           int8[bits][4 * lane + byte] = kept && byte == 3 ? static_cast<uint8_t>(rank) : 0x80;
@@ -49,6 +50,34 @@ struct ExpandTables {
   }
 };
 constexpr ExpandTables kExpandTables;
+
+// Expansions given the table entry of the mask byte.
+inline __m256 expand_entry(const uint8_t* entry, const float* p) {
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry));
+  const __m256 packed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
+  // Hidden from the compiler, which would otherwise turn the one-uop blend with zero into a
+  // compare and an and-not.
+  __m256 zero = _mm256_setzero_ps();
+  asm("" : "+x"(zero));
+  return _mm256_blendv_ps(packed, zero, _mm256_castsi256_ps(index));
+}
+inline __m256 expand_entry(const uint8_t* entry, const uint16_t* p) {
+  const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i control = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry));
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control));
+}
+inline __m256 expand_entry(const uint8_t* entry, const int8_t* p) {
+  int64_t eight;
+  std::memcpy(&eight, p, sizeof eight);
+  const __m256i control = _mm256_load_si256(reinterpret_cast<const __m256i*>(entry));
+  return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(_mm256_set1_epi64x(eight), control));
+}
+
+// Table (as bytes) and log2 of its entry size per value type: all entries are 32 bytes.
+inline const uint8_t* expand_table(float) { return reinterpret_cast<const uint8_t*>(kExpandTables.fp32[0]); }
+inline const uint8_t* expand_table(uint16_t) { return kExpandTables.bf16[0]; }
+inline const uint8_t* expand_table(int8_t) { return kExpandTables.int8[0]; }
+constexpr unsigned kExpandEntryShift = 5;
 
 struct Simd {
   static constexpr int W = 8;
@@ -90,25 +119,26 @@ struct Simd {
   }
 
   static F compress(unsigned bits, F v) { return _mm256_permutevar8x32_ps(v, load_u8(kCompressTable.lanes[bits])); }
-  static F expand(unsigned bits, const float* p) {
-    const I index = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpandTables.fp32[bits])));
-    const F packed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), index);
-    return _mm256_blendv_ps(packed, _mm256_setzero_ps(), _mm256_castsi256_ps(index));
+  template <class T>
+  static F expand(unsigned bits, const T* p) {
+    return expand_entry(expand_table(T{}) + (bits << kExpandEntryShift), p);
   }
-  static F expand(unsigned bits, const uint16_t* p) {
-    const I packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const I control = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.bf16[bits]));
-    return _mm256_castsi256_ps(_mm256_shuffle_epi8(packed, control));
-  }
-  static F expand(unsigned bits, const int8_t* p) {
-    int64_t eight;
-    std::memcpy(&eight, p, sizeof eight);
-    const I control = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTables.int8[bits]));
-    return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(_mm256_set1_epi64x(eight), control));
+  // Two chunks (16 mask bits): one pdep spreads both bytes into their table offsets, whose
+  // popcounts are those of the bytes.
+  template <class T>
+  static int expand_pair(unsigned bits, const T* p, F& low, F& high) {
+    constexpr unsigned shift = kExpandEntryShift;
+    const unsigned offsets = _pdep_u32(bits, (0xffu << shift) | (0xffu << (16 + shift)));
+    const unsigned low_offset = offsets & 0xffffu;
+    low = expand_entry(expand_table(T{}) + low_offset, p);
+    high = expand_entry(expand_table(T{}) + (offsets >> 16), p + __builtin_popcount(low_offset));
+    return __builtin_popcount(offsets);
   }
   static float expand_unit(float) { return 1.0f; }
   static float expand_unit(uint16_t) { return 1.0f; }
   static float expand_unit(int8_t) { return 1.0f / 16777216.0f; }  // the int8 lanes come out * 2^24
+
+  static void in_register(F& v) { asm("" : "+x"(v)); }
 
   static F lookup2(const float* window, I idx) {
     const F low = _mm256_permutevar8x32_ps(load(window), idx);

@@ -49,7 +49,16 @@ struct Simd {
   template <class T>
   static F expand(unsigned bits, const T* p) { return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load_values(p)); }
   template <class T>
+  static int expand_pair(unsigned bits, const T* p, F& low, F& high) {
+    const unsigned low_bits = bits & ((1u << W) - 1);
+    low = expand(low_bits, p);
+    high = expand(bits >> W, p + __builtin_popcount(low_bits));
+    return __builtin_popcount(bits);
+  }
+  template <class T>
   static float expand_unit(T) { return 1.0f; }
+
+  static void in_register(F& v) { asm("" : "+v"(v)); }
 
   static F lookup2(const float* window, I idx) {
     return _mm512_permutex2var_ps(load(window), idx, load(window + 16));

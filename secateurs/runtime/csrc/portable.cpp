@@ -77,7 +77,16 @@ struct Simd {
     return r;
   }
   template <class T>
+  static int expand_pair(unsigned bits, const T* p, F& low, F& high) {
+    const unsigned low_bits = bits & ((1u << W) - 1);
+    low = expand(low_bits, p);
+    high = expand(bits >> W, p + __builtin_popcount(low_bits));
+    return __builtin_popcount(bits);
+  }
+  template <class T>
   static float expand_unit(T) { return 1.0f; }
+
+  static void in_register(F&) {}
 
   static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }
 };

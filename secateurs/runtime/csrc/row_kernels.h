@@ -146,7 +146,6 @@ template <class T, int kRows>
 void expand_dot_rows(const uint8_t* mask, int64_t mask_stride, const T* const* row_values, const float* x,
                      float* dots) {
   constexpr int kChunkBytes = W / 8;
-  constexpr unsigned kLow = W >= 32 ? ~0u : (1u << W) - 1;
   const T* v[kRows];
   F acc[kRows][2];
   for (int i = 0; i < kRows; ++i) {
@@ -155,13 +154,16 @@ void expand_dot_rows(const uint8_t* mask, int64_t mask_stride, const T* const* r
   }
   const int64_t pairs = mask_stride / (2 * kChunkBytes);
   for (int64_t p = 0; p < pairs; ++p) {
-    const F x0 = Simd::load(x + 2 * p * W), x1 = Simd::load(x + (2 * p + 1) * W);
+    F x0 = Simd::load(x + 2 * p * W), x1 = Simd::load(x + (2 * p + 1) * W);
+    // Loaded once for all kRows rows: kept out of the FMAs' memory operands, which would reload them.
+    Simd::in_register(x0);
+    Simd::in_register(x1);
     for (int i = 0; i < kRows; ++i) {
       const unsigned bits = chunk_bits(mask + i * mask_stride + 2 * p * kChunkBytes, 2 * kChunkBytes);
-      const unsigned low = bits & kLow;
-      acc[i][0] = Simd::fma(Simd::expand(low, v[i]), x0, acc[i][0]);
-      acc[i][1] = Simd::fma(Simd::expand(bits >> W, v[i] + __builtin_popcount(low)), x1, acc[i][1]);
-      v[i] += __builtin_popcount(bits);
+      F low, high;
+      v[i] += Simd::expand_pair(bits, v[i], low, high);
+      acc[i][0] = Simd::fma(low, x0, acc[i][0]);
+      acc[i][1] = Simd::fma(high, x1, acc[i][1]);
     }
   }
   for (int64_t byte = pairs * 2 * kChunkBytes; byte < mask_stride; byte += kChunkBytes) {
