@@ -6,9 +6,11 @@ Protocol (also in the README):
     into a scratch folder and deleted afterwards, even on failure; skipped below 35 GB of free disk;
   - smollm2 and gemma3: the embedded SmolLM2-135M and Gemma-3-270M (float32 safetensors in the cache);
   - SparseGPT 50% (`sparsegpt-50`), `--stream`, on 16 windows x 256 random token ids (seed 0);
-  - each compression runs in its own child process, so its ru_maxrss (the whole process's peak
-    resident set, file-backed pages included) is its own; disk written is the child's write() bytes
-    (/proc/self/io wchar: output shards, checkpoints, activations).
+  - each compression runs in its own child process; peak memory is its VmHWM (the peak resident
+    set of the whole process, file-backed pages included). That is ru_maxrss without what the
+    launching process passes on: Linux keeps ru_maxrss across execve, so a child of the process that
+    generated the checkpoint would report the generator's peak. Disk written is the child's
+    write() bytes (/proc/self/io wchar: output shards, checkpoints, activations).
 
 The time of 70B- and 175B-shaped models is extrapolated from the measured per-block costs, split
 into the column sweeps (timed per layer) and the rest (block forwards and Hessian products), each
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,12 @@ def generate_llama(folder: Path, blocks: int) -> int:
     return size
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident set since its exec (VmHWM)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0])
+
+
 def child(model_dir: str, output: str, device: str | None, threads: int) -> dict:
     """One streamed compression in this process; everything measured is this process's own."""
     from secateurs.pipeline.engine import Engine
@@ -125,7 +132,7 @@ def child(model_dir: str, output: str, device: str | None, threads: int) -> dict
     return {
         "blocks": len(job.source.blocks),
         "params": sum(p.numel() for p in job.source.model.parameters()),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_kib() / 1024, 1),
         "seconds": round(seconds, 1),
         "seconds_per_block": round((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0] - started, 2),
         "block_seconds": [round(b - a, 2) for a, b in zip([started] + ends, ends)],

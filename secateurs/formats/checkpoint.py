@@ -136,7 +136,7 @@ def _compressed_tensors_config(specs: dict[str, LayerSpec], nonzeros: dict[str, 
     return config
 
 
-def save_compressed(model: nn.Module, report_or_grids=None, output_dir=None, tokenizer=None,
+def save_compressed(model: nn.Module, report_or_grids, output_dir, tokenizer=None,
                     extra_files: dict[str, str] | None = None) -> SavedModel:
     """Write `model` as a compressed directory, atomically (a temporary sibling, then one rename).
 
@@ -148,9 +148,7 @@ def save_compressed(model: nn.Module, report_or_grids=None, output_dir=None, tok
 
     from secateurs.pipeline.streaming import unique_state
 
-    if output_dir is None:
-        raise SecateursError("save_compressed needs an output directory")
-    grids, recipe = _layer_options(report_or_grids)
+    grids, recipe = _layer_options(report_or_grids)  # None: no grids, no recipe
     prefix, blocks = find_blocks(model)
     saved = SavedModel(Path(output_dir))
     specs, nonzeros, act_order, state = {}, {}, set(), {}

@@ -1,5 +1,6 @@
-// AVX-512F path (16 floats per vector): packing the x of kept columns is one vcompressps and the
-// N:M gather one vpermt2ps. Only AVX-512F instructions are used: what the dispatcher checks for.
+// AVX-512F path (16 floats per vector): expanding a chunk's kept values is one vexpandps, packing
+// the kept column offsets (batch > 1) one vcompressps and the N:M gather one vpermt2ps.
+// Only AVX-512F instructions are used: what the dispatcher checks for.
 #include <immintrin.h>
 
 #include "kernels.h"

@@ -8,8 +8,10 @@
 // low_nibbles, high_nibbles, to_float (convert), as_float (same bits), load_values (W float,
 // bf16-bits or int8 values -> fp32), compress(bits, v) (the lanes of v whose bit is set, packed
 // from lane 0 up; the others undefined), expand(bits, values) (lane i = the next value, in order,
-// if bit i is set, else 0; reads up to W values, converted to fp32 times 1 / expand_unit(T{}))
-// and lookup2(window, idx) (lane i = window[idx[i]], idx < 2W).
+// if bit i is set, else 0; reads up to W values, converted to fp32 times 1 / expand_unit(T{})),
+// expand_pair(bits, values, low, high) (expand of two chunks from 2W mask bits; returns their
+// popcount), in_register(v) (keeps v in a register) and lookup2(window, idx) (lane i =
+// window[idx[i]], idx < 2W).
 
 namespace secateurs {
 namespace {
@@ -141,7 +143,7 @@ int64_t compress_by_mask(const uint8_t* mask, int64_t mask_bytes, float* out, Ve
 // kRows rows are interleaved to share the x loads and keep independent chains in flight, and two
 // chunks are taken per step (one mask load, the second chunk's offset from the low popcount).
 // The expansion may read up to W values past a row's last one: rows within W of the end of
-// `values` read from a zero-padded copy instead (see bitmask_rows_typed).
+// `values` read from a zero-padded copy instead (see bitmask_rows_batch1).
 template <class T, int kRows>
 void expand_dot_rows(const uint8_t* mask, int64_t mask_stride, const T* const* row_values, const float* x,
                      float* dots) {
