@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -212,6 +213,14 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = tor
             raise SecateursError(f"{path}: not a model directory (no config.json)")
         if not any(path.glob("*.safetensors")):
             raise SecateursError(f"{path}: no .safetensors weights (pickled checkpoints are not loaded)")
+        from secateurs.formats.checkpoint import LAYOUT_KEY, load as load_compressed
+
+        if LAYOUT_KEY in json.loads((path / "config.json").read_text()):
+            # Compressed layers become runtime modules (validated first); the tokenizer is plain.
+            from transformers import AutoTokenizer
+
+            tokenizer = _hf_step(str(path), "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(path))
+            return LoadedModel(load_compressed(path).eval(), tokenizer, str(path))
         return _load_pretrained(str(path), dtype, use_safetensors=True)
     if path.is_file():
         if path.suffix != ".gguf":

@@ -51,7 +51,7 @@ def compress_layer(
             else:
                 mask = alg.magnitude_mask(W, target, per_row=prune.per_row, n=n, m=m)
             if spec is None:
-                new = W * mask
+                new = torch.where(mask, W, 0.0)  # W * mask would leave -0.0 behind
             else:  # GPTQ on the surviving weights, the mask held fixed
                 out = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
                                     quant=spec, fixed_mask=mask)
