@@ -221,12 +221,16 @@ def extrapolate(run: dict) -> tuple[list[dict], dict]:
             sweeps, compute = block_flops(shape, calibration_tokens)
             seconds = sweeps / sweep_flops * sweep_s + other_s * weights_ratio
             seconds += compute / compute_flops * compute_s if compute_s is not None else 0
-            row[f"hours_{label}"] = round(shape[-1] * seconds / 3600, 1)
+            row[f"hours_{label}"] = round(shape[-1] * seconds / 3600, 2)
         rows.append(row)
     rates = {"sweep_gflops": round(sweep_flops / sweep_s / 1e9, 1)}
     if compute_s is not None:
         rates["forward_hessian_gflops"] = round(compute_flops / compute_s / 1e9, 1)
     return rows, rates
+
+
+def hours(value: float | None) -> str:
+    return "n/a (no separate forward timing)" if value is None else f"{value:.2f}"
 
 
 def write_results(runs: list[dict], results: Path) -> None:
@@ -238,6 +242,8 @@ def write_results(runs: list[dict], results: Path) -> None:
     document = {"protocol": {"recipe": RECIPE, "calibration": f"{SAMPLES} x {SEQLEN} random token ids, seed 0",
                              "mode": "--stream"}, "runs": ordered}
     lines = ["# Scale: streamed SparseGPT 50%, 16 x 256 calibration tokens", "",
+             "Written by benchmarks/scale.py (protocol in its docstring). CPU rows: one thread on a shared 2-core "
+             "machine; a `note` in scale.json qualifies a row.", "",
              "| model | device | blocks | params | peak RSS (MiB) | seconds | s/block | sweeps s/block | disk written (MiB) | output (MiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for run in ordered:
@@ -256,7 +262,8 @@ def write_results(runs: list[dict], results: Path) -> None:
         lines += ["", f"Extrapolated from the {base['blocks']}-block 7B-shape run on {device} ({base['threads']} threads; "
                   f"measured GFLOP/s: {json.dumps(rates)}):", "",
                   "| shape | blocks | hours, 16 x 256 tokens | hours, 128 x 2048 tokens |", "|---|---|---|---|"]
-        lines += [f"| {row['shape']} | {row['blocks']} | {row['hours_16x256']} | {row['hours_128x2048']} |" for row in rows]
+        lines += [f"| {row['shape']} | {row['blocks']} | {hours(row['hours_16x256'])} | {hours(row['hours_128x2048'])} |"
+                  for row in rows]
     path.write_text(json.dumps(document, indent=2) + "\n")
     (results / "scale.md").write_text("\n".join(lines) + "\n")
 

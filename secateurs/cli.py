@@ -65,10 +65,12 @@ def cmd_compress(args) -> None:
     calibration = _calibration(job.tokenizer, args)
     report = job.run(recipe, calibration, {"model": args.model, "calibration_data": args.calib, "seed": args.seed},
                      device=device, true_sequential=args.true_sequential or None)
+    if not job.group.is_main:  # under torchrun, one process reports and writes the compressed formats
+        return
     totals = report.as_dict()["totals"]
     print(f"compressed {totals['layers']} layers with {recipe.name} in {totals['seconds']:.1f} s "
           f"(sparsity {totals['sparsity']:.3f}); wrote {output}")
-    if args.save_compressed and job.group.is_main:
+    if args.save_compressed:
         _rewrite_compressed(output, report)
 
 
