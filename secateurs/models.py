@@ -201,6 +201,15 @@ def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | Non
             (staging / filename).write_text(text)
 
 
+def _records_compression(config: Path, key: str) -> bool:
+    """Whether a config.json describes secateurs' compressed layers; an unreadable one is left to
+    transformers, whose error names the problem."""
+    try:
+        return key in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM from an embedded name, a model directory, a .gguf file or a hub id."""
     spec = str(spec)
@@ -215,7 +224,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = tor
             raise SecateursError(f"{path}: no .safetensors weights (pickled checkpoints are not loaded)")
         from secateurs.formats.checkpoint import LAYOUT_KEY, load as load_compressed
 
-        if LAYOUT_KEY in json.loads((path / "config.json").read_text()):
+        if _records_compression(path / "config.json", LAYOUT_KEY):
             # Compressed layers become runtime modules (validated first); the tokenizer is plain.
             from transformers import AutoTokenizer
 
