@@ -250,8 +250,8 @@ def main() -> None:
         for name in wanted:
             todo = [e for e in engines if e == "secateurs" or name in REFERENCE_ROWS]
             current = {e: versions(e) for e in todo}
-            fresh = {(r["row"], r["engine"]) for r in rows
-                     if r["protocol"] == protocol and r["versions"].items() >= current[r["engine"]].items()}
+            fresh = {(r["row"], r["engine"]) for r in rows if r["engine"] in current
+                     and r["protocol"] == protocol and r["versions"].items() >= current[r["engine"]].items()}
             todo = [e for e in todo if args.force or (name, e) not in fresh]
             if not todo:
                 continue
