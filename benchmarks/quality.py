@@ -79,10 +79,10 @@ def code_hash() -> str:
 # ---- worker side: one row in this process ----
 
 def _calibration_and_eval(tokenizer):
-    from secateurs.data.corpus import load_text, sample_windows, tokenize
+    from secateurs.data.corpus import calibration_windows, load_text, tokenize
 
-    calibration = sample_windows(tokenize(tokenizer, load_text(PROTOCOL["calib"])), PROTOCOL["samples"],
-                                 PROTOCOL["calib_seqlen"], PROTOCOL["seed"])
+    calibration = calibration_windows(tokenizer, PROTOCOL["calib"], PROTOCOL["samples"], PROTOCOL["calib_seqlen"],
+                                      PROTOCOL["seed"])
     return calibration, tokenize(tokenizer, load_text(PROTOCOL["eval"]))
 
 

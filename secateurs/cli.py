@@ -48,13 +48,8 @@ def cmd_eval(args) -> None:
               f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s")
 
 
-def _calibration(tokenizer, args):
-    from secateurs.data.corpus import load_text, sample_windows, tokenize
-
-    return sample_windows(tokenize(tokenizer, load_text(args.calib)), args.samples, args.seqlen, args.seed)
-
-
 def cmd_compress(args) -> None:
+    from secateurs.data.corpus import calibration_windows
     from secateurs.pipeline.distributed import init_from_environment
     from secateurs.pipeline.job import CompressionJob
     from secateurs.recipe import load_recipe
@@ -65,7 +60,7 @@ def cmd_compress(args) -> None:
     device = init_from_environment(args.device)
     job = CompressionJob(args.model, output, overwrite=args.overwrite, resume=args.resume, stream=args.stream,
                          offload_activations=args.offload_activations)
-    calibration = _calibration(job.tokenizer, args)
+    calibration = calibration_windows(job.tokenizer, args.calib, args.samples, args.seqlen, args.seed)
     report = job.run(recipe, calibration, {"model": args.model, "calibration_data": args.calib, "seed": args.seed},
                      device=device, true_sequential=args.true_sequential or None)
     if not job.group.is_main:  # under torchrun, one process reports and writes the compressed formats

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from secateurs.data.corpus import AUSTEN_EVAL, load_text, sample_windows, tokenize
+from secateurs.data.corpus import AUSTEN_EVAL, calibration_windows, load_text, tokenize
 from secateurs.eval.perplexity import perplexity
 from secateurs.formats.checkpoint import WEIGHTS_FILE, save_compressed
 from secateurs.models import DEFAULT_MODEL, load_model
@@ -27,7 +27,7 @@ def run_demo(args) -> dict:
     print(f"dense perplexity on the first {args.eval_tokens} tokens of Persuasion (windows of {EVAL_SEQLEN}; "
           f"the benchmark protocol uses 40960, see benchmarks/quality.py)")
     dense = perplexity(loaded.model, evaluation, EVAL_SEQLEN, max_tokens=args.eval_tokens)
-    calibration = sample_windows(tokenize(loaded.tokenizer, load_text(args.calib)), args.samples, args.seqlen, args.seed)
+    calibration = calibration_windows(loaded.tokenizer, args.calib, args.samples, args.seqlen, args.seed)
     print(f"compressing with {args.recipe}: {args.samples} calibration windows x {args.seqlen} tokens "
           f"from {args.calib} (the papers use 128 x 2048)")
     report = Engine(loaded.model, args.recipe).run(calibration)

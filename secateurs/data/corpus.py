@@ -106,6 +106,11 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def calibration_windows(tokenizer, spec: str, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """The calibration set: `samples` seeded windows of `seqlen` tokens from the text `spec`."""
+    return sample_windows(tokenize(tokenizer, load_text(spec)), samples, seqlen, seed)
+
+
 def sample_windows(token_ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """`samples` windows of `seqlen` tokens at seeded random offsets: a [samples, seqlen] tensor."""
     if samples < 1 or seqlen < 1:
