@@ -101,6 +101,194 @@ def cmd_demo(args) -> None:
     run_demo(args)
 
 
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise SecateursError(f"{name} must be a positive integer (got {value})")
+    return value
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(i for i in source if isinstance(i, int))
+    return ids
+
+
+class _TextStream:
+    """Writes the text of the ids produced so far as it grows: each id's text once the decoded
+    prefix is stable (no partial UTF-8 sequence at its end)."""
+
+    def __init__(self, tokenizer, out) -> None:
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
+
+    def put(self, token: int) -> None:
+        self.ids.append(token)
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+        self.out.write("\n")
+        self.out.flush()
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if (text.endswith("\ufffd") and not final) or not text.startswith(self.printed):
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+class _TransformersStreamer:
+    """transformers' streamer protocol (put(prompt ids), then put(new ids) per step, end()) feeding a _TextStream."""
+
+    def __init__(self, stream: _TextStream) -> None:
+        self.stream, self.prompt_seen = stream, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.stream.put(token)
+
+    def end(self) -> None:
+        pass
+
+
+def _load_for_generation(args):
+    import torch
+
+    from secateurs.models import load_model
+
+    if args.threads is not None:
+        torch.set_num_threads(_positive("--threads", args.threads))
+    loaded = load_model(args.model)
+    loaded.model.eval()
+    return loaded, torch.get_num_threads()
+
+
+def cmd_generate(args) -> None:
+    import time
+
+    import torch
+
+    from secateurs.runtime.decode import DecodeModel, DecodeUnsupported
+
+    max_new = _positive("--max-new-tokens", args.max_new_tokens)
+    loaded, threads = _load_for_generation(args)
+    ids = list(loaded.tokenizer(args.prompt)["input_ids"])
+    if not ids:
+        raise SecateursError("the prompt encodes to no tokens")
+    eos = _eos_ids(loaded.model, loaded.tokenizer)
+    stream = _TextStream(loaded.tokenizer, sys.stdout)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or len(ids) + max_new
+    if len(ids) + max_new - 1 > limit:
+        raise SecateursError(f"{len(ids)} prompt tokens + {max_new} new tokens exceed the model's "
+                             f"{limit} positions")
+    try:
+        decoder = DecodeModel.from_model(loaded.model, embeddings=args.embeddings,
+                                         max_length=min(limit, len(ids) + max_new), threads=threads)
+    except DecodeUnsupported as exc:
+        print(f"secateurs: decode path unavailable ({exc}); falling back to transformers generate",
+              file=sys.stderr)
+        begin = time.perf_counter()
+        with torch.no_grad():
+            output = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                           max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos) or None,
+                                           pad_token_id=loaded.tokenizer.pad_token_id or (sorted(eos) or [0])[0],
+                                           streamer=_TransformersStreamer(stream))
+        seconds = time.perf_counter() - begin
+        stream.end()
+        generated = output.shape[1] - len(ids)
+        print(f"{generated} tokens in {seconds:.2f} s, {generated / seconds:.1f} tok/s overall "
+              f"(transformers generate, {threads} threads)", file=sys.stderr)
+        return
+    tokens = decoder.generate(ids, max_new, on_token=stream.put, eos=eos)
+    stream.end()
+    stats = decoder.stats
+    print(f"{len(tokens)} tokens: prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.1f} tok/s, "
+          f"decode {stats.decode_tokens_per_second:.1f} tok/s (kernel {stats.kernel_ms_per_token:.2f} + other "
+          f"{stats.other_ms_per_token:.2f} + python {stats.python_ms_per_token:.2f} ms/token; {threads} threads, "
+          f"{decoder.kernel_path}, {args.embeddings} embeddings)", file=sys.stderr)
+
+
+def _bench_prompt(tokenizer, count: int) -> list[int]:
+    """The first `count` tokens of Persuasion (repeated if the tokenizer is that coarse)."""
+    from secateurs.data.corpus import load_text
+
+    text = load_text("austen-eval")[: 16 * count + 1000]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise SecateursError("the tokenizer encodes the benchmark text to no tokens")
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+def cmd_bench_decode(args) -> None:
+    import statistics
+    import time
+
+    import torch
+
+    from secateurs.runtime.decode import DecodeModel
+
+    prompt_tokens = _positive("--prompt-tokens", args.prompt_tokens)
+    new_tokens = _positive("--new-tokens", args.new_tokens)
+    repeat = _positive("--repeat", args.repeat)
+    thread_counts = [_positive("--threads", t) for t in args.threads]
+    loaded, _ = _load_for_generation(argparse.Namespace(model=args.model, threads=None))
+    model = loaded.model
+    prompt = _bench_prompt(loaded.tokenizer, prompt_tokens)
+    decoder = DecodeModel.from_model(model, embeddings=args.embeddings, max_length=prompt_tokens + new_tokens,
+                                     threads=thread_counts[0])
+    config = model.config
+    print(f"{args.model}: {type(model).__name__}, {config.num_hidden_layers} layers, kernel path {decoder.kernel_path}, "
+          f"{args.embeddings} embeddings; prompt {prompt_tokens} tokens, {new_tokens} new tokens, median of {repeat}")
+    rows = []
+    for threads in thread_counts:
+        decoder.set_threads(threads)
+        decoder.generate(prompt[: min(8, prompt_tokens)], min(8, new_tokens), eos=None)  # warm up caches
+        runs = []
+        for _ in range(repeat):
+            decoder.generate(prompt, new_tokens, eos=None)
+            runs.append(decoder.stats.as_dict())
+        row = {"threads": threads} | {key: statistics.median(run[key] for run in runs)
+                                      for key in runs[0] if key.endswith(("_second", "_token"))}
+        if args.hf:
+            torch.set_num_threads(threads)
+            ids = torch.tensor([prompt])
+            mask = torch.ones_like(ids)
+            hf_decode, hf_prefill = [], []
+            with torch.no_grad():
+                model(ids[:, :8])  # warm up
+                for _ in range(repeat):
+                    begin = time.perf_counter()
+                    model(ids, attention_mask=mask, use_cache=True)
+                    prefill = time.perf_counter() - begin
+                    begin = time.perf_counter()
+                    model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=0)
+                    total = time.perf_counter() - begin
+                    hf_prefill.append(prompt_tokens / prefill)
+                    hf_decode.append((new_tokens - 1) / max(total - prefill, 1e-9))
+            row["hf_prefill_tokens_per_second"] = statistics.median(hf_prefill)
+            row["hf_decode_tokens_per_second"] = statistics.median(hf_decode)
+        rows.append(row)
+        hf = (f"  | transformers eager: decode {row['hf_decode_tokens_per_second']:.1f} tok/s, prefill "
+              f"{row['hf_prefill_tokens_per_second']:.1f} tok/s" if args.hf else "")
+        print(f"threads {threads}: decode {row['decode_tokens_per_second']:.1f} tok/s, prefill "
+              f"{row['prefill_tokens_per_second']:.1f} tok/s, per token kernel {row['kernel_ms_per_token']:.2f} ms, "
+              f"other {row['other_ms_per_token']:.2f} ms, python {row['python_ms_per_token']:.3f} ms{hf}", flush=True)
+    if args.json:
+        print(json.dumps({"model": args.model, "kernel_path": decoder.kernel_path, "embeddings": args.embeddings,
+                          "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat, "rows": rows},
+                         indent=2))
+
+
 def _add_calibration(parser, samples: int, seqlen: int) -> None:
     parser.add_argument("--calib", default="austen-calib",
                         help="calibration text (default: the five Austen novels other than Persuasion)")
@@ -151,6 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
     decompress.add_argument("--output", required=True, help="dense model directory to write")
     decompress.add_argument("--overwrite", action="store_true")
     decompress.set_defaults(run=cmd_decompress)
+
+    embeddings_help = "storage of the embedding matrix and the tied LM head: fp32, bf16 or int8 (per row)"
+    generate = commands.add_parser("generate", help="greedy generation on the C++ decode path, streamed to stdout")
+    _add_model(generate, default="smollm2-135m")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--threads", type=int, default=None, help="default: torch's thread count")
+    generate.add_argument("--embeddings", choices=("fp32", "bf16", "int8"), default="fp32", help=embeddings_help)
+    generate.set_defaults(run=cmd_generate)
+
+    bench = commands.add_parser("bench-decode", help="decode and prefill tokens/s of the C++ decode path")
+    _add_model(bench, default="smollm2-135m")
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--threads", type=int, nargs="+", default=[1])
+    bench.add_argument("--repeat", type=int, default=3, help="runs per thread count (the median is printed)")
+    bench.add_argument("--embeddings", choices=("fp32", "bf16", "int8"), default="fp32", help=embeddings_help)
+    bench.add_argument("--hf", action="store_true", help="also time transformers' eager generate on the same prompt")
+    bench.add_argument("--json", action="store_true", help="also print the medians as JSON")
+    bench.set_defaults(run=cmd_bench_decode)
 
     demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")
     demo.add_argument("--recipe", default="sparsegpt-50")

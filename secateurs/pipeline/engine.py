@@ -27,7 +27,7 @@ from secateurs.pipeline.capture import capture_block_inputs, run_block
 from secateurs.pipeline.discovery import find_blocks, get_weight, in_features, linear_layers, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
 from secateurs.pipeline.layer import compress_layer
-from secateurs.pipeline.statistics import HessianAccumulator, StatisticsHooks
+from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator, StatisticsHooks
 from secateurs.pipeline.streaming import BlockSource, InMemoryModel
 from secateurs.recipe import Recipe, load_recipe
 
@@ -138,7 +138,11 @@ class Engine:
         hooks = StatisticsHooks(layers, self.hessian_dtype, self.device, accumulate)
         try:
             for hidden, kwargs in itertools.islice(zip(inputs.hidden, inputs.kwargs[index]), chunks):
-                run_block(block, hidden, kwargs, self.device)
+                try:
+                    run_block(block, hidden, kwargs, self.device)
+                except BlockStopped:
+                    pass
+                hooks.stop_after_last_layer()
         finally:
             hooks.remove()
         self.group.all_reduce(list(hooks.accumulators.values()))
@@ -204,7 +208,11 @@ class Engine:
             for step in steps:
                 stats = self._gather(block, step, inputs, index)
                 self._compress_step(index, step, stats, report, bar)
-            self._advance(block, inputs, index)
+            if index + 1 < len(self.blocks):
+                self._advance(block, inputs, index)
+            else:  # nothing reads the last block's outputs
+                discard_chunks(inputs.hidden)
+                inputs.hidden = []
             self.blocks[index] = block.to("cpu")
             if on_block_done:
                 on_block_done(index, report)

@@ -1,7 +1,9 @@
 """Per-layer calibration statistics collected by forward hooks.
 
 H = 2 X Xᵀ / n is kept as the float sum of x xᵀ over tokens plus the token count, so partial sums
-from several processes (or resumed runs) add up exactly before the division. Wanda's
+from several processes (or resumed runs) add up exactly before the division. Only the blocks on
+and above the diagonal of that sum are accumulated (H is symmetric): besides skipping the lower
+blocks' work, the narrower products run about twice as fast as one full Xᵀ X on CPU. Wanda's
 per-input-column norms ‖X_j‖₂ are the square roots of that sum's diagonal.
 Layers called one after another on the same input tensor (q/k/v, gate/up) share one accumulator,
 so XᵀX is computed once per distinct input.
@@ -14,13 +16,19 @@ from torch import nn
 
 
 class HessianAccumulator:
+    # Column blocks of the upper-triangular accumulation (measured: 576 and 1536 columns on 2 cores).
+    BLOCK_COLUMNS, MAX_BLOCKS = 192, 4
+
     def __init__(self, columns: int, dtype: torch.dtype = torch.float32, device="cpu"):
-        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)  # upper block triangle
         self.count = 0
+        blocks = min(self.MAX_BLOCKS, max(1, columns // self.BLOCK_COLUMNS))
+        self._edges = [round(i * columns / blocks) for i in range(blocks + 1)]
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.sum.dtype)
-        self.sum.addmm_(x.t(), x)
+        for start, stop in zip(self._edges, self._edges[1:]):
+            self.sum[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
         self.count += x.shape[0]
 
     def merge(self, other_sum: torch.Tensor, other_count: int) -> None:
@@ -28,26 +36,37 @@ class HessianAccumulator:
         self.count += other_count
 
     def hessian(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.count, 1))
+        full = self.sum * (2.0 / max(self.count, 1))
+        for start, stop in zip(self._edges[1:], self._edges[2:]):  # mirror the blocks above the diagonal
+            full[start:stop, :start] = full[:start, start:stop].T
+        return full
 
     def column_norms(self) -> torch.Tensor:
         return self.sum.diagonal().clamp_min(0).sqrt()
 
 
+class BlockStopped(Exception):
+    """Raised by the hooks to cut a statistics pass short once the last hooked layer has its input."""
+
+
 class StatisticsHooks:
-    """Forward hooks on some layers; `owner[name]` is the first layer, in call order, of the run of
-    layers that read the same input tensor as `name`, and `accumulators` is keyed by owners.
-    With `accumulate=False` the hooks only learn the grouping (one cheap pass for true-sequential)."""
+    """Forward pre-hooks on some layers; `owner[name]` is the first layer, in call order, of the run
+    of layers that read the same input tensor as `name`, and `accumulators` is keyed by owners.
+    With `accumulate=False` the hooks only learn the grouping (one cheap pass for true-sequential).
+    After `stop_after_last_layer()` (call it once a full pass has shown the call order) the pass
+    stops with BlockStopped before the last hooked layer runs: the statistics need only the inputs
+    of the hooked layers, so the rest of the block's forward (down_proj at least) is skipped."""
 
     def __init__(self, layers: dict[str, nn.Module], dtype, device, accumulate: bool = True):
         self.owner: dict[str, str] = {}
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._last: tuple[torch.Tensor, str] | None = None
-        self._handles = [module.register_forward_hook(self._hook(name, dtype, device, accumulate))
+        self._stop_at: str | None = None
+        self._handles = [module.register_forward_pre_hook(self._hook(name, dtype, device, accumulate))
                          for name, module in layers.items()]
 
     def _hook(self, name, dtype, device, accumulate):
-        def record(module, args, output):
+        def record(module, args):
             x = args[0]
             owner = self._last[1] if self._last is not None and self._last[0] is x else name
             self._last = (x, owner)
@@ -57,8 +76,14 @@ class StatisticsHooks:
                 if name not in self.accumulators:
                     self.accumulators[name] = HessianAccumulator(x.shape[-1], dtype, device)
                 self.accumulators[name].add(x)
+            if name == self._stop_at:
+                raise BlockStopped
 
         return record
+
+    def stop_after_last_layer(self) -> None:
+        self._last = None
+        self._stop_at = next(reversed(self.owner), None)
 
     def groups(self) -> list[list[str]]:
         grouped: dict[str, list[str]] = {}

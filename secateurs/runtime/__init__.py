@@ -2,10 +2,13 @@
 
 The native library is compiled on first use (or by `python -m secateurs.runtime.build`)."""
 
-from .kernels import KernelPathError, bitmask_mm, kernel_path, last_kernel_path, nm_mm, quant_mm, supported_paths
+from .decode import DecodeError, DecodeModel, DecodeUnsupported
+from .kernels import (KernelPathError, bitmask_mm, dense_mm, kernel_path, last_kernel_path, nm_mm, quant_mm,
+                      supported_paths)
 from .modules import BitmaskLinear, CompressedLinear, NMLinear, QuantLinear, SparseQuantLinear
 
 __all__ = [
-    "BitmaskLinear", "CompressedLinear", "KernelPathError", "NMLinear", "QuantLinear", "SparseQuantLinear",
-    "bitmask_mm", "kernel_path", "last_kernel_path", "nm_mm", "quant_mm", "supported_paths",
+    "BitmaskLinear", "CompressedLinear", "DecodeError", "DecodeModel", "DecodeUnsupported", "KernelPathError",
+    "NMLinear", "QuantLinear", "SparseQuantLinear",
+    "bitmask_mm", "dense_mm", "kernel_path", "last_kernel_path", "nm_mm", "quant_mm", "supported_paths",
 ]

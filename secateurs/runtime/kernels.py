@@ -49,6 +49,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_bitmask_mm.argtypes = head + [ptr, ptr, i32, ptr, ptr, ptr]
     library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
+    library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
     return library
 
 
@@ -210,4 +211,24 @@ def quant_mm(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int,
         return _dense_matmul(x, layouts.dequantize(codes, scale, zero, group_size))
 
     return _run("secateurs_quant_mm", x, rows, in_features, bits, group_size or 0, qweight, scale, zero,
+                fallback=fallback)
+
+
+def dense_mm(x: Tensor, weight: Tensor, row_scale: Tensor | None = None) -> Tensor:
+    """Dense weight [rows, in_features]: float32 / bfloat16, or int8 codes with a float32 per-row
+    `row_scale` (w = row_scale[r] * v). The decode path's kernel for unpruned layers and LM heads."""
+    _check_tensor("weight", weight, tuple(_DTYPE_IDS), (None, None))
+    rows, in_features = weight.shape
+    _check_activations(x, in_features)
+    if weight.dtype == torch.int8:
+        _require(row_scale is not None, "int8 weights need row_scale")
+        _check_tensor("row_scale", row_scale, (torch.float32,), (rows,))
+    else:
+        _require(row_scale is None, f"row_scale is only for int8 weights, got {weight.dtype} weights")
+
+    def fallback() -> Tensor:
+        dense = weight.to(torch.float32)
+        return _dense_matmul(x, dense if row_scale is None else dense * row_scale[:, None])
+
+    return _run("secateurs_dense_mm", x, rows, in_features, weight, _DTYPE_IDS[weight.dtype], row_scale,
                 fallback=fallback)

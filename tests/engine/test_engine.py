@@ -99,6 +99,48 @@ def test_next_block_sees_compressed_outputs(true_sequential):
     assert reported == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("columns", [5, 200, 577, 1536])
+def test_hessian_accumulator_matches_dense_xtx(columns):
+    """Only the upper block triangle is accumulated; hessian() must still be the full 2 XᵀX / n,
+    also after merging partial sums."""
+    generator = torch.Generator().manual_seed(columns)
+    chunks = [torch.randn(2, 7, columns, generator=generator, dtype=torch.float64) for _ in range(3)]
+    first, second = HessianAccumulator(columns, torch.float64), HessianAccumulator(columns, torch.float64)
+    for chunk in chunks[:2]:
+        first.add(chunk)
+    second.add(chunks[2])
+    first.merge(second.sum, second.count)
+    x = torch.cat([c.reshape(-1, columns) for c in chunks])
+    torch.testing.assert_close(first.hessian(), 2 * x.T @ x / x.shape[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(first.column_norms(), x.norm(dim=0), rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_pass_skips_the_rest_of_the_block_after_the_last_hooked_layer():
+    """After the first chunk, a statistics pass stops once down_proj has its input: down_proj itself
+    runs once (chunk 0, to learn the call order), yet its Hessian covers every chunk."""
+    model = tiny("llama")
+    engine = Engine(model, "sparsegpt-50", device="cpu", chunk_size=2, progress=False)
+    from secateurs.pipeline.capture import capture_block_inputs
+
+    ids = calibration(samples=6)
+    inputs = capture_block_inputs(model, engine.blocks, ids, 2)
+    down = engine.blocks[0].mlp.down_proj
+    seen = []
+    handle = down.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    stats = engine._gather(engine.blocks[0], engine._block_layers(0), inputs, 0)
+    handle.remove()
+    assert len(seen) == 1
+    accumulator = stats.accumulators[stats.owner["mlp.down_proj"]]
+    assert accumulator.count == ids.numel()
+    reference = HessianAccumulator(down.in_features, torch.float64)
+    handle = down.register_forward_hook(lambda module, args, output: reference.add(args[0]))
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs[0]):
+            engine.blocks[0](hidden, **kwargs)
+    handle.remove()
+    torch.testing.assert_close(accumulator.hessian().double(), reference.hessian(), rtol=1e-4, atol=1e-6)
+
+
 def test_deterministic():
     first, second = tiny("llama"), tiny("llama")
     compress(first, "sparsegpt-50-w4", calibration(), progress=False)

@@ -90,6 +90,10 @@ struct Simd {
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -106,6 +110,8 @@ struct Simd {
   static I low_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
   static I high_nibbles(I v) { return _mm256_srli_epi32(v, 4); }
   static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I round_to_int(F v) { return _mm256_cvtps_epi32(v); }
+  static F pow2(I n) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23)); }
 
   static F as_float(I v) { return _mm256_castsi256_ps(v); }
 

@@ -21,6 +21,10 @@ struct Simd {
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
 
@@ -32,6 +36,8 @@ struct Simd {
   static I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
   static I high_nibbles(I v) { return _mm512_srli_epi32(v, 4); }
   static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I round_to_int(F v) { return _mm512_cvtps_epi32(v); }
+  static F pow2(I n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23)); }
 
   static F as_float(I v) { return _mm512_castsi512_ps(v); }
 

@@ -11,10 +11,6 @@
 #include "kernels.h"
 
 namespace secateurs {
-namespace {
-
-enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
-enum Status : int { kOk = 0, kUnsupportedPath = 1, kInvalidArgument = 2, kOutOfMemory = 3 };
 
 bool cpu_supports(int path) {
   __builtin_cpu_init();
@@ -33,6 +29,8 @@ const KernelTable& kernels_for(int path) {
     default: return portable_kernels();
   }
 }
+
+namespace {
 
 struct FreeBuffer {
   void operator()(float* p) const { std::free(p); }
@@ -67,10 +65,8 @@ inline float activation(const void* x, int type, int64_t i) {
   return type == kBFloat16 ? bf16_to_float(static_cast<const uint16_t*>(x)[i]) : static_cast<const float*>(x)[i];
 }
 
-// Activation rows as fp32 padded far enough that every vector load past `cols` reads zeros;
-// with deinterleave_block > 0 each block lists its even columns first, then its odd ones.
-int64_t padded_stride(int64_t cols) { return (cols + 63) / 64 * 64 + 64; }
-
+// Activation rows as fp32 padded to padded_stride(cols) (zeros past `cols`); with
+// deinterleave_block > 0 each block lists its even columns first, then its odd ones.
 Buffer activation_rows(const void* x, int type, int64_t batch, int64_t cols, int64_t deinterleave_block) {
   const int64_t stride = padded_stride(cols);
   Buffer rows = zeroed_floats(batch * stride);
@@ -114,20 +110,6 @@ SparseActivations sparse_activations(const void* x, int type, int64_t batch, int
     a.view.tiles = a.storage.get();
   }
   return a;
-}
-
-// First row of part `part` out of `parts` when rows are split into contiguous ranges of about
-// equal cost; cost(r) is the (nondecreasing) work of rows [0, r).
-template <class Cost>
-int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
-  if (part >= parts) return rows;
-  const double target = static_cast<double>(cost(rows)) * part / parts;
-  int64_t low = 0, high = rows;
-  while (low < high) {
-    const int64_t mid = (low + high) / 2;
-    if (static_cast<double>(cost(mid)) < target) low = mid + 1; else high = mid;
-  }
-  return low;
 }
 
 // Runs kernel over all rows on `threads` OpenMP threads (static contiguous ranges) and writes y
@@ -230,6 +212,19 @@ SECATEURS_EXPORT int secateurs_quant_mm(int path, int threads, const void* x, in
     const QuantArgs args{xa, rows, cols, bits, group_size, n_groups, int4_block, qweight, scale, zero, group_sums.get(), nullptr};
     const int64_t row_bytes = bits == 8 ? cols : (cols + 1) / 2;
     run_rows(table.quant, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
+  });
+}
+
+SECATEURS_EXPORT int secateurs_dense_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows,
+                       int64_t cols, const void* weight, int value_type, const float* row_scale, void* y) {
+  const bool ok = valid_activation_type(x_type) && valid_value_type(value_type) && batch > 0 && rows >= 0 &&
+                  cols >= 0 && (value_type == kInt8) == (row_scale != nullptr);
+  return guarded(path, ok, [&](const KernelTable& table) {
+    Buffer rows_buffer = activation_rows(x, x_type, batch, cols, 0);
+    const Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    const DenseArgs args{xa, rows, cols, weight, value_type, row_scale, nullptr};
+    const int64_t row_bytes = cols * (value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1);
+    run_rows(table.dense, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
   });
 }
 

@@ -6,6 +6,7 @@
 // compute fp32 outputs for a range of rows and never start threads themselves.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -13,6 +14,7 @@
 namespace secateurs {
 
 enum ValueType : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
+enum GatedActivation : int { kSilu = 0, kGeluTanh = 1, kGeluErf = 2 };
 
 struct Activations {
   int64_t batch;
@@ -56,6 +58,33 @@ struct QuantArgs {
   float* y;
 };
 
+// Dense weight [rows, cols] row-major: fp32, bf16 (raw bits), or int8 with a float32 per-row
+// scale (w = row_scale[r] * v). Activations as padded fp32 rows (x.rows, x.row_stride).
+struct DenseArgs {
+  Activations x;
+  int64_t rows, cols;
+  const void* weight;
+  int value_type;
+  const float* row_scale;  // int8 weights only, nullptr otherwise
+  float* y;                // [batch][rows]
+};
+
+// One query head against cached keys / values (decode.cpp), positions [first, first + count):
+// out = softmax(s) V with s_t = scale * q . k_t. The keys are stored in blocks of kKeyBlock
+// positions, transposed within a block: k_t[d] = keys[(t / kKeyBlock * head_dim + d) * kKeyBlock
+// + t % kKeyBlock]; the values are rows, v_t[d] = values[t * head_dim + d].
+constexpr int64_t kKeyBlock = 32;
+
+struct AttentionArgs {
+  const float* q;
+  const float* keys;
+  const float* values;
+  int64_t head_dim, first, count;
+  float scale;
+  float* scores;  // scratch, >= count + kKeyBlock floats
+  float* out;     // [head_dim]
+};
+
 // `scratch` is a per-thread buffer of at least scratch_floats(cols, simd_width) floats.
 template <class Args>
 using RowKernel = void (*)(const Args&, int64_t row_begin, int64_t row_end, float* scratch);
@@ -65,12 +94,41 @@ struct KernelTable {
   RowKernel<BitmaskArgs> bitmask;
   RowKernel<NMArgs> nm;
   RowKernel<QuantArgs> quant;
+  RowKernel<DenseArgs> dense;
+  void (*attention)(const AttentionArgs&);
+  // gate[i] = activation(gate[i]) * up[i] for i < n (a GatedActivation), the gated MLP's middle.
+  void (*gated_activation)(int activation, const float* up, float* gate, int64_t n);
 };
 
 inline int64_t scratch_floats(int64_t cols, int64_t simd_width) { return 2 * (cols + 4 * simd_width); }
 
+// Floats per activation row handed to the row kernels: zero padded far enough past `cols` that
+// every vector load of a row kernel reads zeros there.
+inline int64_t padded_stride(int64_t cols) { return (cols + 63) / 64 * 64 + 64; }
+
+// First row of part `part` out of `parts` when rows are split into contiguous ranges of about
+// equal cost; cost(r) is the (nondecreasing) work of rows [0, r).
+template <class Cost>
+int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
+  if (part >= parts) return rows;
+  const double target = static_cast<double>(cost(rows)) * part / parts;
+  int64_t low = 0, high = rows;
+  while (low < high) {
+    const int64_t mid = (low + high) / 2;
+    if (static_cast<double>(cost(mid)) < target) low = mid + 1; else high = mid;
+  }
+  return low;
+}
+
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Status : int { kOk = 0, kUnsupportedPath = 1, kInvalidArgument = 2, kOutOfMemory = 3 };
+
 const KernelTable& portable_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
+
+// Whether this CPU runs `path` (a Path), and its kernels (dispatch.cpp).
+bool cpu_supports(int path);
+const KernelTable& kernels_for(int path);
 
 }  // namespace secateurs

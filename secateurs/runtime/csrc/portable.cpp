@@ -29,6 +29,10 @@ struct Simd {
   static void store(float* p, F v) { std::memcpy(p, v.lane, sizeof v.lane); }
   static F add(F a, F b) { return map([&](int i) { return a.lane[i] + b.lane[i]; }); }
   static F mul(F a, F b) { return map([&](int i) { return a.lane[i] * b.lane[i]; }); }
+  static F sub(F a, F b) { return map([&](int i) { return a.lane[i] - b.lane[i]; }); }
+  static F div(F a, F b) { return map([&](int i) { return a.lane[i] / b.lane[i]; }); }
+  static F min(F a, F b) { return map([&](int i) { return a.lane[i] < b.lane[i] ? a.lane[i] : b.lane[i]; }); }
+  static F max(F a, F b) { return map([&](int i) { return a.lane[i] > b.lane[i] ? a.lane[i] : b.lane[i]; }); }
   static F fma(F a, F b, F c) { return map([&](int i) { return a.lane[i] * b.lane[i] + c.lane[i]; }); }
   static float hsum(F v) {
     float total = 0.0f;
@@ -42,6 +46,15 @@ struct Simd {
   static I low_nibbles(I v) { return map_i32([&](int i) { return v.lane[i] & 15; }); }
   static I high_nibbles(I v) { return map_i32([&](int i) { return v.lane[i] >> 4; }); }
   static F to_float(I v) { return map([&](int i) { return static_cast<float>(v.lane[i]); }); }
+  static I round_to_int(F v) { return map_i32([&](int i) { return static_cast<int32_t>(std::nearbyint(v.lane[i])); }); }
+  static F pow2(I n) {
+    F r;
+    for (int i = 0; i < W; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(n.lane[i] + 127) << 23;
+      std::memcpy(&r.lane[i], &bits, sizeof bits);
+    }
+    return r;
+  }
 
   static F as_float(I v) {
     F r;

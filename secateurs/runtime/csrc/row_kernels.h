@@ -4,8 +4,9 @@
 // and no inline function compiled for a wider ISA can leak into another unit.
 //
 // Simd provides: W (floats per vector), F / I (float / int32 vectors), zero, set1, load, store,
-// add, mul, fma(a, b, c) = a * b + c, hsum, load_i32, add_i32, load_u8 (W bytes -> int32 lanes),
-// low_nibbles, high_nibbles, to_float (convert), as_float (same bits), load_values (W float,
+// add, sub, mul, div, min, max, fma(a, b, c) = a * b + c, hsum, load_i32, add_i32, load_u8 (W
+// bytes -> int32 lanes), low_nibbles, high_nibbles, to_float (convert), round_to_int (to nearest),
+// pow2(n) (2^n for integer lanes n in [-126, 127]), as_float (same bits), load_values (W float,
 // bf16-bits or int8 values -> fp32), compress(bits, v) (the lanes of v whose bit is set, packed
 // from lane 0 up; the others undefined), expand(bits, values) (lane i = the next value, in order,
 // if bit i is set, else 0; reads up to W values, converted to fp32 times 1 / expand_unit(T{})),
@@ -137,6 +138,15 @@ int64_t compress_by_mask(const uint8_t* mask, int64_t mask_bytes, float* out, Ve
   return count;
 }
 
+// fp32 values (4 bytes per kept weight) are too many bytes for the prefetch of whole rows ahead
+// (bitmask_rows_batch1) to hide DRAM: at 70% sparsity on SmolLM2-shaped layers that ran at 4.8
+// cycles per 8 columns from DRAM against 2.6 from L3. Prefetching the running value stream a fixed
+// distance ahead instead, once per 64 columns, measured 3.2 (and 2.5 from L3); bf16 and int8
+// values gained nothing from it and keep the row prefetch.
+template <class T>
+constexpr bool kStreamPrefetch = sizeof(T) == 4;
+constexpr int64_t kStreamPrefetchBytes = 4096;
+
 // Batch 1: every W-column chunk of a row expands its kept values (read at the row's running value
 // offset) into the lanes of its set mask bits, zeros elsewhere, and multiplies them with the dense
 // x chunk: x stays in L1, nothing is stored, and the only serial work per chunk is adding a popcount.
@@ -155,12 +165,15 @@ void expand_dot_rows(const uint8_t* mask, int64_t mask_stride, const T* const* r
     acc[i][0] = acc[i][1] = Simd::zero();
   }
   const int64_t pairs = mask_stride / (2 * kChunkBytes);
+  constexpr int64_t kPairsPer64Columns = 64 / (2 * W) > 0 ? 64 / (2 * W) : 1;
   for (int64_t p = 0; p < pairs; ++p) {
     F x0 = Simd::load(x + 2 * p * W), x1 = Simd::load(x + (2 * p + 1) * W);
     // Loaded once for all kRows rows: kept out of the FMAs' memory operands, which would reload them.
     Simd::in_register(x0);
     Simd::in_register(x1);
     for (int i = 0; i < kRows; ++i) {
+      if (kStreamPrefetch<T> && p % kPairsPer64Columns == 0)
+        __builtin_prefetch(reinterpret_cast<const char*>(v[i]) + kStreamPrefetchBytes);
       const unsigned bits = chunk_bits(mask + i * mask_stride + 2 * p * kChunkBytes, 2 * kChunkBytes);
       F low, high;
       v[i] += Simd::expand_pair(bits, v[i], low, high);
@@ -191,7 +204,7 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
   auto scale_of = [&](int64_t r) { return (a.row_scale ? a.row_scale[r] : 1.0f) * unit; };
   auto prefetch_rows = [&](int64_t first, int64_t count) {
     if (first + count > a.rows) count = a.rows - first;
-    if (count <= 0) return;
+    if (kStreamPrefetch<T> || count <= 0) return;
     const int64_t begin = a.row_offsets[first];
     prefetch(values + begin, (a.row_offsets[first + count] - begin) * static_cast<int64_t>(sizeof(T)));
     prefetch(a.mask + first * a.mask_stride, count * a.mask_stride);
@@ -427,8 +440,210 @@ void quant_rows(const QuantArgs& a, int64_t row_begin, int64_t row_end, float*) 
     quant_rows_bits<4>(a, row_begin, row_end);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dense rows: fp32, bf16 or int8 weights (times a per-row scale), kRows rows against kBatch
+// activation rows at once, so that every weight vector loaded feeds kBatch FMAs and every x
+// vector kRows. Batch 1 (decode) streams the weights once, one row at a time in 8 chains: a
+// single sequential stream for the hardware prefetcher (interleaving rows, or software prefetch,
+// measured no faster from DRAM, and slower for bf16).
+
+template <class T, int kRows, int kBatch>
+void dense_block(const DenseArgs& a, int64_t r, int64_t first_batch) {
+  constexpr int kChains = kRows * kBatch >= 8 ? 1 : 8 / (kRows * kBatch);  // independent accumulators per (row, batch)
+  const T* w[kRows];
+  for (int i = 0; i < kRows; ++i) w[i] = static_cast<const T*>(a.weight) + (r + i) * a.cols;
+  const float* x[kBatch];
+  for (int b = 0; b < kBatch; ++b) x[b] = a.x.rows + (first_batch + b) * a.x.row_stride;
+  F acc[kRows][kBatch][kChains];
+  for (auto& per_row : acc)
+    for (auto& per_batch : per_row)
+      for (F& v : per_batch) v = Simd::zero();
+  int64_t col = 0;
+  for (; col + kChains * W <= a.cols; col += kChains * W)
+    for (int c = 0; c < kChains; ++c) {
+      F wv[kRows];
+      for (int i = 0; i < kRows; ++i) wv[i] = Simd::load_values(w[i] + col + c * W);
+      for (int b = 0; b < kBatch; ++b) {
+        F xv = Simd::load(x[b] + col + c * W);
+        Simd::in_register(xv);
+        for (int i = 0; i < kRows; ++i) acc[i][b][c] = Simd::fma(wv[i], xv, acc[i][b][c]);
+      }
+    }
+  for (; col + W <= a.cols; col += W) {
+    F wv[kRows];
+    for (int i = 0; i < kRows; ++i) wv[i] = Simd::load_values(w[i] + col);
+    for (int b = 0; b < kBatch; ++b) {
+      const F xv = Simd::load(x[b] + col);
+      for (int i = 0; i < kRows; ++i) acc[i][b][0] = Simd::fma(wv[i], xv, acc[i][b][0]);
+    }
+  }
+  float tail[kRows][kBatch] = {};
+  for (; col < a.cols; ++col)
+    for (int i = 0; i < kRows; ++i)
+      for (int b = 0; b < kBatch; ++b) tail[i][b] += value_to_float(w[i][col]) * x[b][col];
+  for (int i = 0; i < kRows; ++i) {
+    const float scale = a.row_scale ? a.row_scale[r + i] : 1.0f;
+    for (int b = 0; b < kBatch; ++b)
+      a.y[(first_batch + b) * a.rows + r + i] = (Simd::hsum(sum_of(acc[i][b], kChains)) + tail[i][b]) * scale;
+  }
+}
+
+template <class T>
+void dense_rows_typed(const DenseArgs& a, int64_t row_begin, int64_t row_end) {
+  if (a.x.batch == 1) {
+    for (int64_t r = row_begin; r < row_end; ++r) dense_block<T, 1, 1>(a, r, 0);
+    return;
+  }
+  int64_t r = row_begin;
+  for (; r + 2 <= row_end; r += 2) {
+    int64_t b = 0;
+    for (; b + 4 <= a.x.batch; b += 4) dense_block<T, 2, 4>(a, r, b);
+    for (; b < a.x.batch; ++b) dense_block<T, 2, 1>(a, r, b);
+  }
+  for (; r < row_end; ++r) {
+    int64_t b = 0;
+    for (; b + 4 <= a.x.batch; b += 4) dense_block<T, 1, 4>(a, r, b);
+    for (; b < a.x.batch; ++b) dense_block<T, 1, 1>(a, r, b);
+  }
+}
+
+void dense_rows(const DenseArgs& a, int64_t row_begin, int64_t row_end, float*) {
+  visit_value_type(a.value_type, [&](auto type) { dense_rows_typed<decltype(type)>(a, row_begin, row_end); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise functions of decode.cpp's forward.
+
+// e^x to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), Cephes' degree-6
+// polynomial for e^r, times 2^n. x is clamped to [-87.3, 88] (results from 2^-126 to ~1.6e38).
+inline F exp_of(F x) {
+  x = Simd::max(Simd::min(x, Simd::set1(88.0f)), Simd::set1(-87.33654f));
+  const I n = Simd::round_to_int(Simd::mul(x, Simd::set1(1.44269504088896341f)));
+  const F nf = Simd::to_float(n);
+  F r = Simd::fma(nf, Simd::set1(-0.693359375f), x);
+  r = Simd::fma(nf, Simd::set1(2.12194440e-4f), r);
+  F p = Simd::set1(1.9875691500e-4f);
+  p = Simd::fma(p, r, Simd::set1(1.3981999507e-3f));
+  p = Simd::fma(p, r, Simd::set1(8.3334519073e-3f));
+  p = Simd::fma(p, r, Simd::set1(4.1665795894e-2f));
+  p = Simd::fma(p, r, Simd::set1(1.6666665459e-1f));
+  p = Simd::fma(p, r, Simd::set1(5.0000001201e-1f));
+  p = Simd::fma(p, Simd::mul(r, r), Simd::add(r, Simd::set1(1.0f)));
+  return Simd::mul(p, Simd::pow2(n));
+}
+
+inline float scalar_activation(float g, int activation) {
+  switch (activation) {
+    case kGeluTanh: return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    case kGeluErf: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+    default: return g / (1.0f + std::exp(-g));
+  }
+}
+
+// gate[i] = act(gate[i]) * up[i]: SiLU g / (1 + e^-g); GELU-tanh 0.5 g (1 + tanh(y)) with
+// tanh(y) = 1 - 2 / (e^2y + 1); GELU-erf scalar.
+void gated_activation(int activation, const float* up, float* gate, int64_t n) {
+  int64_t i = 0;
+  const F one = Simd::set1(1.0f);
+  if (activation == kSilu) {
+    for (; i + W <= n; i += W) {
+      const F g = Simd::load(gate + i);
+      const F silu = Simd::div(g, Simd::add(one, exp_of(Simd::sub(Simd::zero(), g))));
+      Simd::store(gate + i, Simd::mul(silu, Simd::load(up + i)));
+    }
+  } else if (activation == kGeluTanh) {
+    const F two = Simd::set1(2.0f), half = Simd::set1(0.5f);
+    const F c = Simd::set1(2.0f * 0.7978845608028654f), c3 = Simd::set1(2.0f * 0.7978845608028654f * 0.044715f);
+    for (; i + W <= n; i += W) {
+      const F g = Simd::load(gate + i);
+      const F y2 = Simd::mul(g, Simd::fma(c3, Simd::mul(g, g), c));  // 2y
+      const F tanh = Simd::sub(one, Simd::div(two, Simd::add(exp_of(y2), one)));
+      Simd::store(gate + i, Simd::mul(Simd::mul(Simd::mul(half, g), Simd::add(one, tanh)), Simd::load(up + i)));
+    }
+  }
+  for (; i < n; ++i) gate[i] = scalar_activation(gate[i], activation) * up[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention of one query head over cached positions (decode.cpp). Within a key block the keys are
+// transposed, so the scores of a block's positions are the lanes of kKeyBlock / W accumulators
+// (broadcast q[d] times the block's row d: no horizontal sums), and a head's keys are one
+// sequential stream. Then a softmax in fp32 (max subtracted) and the probability-weighted sum of
+// the value rows, 64 dimensions at a time held in registers across positions.
+
+static_assert(kKeyBlock % W == 0, "key blocks must hold whole vectors");
+
+void key_block_scores(const AttentionArgs& a, const float* block, float* scores) {
+  constexpr int kVecs = kKeyBlock / W;
+  F acc[kVecs][2];
+  for (auto& pair : acc) pair[0] = pair[1] = Simd::zero();
+  int64_t d = 0;
+  for (; d + 2 <= a.head_dim; d += 2)  // two chains over the dimension parity
+    for (int c = 0; c < 2; ++c) {
+      const F q = Simd::set1(a.q[d + c]);
+      for (int i = 0; i < kVecs; ++i)
+        acc[i][c] = Simd::fma(q, Simd::load(block + (d + c) * kKeyBlock + i * W), acc[i][c]);
+    }
+  if (d < a.head_dim) {
+    const F q = Simd::set1(a.q[d]);
+    for (int i = 0; i < kVecs; ++i) acc[i][0] = Simd::fma(q, Simd::load(block + d * kKeyBlock + i * W), acc[i][0]);
+  }
+  const F scale = Simd::set1(a.scale);
+  for (int i = 0; i < kVecs; ++i) Simd::store(scores + i * W, Simd::mul(Simd::add(acc[i][0], acc[i][1]), scale));
+}
+
+void attention_head(const AttentionArgs& a) {
+  // Whole blocks from the one holding `first`; the scores of positions outside the range are not used.
+  const int64_t first_block = a.first / kKeyBlock, end = a.first + a.count;
+  for (int64_t block = first_block; block * kKeyBlock < end; ++block)
+    key_block_scores(a, a.keys + block * a.head_dim * kKeyBlock, a.scores + (block - first_block) * kKeyBlock);
+  float* const scores = a.scores + (a.first - first_block * kKeyBlock);
+  const float* const values = a.values + a.first * a.head_dim;
+  int64_t t;
+  float best = -INFINITY;
+  for (t = 0; t < a.count; ++t) best = scores[t] > best ? scores[t] : best;
+  const F shift = Simd::set1(best);
+  F sums = Simd::zero();
+  for (t = 0; t + W <= a.count; t += W) {
+    const F e = exp_of(Simd::sub(Simd::load(scores + t), shift));
+    Simd::store(scores + t, e);
+    sums = Simd::add(sums, e);
+  }
+  float sum = Simd::hsum(sums);
+  for (; t < a.count; ++t) {
+    const float e = std::exp(scores[t] - best);
+    scores[t] = e;
+    sum += e;
+  }
+  const float inverse = 1.0f / sum;
+  for (t = 0; t < a.count; ++t) scores[t] *= inverse;
+  constexpr int kVecs = 64 / W;  // 64 dimensions per pass over the positions
+  int64_t j = 0;
+  for (; j + kVecs * W <= a.head_dim; j += kVecs * W) {
+    F acc[kVecs];
+    for (F& v : acc) v = Simd::zero();
+    for (t = 0; t < a.count; ++t) {
+      const F p = Simd::set1(scores[t]);
+      const float* v = values + t * a.head_dim + j;
+      for (int i = 0; i < kVecs; ++i) acc[i] = Simd::fma(p, Simd::load(v + i * W), acc[i]);
+    }
+    for (int i = 0; i < kVecs; ++i) Simd::store(a.out + j + i * W, acc[i]);
+  }
+  for (; j + W <= a.head_dim; j += W) {
+    F acc = Simd::zero();
+    for (t = 0; t < a.count; ++t)
+      acc = Simd::fma(Simd::set1(scores[t]), Simd::load(values + t * a.head_dim + j), acc);
+    Simd::store(a.out + j, acc);
+  }
+  for (; j < a.head_dim; ++j) {
+    float acc = 0.0f;
+    for (t = 0; t < a.count; ++t) acc += scores[t] * values[t * a.head_dim + j];
+    a.out[j] = acc;
+  }
+}
+
 }  // namespace
 
-const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows};
+const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, attention_head, gated_activation};
 
 }  // namespace secateurs
