@@ -76,25 +76,11 @@ namespace {
 
 // --- small helpers -------------------------------------------------------------------------------
 
-struct FreeFloats {
-  void operator()(float* p) const { std::free(p); }
-};
-using Floats = std::unique_ptr<float[], FreeFloats>;
-
-// Zeroed 64-byte aligned floats.
-Floats allocate(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return Floats(static_cast<float*>(p));
-}
-
 // Zeroed floats for large buffers: calloc takes fresh zero pages from the OS without touching them.
-Floats zeroed_pages(int64_t count) {
+Buffer zeroed_pages(int64_t count) {
   void* p = std::calloc(static_cast<size_t>(std::max<int64_t>(count, 1)), sizeof(float));
   if (!p) throw std::bad_alloc();
-  return Floats(static_cast<float*>(p));
+  return Buffer(static_cast<float*>(p));
 }
 
 inline float bf16_to_float(uint16_t bits) {
@@ -196,20 +182,20 @@ class Plan {
     }
     if (spec_.lm_head.kind == kQuant) max_groups = std::max(max_groups, spec_.lm_head.cols / spec_.lm_head.group_size);
     max_cols_ = std::max(max_cols_, intermediate);
-    x_ = allocate(chunk_ * spec_.hidden);
-    h_ = allocate(chunk_ * spec_.hidden);
-    t_ = allocate(chunk_ * spec_.hidden);
-    q_ = allocate(chunk_ * q_dim_);
-    att_ = allocate(chunk_ * q_dim_);
-    k_ = allocate(chunk_ * kv_dim_);
-    v_ = allocate(chunk_ * kv_dim_);
-    gate_ = allocate(chunk_ * intermediate);
-    up_ = allocate(chunk_ * intermediate);
-    logits_ = allocate(spec_.vocab);
-    rows_ = allocate(chunk_ * padded_stride(max_cols_));
+    x_ = zeroed_floats(chunk_ * spec_.hidden);
+    h_ = zeroed_floats(chunk_ * spec_.hidden);
+    t_ = zeroed_floats(chunk_ * spec_.hidden);
+    q_ = zeroed_floats(chunk_ * q_dim_);
+    att_ = zeroed_floats(chunk_ * q_dim_);
+    k_ = zeroed_floats(chunk_ * kv_dim_);
+    v_ = zeroed_floats(chunk_ * kv_dim_);
+    gate_ = zeroed_floats(chunk_ * intermediate);
+    up_ = zeroed_floats(chunk_ * intermediate);
+    logits_ = zeroed_floats(spec_.vocab);
+    rows_ = zeroed_floats(chunk_ * padded_stride(max_cols_));
     // Tiles of up to 2W batch lanes (W <= 16) per column, plus one tile the kernels may read past.
-    tiles_ = allocate((chunk_ + 32) * max_cols_ + 64);
-    group_sums_ = allocate(chunk_ * max_groups);
+    tiles_ = zeroed_floats((chunk_ + 32) * max_cols_ + 64);
+    group_sums_ = zeroed_floats(chunk_ * max_groups);
     // Keys [layer][kv head][block][head_dim][kKeyBlock] (see AttentionArgs), values [layer][kv
     // head][position][head_dim]. Zeroed pages from the OS, committed as positions are written.
     key_blocks_ = (spec_.max_length + kKeyBlock - 1) / kKeyBlock;
@@ -223,7 +209,7 @@ class Plan {
     threads = std::max(1, threads);
     const int64_t scratch_stride = (scratch_floats(max_cols_, table_->simd_width) + 15) / 16 * 16;
     const int64_t scores_stride = (spec_.max_length + kKeyBlock + 15) / 16 * 16;
-    Floats scratch = allocate(threads * scratch_stride), scores = allocate(threads * scores_stride);
+    Buffer scratch = zeroed_floats(threads * scratch_stride), scores = zeroed_floats(threads * scores_stride);
     scratch_ = std::move(scratch);
     scores_ = std::move(scores);
     scratch_stride_ = scratch_stride, scores_stride_ = scores_stride, threads_ = threads;
@@ -504,7 +490,7 @@ class Plan {
   int64_t chunk_, q_dim_ = 0, kv_dim_ = 0, max_cols_ = 0;
   int threads_ = 1;
   int64_t scratch_stride_ = 0, scores_stride_ = 0, key_blocks_ = 0;
-  Floats x_, h_, t_, q_, att_, k_, v_, gate_, up_, logits_, rows_, tiles_, group_sums_, keys_, values_, scratch_, scores_;
+  Buffer x_, h_, t_, q_, att_, k_, v_, gate_, up_, logits_, rows_, tiles_, group_sums_, keys_, values_, scratch_, scores_;
   double kernel_seconds_ = 0.0, total_seconds_ = 0.0;
   int64_t calls_ = 0;
 };

@@ -32,19 +32,6 @@ const KernelTable& kernels_for(int path) {
 
 namespace {
 
-struct FreeBuffer {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float[], FreeBuffer>;
-
-// Zero-initialized, 64-byte aligned floats.
-Buffer zeroed_floats(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return Buffer(static_cast<float*>(p));
-}
 
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;

@@ -6,10 +6,14 @@
 // compute fp32 outputs for a range of rows and never start threads themselves.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 
 namespace secateurs {
 
@@ -101,6 +105,20 @@ struct KernelTable {
 };
 
 inline int64_t scratch_floats(int64_t cols, int64_t simd_width) { return 2 * (cols + 4 * simd_width); }
+
+struct FreeBuffer {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float[], FreeBuffer>;
+
+// Zero-initialized, 64-byte aligned floats.
+inline Buffer zeroed_floats(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return Buffer(static_cast<float*>(p));
+}
 
 // Floats per activation row handed to the row kernels: zero padded far enough past `cols` that
 // every vector load of a row kernel reads zeros there.
