@@ -449,6 +449,18 @@ def test_cli_generate_streams_the_greedy_text(saved_llama, capsys):
     assert len(out.split()) == len(expected) and "bf16 embeddings" in err
 
 
+def _cli_generates_greedy(model, tokenizer, path, new_tokens, capsys) -> str:
+    """`secateurs generate` on `path` prints the text of HF's greedy tokens (up to eos); returns stderr."""
+    ids = torch.tensor(tokenizer(PROMPT)["input_ids"])
+    expected = hf_greedy(model, ids, new_tokens)
+    if 2 in expected:
+        expected = expected[: expected.index(2) + 1]
+    assert main(["generate", "--model", str(path), "--prompt", PROMPT, "--max-new-tokens", str(new_tokens)]) == 0
+    out, err = capsys.readouterr()
+    assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+    return err
+
+
 def test_cli_generate_on_a_compressed_directory(tmp_path, capsys):
     from secateurs.formats import save_compressed
 
@@ -460,14 +472,8 @@ def test_cli_generate_on_a_compressed_directory(tmp_path, capsys):
                 if isinstance(module, nn.Linear):
                     module.weight.copy_(_pruned(module.weight, 0.7))
     save_compressed(model, {}, tmp_path / "sparse", tokenizer)
-    ids = torch.tensor(tokenizer(PROMPT)["input_ids"])
-    expected = hf_greedy(model, ids, 10)
-    if 2 in expected:
-        expected = expected[: expected.index(2) + 1]
-    assert main(["generate", "--model", str(tmp_path / "sparse"), "--prompt", PROMPT, "--max-new-tokens", "10"]) == 0
-    out, err = capsys.readouterr()
+    err = _cli_generates_greedy(model, tokenizer, tmp_path / "sparse", 10, capsys)
     assert "falling back" not in err
-    assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
 
 
 def test_cli_falls_back_to_transformers_for_other_architectures(tmp_path, capsys):
@@ -478,14 +484,8 @@ def test_cli_falls_back_to_transformers_for_other_architectures(tmp_path, capsys
     gpt2.save_pretrained(tmp_path / "gpt2")
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(tmp_path / "gpt2")
-    ids = torch.tensor(tokenizer(PROMPT)["input_ids"])
-    expected = hf_greedy(gpt2, ids, 6)
-    if 2 in expected:
-        expected = expected[: expected.index(2) + 1]
-    assert main(["generate", "--model", str(tmp_path / "gpt2"), "--prompt", PROMPT, "--max-new-tokens", "6"]) == 0
-    out, err = capsys.readouterr()
+    err = _cli_generates_greedy(gpt2, tokenizer, tmp_path / "gpt2", 6, capsys)
     assert "decode path unavailable" in err and "falling back to transformers generate" in err
-    assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
 
 
 def test_cli_errors_are_one_line(saved_llama, capsys):
