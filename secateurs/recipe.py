@@ -42,7 +42,7 @@ class Stage:
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = True
-    act_order: bool = False
+    act_order: bool | None = None  # GPTQ: None = on, except beside a SparseGPT N:M stage (see Recipe)
     mse_clip: bool = False
     block_size: int = 128
     percdamp: float = 0.01
@@ -62,7 +62,7 @@ class Stage:
         return n, m
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.symmetric, self.group_size, self.act_order, self.mse_clip)
+        return QuantSpec(self.bits, self.symmetric, self.group_size, bool(self.act_order), self.mse_clip)
 
     def applies_to(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.targets) and not any(re.search(p, name) for p in self.ignore)
@@ -94,6 +94,8 @@ def _check_stage(stage: Stage) -> Stage:
         if not 0 <= stage.owl_lambda < 1:
             raise RecipeError(f"{where}.owl_lambda must be in [0, 1), got {stage.owl_lambda!r}")
     else:
+        if stage.act_order not in (None, True, False):
+            raise RecipeError(f"{where}.act_order must be true or false, got {stage.act_order!r}")
         try:
             stage.quant_spec()
         except ValueError as exc:
@@ -140,6 +142,21 @@ class Recipe:
             chosen = [s.method for s in self.stages if s.method in methods]
             if len(chosen) > 1:
                 raise RecipeError(f"at most one {kind} stage per recipe, got {chosen}")
+        object.__setattr__(self, "stages", tuple(self._resolve_act_order(s) for s in self.stages))
+
+    def _resolve_act_order(self, stage: Stage) -> Stage:
+        """GPTQ sweeps columns by decreasing diag(H) unless told otherwise (llmcompressor's "static"
+        default; 39.3 vs 42.9 ppl on SmolLM2 w4g64). A SparseGPT N:M sweep must keep each group of m
+        columns together, so the joint step sweeps in order there."""
+        if stage.method != "gptq":
+            return stage
+        nm_sweep = any(s.method == "sparsegpt" and s.mask != "unstructured" for s in self.stages)
+        if stage.act_order and nm_sweep:
+            raise RecipeError("gptq.act_order cannot be combined with a sparsegpt N:M mask "
+                              "(the joint sweep keeps each group of m columns together)")
+        if stage.act_order is None:
+            return dataclasses.replace(stage, act_order=not nm_sweep)
+        return stage
 
     def stages_for(self, layer: str) -> tuple[Stage | None, Stage | None]:
         """The (pruning, quantization) stages that apply to a layer, either may be None."""

@@ -183,6 +183,8 @@ def test_ignore_and_targets():
     ([{"gptq": {"bits": 4, "group_size": 48}}], "does not divide the 64 input columns of layer model.layers.0"),
     ([{"sparsegpt": {"mask": "3:5"}}], "not divisible by 5"),
     ([{"sparsegpt": {"sparsity": 0.5, "targets": ["nothing_like_this"]}}], "match no layer"),
+    ([{"sparsegpt": {"mask": "2:4"}}, {"gptq": {"bits": 4, "act_order": True}}], "gptq.act_order"),
+    ([{"gptq": {"bits": 4, "act_order": "yes"}}], "gptq.act_order must be true or false"),
 ])
 def test_bad_recipes_are_rejected_before_work(recipe, message):
     model = tiny("llama")
@@ -190,6 +192,19 @@ def test_bad_recipes_are_rejected_before_work(recipe, message):
     with pytest.raises(SecateursError, match=message):
         compress(model, recipe, calibration(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("stages, expected", [
+    ([{"gptq": {"bits": 4}}], True),  # llmcompressor's "static" default
+    ([{"gptq": {"bits": 4, "act_order": False}}], False),
+    ([{"sparsegpt": {"sparsity": 0.5}}, {"gptq": {"bits": 4}}], True),
+    ([{"wanda": {"mask": "2:4"}}, {"gptq": {"bits": 4}}], True),  # a fixed mask may be swept in any order
+    ([{"sparsegpt": {"mask": "2:4"}}, {"gptq": {"bits": 4}}], False),  # groups of m stay together
+])
+def test_act_order_default(stages, expected):
+    recipe = load_recipe(stages)
+    assert next(s for s in recipe.stages if s.method == "gptq").quant_spec().act_order is expected
+    assert recipe.as_dict()["stages"][-1]["gptq"]["act_order"] is expected
 
 
 def test_owl_profile_keeps_the_mean_sparsity():
