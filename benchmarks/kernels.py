@@ -45,23 +45,23 @@ def l3_bytes() -> int:
         return 32 << 20
 
 
-def best_seconds(fn: Callable[[], object], runs: int = 5) -> float:
+def median_seconds(fn: Callable[[], object], runs: int = 7) -> float:
     fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)
 
 
 def measure_bandwidth(threads: int) -> dict[str, float]:
-    """GB/s of a large read (sum) and a large copy (read + write counted)."""
+    """GB/s of a large read (sum) and a large copy (read + write counted), median of runs."""
     torch.set_num_threads(threads)
     source = torch.ones(1 << 27)  # 512 MiB, touched so pages are real
     target = torch.zeros_like(source)
-    read = source.nbytes / best_seconds(source.sum) / 1e9
-    copy = 2 * source.nbytes / best_seconds(lambda: target.copy_(source)) / 1e9
+    read = source.nbytes / median_seconds(source.sum) / 1e9
+    copy = 2 * source.nbytes / median_seconds(lambda: target.copy_(source)) / 1e9
     return {"read": read, "copy": copy}
 
 

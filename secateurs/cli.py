@@ -217,23 +217,12 @@ def cmd_generate(args) -> None:
           f"{decoder.kernel_path}, {args.embeddings} embeddings)", file=sys.stderr)
 
 
-def _bench_prompt(tokenizer, count: int) -> list[int]:
-    """The first `count` tokens of Persuasion (repeated if the tokenizer is that coarse)."""
-    from secateurs.data.corpus import load_text
-
-    text = load_text("austen-eval")[: 16 * count + 1000]
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise SecateursError("the tokenizer encodes the benchmark text to no tokens")
-    return (ids * (count // len(ids) + 1))[:count]
-
-
 def cmd_bench_decode(args) -> None:
     import statistics
-    import time
 
     import torch
 
+    from secateurs.eval.speed import bench_prompt, time_decode_path, time_hf_generate
     from secateurs.runtime.decode import DecodeModel
 
     prompt_tokens = _positive("--prompt-tokens", args.prompt_tokens)
@@ -242,7 +231,7 @@ def cmd_bench_decode(args) -> None:
     thread_counts = [_positive("--threads", t) for t in args.threads]
     loaded, _ = _load_for_generation(argparse.Namespace(model=args.model, threads=None))
     model = loaded.model
-    prompt = _bench_prompt(loaded.tokenizer, prompt_tokens)
+    prompt = bench_prompt(loaded.tokenizer, prompt_tokens)
     decoder = DecodeModel.from_model(model, embeddings=args.embeddings, max_length=prompt_tokens + new_tokens,
                                      threads=thread_counts[0])
     config = model.config
@@ -251,32 +240,16 @@ def cmd_bench_decode(args) -> None:
     rows = []
     for threads in thread_counts:
         decoder.set_threads(threads)
+        torch.set_num_threads(threads)
         decoder.generate(prompt[: min(8, prompt_tokens)], min(8, new_tokens), eos=None)  # warm up caches
-        runs = []
-        for _ in range(repeat):
-            decoder.generate(prompt, new_tokens, eos=None)
-            runs.append(decoder.stats.as_dict())
+        runs = [time_decode_path(decoder, prompt, new_tokens) for _ in range(repeat)]
         row = {"threads": threads} | {key: statistics.median(run[key] for run in runs)
                                       for key in runs[0] if key.endswith(("_second", "_token"))}
         if args.hf:
-            torch.set_num_threads(threads)
-            ids = torch.tensor([prompt])
-            mask = torch.ones_like(ids)
-            hf_decode, hf_prefill = [], []
-            with torch.no_grad():
-                model(ids[:, :8])  # warm up
-                for _ in range(repeat):
-                    begin = time.perf_counter()
-                    model(ids, attention_mask=mask, use_cache=True)
-                    prefill = time.perf_counter() - begin
-                    begin = time.perf_counter()
-                    model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                   do_sample=False, pad_token_id=0)
-                    total = time.perf_counter() - begin
-                    hf_prefill.append(prompt_tokens / prefill)
-                    hf_decode.append((new_tokens - 1) / max(total - prefill, 1e-9))
-            row["hf_prefill_tokens_per_second"] = statistics.median(hf_prefill)
-            row["hf_decode_tokens_per_second"] = statistics.median(hf_decode)
+            time_hf_generate(model, prompt[:8], 2)  # warm up
+            runs = [time_hf_generate(model, prompt, new_tokens) for _ in range(repeat)]
+            for key in ("prefill_tokens_per_second", "decode_tokens_per_second"):
+                row[f"hf_{key}"] = statistics.median(run[key] for run in runs)
         rows.append(row)
         hf = (f"  | transformers eager: decode {row['hf_decode_tokens_per_second']:.1f} tok/s, prefill "
               f"{row['hf_prefill_tokens_per_second']:.1f} tok/s" if args.hf else "")

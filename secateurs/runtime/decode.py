@@ -217,15 +217,20 @@ class _Builder:
 
     def embedding_table(self, weight: Tensor, format: str) -> tuple[int, int, int | None]:
         """(pointer, value type, row scale pointer) of the embedding matrix stored as `format`."""
-        weight = weight.detach()
-        if format == "int8":
-            table = weight.to(torch.float32)
-            max_abs = table.abs().amax(1)
-            scale = torch.where(max_abs > 0, max_abs / 127, torch.ones_like(max_abs))
-            codes = torch.round(table / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            return self.keep(codes), _DTYPES[torch.int8], self.keep(scale)
-        dtype = torch.float32 if format == "fp32" else torch.bfloat16
-        return self.keep(weight.to(dtype)), _DTYPES[dtype], None
+        table, scale = embedding_storage(weight, format)
+        return self.keep(table), _DTYPES[table.dtype], self.keep(scale)
+
+
+def embedding_storage(weight: Tensor, format: str) -> tuple[Tensor, Tensor | None]:
+    """The embedding (and tied LM head) matrix as the decode path stores it: (table, row scale).
+    fp32 / bf16: the weight in that dtype, no scale; int8: symmetric per-row codes, w = scale[r] * code."""
+    weight = weight.detach()
+    if format == "int8":
+        table = weight.to(torch.float32)
+        max_abs = table.abs().amax(1)
+        scale = torch.where(max_abs > 0, max_abs / 127, torch.ones_like(max_abs))
+        return torch.round(table / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    return weight.to(torch.float32 if format == "fp32" else torch.bfloat16), None
 
 
 def _expect(condition: bool, name: str, message: str) -> None:
