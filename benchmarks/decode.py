@@ -23,7 +23,8 @@ Protocol
 - Perplexity: the quality benchmark's (first 40,960 tokens of Persuasion, windows of 512), through
   transformers on the variant's exact weights, its embeddings rounded as the decode path stores them
   (bf16 variants: weights rounded to bf16, computed in fp32). llama.cpp's GGUFs are dequantized by
-  transformers' GGUF loader and evaluated the same way.
+  transformers' GGUF loader and evaluated the same way (F32 and the shipped GGUF hold the dense
+  model's own weights, so they take its perplexity).
 - weight_mb: the bytes the decode path reads for its weights (embedding table once, tied to the
   LM head), the model's parameters for torch, llama-bench's model size for llama.cpp.
 
@@ -236,7 +237,10 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
             ggufs = [e for e in llama_cpp.cached_ggufs() if e["model"] == model_name]
         else:
             print(f"[decode] llama.cpp is not built: {llama_cpp.BUILD_HINT}; its rows are left out", flush=True)
-    gguf_ppl = {e["type"]: bench.gguf_ppl(e) for e in ggufs}
+    # The F32 GGUF holds our dense fp32 weights and the shipped GGUF is what they are dequantized
+    # from: both score the dense perplexity exactly, so only llama.cpp's own quantizations are evaluated.
+    gguf_ppl = {e["type"]: dense_ppl if e["type"] == "F32" or e.get("origin") == "original" else bench.gguf_ppl(e)
+                for e in ggufs}
 
     prompt = bench_prompt(bench.loaded.tokenizer, PROMPT_TOKENS)
     decoders = {name: bench.decoder(name) for name in names}
