@@ -206,6 +206,11 @@ class Workbench:
         return _cached(path, compute)["ppl"]
 
 
+def _gguf_label(entry: dict) -> str:
+    """Q4_1 comes twice (the package's and one llama-quantize made): keep them apart."""
+    return entry["type"] + (" (shipped)" if entry.get("origin") == "original" else "")
+
+
 def _cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -239,7 +244,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
             print(f"[decode] llama.cpp is not built: {llama_cpp.BUILD_HINT}; its rows are left out", flush=True)
     # The F32 GGUF holds our dense fp32 weights and the shipped GGUF is what they are dequantized
     # from: both score the dense perplexity exactly, so only llama.cpp's own quantizations are evaluated.
-    gguf_ppl = {e["type"]: dense_ppl if e["type"] == "F32" or e.get("origin") == "original" else bench.gguf_ppl(e)
+    gguf_ppl = {_gguf_label(e): dense_ppl if e["type"] == "F32" or e.get("origin") == "original" else bench.gguf_ppl(e)
                 for e in ggufs}
 
     prompt = bench_prompt(bench.loaded.tokenizer, PROMPT_TOKENS)
@@ -263,7 +268,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
             for entry in ggufs:
                 result = llama_cpp.run_llama_bench(entry["path"], count, PROMPT_TOKENS, NEW_TOKENS, repeat=1,
                                                    depth=PROMPT_TOKENS)
-                runs.setdefault(f"llama.cpp {entry['type']}", []).append(
+                runs.setdefault(_gguf_label(entry), []).append(
                     {"prefill_tokens_per_second": result["prefill_tok_s"],
                      "decode_tokens_per_second": result["decode_tok_s"], "weight_mb": result["model_size_mb"]})
 
@@ -291,12 +296,12 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
                 "weight_mb": _model_mb(eager_models[name]),
                 "decode_runs": [run["decode_tokens_per_second"] for run in runs[name]]})
         for entry in ggufs:
-            name = f"llama.cpp {entry['type']}"
+            name = _gguf_label(entry)
             rows.append(base | {
-                "engine": "llama.cpp", "variant": entry["type"], "weights": entry["type"],
+                "engine": "llama.cpp", "variant": name, "weights": entry["type"],
                 "embeddings": entry["type"], "sparsity": 0.0, "origin": entry.get("origin"),
                 "decode_tok_s": median(name, "decode_tokens_per_second"),
-                "prefill_tok_s": median(name, "prefill_tokens_per_second"), "ppl": gguf_ppl[entry["type"]],
+                "prefill_tok_s": median(name, "prefill_tokens_per_second"), "ppl": gguf_ppl[name],
                 "weight_mb": median(name, "weight_mb"),
                 "decode_runs": [run["decode_tokens_per_second"] for run in runs[name]]})
     return rows
