@@ -121,12 +121,7 @@ class Workbench:
 
         self.name = model_name
         self.loaded = load_model(model_name)
-        from secateurs.data.corpus import calibration_windows
-
-        _, self.evaluation = quality._calibration_and_eval(self.loaded.tokenizer)
-        protocol = quality.PROTOCOL
-        self.calibration = calibration_windows(self.loaded.tokenizer, protocol["calib"], CALIBRATION_SAMPLES,
-                                               protocol["calib_seqlen"], protocol["seed"])
+        self.calibration, self.evaluation = quality._calibration_and_eval(self.loaded.tokenizer, CALIBRATION_SAMPLES)
         self.dense_state = {k: v.clone() for k, v in self.loaded.model.state_dict().items()}
 
     def _fresh(self):
@@ -165,9 +160,7 @@ class Workbench:
             meta["ppl"] = _perplexity(model, self.evaluation)
             return meta
 
-        meta = _cached(path, compute)
-        self._fresh()
-        return meta
+        return _cached(path, compute)  # compute leaves the model compressed: users call _fresh()
 
     def decoder(self, name: str):
         import torch
@@ -235,7 +228,9 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
     names = [n for n in VARIANTS if not only or n in only]
     eager = [n for n in EAGER if not only or n in only]
     metas = {name: bench.prepare(name) for name in names}
-    dense_ppl = metas["dense-fp32"]["ppl"] if "dense-fp32" in metas else bench.prepare("dense-fp32")["ppl"]
+    # Before any decoder shares the model's weights: a perplexity computed later would round them.
+    dense_ppl = bench.prepare("dense-fp32")["ppl"]
+    eager_ppl = {name: bench.prepare(f"dense-{EAGER[name]}")["ppl"] for name in eager}
     ggufs = []
     if with_llama:
         if llama_cpp.available():
@@ -292,7 +287,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
                 "engine": "torch", "variant": name, "weights": EAGER[name], "embeddings": EAGER[name], "sparsity": 0.0,
                 "decode_tok_s": median(name, "decode_tokens_per_second"),
                 "prefill_tok_s": median(name, "prefill_tokens_per_second"),
-                "ppl": dense_ppl if EAGER[name] == "fp32" else metas.get("dense-bf16", {}).get("ppl"),
+                "ppl": eager_ppl[name],
                 "weight_mb": _model_mb(eager_models[name]),
                 "decode_runs": [run["decode_tokens_per_second"] for run in runs[name]]})
         for entry in ggufs:

@@ -78,11 +78,10 @@ def code_hash() -> str:
 
 # ---- worker side: one row in this process ----
 
-def _calibration_and_eval(tokenizer):
+def _calibration_and_eval(tokenizer, samples: int = PROTOCOL["samples"]):
     from secateurs.data.corpus import calibration_windows, load_text, tokenize
 
-    calibration = calibration_windows(tokenizer, PROTOCOL["calib"], PROTOCOL["samples"], PROTOCOL["calib_seqlen"],
-                                      PROTOCOL["seed"])
+    calibration = calibration_windows(tokenizer, PROTOCOL["calib"], samples, PROTOCOL["calib_seqlen"], PROTOCOL["seed"])
     return calibration, tokenize(tokenizer, load_text(PROTOCOL["eval"]))
 
 

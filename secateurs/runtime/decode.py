@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from secateurs.errors import SecateursError
 
 from . import kernels
-from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear
+from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, per_row_int8
 
 EMBEDDING_FORMATS = ("fp32", "bf16", "int8")
 DEFAULT_MAX_LENGTH = 2048
@@ -226,10 +226,7 @@ def embedding_storage(weight: Tensor, format: str) -> tuple[Tensor, Tensor | Non
     fp32 / bf16: the weight in that dtype, no scale; int8: symmetric per-row codes, w = scale[r] * code."""
     weight = weight.detach()
     if format == "int8":
-        table = weight.to(torch.float32)
-        max_abs = table.abs().amax(1)
-        scale = torch.where(max_abs > 0, max_abs / 127, torch.ones_like(max_abs))
-        return torch.round(table / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+        return per_row_int8(weight)
     return weight.to(torch.float32 if format == "fp32" else torch.bfloat16), None
 
 

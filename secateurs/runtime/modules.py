@@ -86,6 +86,15 @@ class CompressedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def per_row_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 codes of a float matrix, round to nearest: (codes, scale) with
+    w ≈ scale[r] * code and scale = max |w[r]| / 127 (1 for an all-zero row)."""
+    weight = weight.to(torch.float32)
+    max_abs = weight.abs().amax(1)
+    scale = torch.where(max_abs > 0, max_abs / 127, torch.ones_like(max_abs))
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def _cast(weight: Tensor, dtype: torch.dtype | None) -> Tensor:
     return weight if dtype is None else weight.to(dtype)
 
@@ -149,9 +158,7 @@ class SparseQuantLinear(CompressedLinear):
         if format != "int8":
             raise ValueError(f"SparseQuantLinear only supports format='int8', got {format!r}")
         weight = weight.detach().to(torch.float32)
-        max_abs = weight.abs().amax(1)
-        scale = torch.where(max_abs > 0, max_abs / 127, torch.ones_like(max_abs))
-        codes = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        codes, scale = per_row_int8(weight)
         return cls(*layouts.bitmask_from_dense(codes, keep=weight != 0), scale, weight.shape[1], bias)
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
