@@ -73,12 +73,13 @@ def cmd_compress(args) -> None:
 
 
 def _rewrite_compressed(output: Path, report) -> None:
-    """Replace the dense output by its compressed formats (secateurs/formats), keeping compression.json."""
+    """Replace the dense output by its compressed formats (secateurs/formats), keeping compression.json.
+    The dense output is read back one block at a time, so this scales like --stream."""
     from secateurs.formats import save_compressed
-    from secateurs.models import load_model
+    from secateurs.pipeline.streaming import StreamedModel, stored_float_dtype
 
-    dense = load_model(output)  # what the job wrote, also after --stream
-    saved = save_compressed(dense.model, report, output, dense.tokenizer,
+    source = StreamedModel(output, compute_dtype=stored_float_dtype(output))
+    saved = save_compressed(source, report, output,
                             extra_files={"compression.json": (output / "compression.json").read_text()})
     sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in saved.bytes_by_format.items())
     print(f"compressed formats: {sizes}; {saved.file_bytes / 2**20:.1f} MiB on disk"

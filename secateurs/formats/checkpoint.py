@@ -136,59 +136,93 @@ def _compressed_tensors_config(specs: dict[str, LayerSpec], nonzeros: dict[str, 
     return config
 
 
-def save_compressed(model: nn.Module, report_or_grids, output_dir, tokenizer=None,
+def _compressed_block(source, index: int, grids: dict, recipe, saved: SavedModel, specs: dict, nonzeros: dict,
+                      act_order: set) -> dict[str, Tensor]:
+    """The tensors to store for block `index` of `source`: each linear layer in its chosen format,
+    the rest of the block as it is. Records the layers' specs and byte counts in the arguments."""
+    block = source.load(index)
+    prefix = source.block_prefix(index)
+    state = {}
+    for name, module in linear_layers(block).items():
+        layer = prefix + name
+        prune, quant = recipe.stages_for(layer) if recipe else (None, None)
+        nm = prune.nm if prune and prune.nm != (0, 0) else None
+        chosen = _choose(layer, module, grids.get(layer), nm)
+        if chosen is None:
+            continue
+        spec, tensors = chosen
+        specs[layer] = spec
+        nonzeros[layer] = int((get_weight(module) != 0).sum())
+        if quant and quant.act_order:
+            act_order.add(layer)
+        state |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
+        saved.formats[layer] = spec.format
+        saved.bytes_by_format[spec.format] = saved.bytes_by_format.get(spec.format, 0) + tensor_bytes(tensors)
+    dense = {name: tensor for name, tensor in source.block_tensors(index).items()
+             if name.removesuffix(".weight") not in specs}
+    source.release(index)
+    saved.bytes_by_format["dense"] = saved.bytes_by_format.get("dense", 0) + tensor_bytes(dense)
+    return state | dense
+
+
+def save_compressed(model, report_or_grids, output_dir, tokenizer=None,
                     extra_files: dict[str, str] | None = None) -> SavedModel:
-    """Write `model` as a compressed directory, atomically (a temporary sibling, then one rename).
+    """Write a model as a compressed directory, atomically (a temporary sibling, then one rename).
 
     Every linear layer of the decoder blocks gets the smallest format that holds it exactly: its
     grid from `report_or_grids` (a CompressionReport, or {layer: (scale, zero)}) makes it quantized,
     an N:M mask of the report's recipe makes it `nm`, and zeros make it `bitmask` where that is
-    smaller than dense. Other tensors are stored as they are."""
+    smaller than dense. Other tensors are stored as they are.
+
+    `model` is an nn.Module (written as one model.safetensors) or a pipeline.streaming.BlockSource
+    such as a StreamedModel over a dense directory, which is read and written one block at a time
+    (a shard per block and an index), so memory holds one block whatever the model's size."""
     from safetensors.torch import save_file
 
-    from secateurs.pipeline.streaming import unique_state
+    from secateurs.pipeline.streaming import INDEX_FILE, BlockSource, InMemoryModel
 
+    sharded = isinstance(model, BlockSource)
+    source = model if sharded else InMemoryModel(model, tokenizer)
     grids, recipe = _layer_options(report_or_grids)  # None: no grids, no recipe
-    prefix, blocks = find_blocks(model)
     saved = SavedModel(Path(output_dir))
-    specs, nonzeros, act_order, state = {}, {}, set(), {}
-    for index, block in enumerate(blocks):
-        for name, module in linear_layers(block).items():
-            layer = f"{prefix}.{index}.{name}"
-            prune, quant = recipe.stages_for(layer) if recipe else (None, None)
-            nm = prune.nm if prune and prune.nm != (0, 0) else None
-            chosen = _choose(layer, module, grids.get(layer), nm)
-            if chosen is None:
-                continue
-            spec, tensors = chosen
-            specs[layer] = spec
-            nonzeros[layer] = int((get_weight(module) != 0).sum())
-            if quant and quant.act_order:
-                act_order.add(layer)
-            state |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
-            saved.formats[layer] = spec.format
-            saved.bytes_by_format[spec.format] = saved.bytes_by_format.get(spec.format, 0) + tensor_bytes(tensors)
-    dense = {name: tensor.contiguous() for name, tensor in unique_state(model).items()
-             if name.removesuffix(".weight") not in specs}
-    saved.bytes_by_format["dense"] = tensor_bytes(dense)
-    ct_config = _compressed_tensors_config(specs, nonzeros, act_order)
-    saved.compressed_tensors = ct_config is not None
+    specs, nonzeros, act_order = {}, {}, set()
+    n_blocks = len(source.blocks)
+    shard_name = "model-{:05d}-of-{:05d}.safetensors".format
     with atomic_directory(saved.path) as staging:
-        save_file(state | dense, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        model.config.save_pretrained(staging)
+        state, weight_map = {}, {}
+
+        def write_shard(tensors: dict[str, Tensor], number: int) -> None:
+            name = shard_name(number, n_blocks + 1)
+            save_file(tensors, staging / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            saved.file_bytes += (staging / name).stat().st_size
+
+        for index in range(n_blocks):
+            block_state = _compressed_block(source, index, grids, recipe, saved, specs, nonzeros, act_order)
+            if sharded:
+                write_shard(block_state, index + 1)
+            else:
+                state |= block_state
+        outside = source.outside_tensors()
+        saved.bytes_by_format["dense"] = saved.bytes_by_format.get("dense", 0) + tensor_bytes(outside)
+        if sharded:
+            write_shard(outside, n_blocks + 1)
+            index_file = {"metadata": {"total_size": sum(saved.bytes_by_format.values())}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index_file, indent=2, sort_keys=True) + "\n")
+        else:
+            save_file(state | outside, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+            saved.file_bytes = (staging / WEIGHTS_FILE).stat().st_size
+        source.write_description(staging)
+        ct_config = _compressed_tensors_config(specs, nonzeros, act_order)
+        saved.compressed_tensors = ct_config is not None
         config = json.loads((staging / CONFIG_FILE).read_text())
         config.pop("quantization_config", None)
         if ct_config:
             config["quantization_config"] = ct_config
         config[LAYOUT_KEY] = {"version": LAYOUT_VERSION, "layers": {layer: spec.as_json() for layer, spec in specs.items()}}
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
         for filename, text in (extra_files or {}).items():
             (staging / filename).write_text(text)
-        saved.file_bytes = (staging / WEIGHTS_FILE).stat().st_size
     return saved
 
 
@@ -231,6 +265,34 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
         raise FormatError(f"{file}: not a readable safetensors file ({detail})") from None
 
 
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a directory: its model.safetensors, or the shards its index names."""
+    from secateurs.pipeline.streaming import INDEX_FILE
+
+    index_path = path / INDEX_FILE
+    if not index_path.is_file():
+        return _read_tensors(path / WEIGHTS_FILE)
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{index_path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
+            for shard in weight_map.values()):
+        raise FormatError(f"{index_path}: weight_map must map tensor names to shard files of this directory")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise FormatError(f"{path / shard}: missing (the index names it)")
+    tensors = {}
+    for shard in shards:
+        for name, tensor in _read_tensors(path / shard).items():
+            if weight_map.get(name) != shard:
+                raise FormatError(f"tensor {name}: in {shard} but the index puts it in {weight_map.get(name)}")
+            tensors[name] = tensor
+    return tensors
+
+
 def read_compressed(path) -> CompressedDirectory:
     """Read and validate a compressed directory (SecateursError if it is not one)."""
     path = Path(path)
@@ -242,7 +304,7 @@ def read_compressed(path) -> CompressedDirectory:
     if not isinstance(layout, dict) or layout.get("version") != LAYOUT_VERSION or not isinstance(layout.get("layers"), dict):
         raise FormatError(f"config.json: {LAYOUT_KEY} must be {{version: {LAYOUT_VERSION}, layers: {{...}}}}")
     specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in layout["layers"].items()}
-    tensors = _read_tensors(path / WEIGHTS_FILE)
+    tensors = _read_weights(path)
     layers = {}
     for layer, spec in specs.items():
         expected = FORMATS[spec.format].expected_tensors(spec)
@@ -252,7 +314,7 @@ def read_compressed(path) -> CompressedDirectory:
         FORMATS[spec.format].validate(layer, layers[layer], spec)
     floating = {t.dtype for t in tensors.values() if t.is_floating_point()} | {s.torch_dtype for s in specs.values()}
     if len(floating) != 1:
-        raise FormatError(f"{path / WEIGHTS_FILE}: tensors of mixed float dtypes {sorted(map(str, floating))}")
+        raise FormatError(f"{path}: tensors of mixed float dtypes {sorted(map(str, floating))}")
     return CompressedDirectory(path, config, floating.pop(), specs, layers, tensors)
 
 
@@ -294,7 +356,7 @@ def load(path) -> nn.Module:
                               f"{expected[name].dtype} {tuple(expected[name].shape)}")
     missing = sorted(set(expected) - set(directory.dense))
     if missing:
-        raise FormatError(f"tensor {missing[0]}: missing from {path / WEIGHTS_FILE} ({len(missing)} missing)")
+        raise FormatError(f"tensor {missing[0]}: missing from the weights of {path} ({len(missing)} missing)")
     model.load_state_dict(directory.dense, strict=False)  # copies into the tied parameters too
     for layer, spec in directory.specs.items():
         try:
@@ -313,6 +375,8 @@ def decompress(path, output) -> Path:
     """Write the plain dense model directory of a compressed one (bit-exact weights), atomically."""
     from safetensors.torch import save_file
 
+    from secateurs.pipeline.streaming import INDEX_FILE
+
     directory = read_compressed(path)
     state = dict(directory.dense)
     for layer, spec in directory.specs.items():
@@ -323,6 +387,6 @@ def decompress(path, output) -> Path:
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(directory.config, indent=2, sort_keys=True) + "\n")
         for item in directory.path.iterdir():  # tokenizer, generation config, reports
-            if item.is_file() and item.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in (CONFIG_FILE, INDEX_FILE):
                 shutil.copy2(item, staging / item.name)
     return output

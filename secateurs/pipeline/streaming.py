@@ -194,6 +194,16 @@ class SafetensorsFolder:
         return digest.hexdigest()[:16]
 
 
+def stored_float_dtype(folder: Path) -> torch.dtype:
+    """The one floating dtype a directory's tensors are stored in (SecateursError if they mix)."""
+    shards = SafetensorsFolder(folder)
+    dtypes = {dtype for shape, dtype in map(shards.layout, shards.files) if dtype.is_floating_point}
+    if len(dtypes) != 1:
+        raise SecateursError(f"{folder}: tensors stored in {len(dtypes)} float dtypes {sorted(map(str, dtypes))}, "
+                             f"one is needed")
+    return dtypes.pop()
+
+
 def model_folder(spec: str) -> Path:
     """The safetensors directory behind a model spec, for streaming (embedded names resolve to the
     converted copy in the cache)."""

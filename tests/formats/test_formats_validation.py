@@ -174,3 +174,45 @@ def test_fuzz_truncated_and_bit_flipped_files_fail_cleanly(data, mixed_dir, tmp_
         return
     with torch.no_grad():
         assert model(TOKENS).logits.shape == (1, 6, VOCAB)
+
+
+def sharded_copy(source, folder, corrupt_index=None):
+    """`source` with its model.safetensors split into two shards and an index (changed by corrupt_index)."""
+    shutil.copytree(source, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, part in halves.items():
+        save_file({name: state[name] for name in part}, folder / shard)
+        weight_map |= dict.fromkeys(part, shard)
+    index = {"metadata": {}, "weight_map": weight_map}
+    if corrupt_index:
+        corrupt_index(index)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_sharded_directory_loads_like_the_single_file(mixed_dir, tmp_path):
+    folder = sharded_copy(mixed_dir, tmp_path / "sharded")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(load(folder)(ids).logits, load(mixed_dir)(ids).logits)
+
+
+def moved(index):
+    index["weight_map"][f"{DOWN}.bitmask"] = "model-00001-of-00002.safetensors" \
+        if index["weight_map"][f"{DOWN}.bitmask"].startswith("model-00002") else "model-00002-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (moved, f"tensor {DOWN}.bitmask: in model-0000"),
+    (lambda index: index["weight_map"].update({f"{DOWN}.bitmask": "../elsewhere.safetensors"}), "shard files of this directory"),
+    (lambda index: index["weight_map"].update({f"{DOWN}.bitmask": "model-00009-of-00009.safetensors"}), "missing"),
+    (lambda index: index.pop("weight_map"), "unreadable"),
+], ids=["wrong-shard", "path-outside", "missing-shard", "no-weight-map"])
+def test_corrupt_index_is_named(mixed_dir, tmp_path, corrupt, message):
+    folder = sharded_copy(mixed_dir, tmp_path / "sharded", corrupt)
+    with pytest.raises(FormatError, match=re.escape(message)):
+        load(folder)
