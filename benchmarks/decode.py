@@ -320,13 +320,25 @@ TARGETS = [  # (label, numerator, denominator, at least)
 
 
 def write_results(rows: list[dict], context: dict) -> None:
+    """Write this run's rows, keeping the earlier results of models this run did not measure (a
+    model's rows always come from one run: its context records which)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    contexts = {row["model"]: context for row in rows}
+    previous = RESULTS / "decode.json"
+    if previous.is_file():
+        earlier = json.loads(previous.read_text())
+        kept = [row for row in earlier["rows"] if row["model"] not in contexts]
+        # Older files held one context for the whole run.
+        old_contexts = earlier.get("contexts") or {row["model"]: earlier["context"] for row in kept}
+        contexts = {model: old_contexts[model] for model in dict.fromkeys(r["model"] for r in kept)} | contexts
+        rows = kept + rows
     tmp = RESULTS / "decode.json.tmp"
-    tmp.write_text(json.dumps({"context": context, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"contexts": contexts, "rows": rows}, indent=1))
     os.replace(tmp, RESULTS / "decode.json")
-    lines = [f"Batch 1, {PROMPT_TOKENS}-token prompt then {NEW_TOKENS} new tokens; median of {context['repeat']} "
-             f"rounds; {context['cpu']}; load average before the run {context['load_before']}.", "",
-             "| model | engine | variant | weights | embeddings | threads | decode tok/s | prefill tok/s | "
+    lines = [f"Batch 1, {PROMPT_TOKENS}-token prompt then {NEW_TOKENS} new tokens.", ""]
+    lines += [f"- {model}: median of {c['repeat']} rounds, {c['cpu']}, load average before its run "
+              f"{c['load_before']}." for model, c in contexts.items()]
+    lines += ["", "| model | engine | variant | weights | embeddings | threads | decode tok/s | prefill tok/s | "
              "ms/token kernel + other | ppl | weight MB |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         split = (f"{r['kernel_ms_per_token']:.2f} + {r['other_ms_per_token']:.2f}"
