@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from secateurs.errors import SecateursError
 from secateurs.formats.registry import DTYPES, FORMATS, FormatError, LayerSpec, grid_codes, tensor_bytes
 from secateurs.models import atomic_directory
-from secateurs.pipeline.discovery import find_blocks, get_weight, is_transposed, linear_layers
+from secateurs.pipeline.discovery import get_weight, is_transposed, linear_layers
 
 LAYOUT_KEY = "secateurs_compression"
 LAYOUT_VERSION = 1
