@@ -2,8 +2,9 @@
 
 A compressed directory is a transformers model directory whose `model.safetensors` (or the shards
 of its `model.safetensors.index.json`) holds, for each compressed Linear layer, the tensors of its
-format (registry.py) instead of `<layer>.weight`, and whose `config.json` records every layer's format under `secateurs_compression` and, when every
-layer has a compressed-tensors layout, the compressed-tensors `quantization_config`.
+format (registry.py) instead of `<layer>.weight`, and whose `config.json` records every layer's
+format under `secateurs_compression` and, when every layer has a compressed-tensors layout, the
+compressed-tensors `quantization_config`.
 """
 
 from __future__ import annotations
