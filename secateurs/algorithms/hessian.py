@@ -23,7 +23,7 @@ class HessianError(ValueError):
 
 @dataclass
 class PreparedHessian:
-    hinv_chol: Tensor  # [cols, cols] upper Cholesky factor of (H + damp * I)^-1, work dtype
+    hinv_chol: Tensor  # [cols, cols] upper Cholesky factor of (H + damp * I)^-1, work dtype, contiguous
     dead: Tensor  # [cols] bool, inputs that were never active (diag(H) == 0)
     damp: float  # absolute damping added to the diagonal of H
     weight: Tensor  # work-dtype copy of W with the dead columns zeroed
@@ -64,7 +64,8 @@ def prepare_hessian(
         damp = relative * mean_diag
         hinv_chol = _inverse_cholesky(H, damp)
         if hinv_chol is not None:
-            return PreparedHessian(hinv_chol.to(weight.dtype), dead, damp, weight)
+            # Row-major: the sweep reads rows of the factor (LAPACK hands back the transposed view).
+            return PreparedHessian(hinv_chol.to(weight.dtype).contiguous(), dead, damp, weight)
         tried.append(relative)
         relative = relative * 10 if relative > 0 else 0.01
         if attempt + 1 < max_tries:

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .hessian import prepare_hessian
+from secateurs.runtime import kernels
+
 from .quant import QuantSpec, fake_quantize, fit_grid, group_count, group_index, quantize_codes
 
 
@@ -54,20 +56,25 @@ class _StaticGroupGrid:
         self.spec, self.dtype = spec, dtype
         self.group_at = group_index(len(order), spec.group_size).to(order.device)[order]  # sweep position -> group
         self.group_list = self.group_at.tolist()
+        # run_end[p]: the first sweep position after p in a different group (act-order interleaves groups)
+        self.run_end = list(range(1, len(order) + 1))
+        for position in range(len(order) - 2, -1, -1):
+            if self.group_list[position] == self.group_list[position + 1]:
+                self.run_end[position] = self.run_end[position + 1]
         n_groups = group_count(len(order), spec.group_size)
         self.scale = torch.zeros(rows, n_groups, device=order.device)
         self.zero = torch.zeros(rows, n_groups, device=order.device)
         self.fitted: dict[int, tuple[Tensor, Tensor]] = {}  # group -> scale, zero in work dtype
 
-    def round(self, position: int, w: Tensor, current: Callable[[Tensor], Tensor]) -> Tensor:
+    def at(self, position: int, current: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Scale and zero [rows] of the group at a sweep position, fitted now if this is its first."""
         group = self.group_list[position]
         if group not in self.fitted:
             members = (self.group_at == group).nonzero().squeeze(1)
             scale, zero = fit_grid(current(members), self.spec)
             self.scale[:, group], self.zero[:, group] = scale, zero
-            self.fitted[group] = scale.to(self.dtype), zero.to(self.dtype)
-        scale, zero = self.fitted[group]
-        return fake_quantize(w, scale, zero, self.spec.bits)
+            self.fitted[group] = scale.to(self.dtype).contiguous(), zero.to(self.dtype).contiguous()
+        return self.fitted[group]
 
 
 def compress(
@@ -113,7 +120,8 @@ def compress(
 def _sweep(weight_t, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Tensor | None, float]:
     """Run the sweep in place on weight_t = W^T [cols, rows] in sweep order; returns the kept mask
     (transposed too) and the loss. Column j of W is the contiguous row j of weight_t, which makes
-    the per-column rank-1 updates about 3x faster than on W itself."""
+    the per-column rank-1 updates about 3x faster than on W itself. Each block is fixed in spans
+    of columns sharing one mask decision and one grid, by the native kernel when it is built."""
     cols, rows = weight_t.shape
     keep_t = torch.ones(cols, rows, dtype=torch.bool, device=weight_t.device) if rule is not None else None
     loss = 0.0
@@ -122,27 +130,45 @@ def _sweep(weight_t, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Te
         block = weight_t[i1:i2].clone()  # up to date: received all earlier lazy updates
         errors = torch.zeros_like(block)  # (w - q) / U[j, j] of the block's columns
         hinv = hinv_chol[i1:i2, i1:i2]
-        diag = hinv.diagonal()
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:
             j = i1 + i
-            span = _selection_span(rule, i, j, i2) if rule is not None else 0
-            if span:
-                scores = (block[i : i + span] / diag[i : i + span, None]).square()
-                scores[dead[j : j + span]] = -1  # dead inputs are pruned first
-                keep_t[j : j + span] = rule(scores.T, order[j : j + span]).T
-            w = block[i]
-            q = w
+            end = i2 - i1  # the span ends before the next mask selection or grid change
+            if rule is not None:
+                span = _selection_span(rule, i, j, i2)
+                if span:
+                    scores = (block[i : i + span] / hinv.diagonal()[i : i + span, None]).square()
+                    scores[dead[j : j + span]] = -1  # dead inputs are pruned first
+                    keep_t[j : j + span] = rule(scores.T, order[j : j + span]).T
+                if rule.period is not None:
+                    end = min(end, i - j % rule.period + rule.period)
+            scale = zero = None
             if grid is not None:
-                q = grid.round(j, w, partial(_current, weight_t, block, errors, hinv_chol, i1, i))
-            if keep_t is not None:
-                q = torch.where(keep_t[j], q, 0.0)
-            error = torch.sub(w, q, out=errors[i]).div_(diag[i])
-            block[i + 1 :].addr_(hinv[i, i + 1 :], error, alpha=-1)
-            block[i] = q  # exactly 0 / on the grid
+                scale, zero = grid.at(j, partial(_current, weight_t, block, errors, hinv_chol, i1, i))
+                end = min(end, grid.run_end[j] - i1)
+            keep = None if keep_t is None else keep_t[j : i1 + end]
+            bits = grid.spec.bits if grid is not None else 1
+            kernels.obs_span(block, errors, hinv, i, end, keep, scale, zero, 2**bits - 1,
+                             fallback=partial(_fix_columns, block, errors, hinv, i, end, keep, scale, zero, bits))
+            i = end
         weight_t[i1:i2] = block
         weight_t[i2:].addmm_(hinv_chol[i1:i2, i2:].T, errors, alpha=-1)
         loss += errors.square().sum().item() / 2
     return keep_t, loss
+
+
+def _fix_columns(block, errors, hinv, begin, end, keep, scale, zero, bits) -> None:
+    """Torch twin of the native span kernel: fix columns [begin, end) of the block one at a time,
+    each to its grid point (scale/zero) or to 0 where not kept, compensating the later columns."""
+    diag = hinv.diagonal()
+    for i in range(begin, end):
+        w = block[i]
+        q = w if scale is None else fake_quantize(w, scale, zero, bits)
+        if keep is not None:
+            q = torch.where(keep[i - begin], q, 0.0)
+        error = torch.sub(w, q, out=errors[i]).div_(diag[i])
+        block[i + 1 :].addr_(hinv[i, i + 1 :], error, alpha=-1)
+        block[i] = q  # exactly 0 / on the grid
 
 
 def _selection_span(rule: MaskRule, i: int, j: int, i2: int) -> int:

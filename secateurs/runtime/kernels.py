@@ -50,6 +50,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
+    library.secateurs_obs_span.argtypes = [i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     return library
 
 
@@ -232,3 +233,38 @@ def dense_mm(x: Tensor, weight: Tensor, row_scale: Tensor | None = None) -> Tens
 
     return _run("secateurs_dense_mm", x, rows, in_features, weight, _DTYPE_IDS[weight.dtype], row_scale,
                 fallback=fallback)
+
+
+def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, keep: Tensor | None,
+             scale: Tensor | None, zero: Tensor | None, max_code: int, fallback) -> None:
+    """Fix columns [begin, end) of one block of the OBS column sweep in place (algorithms/obs.py):
+    block and errors are [size, rows] (W^T), hinv the block's [size, size] slice of the upper
+    Cholesky factor (rows may be strided), keep [end - begin, rows] bool or None, scale and zero
+    [rows] or None. float32 or float64. `fallback()` does the same in torch on the torch path."""
+    global _last_path
+    path = kernel_path()
+    _last_path = path
+    if path == TORCH_PATH:
+        fallback()
+        return
+    size, rows = block.shape
+    _require(block.dtype in (torch.float32, torch.float64), f"block must be float32 or float64, got {block.dtype}")
+    dtypes = (block.dtype,)
+    _check_tensor("block", block, dtypes, (None, None))
+    _check_tensor("errors", errors, dtypes, (size, rows))
+    _require(hinv.dtype == block.dtype and hinv.shape == (size, size) and hinv.stride(1) == 1,
+             f"hinv must be a {block.dtype} [{size}, {size}] view with unit column stride")
+    _require(0 <= begin <= end <= size, f"need 0 <= begin <= end <= {size}, got {begin}, {end}")
+    if keep is not None:
+        _check_tensor("keep", keep, (torch.bool,), (end - begin, rows))
+    _require((scale is None) == (zero is None), "scale and zero go together")
+    if scale is not None:
+        _check_tensor("scale", scale, dtypes, (rows,))
+        _check_tensor("zero", zero, dtypes, (rows,))
+    status = native_library().secateurs_obs_span(
+        torch.get_num_threads(), 0 if block.dtype == torch.float32 else 1, block.data_ptr(), errors.data_ptr(),
+        hinv.data_ptr(), hinv.stride(0), rows, size, begin, end, None if keep is None else keep.data_ptr(),
+        None if scale is None else scale.data_ptr(), None if zero is None else zero.data_ptr(), max_code)
+    if status != 0:
+        raise ValueError("secateurs_obs_span: arguments rejected by the native kernel")
+
