@@ -268,28 +268,17 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of a directory: its model.safetensors, or the shards its index names."""
-    from secateurs.pipeline.streaming import INDEX_FILE
+    from secateurs.pipeline.streaming import index_shards
 
-    index_path = path / INDEX_FILE
-    if not index_path.is_file():
+    weight_map = index_shards(path)
+    if weight_map is None:
         return _read_tensors(path / WEIGHTS_FILE)
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"{index_path}: unreadable ({type(exc).__name__}: {exc})") from None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
-            for shard in weight_map.values()):
-        raise FormatError(f"{index_path}: weight_map must map tensor names to shard files of this directory")
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
-        if not (path / shard).is_file():
-            raise FormatError(f"{path / shard}: missing (the index names it)")
     tensors = {}
-    for shard in shards:
-        for name, tensor in _read_tensors(path / shard).items():
+    for shard in sorted(set(weight_map.values())):
+        for name, tensor in _read_tensors(shard).items():
             if weight_map.get(name) != shard:
-                raise FormatError(f"tensor {name}: in {shard} but the index puts it in {weight_map.get(name)}")
+                where = weight_map[name].name if name in weight_map else None
+                raise FormatError(f"tensor {name}: in {shard.name} but the index puts it in {where}")
             tensors[name] = tensor
     return tensors
 

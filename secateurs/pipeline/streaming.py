@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from secateurs.errors import SecateursError
+from secateurs.formats.registry import FormatError
 from secateurs.pipeline.discovery import find_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -147,16 +148,34 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+def index_shards(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> shard file, from the directory's model.safetensors.index.json (None without
+    one). FormatError unless the index is readable and names present files of this directory."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{index}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
+            for shard in weight_map.values()):
+        raise FormatError(f"{index}: weight_map must map tensor names to shard files of this directory")
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise FormatError(f"{folder / shard}: missing (the index names it)")
+    return {name: folder / shard for name, shard in weight_map.items()}
+
+
 class SafetensorsFolder:
     """The tensors of a model directory (one safetensors file, or shards with an index), read on
     demand; every read opens the shards it needs and closes them again."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / INDEX_FILE
-        if index.is_file():
-            files = {name: folder / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
-        else:
+        files = index_shards(folder)
+        if files is None:
             shards = sorted(folder.glob("*.safetensors"))
             if len(shards) != 1:
                 raise SecateursError(f"{folder}: {len(shards)} safetensors files and no {INDEX_FILE}")
