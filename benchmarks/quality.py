@@ -97,9 +97,12 @@ def _matmul_gflops() -> float:
 
 
 def _compress_flops(model, tokens: int, report) -> float:
-    """Two forward passes of every block plus the Hessians X Xᵀ of each distinct layer input."""
+    """Two forward passes of every block plus the Hessians X Xᵀ of each distinct layer input (none
+    for methods that use no calibration, which run no forward)."""
     from secateurs.pipeline.discovery import find_blocks
 
+    if not report.calibration["calibrated_blocks"]:
+        return 0.0
     _, blocks = find_blocks(model)
     block_params = sum(p.numel() for p in blocks.parameters())
     # Layers reading the same input share one Hessian: count each input once.
@@ -129,8 +132,9 @@ def worker(name: str, model_dir: str | None, calib_out: str | None) -> dict:
         report = engine.run(calibration)
         result["seconds"] = time.perf_counter() - started
         flops = _compress_flops(loaded.model, calibration.numel(), report)
-        result |= {"tflop": flops / 1e12, "gflops": flops / result["seconds"] / 1e9, "matmul_gflops": _matmul_gflops(),
-                   "achieved_sparsity": report.as_dict()["totals"]["sparsity"]}
+        result["achieved_sparsity"] = report.as_dict()["totals"]["sparsity"]
+        if flops:
+            result |= {"tflop": flops / 1e12, "gflops": flops / result["seconds"] / 1e9, "matmul_gflops": _matmul_gflops()}
     ppl = perplexity(loaded.model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
     result |= {"ppl": ppl.ppl, "eval_tokens": ppl.tokens_evaluated}
     return result
@@ -194,12 +198,14 @@ def write_results(rows: list[dict]) -> None:
     tmp = JSON_PATH.with_suffix(".tmp")
     tmp.write_text(json.dumps(rows, indent=1))
     os.replace(tmp, JSON_PATH)
-    lines = ["| row | engine | ppl | Δ vs dense | seconds | peak RSS MB | GFLOP/s (matmul) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| row | engine (code) | ppl | Δ vs dense | seconds (runs) | peak RSS MB | GFLOP/s (matmul) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = f"{r['ppl'] - dense:+.2f}" if dense else ""
-        seconds = f"{r['seconds']:.0f}" if r.get("seconds") else ""
+        seconds = f"{r['seconds']:.0f} ({len(r.get('seconds_runs', [1]))})" if r.get("seconds") else ""
         rate = f"{r['gflops']:.0f} ({r['matmul_gflops']:.0f})" if r.get("gflops") else ""
-        lines.append(f"| {r['row']} | {r['engine']} {r['versions'].get('llmcompressor', '')} | {r['ppl']:.2f} | {delta} | "
+        version = r["versions"].get("llmcompressor") or r["versions"].get("code", "")
+        lines.append(f"| {r['row']} | {r['engine']} {version} | {r['ppl']:.2f} | {delta} | "
                      f"{seconds} | {r['peak_rss_mb']:.0f} | {rate} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -3,7 +3,8 @@
 At most one pruning stage (magnitude, wanda, sparsegpt) and one quantization stage (gptq, rtn)
 apply to each layer. A pruning stage followed by a quantization stage runs as one joint step per
 layer: SparseGPT quantizes each kept weight in the same column sweep; a Wanda or magnitude mask is
-kept fixed while GPTQ quantizes the surviving weights (pruned weights stay exactly zero).
+kept fixed while GPTQ quantizes the surviving weights (pruned weights stay exactly zero); RTN rounds
+the pruned weights to nearest, without second-order updates.
 Every value is checked before any work starts, and every error names the key (and the layer).
 """
 
@@ -52,6 +53,11 @@ class Stage:
     @property
     def prunes(self) -> bool:
         return self.method in PRUNE_METHODS
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Magnitude and round-to-nearest look at the weights only: no calibration forward for them."""
+        return self.method not in ("magnitude", "rtn")
 
     @property
     def nm(self) -> tuple[int, int]:

@@ -266,6 +266,16 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
         raise FormatError(f"{file}: not a readable safetensors file ({detail})") from None
 
 
+def _read_shard(shard: Path, weight_map: dict[str, Path]) -> dict[str, Tensor]:
+    """The tensors of one shard, each checked to be where the index puts it."""
+    tensors = _read_tensors(shard)
+    for name in tensors:
+        if weight_map.get(name) != shard:
+            where = weight_map[name].name if name in weight_map else None
+            raise FormatError(f"tensor {name}: in {shard.name} but the index puts it in {where}")
+    return tensors
+
+
 def _read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of a directory: its model.safetensors, or the shards its index names."""
     from secateurs.pipeline.streaming import index_shards
@@ -275,17 +285,12 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         return _read_tensors(path / WEIGHTS_FILE)
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-        for name, tensor in _read_tensors(shard).items():
-            if weight_map.get(name) != shard:
-                where = weight_map[name].name if name in weight_map else None
-                raise FormatError(f"tensor {name}: in {shard.name} but the index puts it in {where}")
-            tensors[name] = tensor
+        tensors |= _read_shard(shard, weight_map)
     return tensors
 
 
-def read_compressed(path) -> CompressedDirectory:
-    """Read and validate a compressed directory (SecateursError if it is not one)."""
-    path = Path(path)
+def _read_layout(path: Path) -> tuple[dict, dict[str, LayerSpec]]:
+    """config.json without the compression keys (a plain dense model's config), and the layer specs."""
     config = _read_config(path)
     layout = config.pop(LAYOUT_KEY, None)
     config.pop("quantization_config", None)
@@ -293,8 +298,11 @@ def read_compressed(path) -> CompressedDirectory:
         raise SecateursError(f"{path}: not a secateurs compressed model (config.json has no {LAYOUT_KEY})")
     if not isinstance(layout, dict) or layout.get("version") != LAYOUT_VERSION or not isinstance(layout.get("layers"), dict):
         raise FormatError(f"config.json: {LAYOUT_KEY} must be {{version: {LAYOUT_VERSION}, layers: {{...}}}}")
-    specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in layout["layers"].items()}
-    tensors = _read_weights(path)
+    return config, {layer: LayerSpec.from_json(layer, entry) for layer, entry in layout["layers"].items()}
+
+
+def _split_layers(specs: dict[str, LayerSpec], tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Move each layer's tensors out of `tensors` (leaving the dense ones) and validate them."""
     layers = {}
     for layer, spec in specs.items():
         expected = FORMATS[spec.format].expected_tensors(spec)
@@ -302,10 +310,26 @@ def read_compressed(path) -> CompressedDirectory:
         if f"{layer}.weight" in tensors:
             raise FormatError(f"tensor {layer}.weight: layer {layer} is compressed ({spec.format}) and has a dense weight too")
         FORMATS[spec.format].validate(layer, layers[layer], spec)
-    floating = {t.dtype for t in tensors.values() if t.is_floating_point()} | {s.torch_dtype for s in specs.values()}
-    if len(floating) != 1:
-        raise FormatError(f"{path}: tensors of mixed float dtypes {sorted(map(str, floating))}")
-    return CompressedDirectory(path, config, floating.pop(), specs, layers, tensors)
+    return layers
+
+
+def _float_dtypes(specs: dict[str, LayerSpec], dense: dict[str, Tensor]) -> set[torch.dtype]:
+    return {t.dtype for t in dense.values() if t.is_floating_point()} | {s.torch_dtype for s in specs.values()}
+
+
+def _one_dtype(path: Path, dtypes: set[torch.dtype]) -> torch.dtype:
+    if len(dtypes) != 1:
+        raise FormatError(f"{path}: tensors of mixed float dtypes {sorted(map(str, dtypes))}")
+    return next(iter(dtypes))
+
+
+def read_compressed(path) -> CompressedDirectory:
+    """Read and validate a compressed directory (SecateursError if it is not one)."""
+    path = Path(path)
+    config, specs = _read_layout(path)
+    dense = _read_weights(path)
+    layers = _split_layers(specs, dense)
+    return CompressedDirectory(path, config, _one_dtype(path, _float_dtypes(specs, dense)), specs, layers, dense)
 
 
 def _build_model(directory: CompressedDirectory) -> nn.Module:
@@ -362,21 +386,70 @@ def load(path) -> nn.Module:
 
 
 def decompress(path, output) -> Path:
-    """Write the plain dense model directory of a compressed one (bit-exact weights), atomically."""
+    """Write the plain dense model directory of a compressed one (bit-exact weights), atomically.
+    A sharded directory is decompressed one shard at a time into shards of the same names."""
     from safetensors.torch import save_file
 
-    from secateurs.pipeline.streaming import INDEX_FILE
+    from secateurs.pipeline.streaming import INDEX_FILE, index_shards
 
-    directory = read_compressed(path)
-    state = dict(directory.dense)
-    for layer, spec in directory.specs.items():
-        weight = FORMATS[spec.format].decompress(directory.layers[layer], spec)
-        state[f"{layer}.weight"] = weight.t().contiguous() if spec.transposed else weight
-    output = Path(output)
+    path, output = Path(path), Path(output)
+    weight_map = index_shards(path)
     with atomic_directory(output) as staging:
-        save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(directory.config, indent=2, sort_keys=True) + "\n")
-        for item in directory.path.iterdir():  # tokenizer, generation config, reports
+        if weight_map is None:
+            directory = read_compressed(path)
+            save_file(_dense_state(directory.specs, directory.layers, directory.dense), staging / WEIGHTS_FILE,
+                      metadata={"format": "pt"})
+            config = directory.config
+        else:
+            config, specs = _read_layout(path)
+            index_file = _decompress_shards(path, specs, weight_map, staging)
+            (staging / INDEX_FILE).write_text(json.dumps(index_file, indent=2, sort_keys=True) + "\n")
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for item in path.iterdir():  # tokenizer, generation config, reports
             if item.is_file() and item.suffix != ".safetensors" and item.name not in (CONFIG_FILE, INDEX_FILE):
                 shutil.copy2(item, staging / item.name)
     return output
+
+
+def _decompress_shards(path: Path, specs: dict[str, LayerSpec], weight_map: dict[str, Path], staging: Path) -> dict:
+    """Decompress shard by shard into `staging`; a layer whose tensors span shards is written with the
+    shard that completes it. Returns the new index."""
+    from safetensors.torch import save_file
+
+    expected = {layer: {f"{layer}.{suffix}" for suffix in FORMATS[spec.format].expected_tensors(spec)}
+                for layer, spec in specs.items()}
+    owner = {name: layer for layer, names in expected.items() for name in names}
+    pending: dict[str, dict[str, Tensor]] = {}  # a layer's tensors until all its shards were read
+    finished, dense_map, dtypes, total = set(), {}, set(), 0
+    for shard in sorted(set(weight_map.values())):
+        tensors = _read_shard(shard, weight_map)
+        for name in [name for name in tensors if name in owner]:
+            pending.setdefault(owner[name], {})[name] = tensors.pop(name)
+        stray = next((name for name in tensors if name.removesuffix(".weight") in specs), None)
+        if stray:
+            layer = stray.removesuffix(".weight")
+            raise FormatError(f"tensor {stray}: layer {layer} is compressed ({specs[layer].format}) and has a dense weight too")
+        done = {layer: specs[layer] for layer, found in pending.items() if found.keys() == expected[layer]}
+        for layer in done:
+            tensors |= pending.pop(layer)
+        layers = _split_layers(done, tensors)
+        dtypes |= _float_dtypes(done, tensors)
+        state = _dense_state(done, layers, tensors)
+        if state:
+            save_file(state, staging / shard.name, metadata={"format": "pt"})
+            dense_map |= dict.fromkeys(state, shard.name)
+            total += tensor_bytes(state)
+        finished |= done.keys()
+    # A layer with tensors missing from every shard: its format's check names one.
+    _split_layers({layer: spec for layer, spec in specs.items() if layer not in finished},
+                  {name: tensor for found in pending.values() for name, tensor in found.items()})
+    _one_dtype(path, dtypes)
+    return {"metadata": {"total_size": total}, "weight_map": dense_map}
+
+
+def _dense_state(specs: dict[str, LayerSpec], layers: dict[str, dict[str, Tensor]], dense: dict[str, Tensor]) -> dict[str, Tensor]:
+    state = dict(dense)
+    for layer, spec in specs.items():
+        weight = FORMATS[spec.format].decompress(layers[layer], spec)
+        state[f"{layer}.weight"] = weight.t().contiguous() if spec.transposed else weight
+    return state

@@ -37,7 +37,7 @@ class LayerReport:
     name: str
     shape: list[int]
     method: str
-    loss: float
+    loss: float | None  # None for methods that use no calibration (magnitude, RTN): no Hessian
     sparsity: float
     bits: int | None
     group_size: int | None
@@ -64,7 +64,7 @@ class CompressionReport:
             "totals": {
                 "layers": len(layers),
                 "seconds": self.seconds,
-                "loss": sum(layer["loss"] for layer in layers),
+                "loss": None if any(layer["loss"] is None for layer in layers) else sum(layer["loss"] for layer in layers),
                 "sparsity": sum(layer["sparsity"] * layer["shape"][0] * layer["shape"][1] for layer in layers) / weights,
             },
             "layers": layers,
@@ -160,6 +160,11 @@ class Engine:
         return {name: module for name, module in linear_layers(self.blocks[index]).items()
                 if any(self.recipe.stages_for(f"{self.prefix}.{index}.{name}"))}
 
+    def _uses_calibration(self, index: int) -> bool:
+        """Whether any stage on a layer of this block needs its statistics (not only its weights)."""
+        return any(stage is not None and stage.uses_calibration
+                   for name in self._block_layers(index) for stage in self.recipe.stages_for(f"{self.prefix}.{index}.{name}"))
+
     def _owl_sparsities(self, inputs) -> list[float]:
         """One dense pass over all blocks to measure each block's outlier ratio (OWL)."""
         stage = next(s for s in self.recipe.stages if s.prunes)
@@ -197,20 +202,25 @@ class Engine:
         if self.block_sparsity is None:
             owl = any(s.prunes and s.sparsity_profile == "owl" for s in self.recipe.stages)
             self.block_sparsity = self._owl_sparsities(inputs) if owl else [None] * len(self.blocks)
+        calibrated = [self._uses_calibration(index) for index in range(len(self.blocks))]
+        report.calibration["calibrated_blocks"] = sum(calibrated)
         bar = tqdm(range(start, len(self.blocks)), desc="compress", unit="block", disable=not self.progress)
         for index in bar:
             block = self.source.load(index).to(self.device)
             layers = self._block_layers(index)
-            # true_sequential: one cheap pass learns the input groups in execution order, then each
-            # group's statistics are gathered after the groups before it were compressed.
-            steps = ([{n: layers[n] for n in group} for group in self._gather(block, layers, inputs, index, False, 1).groups()]
-                     if self.recipe.true_sequential else [layers])
-            for step in steps:
-                stats = self._gather(block, step, inputs, index)
-                self._compress_step(index, step, stats, report, bar)
-            if index + 1 < len(self.blocks):
+            if not calibrated[index]:  # weights only: no forward, no statistics
+                self._compress_step(index, layers, None, report, bar)
+            else:
+                # true_sequential: one cheap pass learns the input groups in execution order, then each
+                # group's statistics are gathered after the groups before it were compressed.
+                steps = ([{n: layers[n] for n in group} for group in self._gather(block, layers, inputs, index, False, 1).groups()]
+                         if self.recipe.true_sequential else [layers])
+                for step in steps:
+                    stats = self._gather(block, step, inputs, index)
+                    self._compress_step(index, step, stats, report, bar)
+            if any(calibrated[index + 1 :]):
                 self._advance(block, inputs, index)
-            else:  # nothing reads the last block's outputs
+            else:  # no later block reads these outputs
                 discard_chunks(inputs.hidden)
                 inputs.hidden = []
             self.blocks[index] = block.to("cpu")
@@ -222,9 +232,10 @@ class Engine:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _compress_step(self, index, layers: dict[str, nn.Module], stats: StatisticsHooks, report, bar) -> None:
-        """Compress `layers`, in order; with several processes each takes a share balanced by
-        estimated cost, then every compressed weight is broadcast from the process that made it."""
+    def _compress_step(self, index, layers: dict[str, nn.Module], stats: StatisticsHooks | None, report, bar) -> None:
+        """Compress `layers`, in order (`stats` None: their stages need none); with several processes
+        each takes a share balanced by estimated cost, then every compressed weight is broadcast from
+        the process that made it."""
         costs = {name: layer_cost(module.weight.numel() // in_features(module), in_features(module),
                                   [s.method for s in self.recipe.stages_for(f"{self.prefix}.{index}.{name}") if s])
                  for name, module in layers.items()}
@@ -233,8 +244,8 @@ class Engine:
         for name, module in layers.items():
             if owners[name] == self.group.rank:
                 bar.set_postfix_str(name)
-                owner = stats.owner[name]
-                mine[name] = self._compress_one(index, name, module, stats.accumulators[owner],
+                owner = stats.owner[name] if stats else name
+                mine[name] = self._compress_one(index, name, module, stats.accumulators[owner] if stats else None,
                                                 f"{self.prefix}.{index}.{owner}", self.block_sparsity[index], report)
         for name, module in layers.items():
             full = f"{self.prefix}.{index}.{name}"
@@ -243,12 +254,12 @@ class Engine:
             if grid is not None:
                 report.grids[full] = grid
 
-    def _compress_one(self, index, name, module, stats: HessianAccumulator, input_group: str, sparsity, report) -> LayerReport:
+    def _compress_one(self, index, name, module, stats: HessianAccumulator | None, input_group: str, sparsity, report) -> LayerReport:
         full = f"{self.prefix}.{index}.{name}"
         prune, quant = self.recipe.stages_for(full)
         weight = get_weight(module)
         try:
-            result = compress_layer(weight, stats.hessian(), stats.column_norms(), prune, quant, sparsity)
+            result = compress_layer(weight, stats and stats.hessian(), stats and stats.column_norms(), prune, quant, sparsity)
         except HessianError as exc:
             raise SecateursError(f"layer {full}: {exc}") from None
         set_weight(module, result.weight)

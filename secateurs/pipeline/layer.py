@@ -17,7 +17,7 @@ from secateurs.recipe import Stage
 @dataclass
 class LayerResult:
     weight: torch.Tensor  # [out, in], dense, pruned weights exactly 0
-    loss: float  # ½ Σ_rows ΔwᵀHΔw with the undamped H = ‖(W-Ŵ)X‖² / n, same for every method
+    loss: float | None  # ½ Σ_rows ΔwᵀHΔw with the undamped H = ‖(W-Ŵ)X‖² / n; None without H
     sparsity: float
     seconds: float
     scale: torch.Tensor | None = None  # quantization grid, see docs/layouts.md
@@ -27,41 +27,44 @@ class LayerResult:
 
 def compress_layer(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
-    column_norms: torch.Tensor,
+    hessian: torch.Tensor | None,
+    column_norms: torch.Tensor | None,
     prune: Stage | None,
     quant: Stage | None,
     sparsity: float | None = None,
 ) -> LayerResult:
-    """`sparsity` overrides the pruning stage's (non-uniform profiles such as OWL)."""
+    """`sparsity` overrides the pruning stage's (non-uniform profiles such as OWL). `hessian` and
+    `column_norms` may be None when no stage uses calibration (magnitude, RTN)."""
     started = time.perf_counter()
     W = weight.float()
     spec = quant.quant_spec() if quant else None
+    gptq_spec = spec if quant and quant.method == "gptq" else None  # RTN never uses the Hessian
     target = prune.sparsity if sparsity is None and prune else sparsity
-    scale = zero = None
-    damp = 0.0
+    new, scale, zero, damp = W, None, None, 0.0
     if prune is not None:
         n, m = prune.nm
         if prune.method == "sparsegpt":
-            out = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=spec)
+            out = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=gptq_spec)
             new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
         else:
             if prune.method == "wanda":
                 mask = alg.wanda_mask(W, column_norms, target, n, m).mask
             else:
                 mask = alg.magnitude_mask(W, target, per_row=prune.per_row, n=n, m=m)
-            if spec is None:
+            if gptq_spec is None:
                 new = torch.where(mask, W, 0.0)  # W * mask would leave -0.0 behind
             else:  # GPTQ on the surviving weights, the mask held fixed
                 out = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
-                                    quant=spec, fixed_mask=mask)
+                                    quant=gptq_spec, fixed_mask=mask)
                 new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
-    elif quant.method == "gptq":
-        out = alg.gptq(W, hessian, spec, quant.block_size, quant.percdamp)
+    elif gptq_spec is not None:
+        out = alg.gptq(W, hessian, gptq_spec, quant.block_size, quant.percdamp)
         new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
-    else:
-        new, _, scale, zero = alg.round_to_nearest(W, spec)
-    delta = (W - new).to(hessian.dtype)
-    loss = 0.5 * float(((delta @ hessian) * delta).sum())
+    if quant is not None and gptq_spec is None:  # round to nearest; a pruned 0 rounds to exactly 0
+        new, _, scale, zero = alg.round_to_nearest(new, spec)
+    loss = None
+    if hessian is not None:
+        delta = (W - new).to(hessian.dtype)
+        loss = 0.5 * float(((delta @ hessian) * delta).sum())
     sparsity_achieved = float((new == 0).sum()) / new.numel()
     return LayerResult(new.to(weight.dtype), loss, sparsity_achieved, time.perf_counter() - started, scale, zero, damp)

@@ -222,3 +222,41 @@ def test_cuda_engine_matches_cpu():
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
     for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name
+
+
+def _count_block_forwards(model) -> list[int]:
+    _, blocks = find_blocks(model)
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1))
+    return calls
+
+
+def test_weight_only_methods_run_no_forward():
+    """Magnitude and RTN need no calibration statistics: no block runs, results equal the algorithms'."""
+    model, reference = tiny("llama"), tiny("llama")
+    calls = _count_block_forwards(model)
+    recipe = [{"magnitude": {"sparsity": 0.5}}, {"rtn": {"bits": 4, "group_size": 32}}]
+    report = compress(model, recipe, calibration(), progress=False)
+    assert calls == [0, 0] and report.calibration["calibrated_blocks"] == 0
+    assert all(layer.loss is None for layer in report.layers) and report.as_dict()["totals"]["loss"] is None
+    from secateurs.algorithms import QuantSpec, magnitude_mask, round_to_nearest
+
+    for name, module in targeted(reference).items():
+        weight = get_weight(module)
+        pruned = torch.where(magnitude_mask(weight, 0.5), weight, 0.0)
+        expected = round_to_nearest(pruned, QuantSpec(bits=4, group_size=32)).weight
+        assert torch.equal(get_weight(targeted(model)[name]), expected), name
+        assert (expected == 0).sum() >= weight.numel() // 2
+
+
+def test_forwards_stop_after_the_last_block_that_uses_calibration():
+    """Only block 0 uses calibration: it runs its statistics pass, and nothing needs its outputs."""
+    model = tiny("llama")
+    calls = _count_block_forwards(model)
+    recipe = [{"sparsegpt": {"sparsity": 0.5, "targets": [r"layers\.0\."]}},
+              {"rtn": {"bits": 4, "targets": [r"layers\.1\."]}}]
+    report = compress(model, recipe, calibration(), chunk_size=3, progress=False)
+    assert calls == [2, 0]  # two chunks through block 0 once (statistics), no advance
+    losses = {layer.name.split(".")[2]: layer.loss for layer in report.layers}
+    assert losses["0"] is not None and losses["1"] is None

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import secateurs
 from secateurs.cli import main
 from secateurs.models import save_model
+from secateurs.pipeline.streaming import SafetensorsFolder
 from secateurs.runtime import NMLinear
 
 
@@ -27,7 +28,8 @@ def test_compress_save_compressed_then_decompress(tmp_path, capsys):
     assert isinstance(model.model.layers[1].mlp.down_proj, NMLinear)
 
     assert main(["decompress", "--model", str(tmp_path / "out"), "--output", str(tmp_path / "back")]) == 0
-    weights = load_file(tmp_path / "back" / "model.safetensors")
+    back = SafetensorsFolder(tmp_path / "back")  # one shard per block, as the compressed directory
+    weights = back.read(back.files)
     down = weights["model.layers.1.mlp.down_proj.weight"]
     assert torch.equal(down, model.model.layers[1].mlp.down_proj.to_dense())
     assert int((down.view(down.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
@@ -60,7 +62,9 @@ def test_stream_save_compressed_writes_a_shard_per_block_equal_to_the_in_memory_
 
     # The same layers and tensors as saving the decompressed model from memory in one file.
     assert main(["decompress", "--model", str(out), "--output", str(tmp_path / "back")]) == 0
-    assert not any(path.name.startswith("model-") for path in (tmp_path / "back").iterdir())
+    back_map = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(set(back_map.values())) == shards  # shard by shard, same names
+    assert back_map["model.layers.0.mlp.down_proj.weight"] == shards[0]
     dense = secateurs.load(tmp_path / "back")
     from secateurs.formats import read_compressed, save_compressed
 

@@ -216,3 +216,26 @@ def test_corrupt_index_is_named(mixed_dir, tmp_path, corrupt, message):
     folder = sharded_copy(mixed_dir, tmp_path / "sharded", corrupt)
     with pytest.raises(FormatError, match=re.escape(message)):
         load(folder)
+
+
+def test_sharded_directory_decompresses_shard_by_shard(mixed_dir, tmp_path):
+    """Layers split over two shards (tensors alternate) give the single file's dense tensors."""
+    decompress(sharded_copy(mixed_dir, tmp_path / "sharded"), tmp_path / "from-shards")
+    decompress(mixed_dir, tmp_path / "from-file")
+    index = json.loads((tmp_path / "from-shards" / "model.safetensors.index.json").read_text())
+    from_shards = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        from_shards |= load_file(tmp_path / "from-shards" / shard)
+    from_file = load_file(tmp_path / "from-file" / "model.safetensors")
+    assert from_shards.keys() == from_file.keys() == index["weight_map"].keys()
+    assert all(torch.equal(from_shards[name], tensor) for name, tensor in from_file.items())
+
+
+def test_sharded_decompress_of_a_corrupt_directory_writes_nothing(mixed_dir, tmp_path):
+    def drop_a_layer_tensor(index):
+        index["weight_map"].pop(f"{DOWN}.row_offsets")
+
+    folder = sharded_copy(mixed_dir, tmp_path / "sharded", drop_a_layer_tensor)
+    with pytest.raises(FormatError, match=re.escape(f"{DOWN}.row_offsets")):
+        decompress(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [folder]
