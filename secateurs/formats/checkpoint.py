@@ -307,10 +307,18 @@ def _split_layers(specs: dict[str, LayerSpec], tensors: dict[str, Tensor]) -> di
     for layer, spec in specs.items():
         expected = FORMATS[spec.format].expected_tensors(spec)
         layers[layer] = {suffix: tensors.pop(f"{layer}.{suffix}") for suffix in expected if f"{layer}.{suffix}" in tensors}
-        if f"{layer}.weight" in tensors:
-            raise FormatError(f"tensor {layer}.weight: layer {layer} is compressed ({spec.format}) and has a dense weight too")
+    _refuse_dense_weights(specs, tensors)
+    for layer, spec in specs.items():
         FORMATS[spec.format].validate(layer, layers[layer], spec)
     return layers
+
+
+def _refuse_dense_weights(specs: dict[str, LayerSpec], tensors: dict[str, Tensor]) -> None:
+    """`tensors` holds no `<layer>.weight` of a compressed layer (after its own tensors, which may
+    be named `weight` too, were taken out)."""
+    for layer, spec in specs.items():
+        if f"{layer}.weight" in tensors:
+            raise FormatError(f"tensor {layer}.weight: layer {layer} is compressed ({spec.format}) and has a dense weight too")
 
 
 def _float_dtypes(specs: dict[str, LayerSpec], dense: dict[str, Tensor]) -> set[torch.dtype]:
@@ -425,10 +433,7 @@ def _decompress_shards(path: Path, specs: dict[str, LayerSpec], weight_map: dict
         tensors = _read_shard(shard, weight_map)
         for name in [name for name in tensors if name in owner]:
             pending.setdefault(owner[name], {})[name] = tensors.pop(name)
-        stray = next((name for name in tensors if name.removesuffix(".weight") in specs), None)
-        if stray:
-            layer = stray.removesuffix(".weight")
-            raise FormatError(f"tensor {stray}: layer {layer} is compressed ({specs[layer].format}) and has a dense weight too")
+        _refuse_dense_weights(specs, tensors)
         done = {layer: specs[layer] for layer, found in pending.items() if found.keys() == expected[layer]}
         for layer in done:
             tensors |= pending.pop(layer)

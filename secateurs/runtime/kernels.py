@@ -240,9 +240,10 @@ def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, 
     """Fix columns [begin, end) of one block of the OBS column sweep in place (algorithms/obs.py):
     block and errors are [size, rows] (W^T), hinv the block's [size, size] slice of the upper
     Cholesky factor (rows may be strided), keep [end - begin, rows] bool or None, scale and zero
-    [rows] or None. float32 or float64. `fallback()` does the same in torch on the torch path."""
+    [rows] or None. float32 or float64. `fallback()` does the same in torch on the torch path and
+    for tensors off the CPU (a sweep on a GPU stays there)."""
     global _last_path
-    path = kernel_path()
+    path = kernel_path() if block.device.type == "cpu" else TORCH_PATH
     _last_path = path
     if path == TORCH_PATH:
         fallback()

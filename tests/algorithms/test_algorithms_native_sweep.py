@@ -74,3 +74,12 @@ def test_native_span_rejects_bad_arguments():
     with pytest.raises(ValueError, match="keep"):
         kernels.obs_span(block, errors, torch.eye(4), 0, 4, torch.ones(3, 3, dtype=torch.bool), None, None, 1,
                          fallback=None)
+
+
+def test_tensors_off_the_cpu_take_the_torch_loop():
+    """A sweep on a GPU (here the meta device) never reaches the CPU kernel."""
+    calls = []
+    block, errors, hinv = (torch.empty(4, 3, device="meta"), torch.empty(4, 3, device="meta"),
+                           torch.empty(4, 4, device="meta"))
+    kernels.obs_span(block, errors, hinv, 0, 4, None, None, None, 1, fallback=lambda: calls.append(True))
+    assert calls == [True] and kernels.last_kernel_path() == "torch"
