@@ -260,7 +260,8 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, L3 {l3_bytes() >> 20} MiB, {time.perf_counter() - started:.0f} s",
         f"- load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} (other processes share the machine)",
         "- ms = median of calls rotating weight copies totalling > 4x L3; floor = format bytes / read bandwidth; "
-        "activations fp32 except dense-bf16; int8/int4 use groups of 128, bitmask-int8 per-row scales",
+        "activations fp32 except dense-bf16 (int8 and bitmask-int8 at batch 1 round them to int16 per 64 columns); "
+        "int8/int4 use groups of 128, bitmask-int8 per-row scales",
     ]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "kernels.json").write_text(json.dumps(rows, indent=1) + "\n")

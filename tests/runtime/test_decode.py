@@ -80,6 +80,12 @@ def hf_greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+# Int8-weight layers at batch 1 (a decode step, the LM head) compute on activations rounded to
+# int16 per 64 columns (runtime/csrc/kernels.h), about 1e-5 of a layer's output: against a
+# forward on fp32 activations the layers compound that to ~1e-4 of the largest logit.
+INT16_ACTIVATIONS_TOLERANCE = 5e-4
+
+
 def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float = 2e-5) -> None:
     """fp32 with a different summation order: errors of a few ulps of the largest logit."""
     scale = max(1.0, reference.abs().max().item())
@@ -225,7 +231,8 @@ def test_compressed_layers_match_hf_with_the_same_modules(arch, kind):
     reference = hf_logits(model, ids)
     decoder = DecodeModel.from_model(model, max_length=40)
     assert_logits_close(decoder.forward(ids), reference[-1])
-    assert_logits_close(decoder.forward(ids[-1:], len(ids) - 1), reference[-1])
+    step_tolerance = INT16_ACTIVATIONS_TOLERANCE if kind in ("int8", "sparse-int8", "mixed") else 2e-5
+    assert_logits_close(decoder.forward(ids[-1:], len(ids) - 1), reference[-1], step_tolerance)
     assert decoder.generate(ids, 16, eos=None) == hf_greedy(model, ids, 16)
 
 
@@ -244,7 +251,7 @@ def test_compressed_lm_head():
     model.lm_head = QuantLinear.from_dense(head, format="int8")
     ids = prompt(8, seed=10)
     decoder = DecodeModel.from_model(model, max_length=16)
-    assert_logits_close(decoder.forward(ids), hf_logits(model, ids)[-1])
+    assert_logits_close(decoder.forward(ids), hf_logits(model, ids)[-1], INT16_ACTIVATIONS_TOLERANCE)
 
 
 # --- embeddings stored as bf16 / int8 ----------------------------------------------------------
@@ -268,7 +275,7 @@ def test_embeddings_formats(arch, embeddings):
     with torch.no_grad():
         weight = model.model.embed_tokens.weight
         weight.copy_(weight.to(torch.bfloat16).float() if embeddings == "bf16" else _int8_rows(weight))
-    assert_logits_close(ours, hf_logits(model, ids)[-1])
+    assert_logits_close(ours, hf_logits(model, ids)[-1], INT16_ACTIVATIONS_TOLERANCE if embeddings == "int8" else 2e-5)
     assert (ours - original).abs().max() < 0.05 * original.abs().max()
     assert decoder.embeddings == embeddings
 
@@ -322,7 +329,7 @@ def test_dense_kernel_matches_reference(kernel_path, value_dtype, batch):
         x = torch.randn(batch, cols, generator=generator)
         y = kernels.dense_mm(x, weight, row_scale)
         assert kernels.last_kernel_path() == kernel_path
-        assert_matches_reference(y, x, dense)
+        assert_matches_reference(y, x, dense, int8=value_dtype == torch.int8)
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_matches_reference, forced_path
+from conftest import assert_matches_reference, forced_path, int16_activations
 from secateurs.runtime import kernels, layouts
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -48,7 +48,7 @@ def test_bitmask_matches_reference(kernel_path, value_dtype, batch):
                 x = activations(batch, cols, x_dtype, generator)
                 y = kernels.bitmask_mm(x, bitmask, values, row_offsets, cols, row_scale)
                 assert kernels.last_kernel_path() == kernel_path
-                assert_matches_reference(y, x, dense)
+                assert_matches_reference(y, x, dense, int8=value_dtype == torch.int8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -100,7 +100,7 @@ def test_quant_matches_reference(kernel_path, bits, batch, cols, group_size):
         x = activations(batch, cols, x_dtype, generator)
         y = kernels.quant_mm(x, qweight, scale, zero, bits, cols, group_size)
         assert kernels.last_kernel_path() == kernel_path
-        assert_matches_reference(y, x, weight)
+        assert_matches_reference(y, x, weight, int8=bits == 8)
 
 
 def test_paths_agree_on_a_large_layer(two_threads):
@@ -197,3 +197,65 @@ def test_nm_and_quant_reject_bad_arguments():
         kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 8, 8, None)
     with pytest.raises(ValueError, match="qweight must have shape"):
         kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 4, 8, 4)
+
+
+def int8_layers(generator: torch.Generator, cols: int):
+    """(kind, run(x), dense weight, terms, takes int16) for the batch-1 int8 kernels of one width:
+    int8 dense rows, int8 bitmask rows, and 8-bit codes per channel, in groups of 64 and of 32.
+    terms @ |x| is the size of the sums the kernel rounds: |w| x, or for codes s q x and s z x
+    apart (the zero point's term cancels most of the codes' one)."""
+    rows = 21
+    weight = torch.randint(-127, 128, (rows, cols), generator=generator, dtype=torch.int8)
+    row_scale = torch.rand(rows, generator=generator) + 0.5
+    dense = weight * row_scale[:, None]
+    yield "dense", lambda x: kernels.dense_mm(x, weight, row_scale), dense, dense.abs(), True
+    pruned = sparse_weight(rows, cols, 0.4, generator)  # with an empty and a fully dense row
+    pruned = (pruned * 40).round().clamp(-127, 127)
+    bitmask = layouts.bitmask_from_dense(pruned.to(torch.int8))
+    dense = pruned * row_scale[:, None]
+    yield "bitmask", lambda x: kernels.bitmask_mm(x, *bitmask, cols, row_scale), dense, dense.abs(), True
+    for group_size, takes_int16 in ((None, True), (64, True), (32, False)):
+        if group_size and cols % group_size:
+            continue
+        groups = cols // group_size if group_size else 1
+        codes = torch.randint(0, 256, (rows, cols), generator=generator, dtype=torch.uint8)
+        scale = torch.rand(rows, groups, generator=generator) * 0.1 + 0.01
+        zero = torch.randint(0, 256, (rows, groups), generator=generator).to(torch.float32)
+        dense = layouts.dequantize(codes, scale, zero, layouts.normalize_group_size(group_size, cols))
+        terms = dense.abs() + 2 * layouts.dequantize(torch.zeros_like(codes), scale, zero, layouts.normalize_group_size(group_size, cols)).abs()
+        run = lambda x, c=codes, s=scale, z=zero, g=group_size: kernels.quant_mm(x, c, s, z, 8, cols, g)  # noqa: E731
+        yield f"codes g{group_size}", run, dense, terms, takes_int16
+
+
+@pytest.mark.parametrize("cols", (1, 37, 64, 192, 1031))
+def test_int8_kernels_at_batch_1_compute_on_int16_activations(kernel_path, cols):
+    """Exact on the int16-rounded x (int32 block sums), and within the rounding bound of x itself;
+    groups that are not whole 64-column blocks (and batches > 1) keep fp32 activations."""
+    if kernel_path == "torch":
+        pytest.skip("the torch fallback computes on fp32 activations")
+    generator = torch.Generator().manual_seed(cols)
+    x = torch.randn(1, cols, generator=generator)
+    x[0, cols // 2] = 300.0  # an outlier only coarsens its own block
+    seen, bound = int16_activations(x)
+    for kind, run, dense, terms, takes_int16 in int8_layers(generator, cols):
+        y = run(x).double()[0]
+        w = dense.double()
+        exact, on_seen = w @ x.double()[0], w @ seen
+        magnitude = terms.double() @ x.double()[0].abs()
+        if takes_int16:
+            assert ((y - on_seen).abs() <= 1e-6 * magnitude + 1e-9).all(), kind
+            assert ((y - exact).abs() <= w.abs() @ bound + 1e-6 * magnitude).all(), kind
+        else:
+            assert ((y - exact).abs() <= 2e-6 * magnitude + 1e-9).all(), kind
+        batch3 = run(x.repeat(3, 1)).double()
+        assert ((batch3 - exact).abs() <= 2e-6 * magnitude + 1e-9).all(), f"{kind} at batch 3"
+
+
+def test_int8_kernels_propagate_non_finite_activations(kernel_path):
+    """A NaN or infinity in x skips the int16 rounding (it would hide them): the outputs are NaN/inf."""
+    generator = torch.Generator().manual_seed(5)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 100, generator=generator)
+        x[0, 70] = bad
+        for kind, run, *_ in int8_layers(generator, 100):
+            assert not run(x).isfinite().any(), kind

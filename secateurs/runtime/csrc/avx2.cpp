@@ -6,6 +6,8 @@
 
 #pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
 
+#include "avx2_int16.h"
+
 namespace secateurs {
 namespace {
 
@@ -145,6 +147,12 @@ struct Simd {
   static float expand_unit(int8_t) { return 1.0f / 16777216.0f; }  // the int8 lanes come out * 2^24
 
   static void in_register(F& v) { asm("" : "+x"(v)); }
+
+  template <class Code>
+  static I madd(const Code* codes, const int16_t* q) { return madd16(codes, q); }
+  static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
+    return expand_madd16(bits, values, q, count);
+  }
 
   static F lookup2(const float* window, I idx) {
     const F low = _mm256_permutevar8x32_ps(load(window), idx);

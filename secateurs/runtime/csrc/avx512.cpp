@@ -1,11 +1,13 @@
 // AVX-512F path (16 floats per vector): expanding a chunk's kept values is one vexpandps, packing
 // the kept column offsets (batch > 1) one vcompressps and the N:M gather one vpermt2ps.
-// Only AVX-512F instructions are used: what the dispatcher checks for.
+// Only AVX-512F instructions (and AVX2 ones) are used: what the dispatcher checks for.
 #include <immintrin.h>
 
 #include "kernels.h"
 
 #pragma GCC target("avx512f,avx2,fma,popcnt,bmi,bmi2")
+
+#include "avx2_int16.h"
 
 namespace secateurs {
 namespace {
@@ -66,6 +68,18 @@ struct Simd {
   static float expand_unit(T) { return 1.0f; }
 
   static void in_register(F& v) { asm("" : "+v"(v)); }
+
+  // The int16 kernels on two 256-bit halves (avx2_int16.h).
+  static I join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
+  template <class Code>
+  static I madd(const Code* codes, const int16_t* q) { return join(madd16(codes, q), madd16(codes + 16, q + 16)); }
+  static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
+    int high_count;
+    const __m256i low = expand_madd16(bits & 0xffffu, values, q, count);
+    const __m256i high = expand_madd16(bits >> 16, values + count, q + 16, high_count);
+    count += high_count;
+    return join(low, high);
+  }
 
   static F lookup2(const float* window, I idx) {
     return _mm512_permutex2var_ps(load(window), idx, load(window + 16));

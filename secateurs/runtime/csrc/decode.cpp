@@ -196,6 +196,7 @@ class Plan {
     // Tiles of up to 2W batch lanes (W <= 16) per column, plus one tile the kernels may read past.
     tiles_ = zeroed_floats((chunk_ + 32) * max_cols_ + 64);
     group_sums_ = zeroed_floats(chunk_ * max_groups);
+    int16_row_ = zeroed_floats(int16_row_floats(max_cols_));
     // Keys [layer][kv head][block][head_dim][kKeyBlock] (see AttentionArgs), values [layer][kv
     // head][position][head_dim]. Zeroed pages from the OS, committed as positions are written.
     key_blocks_ = (spec_.max_length + kKeyBlock - 1) / kKeyBlock;
@@ -385,14 +386,16 @@ class Plan {
     const int64_t rows = l.rows, cols = l.cols, w = table_->simd_width;
     switch (l.kind) {
       case kDense: {
-        const Activations xa = activation_rows(x, batch, cols, 0);
+        Activations xa = activation_rows(x, batch, cols, 0);
+        if (l.value_type == kInt8) attach_int16(xa, cols, int16_row_.get());
         const DenseArgs args{xa, rows, cols, l.values, static_cast<int>(l.value_type), l.row_scale, y};
         const int64_t row_bytes = cols * value_bytes(l.value_type);
         run(table_->dense, args, [&](int64_t r) { return r * row_bytes; });
         break;
       }
       case kBitmask: {
-        const Activations xa = sparse_activations(x, batch, cols);
+        Activations xa = sparse_activations(x, batch, cols);
+        if (l.value_type == kInt8) attach_int16(xa, cols, int16_row_.get());
         const int64_t mask_stride = (cols + 7) / 8, bytes = value_bytes(l.value_type);
         const BitmaskArgs args{xa, rows, cols, mask_stride, l.mask, l.values, static_cast<int>(l.value_type),
                                l.row_offsets, l.row_scale, y};
@@ -408,11 +411,14 @@ class Plan {
       }
       default: {
         const int64_t n_groups = cols / l.group_size, int4_block = 2 * w;
-        const Activations xa = activation_rows(x, batch, cols, l.bits == 4 ? int4_block : 0);
+        Activations xa = activation_rows(x, batch, cols, l.bits == 4 ? int4_block : 0);
+        if (quant_takes_int16(l.bits, batch, n_groups, l.group_size)) attach_int16(xa, cols, int16_row_.get());
         for (int64_t b = 0; b < batch; ++b)
           for (int64_t g = 0; g < n_groups; ++g) {
+            const int64_t begin = g * l.group_size, end = begin + l.group_size;
             double sum = 0.0;
-            for (int64_t j = g * l.group_size; j < (g + 1) * l.group_size; ++j) sum += x[b * cols + j];
+            if (xa.int16) sum = int16_sum(xa.int16, xa.int16_scale, begin, end);
+            else for (int64_t j = begin; j < end; ++j) sum += x[b * cols + j];
             group_sums_[b * n_groups + g] = static_cast<float>(sum);
           }
         const QuantArgs args{xa, rows, cols, l.bits, l.group_size, n_groups, int4_block,
@@ -490,7 +496,7 @@ class Plan {
   int64_t chunk_, q_dim_ = 0, kv_dim_ = 0, max_cols_ = 0;
   int threads_ = 1;
   int64_t scratch_stride_ = 0, scores_stride_ = 0, key_blocks_ = 0;
-  Buffer x_, h_, t_, q_, att_, k_, v_, gate_, up_, logits_, rows_, tiles_, group_sums_, keys_, values_, scratch_, scores_;
+  Buffer x_, h_, t_, q_, att_, k_, v_, gate_, up_, logits_, rows_, tiles_, group_sums_, int16_row_, keys_, values_, scratch_, scores_;
   double kernel_seconds_ = 0.0, total_seconds_ = 0.0;
   int64_t calls_ = 0;
 };

@@ -159,6 +159,8 @@ SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, 
                   cols >= 0 && (value_type == kInt8) == (row_scale != nullptr);
   return guarded(path, ok, [&](const KernelTable& table) {
     SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width);
+    Buffer int16_row = value_type == kInt8 && batch == 1 ? zeroed_floats(int16_row_floats(cols)) : Buffer();
+    if (int16_row) attach_int16(xa.view, cols, int16_row.get());
     const int64_t mask_stride = (cols + 7) / 8, value_bytes = value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1;
     const BitmaskArgs args{xa.view, rows, cols, mask_stride, mask, values, value_type, row_offsets, row_scale, nullptr};
     // Rows cost their mask bytes plus their values: balance threads on that, not on row count.
@@ -188,14 +190,18 @@ SECATEURS_EXPORT int secateurs_quant_mm(int path, int threads, const void* x, in
   return guarded(path, ok, [&](const KernelTable& table) {
     const int64_t n_groups = cols / group_size, int4_block = 2 * table.simd_width;
     Buffer rows_buffer = activation_rows(x, x_type, batch, cols, bits == 4 ? int4_block : 0);
+    Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    Buffer int16_row = quant_takes_int16(bits, batch, n_groups, group_size) ? zeroed_floats(int16_row_floats(cols)) : Buffer();
+    if (int16_row) attach_int16(xa, cols, int16_row.get());
     Buffer group_sums = zeroed_floats(batch * n_groups);
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t begin = g * group_size, end = begin + group_size;
         double sum = 0.0;
-        for (int64_t j = g * group_size; j < (g + 1) * group_size; ++j) sum += activation(x, x_type, b * cols + j);
+        if (xa.int16) sum = int16_sum(xa.int16, xa.int16_scale, begin, end);
+        else for (int64_t j = begin; j < end; ++j) sum += activation(x, x_type, b * cols + j);
         group_sums[b * n_groups + g] = static_cast<float>(sum);
       }
-    const Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
     const QuantArgs args{xa, rows, cols, bits, group_size, n_groups, int4_block, qweight, scale, zero, group_sums.get(), nullptr};
     const int64_t row_bytes = bits == 8 ? cols : (cols + 1) / 2;
     run_rows(table.quant, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
@@ -208,7 +214,9 @@ SECATEURS_EXPORT int secateurs_dense_mm(int path, int threads, const void* x, in
                   cols >= 0 && (value_type == kInt8) == (row_scale != nullptr);
   return guarded(path, ok, [&](const KernelTable& table) {
     Buffer rows_buffer = activation_rows(x, x_type, batch, cols, 0);
-    const Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    Buffer int16_row = value_type == kInt8 && batch == 1 ? zeroed_floats(int16_row_floats(cols)) : Buffer();
+    if (int16_row) attach_int16(xa, cols, int16_row.get());
     const DenseArgs args{xa, rows, cols, weight, value_type, row_scale, nullptr};
     const int64_t row_bytes = cols * (value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1);
     run_rows(table.dense, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });

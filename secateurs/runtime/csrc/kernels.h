@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 namespace secateurs {
 
@@ -28,7 +29,64 @@ struct Activations {
   // Transposed tiles for the sparse GEMM: [n_tiles][cols][tile], batch index padded with zeros.
   const float* tiles;
   int64_t tile;
+  // Batch-1 int8 kernels only, when set: the row as int16 (see quantize_int16).
+  const int16_t* int16 = nullptr;
+  const float* int16_scale = nullptr;
 };
+
+// Int8-weight kernels at batch 1 are bound by converting every weight to fp32. They take the
+// activation row as int16 instead, quantized per block of kInt16Block columns with a scale of
+// its own (x_j ~ scale[j / kInt16Block] * q_j, |q_j| <= 32767, error <= 2^-16 of the block's
+// largest |x|; llama.cpp's Q8_0 kernels round x to 8 bits per 32): products of codes and q pair
+// up in int32 (vpmaddwd), a block's sum is below 2^8 * 2^15 * 64 = 2^29 in magnitude, and only
+// that sum is converted and scaled.
+constexpr int64_t kInt16Block = 64;
+inline int64_t int16_blocks(int64_t cols) { return (cols + kInt16Block - 1) / kInt16Block; }
+
+// q [int16_blocks(cols) * kInt16Block] (zero past cols) and scale [int16_blocks(cols)] of x.
+// False (and q unusable) when x holds a NaN or an infinity: those take the fp32 kernels.
+inline bool quantize_int16(const float* x, int64_t cols, int16_t* q, float* scale) {
+  for (int64_t b = 0; b < int16_blocks(cols); ++b) {
+    const int64_t begin = b * kInt16Block, end = std::min(cols, begin + kInt16Block);
+    float largest = 0.0f;
+    for (int64_t j = begin; j < end; ++j) {
+      if (!std::isfinite(x[j])) return false;
+      largest = std::max(largest, std::fabs(x[j]));
+    }
+    // A block below 1e-30 rounds to zero (its inverse scale would overflow).
+    const bool zero = largest < 1e-30f;
+    scale[b] = zero ? 0.0f : largest / 32767.0f;
+    const float inverse = zero ? 0.0f : 32767.0f / largest;
+    for (int64_t j = begin; j < begin + kInt16Block; ++j)
+      q[j] = j < end ? static_cast<int16_t>(std::lrint(std::min(32767.0f, std::max(-32767.0f, x[j] * inverse)))) : 0;
+  }
+  return true;
+}
+
+// Floats of one buffer holding an int16 row (q, then the block scales).
+inline int64_t int16_row_floats(int64_t cols) { return int16_blocks(cols) * (kInt16Block / 2 + 1); }
+
+// Quantizes x's only row into `buffer` and points x at it; false (x untouched) unless batch 1 and finite.
+inline bool attach_int16(Activations& x, int64_t cols, float* buffer) {
+  int16_t* q = reinterpret_cast<int16_t*>(buffer);
+  float* scale = buffer + int16_blocks(cols) * kInt16Block / 2;
+  if (x.batch != 1 || !quantize_int16(x.rows, cols, q, scale)) return false;
+  x.int16 = q;
+  x.int16_scale = scale;
+  return true;
+}
+
+// Whether a quantized layer runs on int16 activations: 8-bit codes at batch 1, groups made of whole blocks.
+inline bool quant_takes_int16(int64_t bits, int64_t batch, int64_t n_groups, int64_t group_size) {
+  return bits == 8 && batch == 1 && (n_groups == 1 || group_size % kInt16Block == 0);
+}
+
+// sum of the quantized x over columns [begin, end): what the zero points of a group multiply.
+inline float int16_sum(const int16_t* q, const float* scale, int64_t begin, int64_t end) {
+  double sum = 0.0;
+  for (int64_t j = begin; j < end; ++j) sum += static_cast<double>(scale[j / kInt16Block]) * q[j];
+  return static_cast<float>(sum);
+}
 
 struct BitmaskArgs {
   Activations x;

@@ -102,6 +102,18 @@ struct Simd {
   static void in_register(F&) {}
 
   static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }
+
+  template <class Code>
+  static I madd(const Code* codes, const int16_t* q) {
+    return map_i32([&](int i) { return int32_t{codes[2 * i]} * q[2 * i] + int32_t{codes[2 * i + 1]} * q[2 * i + 1]; });
+  }
+  static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
+    int8_t codes[2 * W] = {};
+    count = 0;
+    for (int i = 0; i < 2 * W; ++i)
+      if (bits >> i & 1u) codes[i] = values[count++];
+    return madd(codes, q);
+  }
 };
 
 }  // namespace

@@ -11,8 +11,10 @@
 // from lane 0 up; the others undefined), expand(bits, values) (lane i = the next value, in order,
 // if bit i is set, else 0; reads up to W values, converted to fp32 times 1 / expand_unit(T{})),
 // expand_pair(bits, values, low, high) (expand of two chunks from 2W mask bits; returns their
-// popcount), in_register(v) (keeps v in a register) and lookup2(window, idx) (lane i =
-// window[idx[i]], idx < 2W).
+// popcount), in_register(v) (keeps v in a register), lookup2(window, idx) (lane i =
+// window[idx[i]], idx < 2W), madd(codes, q) (2W int8 or uint8 codes times 2W int16: lane i =
+// codes[2i] q[2i] + codes[2i + 1] q[2i + 1] in int32) and expand_madd(bits, values, q, count)
+// (madd of the int8 values expanded by 2W mask bits, as expand; count = their popcount).
 
 namespace secateurs {
 namespace {
@@ -53,6 +55,39 @@ inline F sum_of(const F* v, int count) {
   F total = v[0];
   for (int i = 1; i < count; ++i) total = Simd::add(total, v[i]);
   return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batch 1 over int16 activations (kernels.h, quantize_int16): codes (int8 weights or values, or
+// uint8 quantized codes) times q summed exactly in int32 per block, each block's sum times
+// scale_of(block) (the activation scale, times a weight group's scale) accumulated in fp32.
+// block_sum(b) is called for b = 0, 1, ... in order.
+template <class ScaleOf, class BlockSum>
+float sum_scaled_blocks(int64_t blocks, const ScaleOf& scale_of, BlockSum&& block_sum) {
+  F acc0 = Simd::zero(), acc1 = Simd::zero();
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    acc0 = Simd::fma(Simd::to_float(block_sum(b)), Simd::set1(scale_of(b)), acc0);
+    acc1 = Simd::fma(Simd::to_float(block_sum(b + 1)), Simd::set1(scale_of(b + 1)), acc1);
+  }
+  if (b < blocks) acc0 = Simd::fma(Simd::to_float(block_sum(b)), Simd::set1(scale_of(b)), acc0);
+  return Simd::hsum(Simd::add(acc0, acc1));
+}
+
+// Dense codes: 2W columns per madd.
+template <class Code, class ScaleOf>
+float int16_dot(const Code* w, const int16_t* q, const ScaleOf& scale_of, int64_t cols) {
+  constexpr int64_t kSteps = kInt16Block / (2 * W);
+  const int64_t blocks = cols / kInt16Block;
+  const float total = sum_scaled_blocks(blocks, scale_of, [&](int64_t block) {
+    const int64_t col = block * kInt16Block;
+    I sum = Simd::madd(w + col, q + col);
+    for (int64_t s = 1; s < kSteps; ++s) sum = Simd::add_i32(sum, Simd::madd(w + col + s * 2 * W, q + col + s * 2 * W));
+    return sum;
+  });
+  int32_t tail = 0;
+  for (int64_t j = blocks * kInt16Block; j < cols; ++j) tail += static_cast<int32_t>(w[j]) * q[j];
+  return tail ? total + static_cast<float>(tail) * scale_of(blocks) : total;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,23 +206,56 @@ float expand_dot_row(const uint8_t* mask, int64_t mask_stride, const T* v, const
   return Simd::hsum(Simd::add(acc[0], acc[1]));
 }
 
+// Batch 1, int8 values on int16 activations (kernels.h): the kept values of 2W columns at a time
+// expanded into int16 lanes and multiplied pairwise with q (Simd::expand_madd), summed in int32
+// per block. Reads up to 3W values past the row's last one.
+float expand_int16_row(const uint8_t* mask, const int8_t* v, const int16_t* q, const float* scale, int64_t cols) {
+  constexpr int64_t kStepBytes = 2 * W / 8, kSteps = kInt16Block / (2 * W);
+  const int64_t blocks = cols / kInt16Block;
+  const float total = sum_scaled_blocks(blocks, [&](int64_t b) { return scale[b]; }, [&](int64_t block) {
+    __builtin_prefetch(v + kStreamPrefetchBytes);
+    const uint8_t* block_mask = mask + block * (kInt16Block / 8);
+    const int16_t* block_q = q + block * kInt16Block;
+    int count;
+    I sum = Simd::expand_madd(chunk_bits(block_mask, kStepBytes), v, block_q, count);
+    v += count;
+    for (int64_t s = 1; s < kSteps; ++s) {
+      sum = Simd::add_i32(sum, Simd::expand_madd(chunk_bits(block_mask + s * kStepBytes, kStepBytes), v, block_q + s * 2 * W, count));
+      v += count;
+    }
+    return sum;
+  });
+  int32_t tail = 0;
+  for (int64_t j = blocks * kInt16Block; j < cols; ++j)
+    if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*v++) * q[j];
+  return tail ? total + static_cast<float>(tail) * scale[blocks] : total;
+}
+
 // Rows [row_begin, row_end) at batch 1. Rows whose expansion could read past the end of `values`
 // (the last ones) read a zero-padded copy in scratch instead.
 template <class T>
 void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  constexpr int64_t kReadPast = 3 * W;  // values an expansion may read past a row's last one
   const T* values = static_cast<const T*>(a.values);
   const int64_t nnz = a.row_offsets[a.rows];
   const float unit = Simd::expand_unit(T{});
   T* padded = reinterpret_cast<T*>(scratch);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* row = values + a.row_offsets[r];
-    if (a.row_offsets[r + 1] + W > nnz) {
+    if (a.row_offsets[r + 1] + kReadPast > nnz) {
       const int64_t count = a.row_offsets[r + 1] - a.row_offsets[r];
       if (count > 0) std::memcpy(padded, row, static_cast<size_t>(count) * sizeof(T));
-      std::memset(padded + count, 0, W * sizeof(T));
+      std::memset(padded + count, 0, kReadPast * sizeof(T));
       row = padded;
     }
-    const float dot = expand_dot_row(a.mask + r * a.mask_stride, a.mask_stride, row, a.x.rows);
+    const uint8_t* mask = a.mask + r * a.mask_stride;
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (a.x.int16) {
+        a.y[r] = expand_int16_row(mask, row, a.x.int16, a.x.int16_scale, a.cols) * a.row_scale[r];
+        continue;
+      }
+    }
+    const float dot = expand_dot_row(mask, a.mask_stride, row, a.x.rows);
     a.y[r] = dot * (a.row_scale ? a.row_scale[r] : 1.0f) * unit;
   }
 }
@@ -375,11 +443,28 @@ void quant_row_batch(const QuantArgs& a, int64_t r, int64_t first_batch) {
   }
 }
 
+// 8-bit codes at batch 1 on int16 activations (groups of whole blocks, or one group per row):
+// each block's scale is its group's times its activations'; x_group_sums are those of the
+// quantized x.
+void quant_row_int16(const QuantArgs& a, int64_t r) {
+  const float* group_scale = a.scale + r * a.n_groups;
+  const float* x_scale = a.x.int16_scale;
+  const int64_t blocks_per_group = a.n_groups == 1 ? a.cols + 1 : a.group_size / kInt16Block;
+  const auto scale_of = [&](int64_t b) { return group_scale[b / blocks_per_group] * x_scale[b]; };
+  float zero_term = 0.0f;
+  for (int64_t g = 0; g < a.n_groups; ++g) zero_term += group_scale[g] * a.zero[r * a.n_groups + g] * a.x_group_sums[g];
+  a.y[r] = int16_dot(a.qweight + r * a.cols, a.x.int16, scale_of, a.cols) - zero_term;
+}
+
 template <int kBits>
 void quant_rows_bits(const QuantArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t row_bytes = QuantCodes<kBits>::row_bytes(a.cols);
   for (int64_t r = row_begin; r < row_end; ++r) {
     if (r + kPrefetchRows < a.rows) prefetch(a.qweight + (r + kPrefetchRows) * row_bytes, row_bytes);
+    if (kBits == 8 && a.x.int16) {
+      quant_row_int16(a, r);
+      continue;
+    }
     // At most 4 batch rows per pass: with 8, their x pointers no longer fit in registers.
     int64_t b = 0;
     for (; b + 4 <= a.x.batch; b += 4) quant_row_batch<kBits, 4>(a, r, b);
@@ -445,6 +530,15 @@ void dense_block(const DenseArgs& a, int64_t r, int64_t first_batch) {
 
 template <class T>
 void dense_rows_typed(const DenseArgs& a, int64_t row_begin, int64_t row_end) {
+  if constexpr (std::is_same_v<T, int8_t>) {
+    if (a.x.int16) {
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        const int8_t* row = static_cast<const int8_t*>(a.weight) + r * a.cols;
+        a.y[r] = int16_dot(row, a.x.int16, [&](int64_t b) { return a.x.int16_scale[b]; }, a.cols) * a.row_scale[r];
+      }
+      return;
+    }
+  }
   if (a.x.batch == 1) {
     for (int64_t r = row_begin; r < row_end; ++r) dense_block<T, 1, 1>(a, r, 0);
     return;
