@@ -413,14 +413,8 @@ class Plan {
         const int64_t n_groups = cols / l.group_size, int4_block = 2 * w;
         Activations xa = activation_rows(x, batch, cols, l.bits == 4 ? int4_block : 0);
         if (quant_takes_int16(l.bits, batch, n_groups, l.group_size)) attach_int16(xa, cols, int16_row_.get());
-        for (int64_t b = 0; b < batch; ++b)
-          for (int64_t g = 0; g < n_groups; ++g) {
-            const int64_t begin = g * l.group_size, end = begin + l.group_size;
-            double sum = 0.0;
-            if (xa.int16) sum = int16_sum(xa.int16, xa.int16_scale, begin, end);
-            else for (int64_t j = begin; j < end; ++j) sum += x[b * cols + j];
-            group_sums_[b * n_groups + g] = static_cast<float>(sum);
-          }
+        activation_group_sums(xa, n_groups, l.group_size, [&](int64_t b, int64_t j) { return x[b * cols + j]; },
+                              group_sums_.get());
         const QuantArgs args{xa, rows, cols, l.bits, l.group_size, n_groups, int4_block,
                              static_cast<const uint8_t*>(l.values), l.scale, l.zero, group_sums_.get(), y};
         const int64_t row_bytes = l.bits == 8 ? cols : (cols + 1) / 2;

@@ -99,6 +99,14 @@ SparseActivations sparse_activations(const void* x, int type, int64_t batch, int
   return a;
 }
 
+// The int16 form of a batch-1 activation row (kernels.h) attached to xa when `wanted`: the
+// returned buffer holds it and must outlive the kernel call.
+Buffer attach_int16_if(bool wanted, Activations& xa, int64_t cols) {
+  Buffer storage = wanted ? zeroed_floats(int16_row_floats(cols)) : Buffer();
+  if (storage) attach_int16(xa, cols, storage.get());
+  return storage;
+}
+
 // Runs kernel over all rows on `threads` OpenMP threads (static contiguous ranges) and writes y
 // in `y_type`; bf16 outputs go through an fp32 buffer converted by the thread owning the rows.
 // cost(r) is the weight bytes of rows [0, r).
@@ -159,8 +167,7 @@ SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, 
                   cols >= 0 && (value_type == kInt8) == (row_scale != nullptr);
   return guarded(path, ok, [&](const KernelTable& table) {
     SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width);
-    Buffer int16_row = value_type == kInt8 && batch == 1 ? zeroed_floats(int16_row_floats(cols)) : Buffer();
-    if (int16_row) attach_int16(xa.view, cols, int16_row.get());
+    const Buffer int16_row = attach_int16_if(value_type == kInt8 && batch == 1, xa.view, cols);
     const int64_t mask_stride = (cols + 7) / 8, value_bytes = value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1;
     const BitmaskArgs args{xa.view, rows, cols, mask_stride, mask, values, value_type, row_offsets, row_scale, nullptr};
     // Rows cost their mask bytes plus their values: balance threads on that, not on row count.
@@ -191,17 +198,10 @@ SECATEURS_EXPORT int secateurs_quant_mm(int path, int threads, const void* x, in
     const int64_t n_groups = cols / group_size, int4_block = 2 * table.simd_width;
     Buffer rows_buffer = activation_rows(x, x_type, batch, cols, bits == 4 ? int4_block : 0);
     Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
-    Buffer int16_row = quant_takes_int16(bits, batch, n_groups, group_size) ? zeroed_floats(int16_row_floats(cols)) : Buffer();
-    if (int16_row) attach_int16(xa, cols, int16_row.get());
+    const Buffer int16_row = attach_int16_if(quant_takes_int16(bits, batch, n_groups, group_size), xa, cols);
     Buffer group_sums = zeroed_floats(batch * n_groups);
-    for (int64_t b = 0; b < batch; ++b)
-      for (int64_t g = 0; g < n_groups; ++g) {
-        const int64_t begin = g * group_size, end = begin + group_size;
-        double sum = 0.0;
-        if (xa.int16) sum = int16_sum(xa.int16, xa.int16_scale, begin, end);
-        else for (int64_t j = begin; j < end; ++j) sum += activation(x, x_type, b * cols + j);
-        group_sums[b * n_groups + g] = static_cast<float>(sum);
-      }
+    activation_group_sums(xa, n_groups, group_size, [&](int64_t b, int64_t j) { return activation(x, x_type, b * cols + j); },
+                          group_sums.get());
     const QuantArgs args{xa, rows, cols, bits, group_size, n_groups, int4_block, qweight, scale, zero, group_sums.get(), nullptr};
     const int64_t row_bytes = bits == 8 ? cols : (cols + 1) / 2;
     run_rows(table.quant, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
@@ -215,8 +215,7 @@ SECATEURS_EXPORT int secateurs_dense_mm(int path, int threads, const void* x, in
   return guarded(path, ok, [&](const KernelTable& table) {
     Buffer rows_buffer = activation_rows(x, x_type, batch, cols, 0);
     Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
-    Buffer int16_row = value_type == kInt8 && batch == 1 ? zeroed_floats(int16_row_floats(cols)) : Buffer();
-    if (int16_row) attach_int16(xa, cols, int16_row.get());
+    const Buffer int16_row = attach_int16_if(value_type == kInt8 && batch == 1, xa, cols);
     const DenseArgs args{xa, rows, cols, weight, value_type, row_scale, nullptr};
     const int64_t row_bytes = cols * (value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1);
     run_rows(table.dense, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });

@@ -81,11 +81,17 @@ inline bool quant_takes_int16(int64_t bits, int64_t batch, int64_t n_groups, int
   return bits == 8 && batch == 1 && (n_groups == 1 || group_size % kInt16Block == 0);
 }
 
-// sum of the quantized x over columns [begin, end): what the zero points of a group multiply.
-inline float int16_sum(const int16_t* q, const float* scale, int64_t begin, int64_t end) {
-  double sum = 0.0;
-  for (int64_t j = begin; j < end; ++j) sum += static_cast<double>(scale[j / kInt16Block]) * q[j];
-  return static_cast<float>(sum);
+// sums[b][g]: the sum of activation row b over group g, which the group's zero point multiplies;
+// of the int16 form when one is attached (the x the kernels see), else of x_at(b, column).
+template <class XAt>
+void activation_group_sums(const Activations& x, int64_t n_groups, int64_t group_size, const XAt& x_at, float* sums) {
+  for (int64_t b = 0; b < x.batch; ++b)
+    for (int64_t g = 0; g < n_groups; ++g) {
+      double sum = 0.0;
+      for (int64_t j = g * group_size; j < (g + 1) * group_size; ++j)
+        sum += x.int16 ? static_cast<double>(x.int16_scale[j / kInt16Block]) * x.int16[j] : x_at(b, j);
+      sums[b * n_groups + g] = static_cast<float>(sum);
+    }
 }
 
 struct BitmaskArgs {
