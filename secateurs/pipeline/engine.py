@@ -113,9 +113,14 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
 class Engine:
     """`source` streams the block weights (default: the model in memory), `offload_dir` keeps the
     activations between blocks on disk, `group` spreads the work over torchrun processes (default:
-    the initialized torch.distributed group, if any)."""
+    the initialized torch.distributed group, if any). `chunk_size` is the number of calibration
+    samples run through a block at once; by default as many as make about CHUNK_TOKENS tokens."""
 
-    def __init__(self, model, recipe, device=None, chunk_size: int = 8, hessian_dtype=torch.float32, progress=True,
+    # Measured on SmolLM2 blocks (2 cores): 2048-token chunks run a block's forward about 10%
+    # faster than 4096 (the MLP activations of a chunk stay in the 32 MB L3) and than 512.
+    CHUNK_TOKENS = 2048
+
+    def __init__(self, model, recipe, device=None, chunk_size: int | None = None, hessian_dtype=torch.float32, progress=True,
                  true_sequential: bool | None = None, source: BlockSource | None = None, offload_dir=None,
                  group: ProcessGroup | None = None):
         self.model = model
@@ -193,7 +198,8 @@ class Engine:
         report = CompressionReport(self.recipe.as_dict(), calibration={
             "samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1])})
         with self.source.outside_blocks():
-            inputs = self.inputs = capture_block_inputs(self.model, self.blocks, self.group.shard(calibration), self.chunk_size)
+            chunk_size = self.chunk_size or max(1, self.CHUNK_TOKENS // calibration.shape[1])
+            inputs = self.inputs = capture_block_inputs(self.model, self.blocks, self.group.shard(calibration), chunk_size)
         start, self.block_sparsity = 0, None
         if resume is not None:
             start, report.layers, report.grids = resume.next_block, resume.layers, resume.grids
