@@ -98,15 +98,16 @@ def _matmul_gflops() -> float:
 
 def _compress_flops(model, tokens: int, report) -> float:
     """Two forward passes of every block plus the Hessians X Xᵀ of each distinct layer input (none
-    for methods that use no calibration, which run no forward)."""
+    for methods that use no calibration, which run no forward, nor for Wanda)."""
     from secateurs.pipeline.discovery import find_blocks
 
     if not report.calibration["calibrated_blocks"]:
         return 0.0
     _, blocks = find_blocks(model)
     block_params = sum(p.numel() for p in blocks.parameters())
-    # Layers reading the same input share one Hessian: count each input once.
-    hessian_columns = {layer.input_group: layer.shape[1] for layer in report.layers}
+    # Layers reading the same input share one Hessian: count each input once. Layers reporting no
+    # loss gathered only column norms (Wanda), a negligible count.
+    hessian_columns = {layer.input_group: layer.shape[1] for layer in report.layers if layer.loss is not None}
     forward = 2 * 2 * tokens * block_params
     hessians = sum(2 * tokens * c * c for c in hessian_columns.values())
     return forward + hessians

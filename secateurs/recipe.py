@@ -60,6 +60,11 @@ class Stage:
         return self.method not in ("magnitude", "rtn")
 
     @property
+    def needs_hessian(self) -> bool:
+        """Wanda needs only the inputs' column norms; the OBS sweeps need the whole Hessian."""
+        return self.method in ("sparsegpt", "gptq")
+
+    @property
     def nm(self) -> tuple[int, int]:
         """(n, m) of an N:M mask, (0, 0) for unstructured."""
         if self.mask == "unstructured":

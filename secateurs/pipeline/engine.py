@@ -37,7 +37,7 @@ class LayerReport:
     name: str
     shape: list[int]
     method: str
-    loss: float | None  # None for methods that use no calibration (magnitude, RTN): no Hessian
+    loss: float | None  # None where no Hessian was gathered (magnitude, RTN, Wanda without GPTQ)
     sparsity: float
     bits: int | None
     group_size: int | None
@@ -138,9 +138,11 @@ class Engine:
         self.inputs = None  # the current block's inputs; its outputs once the block is done
         self.block_sparsity: list[float | None] | None = None
 
-    def _gather(self, block, layers: dict[str, nn.Module], inputs, index, accumulate=True, chunks=None) -> StatisticsHooks:
-        """Run calibration chunks through the block with statistics hooks on `layers`."""
-        hooks = StatisticsHooks(layers, self.hessian_dtype, self.device, accumulate)
+    def _gather(self, block, layers: dict[str, nn.Module], inputs, index, accumulate=True, chunks=None,
+                hessians=True) -> StatisticsHooks:
+        """Run calibration chunks through the block with statistics hooks on `layers` (`hessians`
+        False: column norms only)."""
+        hooks = StatisticsHooks(layers, self.hessian_dtype, self.device, accumulate, hessians)
         try:
             for hidden, kwargs in itertools.islice(zip(inputs.hidden, inputs.kwargs[index]), chunks):
                 try:
@@ -165,10 +167,12 @@ class Engine:
         return {name: module for name, module in linear_layers(self.blocks[index]).items()
                 if any(self.recipe.stages_for(f"{self.prefix}.{index}.{name}"))}
 
+    def _stages(self, index: int, layers: Iterable[str]) -> list:
+        return [stage for name in layers for stage in self.recipe.stages_for(f"{self.prefix}.{index}.{name}") if stage]
+
     def _uses_calibration(self, index: int) -> bool:
         """Whether any stage on a layer of this block needs its statistics (not only its weights)."""
-        return any(stage is not None and stage.uses_calibration
-                   for name in self._block_layers(index) for stage in self.recipe.stages_for(f"{self.prefix}.{index}.{name}"))
+        return any(stage.uses_calibration for stage in self._stages(index, self._block_layers(index)))
 
     def _owl_sparsities(self, inputs) -> list[float]:
         """One dense pass over all blocks to measure each block's outlier ratio (OWL)."""
@@ -178,7 +182,7 @@ class Engine:
         for index in tqdm(range(len(self.blocks)), desc="OWL outlier ratios", disable=not self.progress):
             block = self.source.load(index).to(self.device)
             layers = self._block_layers(index)
-            stats = self._gather(block, layers, inputs, index)
+            stats = self._gather(block, layers, inputs, index, hessians=False)
             fractions.append(outlier_fraction([get_weight(m) for m in layers.values()],
                                               [stats.accumulators[stats.owner[n]].column_norms() for n in layers],
                                               stage.owl_threshold))
@@ -222,7 +226,8 @@ class Engine:
                 steps = ([{n: layers[n] for n in group} for group in self._gather(block, layers, inputs, index, False, 1).groups()]
                          if self.recipe.true_sequential else [layers])
                 for step in steps:
-                    stats = self._gather(block, step, inputs, index)
+                    hessians = any(stage.needs_hessian for stage in self._stages(index, step))
+                    stats = self._gather(block, step, inputs, index, hessians=hessians)
                     self._compress_step(index, step, stats, report, bar)
             if any(calibrated[index + 1 :]):
                 self._advance(block, inputs, index)
@@ -265,7 +270,8 @@ class Engine:
         prune, quant = self.recipe.stages_for(full)
         weight = get_weight(module)
         try:
-            result = compress_layer(weight, stats and stats.hessian(), stats and stats.column_norms(), prune, quant, sparsity)
+            hessian = stats.hessian() if stats and stats.full else None
+            result = compress_layer(weight, hessian, stats and stats.column_norms(), prune, quant, sparsity)
         except HessianError as exc:
             raise SecateursError(f"layer {full}: {exc}") from None
         set_weight(module, result.weight)

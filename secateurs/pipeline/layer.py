@@ -34,7 +34,8 @@ def compress_layer(
     sparsity: float | None = None,
 ) -> LayerResult:
     """`sparsity` overrides the pruning stage's (non-uniform profiles such as OWL). `hessian` and
-    `column_norms` may be None when no stage uses calibration (magnitude, RTN)."""
+    `column_norms` may be None when no stage uses calibration (magnitude, RTN); `hessian` is None
+    also when only column norms were gathered (Wanda without GPTQ)."""
     started = time.perf_counter()
     W = weight.float()
     spec = quant.quant_spec() if quant else None

@@ -4,7 +4,9 @@ H = 2 X Xᵀ / n is kept as the float sum of x xᵀ over tokens plus the token c
 from several processes (or resumed runs) add up exactly before the division. Only the blocks on
 and above the diagonal of that sum are accumulated (H is symmetric): besides skipping the lower
 blocks' work, the narrower products run about twice as fast as one full Xᵀ X on CPU. Wanda's
-per-input-column norms ‖X_j‖₂ are the square roots of that sum's diagonal.
+per-input-column norms ‖X_j‖₂ are the square roots of that sum's diagonal; when no layer of the
+pass needs a Hessian (Wanda, OWL's outlier pass), only that diagonal is accumulated, which skips
+the XᵀX products (a quarter of a block pass on SmolLM2).
 Layers called one after another on the same input tensor (q/k/v, gate/up) share one accumulator,
 so XᵀX is computed once per distinct input.
 """
@@ -19,30 +21,37 @@ class HessianAccumulator:
     # Column blocks of the upper-triangular accumulation (measured: 576 and 1536 columns on 2 cores).
     BLOCK_COLUMNS, MAX_BLOCKS = 192, 4
 
-    def __init__(self, columns: int, dtype: torch.dtype = torch.float32, device="cpu"):
-        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)  # upper block triangle
+    def __init__(self, columns: int, dtype: torch.dtype = torch.float32, device="cpu", full: bool = True):
+        self.full = full
+        # upper block triangle of Σ x xᵀ, or only its diagonal Σ x²
+        self.sum = torch.zeros((columns, columns) if full else (columns,), dtype=dtype, device=device)
         self.count = 0
         blocks = min(self.MAX_BLOCKS, max(1, columns // self.BLOCK_COLUMNS))
         self._edges = [round(i * columns / blocks) for i in range(blocks + 1)]
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.sum.dtype)
+        self.count += x.shape[0]
+        if not self.full:
+            self.sum.add_(x.square().sum(0))
+            return
         for start, stop in zip(self._edges, self._edges[1:]):
             self.sum[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
-        self.count += x.shape[0]
 
     def merge(self, other_sum: torch.Tensor, other_count: int) -> None:
         self.sum += other_sum.to(self.sum)
         self.count += other_count
 
     def hessian(self) -> torch.Tensor:
+        if not self.full:
+            raise ValueError("this accumulator holds only the diagonal of the Hessian")
         full = self.sum * (2.0 / max(self.count, 1))
         for start, stop in zip(self._edges[1:], self._edges[2:]):  # mirror the blocks above the diagonal
             full[start:stop, :start] = full[:start, start:stop].T
         return full
 
     def column_norms(self) -> torch.Tensor:
-        return self.sum.diagonal().clamp_min(0).sqrt()
+        return (self.sum.diagonal() if self.full else self.sum).clamp_min(0).sqrt()
 
 
 class BlockStopped(Exception):
@@ -52,20 +61,21 @@ class BlockStopped(Exception):
 class StatisticsHooks:
     """Forward pre-hooks on some layers; `owner[name]` is the first layer, in call order, of the run
     of layers that read the same input tensor as `name`, and `accumulators` is keyed by owners.
-    With `accumulate=False` the hooks only learn the grouping (one cheap pass for true-sequential).
+    With `accumulate=False` the hooks only learn the grouping (one cheap pass for true-sequential);
+    with `hessians=False` they accumulate only the diagonals (column norms).
     After `stop_after_last_layer()` (call it once a full pass has shown the call order) the pass
     stops with BlockStopped before the last hooked layer runs: the statistics need only the inputs
     of the hooked layers, so the rest of the block's forward (down_proj at least) is skipped."""
 
-    def __init__(self, layers: dict[str, nn.Module], dtype, device, accumulate: bool = True):
+    def __init__(self, layers: dict[str, nn.Module], dtype, device, accumulate: bool = True, hessians: bool = True):
         self.owner: dict[str, str] = {}
         self.accumulators: dict[str, HessianAccumulator] = {}
         self._last: tuple[torch.Tensor, str] | None = None
         self._stop_at: str | None = None
-        self._handles = [module.register_forward_pre_hook(self._hook(name, dtype, device, accumulate))
+        self._handles = [module.register_forward_pre_hook(self._hook(name, dtype, device, accumulate, hessians))
                          for name, module in layers.items()]
 
-    def _hook(self, name, dtype, device, accumulate):
+    def _hook(self, name, dtype, device, accumulate, hessians):
         def record(module, args):
             x = args[0]
             owner = self._last[1] if self._last is not None and self._last[0] is x else name
@@ -74,7 +84,7 @@ class StatisticsHooks:
             self.owner.setdefault(name, owner)
             if accumulate and owner == name:
                 if name not in self.accumulators:
-                    self.accumulators[name] = HessianAccumulator(x.shape[-1], dtype, device)
+                    self.accumulators[name] = HessianAccumulator(x.shape[-1], dtype, device, hessians)
                 self.accumulators[name].add(x)
             if name == self._stop_at:
                 raise BlockStopped

@@ -85,7 +85,7 @@ def test_next_block_sees_compressed_outputs(true_sequential):
     model = tiny("llama")
     original = {n: get_weight(m).clone() for n, m in targeted(model).items()}
     ids = calibration()
-    recipe = load_recipe({"stages": [{"wanda": {"sparsity": 0.5}}], "true_sequential": true_sequential})
+    recipe = load_recipe({"stages": [{"sparsegpt": {"sparsity": 0.5}}], "true_sequential": true_sequential})
     report = compress(model, recipe, ids, progress=False)
     name = "model.layers.1.self_attn.q_proj"
     accumulator = HessianAccumulator(64, torch.float64)
@@ -113,6 +113,54 @@ def test_hessian_accumulator_matches_dense_xtx(columns):
     x = torch.cat([c.reshape(-1, columns) for c in chunks])
     torch.testing.assert_close(first.hessian(), 2 * x.T @ x / x.shape[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(first.column_norms(), x.norm(dim=0), rtol=1e-12, atol=1e-12)
+
+
+def test_diagonal_accumulator_gives_the_column_norms_only():
+    generator = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, 7, 33, generator=generator, dtype=torch.float64) for _ in range(2)]
+    first, second = HessianAccumulator(33, torch.float64, full=False), HessianAccumulator(33, torch.float64, full=False)
+    first.add(chunks[0])
+    second.add(chunks[1])
+    first.merge(second.sum, second.count)
+    x = torch.cat([c.reshape(-1, 33) for c in chunks])
+    torch.testing.assert_close(first.column_norms(), x.norm(dim=0), rtol=1e-12, atol=1e-12)
+    assert first.count == x.shape[0]
+    with pytest.raises(ValueError, match="only the diagonal"):
+        first.hessian()
+
+
+def test_wanda_gathers_column_norms_without_hessians(monkeypatch):
+    """A Wanda-only recipe accumulates no XᵀX (the diagonal is all it reads), reports no loss, and
+    prunes block 0 exactly as Wanda on that block's dense inputs; beside GPTQ it gets Hessians."""
+    from secateurs.algorithms import wanda_mask
+    from secateurs.pipeline import statistics
+
+    created = []
+    original_init = statistics.HessianAccumulator.__init__
+
+    def spy(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        created.append(self.full)
+
+    monkeypatch.setattr(statistics.HessianAccumulator, "__init__", spy)
+    model = tiny("llama")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    dense = q_proj.weight.detach().clone()
+    inputs = []
+    handle = q_proj.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(calibration(), use_cache=False)
+    handle.remove()
+    report = compress(model, [{"wanda": {"sparsity": 0.5}}], calibration(), progress=False)
+    assert created and not any(created)
+    assert all(layer.loss is None for layer in report.layers)
+    norms = torch.cat(inputs).reshape(-1, dense.shape[1]).norm(dim=0)
+    assert torch.equal(q_proj.weight != 0, wanda_mask(dense, norms, 0.5).mask)
+
+    created.clear()
+    report = compress(tiny("llama"), [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4}}], calibration(), progress=False)
+    assert created and all(created)
+    assert all(layer.loss is not None for layer in report.layers)
 
 
 def test_statistics_pass_skips_the_rest_of_the_block_after_the_last_hooked_layer():
