@@ -6,7 +6,7 @@ and above the diagonal of that sum are accumulated (H is symmetric): besides ski
 blocks' work, the narrower products run about twice as fast as one full Xᵀ X on CPU. Wanda's
 per-input-column norms ‖X_j‖₂ are the square roots of that sum's diagonal; when no layer of the
 pass needs a Hessian (Wanda, OWL's outlier pass), only that diagonal is accumulated, which skips
-the XᵀX products (a quarter of a block pass on SmolLM2).
+the XᵀX products (about a fifth of a block's two passes on SmolLM2).
 Layers called one after another on the same input tensor (q/k/v, gate/up) share one accumulator,
 so XᵀX is computed once per distinct input.
 """
