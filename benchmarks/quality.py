@@ -4,7 +4,9 @@ Protocol (also in the README):
   - model: SmolLM2-135M-Instruct, its Q4_1 GGUF dequantized to float32 (the "dense" baseline);
   - calibration: 64 windows x 512 tokens, seed 0, from the five Austen novels other than Persuasion;
   - evaluation: perplexity on the first 40,960 tokens of Persuasion, non-overlapping windows of 512;
-  - each row runs in its own subprocess, so its peak RSS (ru_maxrss of that process) is its own;
+  - each row runs in its own subprocess, so its peak RSS (ru_maxrss of that process) is its own; ours
+    under the malloc settings the `secateurs` command line sets (secateurs.allocator), the reference
+    under glibc's defaults (`--reference-malloc tuned`: under ours, as a separate row);
   - reference rows (--engine llmcompressor) run llmcompressor in its own virtualenv on the same model
     and the same calibration windows; the model it writes is evaluated by the same perplexity code.
 
@@ -29,11 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from secateurs.allocator import malloc_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "quality.json"
 PROTOCOL = {"model": "smollm2-135m", "dtype": "float32", "calib": "austen-calib", "samples": 64, "calib_seqlen": 512,
             "seed": 0, "eval": "austen-eval", "eval_tokens": 40960, "eval_seqlen": 512}
+# Ours always run under the malloc settings of the `secateurs` command line (secateurs.allocator); the
+# reference under glibc's defaults, or under ours with --reference-malloc tuned (a separate row).
+TUNED, DEFAULT_MALLOC = "tuned", "glibc defaults"
 REF_VENV = Path(os.environ.get("REF_VENV", Path.home() / ".cache" / "secateurs" / "venv-llmcompressor"))
 
 
@@ -61,6 +68,10 @@ def _rows() -> dict[str, dict]:
 
 ROWS = _rows()
 REFERENCE_ROWS = [name for name in ROWS if not name.startswith("rtn") and name != "dense"]
+
+
+def _malloc(row: dict) -> str:
+    return row.get("malloc", DEFAULT_MALLOC)
 
 
 def _hash(value) -> str:
@@ -143,9 +154,9 @@ def worker(name: str, model_dir: str | None, calib_out: str | None) -> dict:
 
 # ---- driver side ----
 
-def _run_child(command: list[str]) -> tuple[dict, float]:
+def _run_child(command: list[str], env: dict[str, str] | None = None) -> tuple[dict, float]:
     """Run a child process; its last stdout line is JSON. Returns (that JSON, its peak RSS in MB)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -155,11 +166,12 @@ def _run_child(command: list[str]) -> tuple[dict, float]:
 
 
 def run_ours(name: str) -> dict:
-    result, rss = _run_child([sys.executable, __file__, "--worker", name])
+    # with the malloc settings the `secateurs` command line runs under (secateurs.allocator)
+    result, rss = _run_child([sys.executable, __file__, "--worker", name], env=malloc_environment())
     return result | {"peak_rss_mb": rss}
 
 
-def run_reference(name: str, workdir: Path) -> dict:
+def run_reference(name: str, workdir: Path, malloc: str) -> dict:
     calib = workdir / "calib.pt"
     if not calib.exists():
         _run_child([sys.executable, __file__, "--worker", "dense", "--calib-out", str(calib)])
@@ -168,7 +180,8 @@ def run_reference(name: str, workdir: Path) -> dict:
     output = workdir / name
     result, rss = _run_child([str(REF_VENV / "bin" / "python"), str(ROOT / "benchmarks" / "llmcompressor_ref.py"),
                               "--model", str(materialize_embedded(PROTOCOL["model"])), "--calib", str(calib),
-                              "--row", name, "--output", str(output)])
+                              "--row", name, "--output", str(output)],
+                             env=malloc_environment() if malloc == TUNED else None)
     evaluated, _ = _run_child([sys.executable, __file__, "--worker", name, "--model-dir", str(output)])
     return result | {"ppl": evaluated["ppl"], "eval_tokens": evaluated["eval_tokens"], "peak_rss_mb": rss}
 
@@ -206,6 +219,8 @@ def write_results(rows: list[dict]) -> None:
         seconds = f"{r['seconds']:.0f} ({len(r.get('seconds_runs', [1]))})" if r.get("seconds") else ""
         rate = f"{r['gflops']:.0f} ({r['matmul_gflops']:.0f})" if r.get("gflops") else ""
         version = r["versions"].get("llmcompressor") or r["versions"].get("code", "")
+        if r["engine"] == "llmcompressor" and _malloc(r) == TUNED:
+            version += " (our malloc settings)"
         lines.append(f"| {r['row']} | {r['engine']} {version} | {r['ppl']:.2f} | {delta} | "
                      f"{seconds} | {r['peak_rss_mb']:.0f} | {rate} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
@@ -223,7 +238,7 @@ def _plot(rows, dense) -> None:
     for engine, style in (("secateurs", "-o"), ("llmcompressor", "--s")):
         for method in ("magnitude", "wanda", "sparsegpt"):
             points = sorted((r["sparsity"], r["ppl"]) for r in rows if r["engine"] == engine and r["method"] == method
-                            and r["pattern"] == "unstructured")
+                            and r["pattern"] == "unstructured" and (engine == "secateurs" or _malloc(r) != TUNED))
             if points:
                 ax.plot(*zip(*points), style, label=f"{method} ({engine})")
     if dense:
@@ -241,6 +256,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(ROWS), help="rows to (re)run")
     parser.add_argument("--force", action="store_true", help="rerun the chosen rows even if cached")
     parser.add_argument("--repeat", type=int, default=1, help="timing runs per row (ours and reference alternate)")
+    parser.add_argument("--reference-malloc", choices=(DEFAULT_MALLOC, TUNED), default=DEFAULT_MALLOC,
+                        help="run llmcompressor under our malloc settings too (a separate row; ours always use them)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--calib-out", help=argparse.SUPPRESS)
@@ -256,7 +273,8 @@ def main() -> None:
         for name in wanted:
             todo = [e for e in engines if e == "secateurs" or name in REFERENCE_ROWS]
             current = {e: versions(e) for e in todo}
-            fresh = {(r["row"], r["engine"]) for r in rows if r["engine"] in current
+            malloc = {"secateurs": TUNED, "llmcompressor": args.reference_malloc}
+            fresh = {(r["row"], r["engine"]) for r in rows if r["engine"] in current and _malloc(r) == malloc[r["engine"]]
                      and r["protocol"] == protocol and r["versions"].items() >= current[r["engine"]].items()}
             todo = [e for e in todo if args.force or (name, e) not in fresh]
             if not todo:
@@ -265,16 +283,17 @@ def main() -> None:
             for _ in range(args.repeat):  # alternate engines so load drifts hit both alike
                 for engine in todo:
                     print(f"[quality] {name} / {engine} ...", flush=True)
-                    runs[engine].append(run_ours(name) if engine == "secateurs" else run_reference(name, Path(workdir)))
+                    runs[engine].append(run_ours(name) if engine == "secateurs"
+                                        else run_reference(name, Path(workdir), args.reference_malloc))
             for engine, results in runs.items():
                 result = results[-1]
                 if result.get("seconds") is not None:
                     result["seconds_runs"] = [r["seconds"] for r in results]
                     result["seconds"] = statistics.median(result["seconds_runs"])
                 extra = {"llmcompressor": result.pop("llmcompressor")} if "llmcompressor" in result else {}
-                rows = [r for r in rows if (r["row"], r["engine"]) != (name, engine)]
+                rows = [r for r in rows if (r["row"], r["engine"], _malloc(r)) != (name, engine, malloc[engine])]
                 rows.append({"row": name, "engine": engine} | {k: v for k, v in ROWS[name].items() if k != "recipe"}
-                            | result | {"protocol": protocol, "versions": current[engine] | extra})
+                            | result | {"protocol": protocol, "versions": current[engine] | extra, "malloc": malloc[engine]})
                 write_results(rows)
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from secateurs.allocator import reexec_with_malloc_settings
 from secateurs.errors import SecateursError
 
 
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the real command line (not a call from Python)
+        reexec_with_malloc_settings("secateurs.cli")
     args = build_parser().parse_args(argv)
     try:
         if "SECATEURS_THREADS" in os.environ:

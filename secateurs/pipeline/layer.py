@@ -42,11 +42,12 @@ def compress_layer(
     gptq_spec = spec if quant and quant.method == "gptq" else None  # RTN never uses the Hessian
     target = prune.sparsity if sparsity is None and prune else sparsity
     new, scale, zero, damp = W, None, None, 0.0
+    sweep = None  # the OBS sweep's output, while it is the final weight
     if prune is not None:
         n, m = prune.nm
         if prune.method == "sparsegpt":
-            out = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=gptq_spec)
-            new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
+            sweep = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=gptq_spec)
+            new, scale, zero, damp = sweep.weight, sweep.scale, sweep.zero, sweep.damp
         else:
             if prune.method == "wanda":
                 mask = alg.wanda_mask(W, column_norms, target, n, m).mask
@@ -55,16 +56,22 @@ def compress_layer(
             if gptq_spec is None:
                 new = torch.where(mask, W, 0.0)  # W * mask would leave -0.0 behind
             else:  # GPTQ on the surviving weights, the mask held fixed
-                out = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
-                                    quant=gptq_spec, fixed_mask=mask)
-                new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
+                sweep = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
+                                      quant=gptq_spec, fixed_mask=mask)
+                new, scale, zero, damp = sweep.weight, sweep.scale, sweep.zero, sweep.damp
     elif gptq_spec is not None:
-        out = alg.gptq(W, hessian, gptq_spec, quant.block_size, quant.percdamp)
-        new, scale, zero, damp = out.weight, out.scale, out.zero, out.damp
+        sweep = alg.gptq(W, hessian, gptq_spec, quant.block_size, quant.percdamp)
+        new, scale, zero, damp = sweep.weight, sweep.scale, sweep.zero, sweep.damp
     if quant is not None and gptq_spec is None:  # round to nearest; a pruned 0 rounds to exactly 0
         new, _, scale, zero = alg.round_to_nearest(new, spec)
+        sweep = None
     loss = None
-    if hessian is not None:
+    if sweep is not None:
+        # The sweep summed ½Δᵀ(H + damp·I)Δ over rows; dead inputs (zero rows and columns of H) add nothing.
+        # This saves a [rows, cols] x [cols, cols] product per layer (about 1% of a SparseGPT run).
+        live = hessian.diagonal() != 0
+        loss = sweep.loss - 0.5 * sweep.damp * float((W - new)[:, live].square().sum())
+    elif hessian is not None:
         delta = (W - new).to(hessian.dtype)
         loss = 0.5 * float(((delta @ hessian) * delta).sum())
     sparsity_achieved = float((new == 0).sum()) / new.numel()

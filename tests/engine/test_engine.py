@@ -308,3 +308,28 @@ def test_forwards_stop_after_the_last_block_that_uses_calibration():
     assert calls == [2, 0]  # two chunks through block 0 once (statistics), no advance
     losses = {layer.name.split(".")[2]: layer.loss for layer in report.layers}
     assert losses["0"] is not None and losses["1"] is None
+
+
+@pytest.mark.parametrize("stages", [
+    [{"sparsegpt": {"sparsity": 0.5}}],
+    [{"sparsegpt": {"mask": "2:4"}}],
+    [{"gptq": {"bits": 3, "group_size": 16}}],
+    [{"sparsegpt": {"sparsity": 0.5}}, {"gptq": {"bits": 4}}],
+    [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4}}],
+    [{"sparsegpt": {"sparsity": 0.5}}, {"rtn": {"bits": 4}}],
+])
+def test_layer_loss_is_the_undamped_quadratic_form(stages):
+    """compress_layer takes the loss from the sweep where it can (minus the damping's share); it must
+    equal ½ΣΔwᵀHΔw with the undamped H, also with dead inputs (zero rows and columns of H)."""
+    from secateurs.pipeline.layer import compress_layer
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 48, generator=generator) @ torch.randn(48, 48, generator=generator)
+    x[:, [5, 17]] = 0  # dead inputs
+    hessian = 2 * x.T @ x / x.shape[0]
+    weight = torch.randn(24, 48, generator=generator)
+    prune, quant = (next((s for s in load_recipe({"stages": stages}).stages if s.prunes == p), None) for p in (True, False))
+    result = compress_layer(weight, hessian, x.norm(dim=0), prune, quant)
+    delta = (weight - result.weight).double()
+    expected = 0.5 * float(((delta @ hessian.double()) * delta).sum())
+    assert result.loss == pytest.approx(expected, rel=1e-4)
