@@ -89,10 +89,10 @@ def code_hash() -> str:
 
 # ---- worker side: one row in this process ----
 
-def _calibration_and_eval(tokenizer, samples: int = PROTOCOL["samples"]):
+def _calibration_and_eval(tokenizer, samples: int = PROTOCOL["samples"], seed: int = PROTOCOL["seed"]):
     from secateurs.data.corpus import calibration_windows, load_text, tokenize
 
-    calibration = calibration_windows(tokenizer, PROTOCOL["calib"], samples, PROTOCOL["calib_seqlen"], PROTOCOL["seed"])
+    calibration = calibration_windows(tokenizer, PROTOCOL["calib"], samples, PROTOCOL["calib_seqlen"], seed)
     return calibration, tokenize(tokenizer, load_text(PROTOCOL["eval"]))
 
 
@@ -124,7 +124,7 @@ def _compress_flops(model, tokens: int, report) -> float:
     return forward + hessians
 
 
-def worker(name: str, model_dir: str | None, calib_out: str | None) -> dict:
+def worker(name: str, model_dir: str | None, calib_out: str | None, seed: int) -> dict:
     import torch
 
     from secateurs.eval.perplexity import perplexity
@@ -132,7 +132,7 @@ def worker(name: str, model_dir: str | None, calib_out: str | None) -> dict:
     from secateurs.pipeline.engine import Engine
 
     loaded = load_model(model_dir or PROTOCOL["model"])
-    calibration, evaluation = _calibration_and_eval(loaded.tokenizer)
+    calibration, evaluation = _calibration_and_eval(loaded.tokenizer, seed=seed)
     if calib_out:  # the reference engine calibrates on exactly these windows
         torch.save(calibration, calib_out)
         return {}
@@ -165,16 +165,16 @@ def _run_child(command: list[str], env: dict[str, str] | None = None) -> tuple[d
     return json.loads(output.strip().splitlines()[-1]), usage.ru_maxrss / 1024
 
 
-def run_ours(name: str) -> dict:
+def run_ours(name: str, seed: int = PROTOCOL["seed"]) -> dict:
     # with the malloc settings the `secateurs` command line runs under (secateurs.allocator)
-    result, rss = _run_child([sys.executable, __file__, "--worker", name], env=malloc_environment())
+    result, rss = _run_child([sys.executable, __file__, "--worker", name, "--seed", str(seed)], env=malloc_environment())
     return result | {"peak_rss_mb": rss}
 
 
-def run_reference(name: str, workdir: Path, malloc: str) -> dict:
-    calib = workdir / "calib.pt"
+def run_reference(name: str, workdir: Path, malloc: str = DEFAULT_MALLOC, seed: int = PROTOCOL["seed"]) -> dict:
+    calib = workdir / f"calib-{seed}.pt"
     if not calib.exists():
-        _run_child([sys.executable, __file__, "--worker", "dense", "--calib-out", str(calib)])
+        _run_child([sys.executable, __file__, "--worker", "dense", "--calib-out", str(calib), "--seed", str(seed)])
     from secateurs.models import materialize_embedded
 
     output = workdir / name
@@ -261,9 +261,10 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--calib-out", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=PROTOCOL["seed"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model_dir, args.calib_out)))
+        print(json.dumps(worker(args.worker, args.model_dir, args.calib_out, args.seed)))
         return
     engines = ["secateurs", "llmcompressor"] if args.engine == "both" else [args.engine]
     protocol = _hash(PROTOCOL)

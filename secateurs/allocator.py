@@ -1,15 +1,17 @@
 """glibc malloc settings for long tensor work on CPU.
 
-PyTorch frees and re-allocates the same large activations for every chunk of every layer. With
-glibc's defaults, blocks over 32 MiB (the most its adaptive mmap threshold rises to) are mapped
-for each allocation and unmapped when freed, and the heap's top is trimmed, so the memory is faulted
-in again page by page on every use: a SmolLM2 block's forward over the protocol's 64 x 512
-calibration tokens took about 200,000 minor page faults and 1.9-2.0 s, against no faults and
-1.75 s with freed memory kept in the process. glibc reads these settings reliably only
-at start-up (`mallopt` after torch was imported left more faults, not fewer), so the command line
-re-executes itself once with them in its environment; programs using the Python API can export
-`malloc_environment()`'s variables before Python starts. Peak memory is unchanged; memory freed
-late in a run is kept by the process until it exits. SECATEURS_MALLOC=default opts out.
+PyTorch frees and re-allocates the same activations (megabytes each) for every chunk of every
+layer. glibc's defaults hand such memory back to the kernel: it trims the free top of the heap
+beyond twice its adaptive mmap threshold, and maps every block above that threshold (at most
+32 MiB) afresh. The memory is then faulted in again, page by page, on its next use: a SmolLM2
+block's forward over the protocol's 64 x 512 calibration tokens took about 200,000 minor page
+faults and 1.8-2.0 s, against none and 1.7-1.75 s with these settings. Blocks over 64 MiB are
+still mapped, so large one-off tensors (an embedding matrix and its temporaries while loading) go
+back to the kernel: with a 4 GiB threshold a SparseGPT run's peak RSS rose from 2.4 to 2.9 GB.
+glibc reads these settings reliably only at start-up (`mallopt` after torch was imported left more
+faults, not fewer), so the command line re-executes itself once with them in its environment;
+programs using the Python API can export `malloc_environment()`'s variables before Python starts.
+SECATEURS_MALLOC=default opts out.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import platform
 import sys
 from collections.abc import Mapping
 
-# Never serve tensors by mmap (4 GiB threshold) and never trim the heap's top (16 GiB threshold).
-SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+# Serve blocks up to 64 MiB from the heap and keep up to 256 MiB free at its top.
+SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def malloc_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
