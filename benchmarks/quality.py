@@ -109,7 +109,9 @@ def _matmul_gflops() -> float:
 
 def _compress_flops(model, tokens: int, report) -> float:
     """Two forward passes of every block plus the Hessians X Xᵀ of each distinct layer input (none
-    for methods that use no calibration, which run no forward, nor for Wanda)."""
+    for methods that use no calibration, which run no forward, nor for Wanda): the nominal work, so
+    GFLOP/s is an effective rate (the engine computes only XXᵀ's upper triangle and stops the
+    statistics pass before the block's last layer)."""
     from secateurs.pipeline.discovery import find_blocks
 
     if not report.calibration["calibrated_blocks"]:
@@ -221,6 +223,8 @@ def write_results(rows: list[dict]) -> None:
         version = r["versions"].get("llmcompressor") or r["versions"].get("code", "")
         if r["engine"] == "llmcompressor" and _malloc(r) == TUNED:
             version += " (our malloc settings)"
+        elif r["engine"] == "secateurs" and _malloc(r) != TUNED:
+            version += " (glibc malloc defaults)"
         lines.append(f"| {r['row']} | {r['engine']} {version} | {r['ppl']:.2f} | {delta} | "
                      f"{seconds} | {r['peak_rss_mb']:.0f} | {rate} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
