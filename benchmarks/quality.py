@@ -74,6 +74,26 @@ def _malloc(row: dict) -> str:
     return row.get("malloc", DEFAULT_MALLOC)
 
 
+def is_current(row: dict, protocol: str, versions: dict, malloc: str | None = None) -> bool:
+    """Whether a cached row was measured on this protocol hash, these software versions (and, where
+    given, under these malloc settings)."""
+    return (row["protocol"] == protocol and row["versions"].items() >= versions.items()
+            and (malloc is None or _malloc(row) == malloc))
+
+
+def split_reference_version(result: dict) -> dict:
+    """Pop the reference's own version out of a run's result, to store it with the versions."""
+    return {"llmcompressor": result.pop("llmcompressor")} if "llmcompressor" in result else {}
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    """Write rows atomically (a finished file or the previous one, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, path)
+
+
 def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -205,15 +225,12 @@ def load_results() -> list[dict]:
 
 
 def write_results(rows: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     dense = next((r["ppl"] for r in rows if r["row"] == "dense" and r["engine"] == "secateurs"), None)
     for row in rows:
         row["dense_ppl"] = dense
     order = {name: i for i, name in enumerate(ROWS)}
     rows.sort(key=lambda r: (order.get(r["row"], 99), r["engine"]))
-    tmp = JSON_PATH.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, JSON_PATH)
+    write_json(JSON_PATH, rows)
     lines = ["| row | engine (code) | ppl | Δ vs dense | seconds (runs) | peak RSS MB | GFLOP/s (matmul) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -272,15 +289,15 @@ def main() -> None:
         return
     engines = ["secateurs", "llmcompressor"] if args.engine == "both" else [args.engine]
     protocol = _hash(PROTOCOL)
+    malloc = {"secateurs": TUNED, "llmcompressor": args.reference_malloc}
     rows = load_results()
     wanted = args.only or list(ROWS)
     with tempfile.TemporaryDirectory(prefix="quality-") as workdir:
         for name in wanted:
             todo = [e for e in engines if e == "secateurs" or name in REFERENCE_ROWS]
             current = {e: versions(e) for e in todo}
-            malloc = {"secateurs": TUNED, "llmcompressor": args.reference_malloc}
-            fresh = {(r["row"], r["engine"]) for r in rows if r["engine"] in current and _malloc(r) == malloc[r["engine"]]
-                     and r["protocol"] == protocol and r["versions"].items() >= current[r["engine"]].items()}
+            fresh = {(r["row"], r["engine"]) for r in rows
+                     if r["engine"] in current and is_current(r, protocol, current[r["engine"]], malloc[r["engine"]])}
             todo = [e for e in todo if args.force or (name, e) not in fresh]
             if not todo:
                 continue
@@ -295,7 +312,7 @@ def main() -> None:
                 if result.get("seconds") is not None:
                     result["seconds_runs"] = [r["seconds"] for r in results]
                     result["seconds"] = statistics.median(result["seconds_runs"])
-                extra = {"llmcompressor": result.pop("llmcompressor")} if "llmcompressor" in result else {}
+                extra = split_reference_version(result)
                 rows = [r for r in rows if (r["row"], r["engine"], _malloc(r)) != (name, engine, malloc[engine])]
                 rows.append({"row": name, "engine": engine} | {k: v for k, v in ROWS[name].items() if k != "recipe"}
                             | result | {"protocol": protocol, "versions": current[engine] | extra, "malloc": malloc[engine]})

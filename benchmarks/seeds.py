@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -59,8 +58,7 @@ def _from_quality(name: str, engine: str, seed: int, versions: dict) -> dict | N
         return None
     malloc = quality.TUNED if engine == "secateurs" else quality.DEFAULT_MALLOC
     return next((dict(r) for r in quality.load_results() if (r["row"], r["engine"]) == (name, engine)
-                 and r["protocol"] == quality._hash(quality.PROTOCOL) and quality._malloc(r) == malloc
-                 and r["versions"].items() >= versions.items()), None)
+                 and quality.is_current(r, quality._hash(quality.PROTOCOL), versions, malloc)), None)
 
 
 def main() -> None:
@@ -80,24 +78,21 @@ def main() -> None:
             for seed in args.seeds:
                 for engine in engines:
                     key = (name, engine, seed)
-                    if any((r["row"], r["engine"], r["seed"]) == key and r["protocol"] == protocol
-                           and r["versions"].items() >= current[engine].items() for r in rows):
+                    if any((r["row"], r["engine"], r["seed"]) == key and quality.is_current(r, protocol, current[engine])
+                           for r in rows):
                         continue
                     result = _from_quality(name, engine, seed, current[engine])
                     if result is None:
                         print(f"[seeds] {name} / {engine} / seed {seed} ...", flush=True)
                         result = (quality.run_ours(name, seed) if engine == "secateurs"
                                   else quality.run_reference(name, Path(workdir), seed=seed))
-                    extra = {"llmcompressor": result.pop("llmcompressor")} if "llmcompressor" in result else {}
+                    extra = quality.split_reference_version(result)
                     rows = [r for r in rows if (r["row"], r["engine"], r["seed"]) != key]
                     rows.append({"row": name, "engine": engine, "seed": seed, "ppl": result["ppl"],
                                  "seconds": result.get("seconds"), "protocol": protocol,
                                  "versions": current[engine] | extra})
                     rows.sort(key=lambda r: (r["row"], r["engine"], r["seed"]))
-                    quality.RESULTS.mkdir(parents=True, exist_ok=True)
-                    tmp = JSON_PATH.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(rows, indent=1))
-                    os.replace(tmp, JSON_PATH)
+                    quality.write_json(JSON_PATH, rows)
                     text = "\n".join(_summary(rows))
                     (quality.RESULTS / "seeds.md").write_text("# Calibration seeds\n\n" + text + "\n")
                     print(text, flush=True)
