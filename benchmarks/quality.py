@@ -61,6 +61,8 @@ def _rows() -> dict[str, dict]:
         for bits in (4, 3, 2):
             rows[f"{method}-w{bits}g64"] = _row(method, None, bits=bits, group_size=64,
                                                 recipe=[{method: {"bits": bits, "group_size": 64}}])
+    # ours as the preset runs it: true-sequential (secateurs.recipe); the reference has no such mode
+    rows["sparsegpt-2of4"]["recipe"] = "sparsegpt-2of4"
     rows["sparsegpt-50-w4g64"] = _row("sparsegpt+gptq", 0.5, bits=4, group_size=64,
                                       recipe=[{"sparsegpt": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 64}}])
     return rows
@@ -165,6 +167,7 @@ def worker(name: str, model_dir: str | None, calib_out: str | None, seed: int) -
         started = time.perf_counter()
         report = engine.run(calibration)
         result["seconds"] = time.perf_counter() - started
+        result["true_sequential"] = engine.recipe.true_sequential
         flops = _compress_flops(loaded.model, calibration.numel(), report)
         result["achieved_sparsity"] = report.as_dict()["totals"]["sparsity"]
         if flops:
@@ -220,6 +223,17 @@ def versions(engine: str) -> dict:
     return found
 
 
+def row_versions(engine: str, name: str) -> dict:
+    """versions(engine), and for ours the digest of the row's recipe: a changed recipe (a preset
+    made true-sequential, say) makes the row stale as a code change does."""
+    found = versions(engine)
+    if engine == "secateurs" and ROWS[name]["recipe"]:
+        from secateurs.recipe import load_recipe
+
+        found["recipe"] = load_recipe(ROWS[name]["recipe"]).digest()
+    return found
+
+
 def load_results() -> list[dict]:
     return json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else []
 
@@ -242,6 +256,8 @@ def write_results(rows: list[dict]) -> None:
             version += " (our malloc settings)"
         elif r["engine"] == "secateurs" and _malloc(r) != TUNED:
             version += " (glibc malloc defaults)"
+        if r.get("true_sequential"):
+            version += " (true-sequential)"
         lines.append(f"| {r['row']} | {r['engine']} {version} | {r['ppl']:.2f} | {delta} | "
                      f"{seconds} | {r['peak_rss_mb']:.0f} | {rate} |")
     (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
@@ -295,7 +311,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quality-") as workdir:
         for name in wanted:
             todo = [e for e in engines if e == "secateurs" or name in REFERENCE_ROWS]
-            current = {e: versions(e) for e in todo}
+            current = {e: row_versions(e, name) for e in todo}
             fresh = {(r["row"], r["engine"]) for r in rows
                      if r["engine"] in current and is_current(r, protocol, current[r["engine"]], malloc[r["engine"]])}
             todo = [e for e in todo if args.force or (name, e) not in fresh]

@@ -71,10 +71,10 @@ def main() -> None:
     args = parser.parse_args()
     engines = ["secateurs", "llmcompressor"] if args.engine == "both" else [args.engine]
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else []
-    current = {engine: quality.versions(engine) for engine in engines}
     protocol = quality._hash({k: v for k, v in quality.PROTOCOL.items() if k != "seed"})
     with tempfile.TemporaryDirectory(prefix="seeds-") as workdir:
         for name in args.rows:
+            current = {engine: quality.row_versions(engine, name) for engine in engines}
             for seed in args.seeds:
                 for engine in engines:
                     key = (name, engine, seed)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from secateurs.algorithms import HessianError, outlier_fraction, owl_ratios
 from secateurs.errors import SecateursError
 from secateurs.pipeline.activations import discard_chunks, keep_chunks
+from secateurs.pipeline.attention import native_causal_attention
 from secateurs.pipeline.capture import capture_block_inputs, run_block
 from secateurs.pipeline.discovery import find_blocks, get_weight, in_features, linear_layers, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
@@ -197,6 +198,10 @@ class Engine:
     def run(self, calibration: torch.Tensor, on_block_done=None, resume: ResumeState | None = None) -> CompressionReport:
         """`on_block_done(index, report)` runs after each block, while `self.inputs` holds the next
         block's inputs; `resume` continues an interrupted run after its last finished block."""
+        with native_causal_attention():
+            return self._run(calibration, on_block_done, resume)
+
+    def _run(self, calibration: torch.Tensor, on_block_done, resume: ResumeState | None) -> CompressionReport:
         validate(self.model, self.recipe)
         started = time.perf_counter()
         report = CompressionReport(self.recipe.as_dict(), calibration={

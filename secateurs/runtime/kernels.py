@@ -51,6 +51,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
     library.secateurs_obs_span.argtypes = [i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
+    library.secateurs_causal_attention.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                                                   ctypes.c_float]
     return library
 
 
@@ -269,3 +271,36 @@ def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, 
     if status != 0:
         raise ValueError("secateurs_obs_span: arguments rejected by the native kernel")
 
+
+
+def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """Causal self-attention softmax(scale * Q Kᵀ, keys up to each query's position) V for the
+    calibration passes (csrc/attention.cpp): query [batch, heads, seq, dim], key and value
+    [batch, kv_heads, seq, dim] (heads a multiple of kv_heads, any strides with unit stride along
+    dim), float32 on the CPU. Returns [batch, seq, heads, dim] contiguous, the layout attention
+    modules reshape into their output projection's input."""
+    global _last_path
+    _require(query.dim() == 4 and key.dim() == 4 and value.shape == key.shape, "query, key and value must be 4-d, key and value alike")
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    _require(key.shape[0] == batch and key.shape[2] == seq and key.shape[3] == dim and heads % kv_heads == 0,
+             f"key/value {tuple(key.shape)} do not fit query {tuple(query.shape)}")
+    _require(all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key, value)),
+             "query, key and value must be float32 on the CPU")
+    path = kernel_path()
+    # No AVX-512 variant (the AVX2 one runs there); the micro-kernel needs dim in multiples of 16.
+    native = TORCH_PATH if path == TORCH_PATH or dim % 16 else "portable" if path == "portable" else "avx2"
+    _last_path = native
+    if native == TORCH_PATH:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                               enable_gqa=heads != kv_heads)
+        return out.transpose(1, 2).contiguous()
+    tensors = [t if t.stride(3) == 1 else t.contiguous() for t in (query, key, value)]
+    out = torch.empty(batch, seq, heads, dim)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in tensors]
+    status = native_library().secateurs_causal_attention(
+        _PATH_IDS[native], torch.get_num_threads(), tensors[0].data_ptr(), strides[0], tensors[1].data_ptr(), strides[1],
+        tensors[2].data_ptr(), strides[2], out.data_ptr(), batch, seq, heads, kv_heads, dim, scale)
+    if status != 0:
+        raise ValueError("secateurs_causal_attention: arguments rejected by the native kernel")
+    return out

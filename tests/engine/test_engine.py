@@ -333,3 +333,45 @@ def test_layer_loss_is_the_undamped_quadratic_form(stages):
     delta = (weight - result.weight).double()
     expected = 0.5 * float(((delta @ hessian.double()) * delta).sum())
     assert result.loss == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_native_causal_attention_matches_the_models_own(arch, monkeypatch):
+    """Inside the engine's attention context the logits equal the model's own within float32
+    rounding; calls with a padding mask go to transformers' SDPA unchanged (bit-identical)."""
+    from transformers import AttentionInterface
+
+    from secateurs.pipeline.attention import native_causal_attention
+    from secateurs.runtime import kernels
+
+    calls = []
+    kernel = kernels.causal_attention
+    monkeypatch.setattr(kernels, "causal_attention", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    model, ids = tiny(arch), calibration(3)
+    padding = torch.ones_like(ids)
+    padding[0, -5:] = 0
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        expected_padded = model(ids, attention_mask=padding, use_cache=False).logits
+        with native_causal_attention():
+            logits = model(ids, use_cache=False).logits
+            plain_calls = len(calls)
+            padded = model(ids, attention_mask=padding, use_cache=False).logits
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(padded, expected_padded) and len(calls) == plain_calls
+    if arch in ("llama", "mistral", "qwen2"):  # every layer plain causal: all through the kernel
+        assert plain_calls == 2
+
+
+def test_native_causal_attention_is_undone_after_an_error():
+    from transformers import AttentionInterface
+
+    from secateurs.pipeline.attention import native_causal_attention
+
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    with pytest.raises(RuntimeError, match="inside"), native_causal_attention():
+        assert AttentionInterface._global_mapping["sdpa"] is not sdpa
+        raise RuntimeError("inside")
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa
