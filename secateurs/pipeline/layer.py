@@ -47,7 +47,6 @@ def compress_layer(
         n, m = prune.nm
         if prune.method == "sparsegpt":
             sweep = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=gptq_spec)
-            new, scale, zero, damp = sweep.weight, sweep.scale, sweep.zero, sweep.damp
         else:
             if prune.method == "wanda":
                 mask = alg.wanda_mask(W, column_norms, target, n, m).mask
@@ -58,9 +57,9 @@ def compress_layer(
             else:  # GPTQ on the surviving weights, the mask held fixed
                 sweep = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
                                       quant=gptq_spec, fixed_mask=mask)
-                new, scale, zero, damp = sweep.weight, sweep.scale, sweep.zero, sweep.damp
     elif gptq_spec is not None:
         sweep = alg.gptq(W, hessian, gptq_spec, quant.block_size, quant.percdamp)
+    if sweep is not None:
         new, scale, zero, damp = sweep.weight, sweep.scale, sweep.zero, sweep.damp
     if quant is not None and gptq_spec is None:  # round to nearest; a pruned 0 rounds to exactly 0
         new, _, scale, zero = alg.round_to_nearest(new, spec)
