@@ -39,7 +39,9 @@ def _summary(rows: list[dict]) -> list[str]:
             by_engine[engine] = dict(mine)
             values = [ppl for _, ppl in mine]
             spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else ""
-            lines.append(f"| {name} | {engine} | {' '.join(str(s) for s, _ in mine)} | "
+            label = engine + (" (true-sequential)" if any(r.get("true_sequential") for r in rows
+                                                          if r["row"] == name and r["engine"] == engine) else "")
+            lines.append(f"| {name} | {label} | {' '.join(str(s) for s, _ in mine)} | "
                          f"{' '.join(f'{v:.2f}' for v in values)} | {statistics.mean(values):.2f} | {spread} |")
         if len(by_engine) == 2:
             shared = sorted(by_engine["secateurs"].keys() & by_engine["llmcompressor"].keys())
@@ -89,7 +91,8 @@ def main() -> None:
                     extra = quality.split_reference_version(result)
                     rows = [r for r in rows if (r["row"], r["engine"], r["seed"]) != key]
                     rows.append({"row": name, "engine": engine, "seed": seed, "ppl": result["ppl"],
-                                 "seconds": result.get("seconds"), "protocol": protocol,
+                                 "seconds": result.get("seconds"), "true_sequential": result.get("true_sequential", False),
+                                 "protocol": protocol,
                                  "versions": current[engine] | extra})
                     rows.sort(key=lambda r: (r["row"], r["engine"], r["seed"]))
                     quality.write_json(JSON_PATH, rows)
