@@ -144,13 +144,20 @@ def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object
     pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in arguments]
     status = getattr(native_library(), function_name)(
         _PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, cols, *pointers, y.data_ptr())
+    _raise_for_status(function_name, status, path)
+    return y
+
+
+def _raise_for_status(function_name: str, status: int, path: str) -> None:
+    """Turn a native kernel's nonzero status into the matching Python exception."""
     if status == _STATUS_UNSUPPORTED_PATH:
         raise KernelPathError(f"kernel path {path} is not supported by this CPU")
     if status == _STATUS_INVALID_ARGUMENT:
         raise ValueError(f"{function_name}: arguments rejected by the native kernel")
     if status == _STATUS_OUT_OF_MEMORY:
         raise MemoryError(f"{function_name}: out of memory")
-    return y
+    if status != 0:
+        raise RuntimeError(f"{function_name}: unknown status {status} from the native kernel")
 
 
 def _dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
@@ -268,9 +275,7 @@ def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, 
         torch.get_num_threads(), 0 if block.dtype == torch.float32 else 1, block.data_ptr(), errors.data_ptr(),
         hinv.data_ptr(), hinv.stride(0), rows, size, begin, end, None if keep is None else keep.data_ptr(),
         None if scale is None else scale.data_ptr(), None if zero is None else zero.data_ptr(), max_code)
-    if status != 0:
-        raise ValueError("secateurs_obs_span: arguments rejected by the native kernel")
-
+    _raise_for_status("secateurs_obs_span", status, path)
 
 
 def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
@@ -301,6 +306,5 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) ->
     status = native_library().secateurs_causal_attention(
         _PATH_IDS[native], torch.get_num_threads(), tensors[0].data_ptr(), strides[0], tensors[1].data_ptr(), strides[1],
         tensors[2].data_ptr(), strides[2], out.data_ptr(), batch, seq, heads, kv_heads, dim, scale)
-    if status != 0:
-        raise ValueError("secateurs_causal_attention: arguments rejected by the native kernel")
+    _raise_for_status("secateurs_causal_attention", status, native)
     return out

@@ -140,7 +140,7 @@ float softmax_row_portable(float* s, int64_t live, int64_t padded) {
 }
 
 struct Scratch {
-  std::vector<float> q, s, o;  // [m_pad, dim], [m_pad, padded_seq], [m_pad, dim]
+  std::vector<float> q, s, o, sums;  // [m_pad, dim], [m_pad, padded_seq], [m_pad, dim], [m_pad]
 };
 
 template <bool kAvx2>
@@ -165,7 +165,7 @@ void attend_block(const Shape& x, const View& query, const float* keys_t, const 
   auto tile = kAvx2 ? tile_avx2 : tile_portable;
   for (int64_t i = 0; i < m_pad; i += kRows)
     for (int64_t j = 0; j < keys_pad; j += kCols) tile(q + i * dim, dim, keys_t + j, stride, dim, s + i * stride + j, stride);
-  std::vector<float> sums(m_pad, 1.0f);
+  float* sums = work.sums.data();
   for (int64_t i = 0; i < m_pad; ++i) {
     float* row = s + i * stride;
     if (i >= m) {
@@ -220,7 +220,8 @@ extern "C" __attribute__((visibility("default"))) int secateurs_causal_attention
   const int64_t m_pad = (kPositions * x.group() + kRows - 1) / kRows * kRows;
 #pragma omp parallel num_threads(threads)
   {
-    Scratch work{std::vector<float>(m_pad * dim), std::vector<float>(m_pad * stride), std::vector<float>(m_pad * dim)};
+    Scratch work{std::vector<float>(m_pad * dim), std::vector<float>(m_pad * stride), std::vector<float>(m_pad * dim),
+                 std::vector<float>(m_pad)};
     // Later blocks attend to more keys: hand them out first so the threads finish together.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
