@@ -1,6 +1,6 @@
 """CPU inference runtime: compressed Linear modules over C++/OpenMP kernels (see kernels.py).
 
-The native library is compiled on first use (or by `python -m secateurs.runtime.build`)."""
+The native library is compiled by `pip install` (again: `python -m secateurs.runtime.build`)."""
 
 from .decode import DecodeError, DecodeModel, DecodeUnsupported
 from .kernels import (KernelPathError, bitmask_mm, dense_mm, kernel_path, last_kernel_path, nm_mm, quant_mm,

@@ -5,18 +5,26 @@ returns y in x's dtype and accumulates in fp32. Shapes, dtypes, devices and cont
 here (ValueError) so that nothing malformed reaches C++; the layout *contents* (popcounts,
 indices) are trusted and checked once by the modules that own them.
 
-The instruction-set path is picked per call: SECATEURS_KERNEL_PATH=avx512|avx2|portable forces one
-(KernelPathError if this CPU or build lacks it), =torch forces the pure-torch fallback, unset picks
-the best the CPU supports. `last_kernel_path()` tells which path the latest call used.
+The instruction-set path: SECATEURS_KERNEL_PATH=avx512|avx2|portable forces one (KernelPathError
+if this CPU or build lacks it), =torch forces the pure-torch fallback, unset picks the best the CPU
+supports. The variable is read once, at the first kernel call, and kept for the process;
+`reset_kernel_path_override()` makes the next call read it again and `forced_kernel_path(path)`
+forces a path for a block (tests, benchmarks). `last_kernel_path()` tells which path the latest
+call used.
+
+The library is compiled when secateurs is installed (build.py); this module only loads it. When it
+is missing or was built from other sources, kernels warn once and run the pure-torch fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,6 +48,7 @@ _library: ctypes.CDLL | None = None
 _library_failed = False
 _library_lock = threading.Lock()
 _last_path: str | None = None
+_override: str | None = None  # SECATEURS_KERNEL_PATH as read at first use ("" when unset); None: not read yet
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -57,21 +66,39 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def native_library() -> ctypes.CDLL | None:
-    """The kernel library, built on first use if missing or stale; None if it cannot be built
-    (with a warning), except that with CI=true a failed build raises."""
+    """The kernel library, loaded on first use; never compiled here. None, with one warning, when
+    it is missing, was built from other sources than those beside it, or fails to load; with
+    CI=true that raises build.BuildError instead."""
     global _library, _library_failed
     from . import build  # not at import: `python -m secateurs.runtime.build` imports this package first
 
     with _library_lock:
         if _library is None and not _library_failed:
             try:
-                _library = _declare(ctypes.CDLL(str(build.build())))
+                _library = _declare(ctypes.CDLL(str(_checked_library())))
             except (build.BuildError, OSError) as error:
                 if os.environ.get("CI", "").lower() == "true":
-                    raise
+                    if isinstance(error, build.BuildError):
+                        raise
+                    raise build.BuildError(f"loading {build.LIBRARY_PATH} failed: {error}") from error
                 _library_failed = True
-                warnings.warn(f"secateurs CPU kernels unavailable, using the slower pure-torch fallback: {error}")
+                warnings.warn(f"secateurs CPU kernels unavailable, using the slower pure-torch fallback: {error}",
+                              stacklevel=2)
         return _library
+
+
+def _checked_library() -> Path:
+    """The library's path if it exists and matches its sources, else BuildError saying how to build it."""
+    from . import build
+
+    library = build.LIBRARY_PATH
+    if not library.exists():
+        raise build.BuildError(f"{library} was not built (no C++ compiler when secateurs was installed?); "
+                               f"build it with `{build.REBUILD_COMMAND}`")
+    if build.SOURCE_DIR.is_dir() and build.is_stale(library, build.SOURCE_DIR):
+        raise build.BuildError(f"{library} was built from other sources than those in {build.SOURCE_DIR}; "
+                               f"rebuild it with `{build.REBUILD_COMMAND}`")
+    return library
 
 
 @functools.cache
@@ -82,18 +109,52 @@ def supported_paths() -> tuple[str, ...]:
     return (*native, TORCH_PATH)
 
 
+def _requested_path() -> str:
+    """SECATEURS_KERNEL_PATH, validated and lower-cased ("" when unset), read at the first call."""
+    global _override
+    if _override is None:
+        requested = os.environ.get(ENV_VAR, "").strip().lower()
+        _check_path_name(requested, f"{ENV_VAR}={requested!r}")
+        _override = requested
+    return _override
+
+
+def _check_path_name(path: str, what: str) -> None:
+    if path and path not in _PATH_IDS and path != TORCH_PATH:
+        raise KernelPathError(f"{what}: expected one of {', '.join(NATIVE_PATHS)}, {TORCH_PATH}")
+
+
+def reset_kernel_path_override() -> None:
+    """Forget the SECATEURS_KERNEL_PATH read so far: the next kernel call reads it again."""
+    global _override
+    _override = None
+
+
+@contextlib.contextmanager
+def forced_kernel_path(path: str | None):
+    """Kernel calls in the block behave as with SECATEURS_KERNEL_PATH=path (None or "": unset),
+    whatever the environment says; the previous state comes back after it. Process-wide, not
+    per thread: for tests and benchmarks."""
+    global _override
+    requested = (path or "").strip().lower()
+    _check_path_name(requested, f"forced kernel path {path!r}")
+    previous, _override = _override, requested
+    try:
+        yield
+    finally:
+        _override = previous
+
+
 def kernel_path() -> str:
-    """The path the next kernel call will take (reads SECATEURS_KERNEL_PATH now)."""
-    requested = os.environ.get(ENV_VAR, "").strip().lower()
-    if requested and requested not in _PATH_IDS and requested != TORCH_PATH:
-        raise KernelPathError(f"{ENV_VAR}={requested!r}: expected one of {', '.join(NATIVE_PATHS)}, {TORCH_PATH}")
+    """The path the next kernel call will take."""
+    requested = _requested_path()
     if requested == TORCH_PATH:
         return TORCH_PATH
     available = supported_paths()
     if not requested:
         return available[0]
     if requested not in available:
-        reason = "the kernel library could not be built" if native_library() is None else "this CPU lacks it"
+        reason = "the kernel library is unavailable" if native_library() is None else "this CPU lacks it"
         raise KernelPathError(f"{ENV_VAR}={requested} but {reason}; available: {', '.join(available)}")
     return requested
 

@@ -3,10 +3,18 @@
 import pytest
 import torch
 
-from secateurs.algorithms import QuantSpec, gptq, sparsegpt
+from secateurs.algorithms import QuantSpec, gptq, obs, sparsegpt
 from secateurs.runtime import kernels
 
 pytestmark = pytest.mark.skipif(kernels.native_library() is None, reason="the kernel library could not be built")
+
+
+@pytest.fixture(autouse=True)
+def native_span_kernel():
+    """The algorithms run the torch loop unless a caller installs the kernel, as the engine does."""
+    previous = obs.use_span_kernel(kernels.obs_span)
+    yield
+    obs.use_span_kernel(previous)
 
 CASES = {
     "unstructured": dict(sparsity=0.6),
@@ -26,23 +34,23 @@ def _run(case, W, H, block_size):
     return gptq(W, H, options["quant"], block_size)
 
 
-def _both_paths(monkeypatch, case, W, H, block_size):
-    monkeypatch.setenv(kernels.ENV_VAR, "torch")
-    reference = _run(case, W, H, block_size)
+def _both_paths(case, W, H, block_size):
+    with kernels.forced_kernel_path("torch"):
+        reference = _run(case, W, H, block_size)
     assert kernels.last_kernel_path() == "torch"
-    monkeypatch.delenv(kernels.ENV_VAR)
-    native = _run(case, W, H, block_size)
+    with kernels.forced_kernel_path(None):
+        native = _run(case, W, H, block_size)
     assert kernels.last_kernel_path() != "torch"
     return reference, native
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("block_size", [8, 24])
-def test_native_sweep_equals_torch_loop_float64(monkeypatch, problem, case, block_size):
+def test_native_sweep_equals_torch_loop_float64(problem, case, block_size):
     # 37 rows: not a multiple of the kernel's 16-row thread chunks; 48 columns: a partial last block.
     W, _, H = problem(seed=block_size, rows=37, cols=48)
     H[5, :], H[:, 5] = 0, 0  # a dead input
-    reference, native = _both_paths(monkeypatch, case, W, H, block_size)
+    reference, native = _both_paths(case, W, H, block_size)
     assert torch.allclose(native.weight, reference.weight, rtol=1e-10, atol=1e-10)
     assert native.loss == pytest.approx(reference.loss, rel=1e-10)
     for field in ("mask", "codes", "scale", "zero"):
@@ -52,13 +60,13 @@ def test_native_sweep_equals_torch_loop_float64(monkeypatch, problem, case, bloc
             assert torch.equal(ours, theirs), field
 
 
-def test_native_sweep_float32_with_threads(monkeypatch, problem):
+def test_native_sweep_float32_with_threads(problem):
     """float32 on two threads (rows split between them): same mask, weights within rounding."""
     W, _, H = problem(seed=3, rows=300, cols=64, dtype=torch.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        reference, native = _both_paths(monkeypatch, "unstructured", W, H, 32)
+        reference, native = _both_paths("unstructured", W, H, 32)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(native.mask, reference.mask)

@@ -1,5 +1,3 @@
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -15,23 +13,13 @@ from secateurs.runtime import kernels  # noqa: E402
 ALL_PATHS = ("portable", "avx2", "avx512", "torch")
 
 
-@contextlib.contextmanager
-def forced_path(path: str):
-    """Run with SECATEURS_KERNEL_PATH=path (usable inside hypothesis tests, unlike monkeypatch)."""
-    previous = os.environ.get(kernels.ENV_VAR)
-    os.environ[kernels.ENV_VAR] = path
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[kernels.ENV_VAR]
-        else:
-            os.environ[kernels.ENV_VAR] = previous
+# `with forced_path(path):` runs as with SECATEURS_KERNEL_PATH=path (also inside hypothesis tests).
+forced_path = kernels.forced_kernel_path
 
 
 @pytest.fixture(params=ALL_PATHS)
 def kernel_path(request):
-    """Each dispatch path forced through the environment; skipped where it cannot run."""
+    """Each dispatch path forced as SECATEURS_KERNEL_PATH would; skipped where it cannot run."""
     path = request.param
     if path not in kernels.supported_paths():
         pytest.skip(f"{path} kernels cannot run here (supported: {', '.join(kernels.supported_paths())})")

@@ -131,21 +131,19 @@ def test_empty_batch_and_empty_layer(kernel_path):
     assert kernels.bitmask_mm(torch.ones(2, 20), *empty, 20).shape == (2, 0)
 
 
-def test_default_path_is_the_best_supported(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    assert kernels.kernel_path() == kernels.supported_paths()[0]
+def test_default_path_is_the_best_supported():
+    with forced_path(None):
+        assert kernels.kernel_path() == kernels.supported_paths()[0]
 
 
-def test_forcing_an_unknown_or_unsupported_path_raises(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "sse9")
-    with pytest.raises(kernels.KernelPathError, match="expected one of"):
-        kernels.kernel_path()
+def test_forcing_an_unknown_or_unsupported_path_raises():
+    with pytest.raises(kernels.KernelPathError, match="expected one of"), forced_path("sse9"):
+        pass
     missing = [p for p in kernels.NATIVE_PATHS if p not in kernels.supported_paths()]
     if not missing:
         pytest.skip("this CPU supports every native path")
-    monkeypatch.setenv(kernels.ENV_VAR, missing[0])
     weight = torch.eye(8)
-    with pytest.raises(kernels.KernelPathError, match="lacks"):
+    with forced_path(missing[0]), pytest.raises(kernels.KernelPathError, match="lacks"):
         kernels.bitmask_mm(torch.ones(1, 8), *layouts.bitmask_from_dense(weight), 8)
 
 
