@@ -137,7 +137,7 @@ class Workbench:
         """Compress (cached as a compressed directory) and measure perplexity; returns meta."""
         import torch
 
-        from secateurs import compress
+        from secateurs.pipeline.engine import compress_model
         from secateurs.formats import save_compressed
 
         variant, path = VARIANTS[name], self.variant_dir(name)
@@ -147,9 +147,9 @@ class Workbench:
             if variant.recipe:
                 print(f"[decode] {self.name} {name}: compressing ...", flush=True)
                 started = time.perf_counter()
-                report = compress(model, variant.recipe, self.calibration, progress=False)
+                report = compress_model(model, variant.recipe, self.calibration, progress=False)
                 meta["compress_seconds"] = time.perf_counter() - started
-                saved = save_compressed(model, report, path / "model", self.loaded.tokenizer)
+                saved = save_compressed(model, report.storage_plan(), path / "model", self.loaded.tokenizer)
                 meta["formats"] = sorted(set(saved.formats.values()))
             if variant.weights == "bf16":
                 with torch.no_grad():

@@ -26,11 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from secateurs.algorithms import QuantSpec, magnitude_mask, round_to_nearest  # noqa: E402
-from secateurs.formats import read_compressed, save_compressed  # noqa: E402
+from secateurs.formats import StoragePlan, read_compressed, save_compressed  # noqa: E402
 from secateurs.models import load_model  # noqa: E402
-from secateurs.pipeline.discovery import find_blocks, get_weight, linear_layers, set_weight  # noqa: E402
-from secateurs.pipeline.engine import CompressionReport  # noqa: E402
-from secateurs.recipe import load_recipe  # noqa: E402
+from secateurs.structure import find_blocks, get_weight, linear_layers, set_weight  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # name -> (dtype, sparsity, N:M, bits, group size)
@@ -65,7 +63,8 @@ def prepare(dtype, sparsity, nm, bits, group_size):
                 grids[f"{prefix}.{index}.{name}"] = (result.scale, result.zero)
             set_weight(module, weight)
     if nm:
-        return model, CompressionReport(load_recipe([{"magnitude": {"mask": f"{nm[0]}:{nm[1]}"}}]).as_dict())
+        return model, StoragePlan(grids, {f"{prefix}.{index}.{name}": nm for index, block in enumerate(blocks)
+                                          for name in linear_layers(block)})
     return model, grids
 
 

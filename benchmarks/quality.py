@@ -134,7 +134,7 @@ def _compress_flops(model, tokens: int, report) -> float:
     for methods that use no calibration, which run no forward, nor for Wanda): the nominal work, so
     GFLOP/s is an effective rate (the engine computes only XXᵀ's upper triangle and stops the
     statistics pass before the block's last layer)."""
-    from secateurs.pipeline.discovery import find_blocks
+    from secateurs.structure import find_blocks
 
     if not report.calibration["calibrated_blocks"]:
         return 0.0

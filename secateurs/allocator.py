@@ -9,9 +9,9 @@ faults and 1.8-2.0 s, against none and 1.7-1.75 s with these settings. Blocks ov
 still mapped, so large one-off tensors (an embedding matrix and its temporaries while loading) go
 back to the kernel: with a 4 GiB threshold a SparseGPT run's peak RSS rose from 2.4 to 2.9 GB.
 glibc reads these settings reliably only at start-up (`mallopt` after torch was imported left more
-faults, not fewer), so the command line re-executes itself once with them in its environment;
+faults, not fewer). They are opt-in: with SECATEURS_MALLOC=tuned, `secateurs compress` and `demo`
+re-execute themselves once with them in their environment (no other command, never for --help);
 programs using the Python API can export `malloc_environment()`'s variables before Python starts.
-SECATEURS_MALLOC=default opts out.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ from collections.abc import Mapping
 SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
+OPT_IN = "SECATEURS_MALLOC"  # =tuned
+
+
 def malloc_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """`environ` with the settings added, where they apply (glibc, not opted out, not already set)."""
+    """`environ` with the settings added, where they apply (glibc, not already set)."""
     env = dict(environ)
-    if env.get("SECATEURS_MALLOC") != "default" and platform.libc_ver()[0] == "glibc":
+    if platform.libc_ver()[0] == "glibc":
         for name, value in SETTINGS.items():
             env.setdefault(name, value)
     return env
@@ -36,7 +39,10 @@ def malloc_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str
 
 def reexec_with_malloc_settings(module: str) -> None:
     """Replace this process by `python -m module <same arguments>` with the settings in its
-    environment, unless they are already there (or do not apply). Call before any heavy import."""
+    environment, when SECATEURS_MALLOC=tuned asks for them and they are not there yet (or do not
+    apply). Call before any heavy import."""
+    if os.environ.get(OPT_IN) != "tuned":
+        return
     env = malloc_environment()
     if any(env.get(name) != os.environ.get(name) for name in SETTINGS):
         sys.stdout.flush()

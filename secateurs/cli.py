@@ -1,15 +1,28 @@
-"""The `secateurs` command line. Every user error is one line on stderr and exit code 2."""
+"""The `secateurs` command line. Every user error is one line on stderr and exit code 2; a bug is
+exit code 1 with its traceback saved to a file the message names."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from secateurs.allocator import reexec_with_malloc_settings
 from secateurs.errors import SecateursError
+
+VERBOSITY = {"quiet": False, "verbose": False}
+
+
+def say(message: str) -> None:
+    """A progress message on stderr, unless --quiet."""
+    if not VERBOSITY["quiet"]:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _add_model(parser, default=None):
@@ -33,11 +46,11 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from secateurs.api import load_any
     from secateurs.data.corpus import load_text, tokenize
     from secateurs.eval.perplexity import check_seqlen, perplexity
-    from secateurs.models import load_model
 
-    loaded = load_model(args.model)
+    loaded = load_any(args.model)
     check_seqlen(loaded.model, args.seqlen)
     ids = tokenize(loaded.tokenizer, load_text(args.data))
     result = perplexity(loaded.model, ids, args.seqlen, max_tokens=args.max_tokens)
@@ -50,41 +63,42 @@ def cmd_eval(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from secateurs.data.corpus import calibration_windows
-    from secateurs.pipeline.distributed import init_from_environment
-    from secateurs.pipeline.job import CompressionJob
+    from secateurs.api import oneshot
     from secateurs.recipe import load_recipe
 
-    output = Path(args.output)
-    recipe = load_recipe(args.recipe)
-    # Scale and reliability (pipeline/job.py): <output>.partial, --resume, --stream, torchrun.
-    device = init_from_environment(args.device)
-    job = CompressionJob(args.model, output, overwrite=args.overwrite, resume=args.resume, stream=args.stream,
-                         offload_activations=args.offload_activations)
-    calibration = calibration_windows(job.tokenizer, args.calib, args.samples, args.seqlen, args.seed)
-    report = job.run(recipe, calibration, {"model": args.model, "calibration_data": args.calib, "seed": args.seed},
-                     device=device, true_sequential=args.true_sequential or None)
-    if not job.group.is_main:  # under torchrun, one process reports and writes the compressed formats
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    result = oneshot(args.model, recipe, args.calib, args.output, save_compressed=not args.dense, dtype=args.dtype,
+                     stream=args.stream, resume=args.resume, overwrite=args.overwrite,
+                     offload_activations=args.offload_activations, device=args.device,
+                     true_sequential=args.true_sequential or None, samples=args.samples, seqlen=args.seqlen,
+                     seed=args.seed, progress=not VERBOSITY["quiet"])
+    if result.report is None:
+        print(f"finished the interrupted final step of the run: wrote {args.output}")
         return
-    totals = report.as_dict()["totals"]
+    if not _is_main_process():  # under torchrun, one process reports
+        return
+    totals = result.report.as_dict()["totals"]
     print(f"compressed {totals['layers']} layers with {recipe.name} in {totals['seconds']:.1f} s "
-          f"(sparsity {totals['sparsity']:.3f}); wrote {output}")
-    if args.save_compressed:
-        _rewrite_compressed(output, report)
+          f"(sparsity {totals['sparsity']:.3f}); wrote {args.output}")
+    if not args.dense:
+        _describe_compressed(Path(args.output))
 
 
-def _rewrite_compressed(output: Path, report) -> None:
-    """Replace the dense output by its compressed formats (secateurs/formats), keeping compression.json.
-    The dense output is read back one block at a time, so this scales like --stream."""
-    from secateurs.formats import save_compressed
-    from secateurs.pipeline.streaming import StreamedModel, stored_float_dtype
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
-    source = StreamedModel(output, compute_dtype=stored_float_dtype(output))
-    saved = save_compressed(source, report, output,
-                            extra_files={"compression.json": (output / "compression.json").read_text()})
-    sizes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in saved.bytes_by_format.items())
-    print(f"compressed formats: {sizes}; {saved.file_bytes / 2**20:.1f} MiB on disk"
-          f"{' (compressed-tensors config)' if saved.compressed_tensors else ''}")
+
+def _describe_compressed(output: Path) -> None:
+    """Bytes per format on disk, and once, where compressed-tensors cannot read the result."""
+    from secateurs.formats import compressed_tensors_problem, read_compressed
+
+    directory = read_compressed(output, verify=False)
+    formats = sorted({spec.format for spec in directory.specs.values()})
+    size = sum(path.stat().st_size for path in output.glob("*.safetensors"))
+    print(f"compressed formats: {', '.join(formats) or 'none (every layer is smallest dense)'}; {size / 2**20:.1f} MiB on disk")
+    problem = compressed_tensors_problem(directory.specs)
+    if problem:
+        say(f"secateurs: note: no compressed-tensors config written: {problem}")
 
 
 def cmd_decompress(args) -> None:
@@ -107,17 +121,6 @@ def _positive(name: str, value: int) -> int:
     if value < 1:
         raise SecateursError(f"{name} must be a positive integer (got {value})")
     return value
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(i for i in source if isinstance(i, int))
-    return ids
 
 
 class _TextStream:
@@ -165,11 +168,11 @@ class _TransformersStreamer:
 def _load_for_generation(args):
     import torch
 
-    from secateurs.models import load_model
+    from secateurs.api import load_any
 
     if args.threads is not None:
         torch.set_num_threads(_positive("--threads", args.threads))
-    loaded = load_model(args.model)
+    loaded = load_any(args.model)
     loaded.model.eval()
     return loaded, torch.get_num_threads()
 
@@ -180,13 +183,18 @@ def cmd_generate(args) -> None:
     import torch
 
     from secateurs.runtime.decode import DecodeModel, DecodeUnsupported
+    from secateurs.structure import eos_token_ids
 
     max_new = _positive("--max-new-tokens", args.max_new_tokens)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SecateursError("--prompt is not valid UTF-8 text") from None
     loaded, threads = _load_for_generation(args)
     ids = list(loaded.tokenizer(args.prompt)["input_ids"])
     if not ids:
         raise SecateursError("the prompt encodes to no tokens")
-    eos = _eos_ids(loaded.model, loaded.tokenizer)
+    eos = eos_token_ids(loaded.model, loaded.tokenizer)
     stream = _TextStream(loaded.tokenizer, sys.stdout)
     limit = getattr(loaded.model.config, "max_position_embeddings", None) or len(ids) + max_new
     if len(ids) + max_new - 1 > limit:
@@ -196,8 +204,7 @@ def cmd_generate(args) -> None:
         decoder = DecodeModel.from_model(loaded.model, embeddings=args.embeddings,
                                          max_length=min(limit, len(ids) + max_new), threads=threads)
     except DecodeUnsupported as exc:
-        print(f"secateurs: decode path unavailable ({exc}); falling back to transformers generate",
-              file=sys.stderr)
+        say(f"secateurs: decode path unavailable ({exc}); falling back to transformers generate")
         begin = time.perf_counter()
         with torch.no_grad():
             output = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -272,16 +279,48 @@ def _add_calibration(parser, samples: int, seqlen: int) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secateurs", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_verbosity(parser, default) -> None:
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--quiet", "-q", action="store_true", default=default,
+                       help="no progress bars or notes, only results and errors")
+    noise.add_argument("--verbose", "-v", action="store_true", default=default,
+                       help="also the libraries' own log messages")
 
-    prepare = commands.add_parser("prepare", help="convert the embedded model(s) and build the CPU kernels")
-    prepare.add_argument("--all", action="store_true", help="also the second embedded model (Gemma-3-270M)")
-    prepare.set_defaults(run=cmd_prepare)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secateurs", description="Compress transformer models (SparseGPT, GPTQ, "
+                                     "Wanda, ...) and run them on the CPU. Every user error is one line and exit code 2.")
+    _add_verbosity(parser, default=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    noise = argparse.ArgumentParser(add_help=False)  # the same flags after the command name too
+    _add_verbosity(noise, default=argparse.SUPPRESS)
+    commands.add_parser = functools.partial(commands.add_parser, parents=[noise])
+
+    compress = commands.add_parser("compress", help="one-shot compression with a recipe, written as a model directory")
+    _add_model(compress)
+    compress.add_argument("--recipe", default="sparsegpt-50",
+                          help="preset name or YAML file (ours, or llm-compressor's modifiers)")
+    _add_calibration(compress, samples=128, seqlen=2048)
+    compress.add_argument("--output", required=True, help="model directory to write")
+    compress.add_argument("--dense", action="store_true",
+                          help="write plain dense weights instead of the compressed formats")
+    compress.add_argument("--save-compressed", action="store_true", help=argparse.SUPPRESS)  # the default now
+    compress.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                          help="dtype of the written weights (auto: as the model was stored; GGUF: float32)")
+    compress.add_argument("--overwrite", action="store_true")
+    compress.add_argument("--device", default=None, help="compute device for the block being compressed (cpu, cuda, cuda:N)")
+    compress.add_argument("--true-sequential", action="store_true",
+                          help="inside a block: q/k/v, then o, then gate/up, then down")
+    compress.add_argument("--resume", action="store_true",
+                          help="continue the run interrupted in <output>.partial/ (same model, recipe and calibration)")
+    compress.add_argument("--stream", action="store_true",
+                          help="read each block from the safetensors shards only when it is compressed (larger-than-memory models)")
+    compress.add_argument("--offload-activations", action="store_true",
+                          help="keep the calibration activations between blocks on disk, in <output>.partial/offload/")
+    compress.set_defaults(run=cmd_compress)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
-    _add_model(evaluate, default="smollm2-135m")
+    _add_model(evaluate)
     evaluate.add_argument("--data", default="austen-eval",
                           help="austen-eval (Persuasion), austen:<novel>, .txt/.jsonl file or directory, hf:<dataset>")
     evaluate.add_argument("--seqlen", type=int, default=512)
@@ -289,42 +328,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=cmd_eval)
 
-    compress = commands.add_parser("compress", help="one-shot compression with a recipe")
-    _add_model(compress, default="smollm2-135m")
-    compress.add_argument("--recipe", default="sparsegpt-50", help="preset name or YAML file")
-    _add_calibration(compress, samples=128, seqlen=2048)
-    compress.add_argument("--output", required=True, help="model directory to write")
-    compress.add_argument("--overwrite", action="store_true")
-    compress.add_argument("--device", default=None, help="compute device for the block being compressed")
-    compress.add_argument("--true-sequential", action="store_true",
-                          help="inside a block: q/k/v, then o, then gate/up, then down")
-    # Scale and reliability: resumable runs, streamed weights, offloaded activations.
-    compress.add_argument("--resume", action="store_true",
-                          help="continue the run interrupted in <output>.partial/ (same model, recipe and calibration)")
-    compress.add_argument("--stream", action="store_true",
-                          help="read each block from the safetensors shards only when it is compressed (larger-than-memory models)")
-    compress.add_argument("--offload-activations", action="store_true",
-                          help="keep the calibration activations between blocks on disk, in <output>.partial/offload/")
-    compress.add_argument("--save-compressed", action="store_true",
-                          help="write compressed formats (bitmask, 2:4, packed int) instead of dense weights")
-    compress.set_defaults(run=cmd_compress)
-
     decompress = commands.add_parser("decompress", help="turn a compressed model directory back into a dense one")
-    decompress.add_argument("--model", required=True, help="compressed model directory (compress --save-compressed)")
+    decompress.add_argument("--model", required=True, help="compressed model directory")
     decompress.add_argument("--output", required=True, help="dense model directory to write")
     decompress.add_argument("--overwrite", action="store_true")
     decompress.set_defaults(run=cmd_decompress)
 
     embeddings_help = "storage of the embedding matrix and the tied LM head: fp32, bf16 or int8 (per row)"
     generate = commands.add_parser("generate", help="greedy generation on the C++ decode path, streamed to stdout")
-    _add_model(generate, default="smollm2-135m")
+    _add_model(generate)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--threads", type=int, default=None, help="default: torch's thread count")
     generate.add_argument("--embeddings", choices=("fp32", "bf16", "int8"), default="fp32", help=embeddings_help)
     generate.set_defaults(run=cmd_generate)
 
-    bench = commands.add_parser("bench-decode", help="decode and prefill tokens/s of the C++ decode path")
+    demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")
+    demo.add_argument("--recipe", default="sparsegpt-50")
+    _add_calibration(demo, samples=32, seqlen=512)
+    demo.add_argument("--eval-tokens", type=int, default=8192, help="Persuasion tokens to evaluate (windows of 512)")
+    demo.set_defaults(run=cmd_demo)
+
+    dev = commands.add_parser("dev", help="developer commands (setup, timing)")
+    dev_commands = dev.add_subparsers(dest="dev_command", required=True, metavar="COMMAND")
+    dev_commands.add_parser = functools.partial(dev_commands.add_parser, parents=[noise])
+    prepare = dev_commands.add_parser("prepare", help="convert the embedded model(s) and build the CPU kernels")
+    prepare.add_argument("--all", action="store_true", help="also the second embedded model (Gemma-3-270M)")
+    prepare.set_defaults(run=cmd_prepare)
+    bench = dev_commands.add_parser("bench-decode", help="decode and prefill tokens/s of the C++ decode path")
     _add_model(bench, default="smollm2-135m")
     bench.add_argument("--prompt-tokens", type=int, default=32)
     bench.add_argument("--new-tokens", type=int, default=128)
@@ -334,19 +365,45 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hf", action="store_true", help="also time transformers' eager generate on the same prompt")
     bench.add_argument("--json", action="store_true", help="also print the medians as JSON")
     bench.set_defaults(run=cmd_bench_decode)
-
-    demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")
-    demo.add_argument("--recipe", default="sparsegpt-50")
-    _add_calibration(demo, samples=32, seqlen=512)
-    demo.add_argument("--eval-tokens", type=int, default=8192, help="Persuasion tokens to evaluate (windows of 512)")
-    demo.set_defaults(run=cmd_demo)
     return parser
 
 
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                  errno.EISDIR)
+
+
+def _report_bug(exc: BaseException) -> int:
+    """A failure that is not the user's: one line naming a file that keeps the traceback, exit 1."""
+    from secateurs.models import cache_dir
+
+    text = "".join(traceback.format_exception(exc))
+    where = None
+    for folder in (cache_dir() / "crashes", Path.cwd()):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            where = folder / f"secateurs-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+            where.write_text(" ".join(sys.argv) + "\n\n" + text)
+            break
+        except OSError:
+            where = None
+    saved = f"traceback saved to {where}" if where else "traceback:\n" + text
+    print(f"secateurs: internal error (a bug, please report it): {type(exc).__name__}: {exc}; {saved}", file=sys.stderr)
+    return 1
+
+
+def _configure_logging(args) -> None:
+    VERBOSITY.update(quiet=args.quiet, verbose=args.verbose)
+    if args.quiet or not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the real command line (not a call from Python)
-        reexec_with_malloc_settings("secateurs.cli")
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("compress", "demo"):  # the real command line (SECATEURS_MALLOC=tuned)
+        reexec_with_malloc_settings("secateurs.cli")
+    _configure_logging(args)
     try:
         if "SECATEURS_THREADS" in os.environ:
             import torch
@@ -362,6 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("secateurs: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            return _report_bug(exc)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"secateurs: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        return _report_bug(exc)
     return 0
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from secateurs.data.corpus import AUSTEN_EVAL, calibration_windows, load_text, tokenize
 from secateurs.eval.perplexity import perplexity
-from secateurs.formats.checkpoint import WEIGHTS_FILE, save_compressed
+from secateurs.formats import save_compressed
+from secateurs.io import WEIGHTS_FILE
 from secateurs.models import DEFAULT_MODEL, load_model
 from secateurs.pipeline.engine import Engine
 
@@ -35,7 +36,7 @@ def run_demo(args) -> dict:
         # Sizes on disk: the compressed checkpoint (bitmask / N:M / packed integers) vs the dense
         # float32 file it came from.
         dense_mb = (Path(loaded.source) / WEIGHTS_FILE).stat().st_size / 2**20
-        saved = save_compressed(loaded.model, report, Path(scratch) / "compressed", loaded.tokenizer)
+        saved = save_compressed(loaded.model, report.storage_plan(), Path(scratch) / "compressed", loaded.tokenizer)
         compressed_mb = saved.file_bytes / 2**20
     compressed = perplexity(loaded.model, evaluation, EVAL_SEQLEN, max_tokens=args.eval_tokens)
     totals = report.as_dict()["totals"]

@@ -1,5 +1,11 @@
-"""The one exception type the command line turns into a one-line message and exit code 2."""
+"""The exception types every layer shares; the command line turns SecateursError into one line and
+exit code 2."""
 
 
 class SecateursError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+class FormatError(SecateursError):
+    """A model file that is corrupt, truncated or inconsistent; the message names the tensor (or the
+    file, or the config.json entry) at fault."""

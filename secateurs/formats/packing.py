@@ -47,14 +47,3 @@ def padding_is_zero(words: Tensor, bits: int, count: int) -> bool:
         return True
     tail = words[..., -1].to(torch.int64) & 0xFFFFFFFF
     return not bool((tail >> (used % 32)).any())
-
-
-def pack_mask(keep: Tensor) -> Tensor:
-    """bool [rows, cols] -> uint8 [rows, ceil(cols / 8)], LSB first (docs/layouts.md; numpy's
-    little bit order, as compressed-tensors packs it). ~10x faster than the torch version."""
-    return torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
-
-
-def unpack_mask(bitmask: Tensor, cols: int) -> Tensor:
-    """uint8 [rows, ceil(cols / 8)] -> bool [rows, cols]."""
-    return torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=cols, bitorder="little").view(np.bool_))

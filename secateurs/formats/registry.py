@@ -2,9 +2,9 @@
 
 A format is a sparsity layout (none, bitmask, N:M) combined with a value encoding (the float
 weights, int8 codes, or codes bit-packed into int32 words); its tensors are named as
-compressed-tensors names them, `<layer>.<suffix>`. Every format can `compress` a dense weight
+compressed-tensors names them, `<layer>.<suffix>`. Every format can `encode` a dense weight
 [out, in] (with its quantization grid), `validate` the tensors read from an untrusted file,
-`decompress` them to the exact dense weight, and build the runtime module that computes with them.
+`decode` them to the exact dense weight, and build the runtime module that computes with them.
 
 Codes are our unsigned q in [0, 2**bits - 1] with w = scale * (q - zero) (docs/layouts.md);
 compressed-tensors stores signed q - 2**(bits-1) (and zero - 2**(bits-1)), which for int8 tensors
@@ -18,17 +18,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from secateurs.errors import SecateursError
-from secateurs.formats.packing import pack_bits, pack_mask, packed_words, padding_is_zero, unpack_bits, unpack_mask
+from secateurs.algorithms.quant import quantize_codes
+from secateurs.errors import FormatError
+from secateurs.formats.packing import pack_bits, packed_words, padding_is_zero, unpack_bits
 from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear
 from secateurs.runtime.layouts import dequantize, group_columns, nm_from_dense
+from secateurs.runtime.layouts import pack_bitmask as pack_mask, unpack_bitmask as unpack_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the runtime modules compute in
-
-
-class FormatError(SecateursError):
-    """A compressed model that is corrupt, truncated or inconsistent; the message names the tensor
-    (or the config.json entry) at fault."""
 
 
 @dataclass(frozen=True)
@@ -125,9 +122,9 @@ class Format:
             return f"group_size {spec.group_size} does not divide cols = {spec.cols}"
         return None
 
-    # --- compress ------------------------------------------------------------------------
+    # --- encode --------------------------------------------------------------------------
 
-    def compress(self, weight: Tensor, spec: LayerSpec, grid: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    def encode(self, weight: Tensor, spec: LayerSpec, grid: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Tensors (by suffix) of a dense weight [rows, cols] whose pruned entries are 0 and, for a
         quantized format, whose kept entries lie on `grid` = (scale, zero) float32 [rows, groups]."""
         rows, cols = weight.shape
@@ -159,7 +156,7 @@ class Format:
     def _codes(self, weight: Tensor, spec: LayerSpec, grid) -> Tensor:
         if grid is None:
             raise ValueError(f"format {self.name} needs a quantization grid")
-        return grid_codes(weight, grid, spec.group_size, 2**spec.bits - 1).to(torch.uint8)
+        return grid_codes(weight, grid, spec.group_size, spec.bits)
 
     def _values_name(self) -> str:
         if self.sparsity != "dense":
@@ -255,9 +252,9 @@ class Format:
             if not bool((scale.isfinite() & (scale > 0)).all()):
                 fail("weight_scale", "holds a scale that is not a positive finite number")
 
-    # --- decompress ----------------------------------------------------------------------
+    # --- decode ------------------------------------------------------------------------
 
-    def decompress(self, tensors: dict[str, Tensor], spec: LayerSpec) -> Tensor:
+    def decode(self, tensors: dict[str, Tensor], spec: LayerSpec) -> Tensor:
         """The exact dense weight [rows, cols] in spec.dtype."""
         keep = None if self.sparsity == "dense" else unpack_mask(tensors["bitmask"], spec.cols)
         if not self.quantized:
@@ -317,10 +314,10 @@ class Format:
         return QuantLinear.from_codes(codes, scale, zero, bias, "int4" if spec.bits <= 4 else "int8", spec.group_size)
 
 
-def grid_codes(weight: Tensor, grid: tuple[Tensor, Tensor], group_size: int | None, max_code: int) -> Tensor:
-    """round(w / scale + zero) per (row, group), clamped to [0, max_code], as float32."""
+def grid_codes(weight: Tensor, grid: tuple[Tensor, Tensor], group_size: int | None, bits: int) -> Tensor:
+    """uint8 round(w / scale + zero) per (row, group), clamped to [0, 2**bits - 1], in float32."""
     scale, zero = (group_columns(t.to(torch.float32), group_size, weight.shape[1]) for t in grid)
-    return torch.round(weight.to(torch.float32) / scale + zero).clamp(0, max_code)
+    return quantize_codes(weight.to(torch.float32), scale, zero, bits)
 
 
 def _signed(codes: Tensor) -> Tensor:

@@ -23,6 +23,25 @@ from secateurs.pipeline.statistics import HessianAccumulator
 OBS_METHODS = ("sparsegpt", "gptq")  # column sweeps over an inverse Hessian factor
 
 
+def check_device(device: str | None) -> None:
+    """One line, before any work, for a device torch does not know or this machine does not have."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SecateursError(f"--device {device}: not a device (expected cpu, cuda, cuda:N, ...)") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    if not available:
+        raise SecateursError(f"--device {device}: this machine has no {parsed.type} device (torch sees none)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if parsed.index is not None and parsed.index >= count:
+        raise SecateursError(f"--device {device}: this machine has {count} {parsed.type} device(s)")
+
+
 def init_from_environment(device: str | None) -> str | None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this process's
     compute device (its own GPU under NCCL)."""

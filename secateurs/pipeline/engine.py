@@ -22,15 +22,16 @@ from tqdm.auto import tqdm
 
 from secateurs.algorithms import HessianError, outlier_fraction, owl_ratios
 from secateurs.errors import SecateursError
+from secateurs.formats import StoragePlan
 from secateurs.pipeline.activations import discard_chunks, keep_chunks
 from secateurs.pipeline.attention import native_causal_attention
 from secateurs.pipeline.capture import capture_block_inputs, run_block
-from secateurs.pipeline.discovery import find_blocks, get_weight, in_features, linear_layers, set_weight
+from secateurs.structure import find_blocks, get_weight, in_features, linear_layers, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
-from secateurs.pipeline.layer import compress_layer
+from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator, StatisticsHooks
-from secateurs.pipeline.streaming import BlockSource, InMemoryModel
 from secateurs.recipe import Recipe, load_recipe
+from secateurs.sources import BlockSource, InMemoryModel
 
 
 @dataclass
@@ -55,6 +56,19 @@ class CompressionReport:
     calibration: dict = field(default_factory=dict)
     # Quantization grids per layer (scale, zero), for the compressed formats; not serialized here.
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    parsed_recipe: Recipe | None = field(default=None, repr=False)  # `recipe` as the engine ran it
+
+    def storage_plan(self) -> StoragePlan:
+        """What the stored formats need: the grids, the N:M layers, the act-order layers."""
+        recipe = self.parsed_recipe or load_recipe(self.recipe)
+        nm, act_order = {}, set()
+        for layer in self.layers:
+            prune, quant = recipe.stages_for(layer.name)
+            if prune and prune.nm != (0, 0):
+                nm[layer.name] = prune.nm
+            if quant and quant.act_order:
+                act_order.add(layer.name)
+        return StoragePlan(dict(self.grids), nm, act_order)
 
     def as_dict(self) -> dict:
         layers = [asdict(layer) for layer in self.layers]
@@ -198,13 +212,13 @@ class Engine:
     def run(self, calibration: torch.Tensor, on_block_done=None, resume: ResumeState | None = None) -> CompressionReport:
         """`on_block_done(index, report)` runs after each block, while `self.inputs` holds the next
         block's inputs; `resume` continues an interrupted run after its last finished block."""
-        with native_causal_attention():
+        with native_causal_attention(), native_sweeps():
             return self._run(calibration, on_block_done, resume)
 
     def _run(self, calibration: torch.Tensor, on_block_done, resume: ResumeState | None) -> CompressionReport:
         validate(self.model, self.recipe)
         started = time.perf_counter()
-        report = CompressionReport(self.recipe.as_dict(), calibration={
+        report = CompressionReport(self.recipe.as_dict(), parsed_recipe=self.recipe, calibration={
             "samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1])})
         with self.source.outside_blocks():
             chunk_size = self.chunk_size or max(1, self.CHUNK_TOKENS // calibration.shape[1])
@@ -287,7 +301,7 @@ class Engine:
                            quant.group_size if quant else None, result.seconds, result.damp, input_group)
 
 
-def compress(model, recipe="sparsegpt-50", calibration: torch.Tensor | None = None, **options) -> CompressionReport:
+def compress_model(model, recipe="sparsegpt-50", calibration: torch.Tensor | None = None, **options) -> CompressionReport:
     """Compress `model` in place with `recipe` on calibration token ids [samples, seqlen]."""
     if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
         raise SecateursError("calibration must be a [samples, seqlen] tensor of token ids")

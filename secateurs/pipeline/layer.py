@@ -6,12 +6,27 @@ Plumbing only; the mathematics is in secateurs.algorithms.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from secateurs import algorithms as alg
+from secateurs.algorithms import obs
 from secateurs.recipe import Stage
+from secateurs.runtime import kernels
+
+
+
+@contextmanager
+def native_sweeps():
+    """For the duration of a run, the OBS sweeps fix each span of columns with the native kernel
+    (its torch twin is the fallback where the library is missing or the tensors are on a GPU)."""
+    previous = obs.use_span_kernel(kernels.obs_span)
+    try:
+        yield
+    finally:
+        obs.use_span_kernel(previous)
 
 
 @dataclass

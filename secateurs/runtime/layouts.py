@@ -1,4 +1,4 @@
-"""Conversions between dense weights and the in-memory layouts of docs/layouts.md.
+"""Conversions between dense weights and the in-memory layouts of docs/formats.md.
 
 Plain torch, used by the compressed modules (from_dense / to_dense) and by the pure-torch
 fallback of the kernels. The `check_*` functions validate a whole layout once (construction time);
@@ -7,10 +7,11 @@ the kernels themselves only check shapes and dtypes on every call.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.int32)
+from secateurs.algorithms.quant import dequantize as dequantize_grid
 
 
 def _require(condition: bool, message: str) -> None:
@@ -25,16 +26,15 @@ def _require_2d(name: str, tensor: Tensor) -> None:
 # --- bitmask -------------------------------------------------------------------------------
 
 def pack_bitmask(keep: Tensor) -> Tensor:
-    """bool [rows, cols] -> uint8 [rows, ceil(cols / 8)], bit j % 8 of byte j // 8, LSB first."""
-    rows, cols = keep.shape
-    padded = torch.nn.functional.pad(keep.to(torch.int32), (0, -cols % 8)).view(rows, (cols + 7) // 8, 8)
-    return (padded * _BIT_WEIGHTS).sum(-1).to(torch.uint8)
+    """bool [rows, cols] -> uint8 [rows, ceil(cols / 8)], bit j % 8 of byte j // 8, LSB first
+    (numpy's little bit order, as compressed-tensors packs it; ~10x faster than torch ops)."""
+    return torch.from_numpy(np.packbits(keep.detach().cpu().to(torch.bool).numpy(), axis=-1, bitorder="little"))
 
 
 def unpack_bitmask(bitmask: Tensor, cols: int) -> Tensor:
     """uint8 [rows, ceil(cols / 8)] -> bool [rows, cols]."""
-    bits = bitmask.to(torch.int32).unsqueeze(-1).bitwise_and(_BIT_WEIGHTS) != 0
-    return bits.view(bitmask.shape[0], bitmask.shape[1] * 8)[:, :cols]
+    bits = np.unpackbits(bitmask.detach().cpu().contiguous().numpy(), axis=-1, count=cols, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_))
 
 
 def bitmask_from_dense(weight: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,7 +140,7 @@ def group_columns(values: Tensor, group_size: int | None, cols: int) -> Tensor:
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int | None) -> Tensor:
     """w_hat = scale * (q - zero) in float32, codes [rows, cols] unpacked."""
     cols = codes.shape[1]
-    return group_columns(scale, group_size, cols) * (codes.to(torch.float32) - group_columns(zero, group_size, cols))
+    return dequantize_grid(codes, group_columns(scale, group_size, cols), group_columns(zero, group_size, cols))
 
 
 def quantize_rtn(weight: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -5,8 +5,8 @@ import torch
 import transformers as tf
 
 from secateurs.errors import SecateursError
-from secateurs.pipeline.discovery import find_blocks, get_weight, linear_layers
-from secateurs.pipeline.engine import Engine, compress
+from secateurs.structure import find_blocks, get_weight, linear_layers
+from secateurs.pipeline.engine import Engine, compress_model
 from secateurs.pipeline.statistics import HessianAccumulator
 from secateurs.recipe import load_recipe
 
@@ -47,7 +47,7 @@ def targeted(model):
 def test_every_architecture_compresses_to_exact_sparsity(arch):
     model = tiny(arch)
     head_before = model.get_output_embeddings().weight.clone()
-    report = compress(model, "sparsegpt-50", calibration(), progress=False)
+    report = compress_model(model, "sparsegpt-50", calibration(), progress=False)
     layers = targeted(model)
     assert len(report.layers) == len(layers) > 0
     for name, module in layers.items():
@@ -60,7 +60,7 @@ def test_every_architecture_compresses_to_exact_sparsity(arch):
 
 def test_gpt2_conv1d_weights_are_handled_transposed():
     model = tiny("gpt2")
-    compress(model, [{"sparsegpt": {"mask": "2:4"}}], calibration(), progress=False)
+    compress_model(model, [{"sparsegpt": {"mask": "2:4"}}], calibration(), progress=False)
     conv = model.transformer.h[0].attn.c_attn  # weight [in, out]; groups run along the input dim
     groups = (conv.weight.t() != 0).reshape(conv.weight.shape[1], -1, 4).sum(-1)
     assert torch.all(groups == 2)
@@ -86,7 +86,7 @@ def test_next_block_sees_compressed_outputs(true_sequential):
     original = {n: get_weight(m).clone() for n, m in targeted(model).items()}
     ids = calibration()
     recipe = load_recipe({"stages": [{"sparsegpt": {"sparsity": 0.5}}], "true_sequential": true_sequential})
-    report = compress(model, recipe, ids, progress=False)
+    report = compress_model(model, recipe, ids, progress=False)
     name = "model.layers.1.self_attn.q_proj"
     accumulator = HessianAccumulator(64, torch.float64)
     handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, a, o: accumulator.add(a[0]))
@@ -151,14 +151,14 @@ def test_wanda_gathers_column_norms_without_hessians(monkeypatch):
     with torch.no_grad():
         model(calibration(), use_cache=False)
     handle.remove()
-    report = compress(model, [{"wanda": {"sparsity": 0.5}}], calibration(), progress=False)
+    report = compress_model(model, [{"wanda": {"sparsity": 0.5}}], calibration(), progress=False)
     assert created and not any(created)
     assert all(layer.loss is None for layer in report.layers)
     norms = torch.cat(inputs).reshape(-1, dense.shape[1]).norm(dim=0)
     assert torch.equal(q_proj.weight != 0, wanda_mask(dense, norms, 0.5).mask)
 
     created.clear()
-    report = compress(tiny("llama"), [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4}}], calibration(), progress=False)
+    report = compress_model(tiny("llama"), [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4}}], calibration(), progress=False)
     assert created and all(created)
     assert all(layer.loss is not None for layer in report.layers)
 
@@ -191,15 +191,15 @@ def test_statistics_pass_skips_the_rest_of_the_block_after_the_last_hooked_layer
 
 def test_deterministic():
     first, second = tiny("llama"), tiny("llama")
-    compress(first, "sparsegpt-50-w4", calibration(), progress=False)
-    compress(second, "sparsegpt-50-w4", calibration(), progress=False)
+    compress_model(first, "sparsegpt-50-w4", calibration(), progress=False)
+    compress_model(second, "sparsegpt-50-w4", calibration(), progress=False)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_quantized_layers_lie_on_their_grid():
     model = tiny("llama")
-    report = compress(model, [{"gptq": {"bits": 3, "group_size": 32}}], calibration(), progress=False)
+    report = compress_model(model, [{"gptq": {"bits": 3, "group_size": 32}}], calibration(), progress=False)
     for name, module in targeted(model).items():
         scale, zero = report.grids[name]
         weight = get_weight(module)
@@ -210,14 +210,14 @@ def test_quantized_layers_lie_on_their_grid():
 
 def test_mask_then_gptq_keeps_the_mask():
     model = tiny("llama")
-    compress(model, [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}], calibration(), progress=False)
+    compress_model(model, [{"wanda": {"sparsity": 0.5}}, {"gptq": {"bits": 4, "group_size": 32}}], calibration(), progress=False)
     for name, module in targeted(model).items():
         assert (get_weight(module) == 0).float().mean() >= 0.5, name
 
 
 def test_ignore_and_targets():
     model = tiny("llama")
-    report = compress(model, [{"sparsegpt": {"sparsity": 0.5, "targets": ["mlp"], "ignore": ["down_proj"]}}],
+    report = compress_model(model, [{"sparsegpt": {"sparsity": 0.5, "targets": ["mlp"], "ignore": ["down_proj"]}}],
                       calibration(), progress=False)
     assert {layer.name.split(".")[-1] for layer in report.layers} == {"gate_proj", "up_proj"}
     assert (model.model.layers[0].mlp.down_proj.weight != 0).all()
@@ -238,7 +238,7 @@ def test_bad_recipes_are_rejected_before_work(recipe, message):
     model = tiny("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SecateursError, match=message):
-        compress(model, recipe, calibration(), progress=False)
+        compress_model(model, recipe, calibration(), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -257,7 +257,7 @@ def test_act_order_default(stages, expected):
 
 def test_owl_profile_keeps_the_mean_sparsity():
     model = tiny("llama")
-    report = compress(model, "sparsegpt-50-owl", calibration(), progress=False)
+    report = compress_model(model, "sparsegpt-50-owl", calibration(), progress=False)
     assert report.as_dict()["totals"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
@@ -265,8 +265,8 @@ def test_owl_profile_keeps_the_mean_sparsity():
 def test_cuda_engine_matches_cpu():
     """Only the block being compressed moves to the GPU; the result matches the CPU run."""
     on_cpu, on_gpu = tiny("llama"), tiny("llama")
-    compress(on_cpu, "sparsegpt-50", calibration(), device="cpu", progress=False, hessian_dtype=torch.float64)
-    compress(on_gpu, "sparsegpt-50", calibration(), device="cuda", progress=False, hessian_dtype=torch.float64)
+    compress_model(on_cpu, "sparsegpt-50", calibration(), device="cpu", progress=False, hessian_dtype=torch.float64)
+    compress_model(on_gpu, "sparsegpt-50", calibration(), device="cuda", progress=False, hessian_dtype=torch.float64)
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
     for (name, a), b in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4), name
@@ -285,7 +285,7 @@ def test_weight_only_methods_run_no_forward():
     model, reference = tiny("llama"), tiny("llama")
     calls = _count_block_forwards(model)
     recipe = [{"magnitude": {"sparsity": 0.5}}, {"rtn": {"bits": 4, "group_size": 32}}]
-    report = compress(model, recipe, calibration(), progress=False)
+    report = compress_model(model, recipe, calibration(), progress=False)
     assert calls == [0, 0] and report.calibration["calibrated_blocks"] == 0
     assert all(layer.loss is None for layer in report.layers) and report.as_dict()["totals"]["loss"] is None
     from secateurs.algorithms import QuantSpec, magnitude_mask, round_to_nearest
@@ -304,7 +304,7 @@ def test_forwards_stop_after_the_last_block_that_uses_calibration():
     calls = _count_block_forwards(model)
     recipe = [{"sparsegpt": {"sparsity": 0.5, "targets": [r"layers\.0\."]}},
               {"rtn": {"bits": 4, "targets": [r"layers\.1\."]}}]
-    report = compress(model, recipe, calibration(), chunk_size=3, progress=False)
+    report = compress_model(model, recipe, calibration(), chunk_size=3, progress=False)
     assert calls == [2, 0]  # two chunks through block 0 once (statistics), no advance
     losses = {layer.name.split(".")[2]: layer.loss for layer in report.layers}
     assert losses["0"] is not None and losses["1"] is None

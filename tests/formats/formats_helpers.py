@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import re
 
 import torch
 import transformers as tf
 
 from secateurs.algorithms import QuantSpec, magnitude_mask, round_to_nearest
-from secateurs.pipeline.discovery import find_blocks, get_weight, linear_layers, set_weight
-from secateurs.pipeline.engine import CompressionReport
-from secateurs.recipe import load_recipe
+from secateurs.structure import find_blocks, get_weight, linear_layers, set_weight
+from secateurs.formats import StoragePlan
+from secateurs.sources import unique_state
 
 VOCAB = 64
 
@@ -66,9 +65,9 @@ MIXED = {"q_proj": "int3-asym-g", "k_proj": "nm", "v_proj": "int8-asym-g", "o_pr
 def compress(model, kinds: str | dict[str, str]):
     """Prune and quantize the block linear layers in place with the weights the engine writes
     (pruned exactly 0, quantized exactly on the grid): `kinds` is one kind for every layer, or
-    {layer name suffix: kind}. Returns what save_compressed takes: a CompressionReport whose recipe
-    names the N:M layers, or the quantization grids."""
-    grids, nm_layers, nm_pattern = {}, [], None
+    {layer name suffix: kind}. Returns what save_compressed takes: a StoragePlan naming the N:M
+    layers with the quantization grids, or the grids alone."""
+    grids, nm_layers = {}, {}
     for name, module in layers(model).items():
         kind = kinds if isinstance(kinds, str) else next((k for end, k in kinds.items() if name.endswith(end)), None)
         if kind is None:
@@ -81,8 +80,7 @@ def compress(model, kinds: str | dict[str, str]):
             n, m = nm or (0, 0)
             weight = weight * magnitude_mask(weight, sparsity or 0.0, n=n, m=m)
         if nm:
-            nm_layers.append(re.escape(name) + "$")
-            nm_pattern = nm
+            nm_layers[name] = nm
         if bits:
             spec = QuantSpec(bits, symmetric, group_size(weight.shape[1], wanted_group))
             result = round_to_nearest(weight, spec)
@@ -91,13 +89,8 @@ def compress(model, kinds: str | dict[str, str]):
         set_weight(module, weight)
     if not nm_layers:
         return grids
-    stage = {"mask": f"{nm_pattern[0]}:{nm_pattern[1]}", "targets": nm_layers}
-    report = CompressionReport(load_recipe([{"magnitude": stage}]).as_dict())
-    report.grids = grids
-    return report
+    return StoragePlan(grids, nm_layers)
 
 
 def dense_weights(model) -> dict[str, torch.Tensor]:
-    from secateurs.pipeline.streaming import unique_state
-
     return {name: tensor.clone() for name, tensor in unique_state(model).items()}

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import secateurs
 from secateurs.cli import main
 from secateurs.models import save_model
-from secateurs.pipeline.streaming import SafetensorsFolder
+from secateurs.io import SafetensorsFolder
 from secateurs.runtime import NMLinear
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import secateurs
 from secateurs.errors import SecateursError
 from secateurs.formats import FORMATS, LayerSpec, decompress, load, read_compressed, save_compressed
-from secateurs.pipeline.discovery import get_weight
+from secateurs.structure import get_weight
 from secateurs.runtime import CompressedLinear
 
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -127,7 +127,7 @@ def test_config_describes_the_compression_in_compressed_tensors_style(tmp_path):
     assert sparsity["global_sparsity"] == 0.5 and len(sparsity["targets"]) == 14
     model = tiny()
     assert not save_compressed(model, compress(model, MIXED), tmp_path / "mixed").compressed_tensors  # has bitmask-packed
-    assert "quantization_config" not in json.loads((tmp_path / "mixed" / "config.json").read_text())
+    assert json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"] == {"quant_method": "secateurs"}
 
 
 def test_weights_off_their_grid_are_refused_before_anything_is_written(tmp_path):

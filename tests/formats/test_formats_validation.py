@@ -30,8 +30,10 @@ def mixed_dir(tmp_path_factory):
 
 
 def corrupted_copy(source, folder, tensors=None, config=None):
-    """A copy of `source` with its tensors and/or config.json dict changed by the given functions."""
+    """A copy of `source` with its tensors and/or config.json dict changed by the given functions,
+    without its checksums (as a file from elsewhere: the validation itself is under test)."""
     shutil.copytree(source, folder)
+    (folder / "checksums.sha256").unlink()
     if tensors:
         state = load_file(folder / "model.safetensors")
         tensors(state)
@@ -179,6 +181,7 @@ def test_fuzz_truncated_and_bit_flipped_files_fail_cleanly(data, mixed_dir, tmp_
 def sharded_copy(source, folder, corrupt_index=None):
     """`source` with its model.safetensors split into two shards and an index (changed by corrupt_index)."""
     shutil.copytree(source, folder)
+    (folder / "checksums.sha256").unlink()
     state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     names = sorted(state)

@@ -14,10 +14,9 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settin
 
 
 @glibc
-def test_environment_adds_the_settings_unless_set_or_opted_out():
+def test_environment_adds_the_settings_unless_set():
     assert malloc_environment({"A": "1"}) == {"A": "1", **SETTINGS}
     assert malloc_environment({"MALLOC_TRIM_THRESHOLD_": "5"})["MALLOC_TRIM_THRESHOLD_"] == "5"
-    assert malloc_environment({"SECATEURS_MALLOC": "default"}) == {"SECATEURS_MALLOC": "default"}
 
 
 def _run(tmp_path, source: str, env: dict) -> str:
@@ -29,8 +28,21 @@ def _run(tmp_path, source: str, env: dict) -> str:
 
 
 @glibc
+def test_reexec_only_when_opted_in(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "SECATEURS_MALLOC"}
+    out = _run(tmp_path, """
+        import os, sys
+        print("started")
+        from secateurs.allocator import reexec_with_malloc_settings
+        reexec_with_malloc_settings("probe")
+        print(os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    """, env)
+    assert out.splitlines() == ["started", "None"]
+
+
+@glibc
 def test_reexec_runs_the_module_once_with_the_settings(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS} | {"SECATEURS_MALLOC": "tuned"}
     out = _run(tmp_path, """
         import os, sys
         print("started", sys.argv[1:])

@@ -23,7 +23,9 @@ except SecateursError:
     SMOLLM_GGUF = Path("/nonexistent")
 
 def copy_without(source: Path, target: Path, *names: str) -> Path:
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*names))
+    """A copy without `names`, and without its checksums: it stands for a directory from another
+    tool, whose damage the loader must find by itself."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*names, "checksums.sha256"))
     return target
 
 

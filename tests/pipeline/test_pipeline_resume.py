@@ -1,6 +1,7 @@
 """Resume after a kill: the finished blocks are kept in <output>.partial/, the result is bit-identical."""
 
 import json
+import shutil
 
 import pytest
 from pipeline_helpers import assert_identical, cli_subprocess, save_tiny
@@ -25,7 +26,8 @@ def compress_args(model, calib, output, *extra):
             "--output", str(output), *extra]
 
 
-def crash_in_process(monkeypatch, args):
+def crash_in_process(monkeypatch, args, capsys=None):
+    """A bug inside block 2: exit code 1, one line naming the file that keeps the traceback."""
     import secateurs.pipeline.engine as engine
 
     original, calls = engine.compress_layer, []
@@ -38,8 +40,8 @@ def crash_in_process(monkeypatch, args):
 
     with monkeypatch.context() as patch:
         patch.setattr(engine, "compress_layer", failing)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            main(args)
+        patch.setenv("SECATEURS_CACHE", str(args[args.index("--output") + 1]) + "-cache")
+        assert main(args) == 1
 
 
 def blocks_done(output):
@@ -62,7 +64,13 @@ def test_sigkill_mid_block_then_resume_is_bit_identical(tmp_path, tiny_dir, cali
 def test_resume_refuses_other_settings_then_continues(tmp_path, tiny_dir, calib_file, capsys, monkeypatch):
     output = tmp_path / "out"
     assert main(compress_args(tiny_dir, calib_file, tmp_path / "reference", "--offload-activations")) == 0
+    capsys.readouterr()
     crash_in_process(monkeypatch, compress_args(tiny_dir, calib_file, output, "--offload-activations"))
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("secateurs: internal error") and "RuntimeError: simulated crash" in message, message
+    crash_file = message.rsplit("traceback saved to ", 1)[1]
+    assert "simulated crash" in open(crash_file).read()
+    shutil.rmtree(tmp_path / "out-cache")
     assert blocks_done(output) == 2
     other_model = save_tiny(tmp_path / "other", seed=1)
     refusals = {

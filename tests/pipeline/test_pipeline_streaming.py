@@ -12,8 +12,10 @@ from secateurs.pipeline.streaming import StreamedModel
 
 
 def compress_to(model_dir, output, **options):
+    """Dense output unless compressed=True: these tests compare the weights themselves."""
     job = CompressionJob(str(model_dir), output, stream=options.pop("stream", False),
-                         offload_activations=options.pop("offload_activations", False))
+                         offload_activations=options.pop("offload_activations", False),
+                         compressed=options.pop("compressed", False))
     return job.run(options.pop("recipe", "sparsegpt-50"), calibration(), progress=False, **options)
 
 

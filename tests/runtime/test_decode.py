@@ -507,7 +507,7 @@ def test_cli_errors_are_one_line(saved_llama, capsys):
 
 def test_cli_bench_decode(saved_llama, capsys):
     path, _, _ = saved_llama
-    assert main(["bench-decode", "--model", str(path), "--prompt-tokens", "6", "--new-tokens", "5", "--repeat", "2",
+    assert main(["dev", "bench-decode", "--model", str(path), "--prompt-tokens", "6", "--new-tokens", "5", "--repeat", "2",
                  "--threads", "1", "--embeddings", "int8", "--json"]) == 0
     out = capsys.readouterr().out
     assert "threads 1: decode" in out and "kernel" in out

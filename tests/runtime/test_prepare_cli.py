@@ -8,7 +8,7 @@ from secateurs.runtime import build
 def test_prepare_builds_kernels(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(models, "materialize_embedded", lambda name: tmp_path / name)
     monkeypatch.setattr(build, "build", lambda: tmp_path / "kernels.so")
-    assert main(["prepare"]) == 0
+    assert main(["dev", "prepare"]) == 0
     assert f"kernels: {tmp_path / 'kernels.so'}" in capsys.readouterr().out
 
 
@@ -20,8 +20,8 @@ def test_failed_kernel_build_is_an_error_only_in_ci(monkeypatch, capsys, tmp_pat
 
     monkeypatch.setattr(build, "build", broken)
     monkeypatch.setenv("CI", "false")
-    assert main(["prepare"]) == 0
+    assert main(["dev", "prepare"]) == 0
     assert "pure-torch fallback" in capsys.readouterr().err
     monkeypatch.setenv("CI", "true")
-    assert main(["prepare"]) == 2
+    assert main(["dev", "prepare"]) == 2
     assert "no C++ compiler found" in capsys.readouterr().err

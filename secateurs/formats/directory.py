@@ -17,15 +17,34 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from secateurs.errors import SecateursError
-from secateurs.formats.registry import DTYPES, FORMATS, FormatError, LayerSpec, grid_codes, tensor_bytes
-from secateurs.models import atomic_directory
-from secateurs.pipeline.discovery import get_weight, is_transposed, linear_layers
+from secateurs.errors import FormatError, SecateursError
+from secateurs.formats.registry import DTYPES, FORMATS, LayerSpec, grid_codes, tensor_bytes
+from secateurs.io import (CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, atomic_directory, index_shards,
+                          shard_name, verify_checksums, write_checksums, write_json)
+from secateurs.sources import BlockSource, InMemoryModel, unique_state
+from secateurs.structure import get_weight, is_transposed, linear_layers
 
 LAYOUT_KEY = "secateurs_compression"
 LAYOUT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class StoragePlan:
+    """What the stored formats need to know of a compression, as plain data: each quantized layer's
+    grid (scale, zero), the layers pruned N:M with their (n, m), and the layers whose GPTQ sweep ran
+    in activation order (static groups; recorded for compressed-tensors' config)."""
+
+    grids: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    nm: dict[str, tuple[int, int]] = field(default_factory=dict)
+    act_order: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, plan_or_grids) -> StoragePlan:
+        """A StoragePlan, or a plain {layer: (scale, zero)} (None: no grids)."""
+        if isinstance(plan_or_grids, StoragePlan):
+            return plan_or_grids
+        return cls(grids=dict(plan_or_grids or {}))
 
 
 @dataclass
@@ -35,19 +54,10 @@ class SavedModel:
     bytes_by_format: dict[str, int] = field(default_factory=dict)  # tensor bytes; "dense" for the rest
     file_bytes: int = 0  # model.safetensors, header included
     compressed_tensors: bool = False  # config.json has a compressed-tensors quantization_config
+    compressed_tensors_problem: str | None = None  # why not, where it has none
 
 
 # --- saving ---------------------------------------------------------------------------------
-
-def _layer_options(report_or_grids) -> tuple[dict, object]:
-    """(grids by layer, recipe or None) from a CompressionReport or a plain {layer: (scale, zero)}."""
-    from secateurs.pipeline.engine import CompressionReport
-    from secateurs.recipe import load_recipe
-
-    if isinstance(report_or_grids, CompressionReport):
-        return report_or_grids.grids, load_recipe(report_or_grids.recipe)
-    return dict(report_or_grids or {}), None
-
 
 def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> dict:
     """bits (the fewest holding every code and zero point), group_size and symmetry of a grid."""
@@ -61,18 +71,19 @@ def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> di
     group_size = None if groups == 1 else cols // groups
     # Clamped: a bfloat16 weight at the edge of an 8-bit grid can round to just past it; whether the
     # codes are right is checked once the layer is encoded.
-    codes = grid_codes(weight, grid, group_size, 255)
+    codes = grid_codes(weight, grid, group_size, 8)
     bits = max(2, int(max(codes.max(), zero.max())).bit_length())
     return {"bits": bits, "group_size": group_size, "symmetric": bool((zero == 2 ** (bits - 1)).all())}
 
 
-def _choose(layer: str, module: nn.Module, grid, nm) -> tuple[LayerSpec, dict[str, Tensor]] | None:
-    """The smallest exact format for one layer, or None where its dense weight is smallest."""
-    weight = get_weight(module).detach()
+def _choose(layer: str, weight: Tensor, transposed: bool, grid, nm) -> tuple[LayerSpec, dict[str, Tensor]] | None:
+    """The smallest exact format for one layer's stored weight [out, in], or None where its dense
+    weight is smallest."""
     if weight.dtype not in DTYPES.values():
-        raise SecateursError(f"layer {layer}: dtype {weight.dtype} has no compressed format (float32, bfloat16)")
+        raise SecateursError(f"layer {layer}: dtype {weight.dtype} has no compressed format "
+                             f"({', '.join(DTYPES)}); write it with --dtype float32 or bfloat16, or --dense")
     dtype = next(name for name, value in DTYPES.items() if value == weight.dtype)
-    base = {"rows": weight.shape[0], "cols": weight.shape[1], "dtype": dtype, "transposed": is_transposed(module)}
+    base = {"rows": weight.shape[0], "cols": weight.shape[1], "dtype": dtype, "transposed": transposed}
     if grid is not None:
         base |= _quant_fields(weight, grid, layer)
         names = ("int8", "bitmask-int8") if base["bits"] == 8 else ("pack-quantized", "bitmask-packed")
@@ -88,27 +99,48 @@ def _choose(layer: str, module: nn.Module, grid, nm) -> tuple[LayerSpec, dict[st
         else:
             spec = LayerSpec(format=name, **base)
             try:
-                tensors = FORMATS[name].compress(weight, spec, grid)
+                tensors = FORMATS[name].encode(weight, spec, grid)
             except ValueError as exc:  # e.g. a group with more than n nonzeros
                 raise SecateursError(f"layer {layer}: {exc}") from None
             candidate, size = (spec, tensors), tensor_bytes(tensors)
         if best_bytes is None or size < best_bytes:
             best, best_bytes = candidate, size
-    if best is not None and not torch.equal(FORMATS[best[0].format].decompress(best[1], best[0]), weight):
+    if best is not None and not torch.equal(FORMATS[best[0].format].decode(best[1], best[0]), weight):
         raise SecateursError(f"layer {layer}: the weights are not exactly representable in format {best[0].format} "
                              f"(quantized weights off their grid, or NaN)")
     return best
 
 
+def check_storable(dtype: torch.dtype) -> None:
+    """Refuse, before any work, a dtype the compressed formats cannot hold."""
+    if dtype not in DTYPES.values():
+        raise SecateursError(f"the compressed formats store {' or '.join(DTYPES)} weights, not {dtype}: "
+                             f"pass --dtype float32 or bfloat16, or --dense")
+
+
+def compressed_tensors_problem(specs: dict[str, LayerSpec]) -> str | None:
+    """Why compressed-tensors cannot read these layers (None: it can)."""
+    if not specs:
+        return "no layer is compressed"
+    names = {layer: FORMATS[spec.format].compressed_tensors_names(spec) for layer, spec in specs.items()}
+    unreadable = sorted(layer for layer, name in names.items() if name is None)
+    if unreadable:
+        spec = specs[unreadable[0]]
+        shown = f"{spec.format} {spec.n}:{spec.m}" if spec.format == "nm" else spec.format
+        return (f"{len(unreadable)} layer(s), e.g. {unreadable[0]}, are stored as {shown}, "
+                f"which only secateurs reads")
+    if len({sparsity for sparsity, _ in names.values() if sparsity}) > 1:
+        return "the layers mix two sparse formats, which compressed-tensors cannot read in one model"
+    return None
+
+
 def _compressed_tensors_config(specs: dict[str, LayerSpec], nonzeros: dict[str, int], act_order: set[str]) -> dict | None:
     """config.json's compressed-tensors quantization_config, or None if some layer has a layout
     compressed-tensors lacks (or the model mixes two sparse formats, which it cannot read)."""
+    if compressed_tensors_problem(specs) is not None:
+        return None
     names = {layer: FORMATS[spec.format].compressed_tensors_names(spec) for layer, spec in specs.items()}
-    if not specs or None in names.values():
-        return None
     sparse_formats = {sparsity for sparsity, _ in names.values() if sparsity}
-    if len(sparse_formats) > 1:
-        return None
     config: dict = {"quant_method": "compressed-tensors", "sparsity_config": {}}
     if sparse_formats:
         sparse = sorted(layer for layer, (sparsity, _) in names.items() if sparsity)
@@ -137,93 +169,123 @@ def _compressed_tensors_config(specs: dict[str, LayerSpec], nonzeros: dict[str, 
     return config
 
 
-def _compressed_block(source, index: int, grids: dict, recipe, saved: SavedModel, specs: dict, nonzeros: dict,
-                      act_order: set) -> dict[str, Tensor]:
-    """The tensors to store for block `index` of `source`: each linear layer in its chosen format,
-    the rest of the block as it is. Records the layers' specs and byte counts in the arguments."""
-    block = source.load(index)
-    prefix = source.block_prefix(index)
-    state = {}
+@dataclass
+class EncodedBlock:
+    """One block's tensors as stored: each linear layer in its chosen format, the rest as it is."""
+
+    tensors: dict[str, Tensor]
+    specs: dict[str, LayerSpec]  # compressed layer -> its format's spec
+    nonzeros: dict[str, int]
+    bytes_by_format: dict[str, int]  # tensor bytes; "dense" for the rest
+
+
+def encode_block(block: nn.Module, prefix: str, stored: dict[str, Tensor], plan: StoragePlan) -> EncodedBlock:
+    """Encode block `prefix` (its module, for the layer structure, and its tensors by full name as they
+    are to be stored, dtype included)."""
+    encoded = EncodedBlock({}, {}, {}, {})
     for name, module in linear_layers(block).items():
         layer = prefix + name
-        prune, quant = recipe.stages_for(layer) if recipe else (None, None)
-        nm = prune.nm if prune and prune.nm != (0, 0) else None
-        chosen = _choose(layer, module, grids.get(layer), nm)
+        weight = stored[f"{layer}.weight"]
+        transposed = is_transposed(module)
+        chosen = _choose(layer, weight.t().contiguous() if transposed else weight, transposed, plan.grids.get(layer),
+                         plan.nm.get(layer))
         if chosen is None:
             continue
         spec, tensors = chosen
-        specs[layer] = spec
-        nonzeros[layer] = int((get_weight(module) != 0).sum())
-        if quant and quant.act_order:
-            act_order.add(layer)
-        state |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
-        saved.formats[layer] = spec.format
-        saved.bytes_by_format[spec.format] = saved.bytes_by_format.get(spec.format, 0) + tensor_bytes(tensors)
-    dense = {name: tensor for name, tensor in source.block_tensors(index).items()
-             if name.removesuffix(".weight") not in specs}
-    source.release(index)
-    saved.bytes_by_format["dense"] = saved.bytes_by_format.get("dense", 0) + tensor_bytes(dense)
-    return state | dense
+        encoded.specs[layer] = spec
+        encoded.nonzeros[layer] = int((weight != 0).sum())
+        encoded.tensors |= {f"{layer}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
+        encoded.bytes_by_format[spec.format] = encoded.bytes_by_format.get(spec.format, 0) + tensor_bytes(tensors)
+    dense = {name: tensor for name, tensor in stored.items() if name.removesuffix(".weight") not in encoded.specs}
+    encoded.bytes_by_format["dense"] = tensor_bytes(dense)
+    encoded.tensors |= dense
+    return encoded
 
 
-def save_compressed(model, report_or_grids, output_dir, tokenizer=None,
-                    extra_files: dict[str, str] | None = None) -> SavedModel:
+def compressed_config(config: dict, specs: dict[str, LayerSpec], nonzeros: dict[str, int], act_order: set[str]) -> dict:
+    """A model's config.json with the layers' formats recorded, and compressed-tensors'
+    quantization_config where every layer has a compressed-tensors layout."""
+    config = dict(config)
+    config.pop("quantization_config", None)
+    # transformers picks its loader by quant_method: compressed-tensors' where it can read every
+    # layer, else ours (formats/hf_loading.py, registered by `import secateurs`).
+    config["quantization_config"] = _compressed_tensors_config(specs, nonzeros, act_order) or {"quant_method": "secateurs"}
+    config[LAYOUT_KEY] = {"version": LAYOUT_VERSION, "layers": {layer: spec.as_json() for layer, spec in specs.items()}}
+    return config
+
+
+def record_compression(folder: Path, specs: dict[str, LayerSpec], nonzeros: dict[str, int], act_order: set[str]) -> None:
+    """Rewrite the config.json of `folder` (written by the source) as compressed_config says."""
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    write_json(folder / CONFIG_FILE, compressed_config(config, specs, nonzeros, act_order))
+
+
+def save_compressed(model, plan_or_grids, output_dir, tokenizer=None, extra_files: dict[str, str] | None = None,
+                    store_dtype: torch.dtype | None = None) -> SavedModel:
     """Write a model as a compressed directory, atomically (a temporary sibling, then one rename).
 
     Every linear layer of the decoder blocks gets the smallest format that holds it exactly: its
-    grid from `report_or_grids` (a CompressionReport, or {layer: (scale, zero)}) makes it quantized,
-    an N:M mask of the report's recipe makes it `nm`, and zeros make it `bitmask` where that is
-    smaller than dense. Other tensors are stored as they are.
+    grid from `plan_or_grids` (a StoragePlan, or {layer: (scale, zero)}) makes it quantized, an N:M
+    entry of the plan makes it `nm`, and zeros make it `bitmask` where that is smaller than dense.
+    Other tensors are stored as they are (floating ones in `store_dtype`, default their own).
 
-    `model` is an nn.Module (written as one model.safetensors) or a pipeline.streaming.BlockSource
-    such as a StreamedModel over a dense directory, which is read and written one block at a time
-    (a shard per block and an index), so memory holds one block whatever the model's size."""
-    from safetensors.torch import save_file
-
-    from secateurs.pipeline.streaming import INDEX_FILE, BlockSource, InMemoryModel
-
+    `model` is an nn.Module (written as one model.safetensors) or a secateurs.sources.BlockSource
+    such as a pipeline.streaming.StreamedModel over a dense directory, read and written one block at
+    a time (a shard per block and an index), so memory holds one block whatever the model's size."""
     sharded = isinstance(model, BlockSource)
-    source = model if sharded else InMemoryModel(model, tokenizer)
-    grids, recipe = _layer_options(report_or_grids)  # None: no grids, no recipe
+    source = model if sharded else InMemoryModel(model, tokenizer, store_dtype)
+    if store_dtype is not None:
+        check_storable(store_dtype)
+        source.store_dtype = store_dtype
+    plan = StoragePlan.of(plan_or_grids)
     saved = SavedModel(Path(output_dir))
-    specs, nonzeros, act_order = {}, {}, set()
+    specs, nonzeros = {}, {}
     n_blocks = len(source.blocks)
-    shard_name = "model-{:05d}-of-{:05d}.safetensors".format
     with atomic_directory(saved.path) as staging:
         state, weight_map = {}, {}
 
+        def add(encoded_bytes: dict[str, int]) -> None:
+            for name, size in encoded_bytes.items():
+                saved.bytes_by_format[name] = saved.bytes_by_format.get(name, 0) + size
+
         def write_shard(tensors: dict[str, Tensor], number: int) -> None:
+            from safetensors.torch import save_file
+
             name = shard_name(number, n_blocks + 1)
             save_file(tensors, staging / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, name))
             saved.file_bytes += (staging / name).stat().st_size
 
         for index in range(n_blocks):
-            block_state = _compressed_block(source, index, grids, recipe, saved, specs, nonzeros, act_order)
+            block = source.load(index)
+            encoded = encode_block(block, source.block_prefix(index), source.block_tensors(index), plan)
+            source.release(index)
+            specs |= encoded.specs
+            nonzeros |= encoded.nonzeros
+            add(encoded.bytes_by_format)
             if sharded:
-                write_shard(block_state, index + 1)
+                write_shard(encoded.tensors, index + 1)
             else:
-                state |= block_state
+                state |= encoded.tensors
         outside = source.outside_tensors()
-        saved.bytes_by_format["dense"] = saved.bytes_by_format.get("dense", 0) + tensor_bytes(outside)
+        add({"dense": tensor_bytes(outside)})
         if sharded:
             write_shard(outside, n_blocks + 1)
             index_file = {"metadata": {"total_size": sum(saved.bytes_by_format.values())}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index_file, indent=2, sort_keys=True) + "\n")
         else:
+            from safetensors.torch import save_file
+
             save_file(state | outside, staging / WEIGHTS_FILE, metadata={"format": "pt"})
             saved.file_bytes = (staging / WEIGHTS_FILE).stat().st_size
-        source.write_description(staging)
-        ct_config = _compressed_tensors_config(specs, nonzeros, act_order)
-        saved.compressed_tensors = ct_config is not None
-        config = json.loads((staging / CONFIG_FILE).read_text())
-        config.pop("quantization_config", None)
-        if ct_config:
-            config["quantization_config"] = ct_config
-        config[LAYOUT_KEY] = {"version": LAYOUT_VERSION, "layers": {layer: spec.as_json() for layer, spec in specs.items()}}
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        source.describe(staging)
+        record_compression(staging, specs, nonzeros, plan.act_order)
+        saved.compressed_tensors = compressed_tensors_problem(specs) is None
+        saved.compressed_tensors_problem = compressed_tensors_problem(specs)
+        saved.formats = {layer: spec.format for layer, spec in specs.items()}
         for filename, text in (extra_files or {}).items():
             (staging / filename).write_text(text)
+        write_checksums(staging)
     return saved
 
 
@@ -241,7 +303,21 @@ class CompressedDirectory:
     dense: dict[str, Tensor]  # every other tensor of the file
 
 
+def refuse_non_directory(path: Path) -> None:
+    """A one-line error for a path that is not a model directory (a GGUF file gets its own)."""
+    if path.is_dir():
+        return
+    if path.is_file():
+        with open(path, "rb") as handle:
+            if handle.read(4) == GGUF_MAGIC:
+                raise SecateursError(f"{path}: this is a GGUF file, not a compressed model directory; "
+                                     f"use it as --model to compress or evaluate it")
+        raise SecateursError(f"{path}: not a model directory")
+    raise SecateursError(f"{path}: not a model directory (no such path)")
+
+
 def _read_config(path: Path) -> dict:
+    refuse_non_directory(path)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -278,8 +354,6 @@ def _read_shard(shard: Path, weight_map: dict[str, Path]) -> dict[str, Tensor]:
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of a directory: its model.safetensors, or the shards its index names."""
-    from secateurs.pipeline.streaming import index_shards
-
     weight_map = index_shards(path)
     if weight_map is None:
         return _read_tensors(path / WEIGHTS_FILE)
@@ -331,10 +405,12 @@ def _one_dtype(path: Path, dtypes: set[torch.dtype]) -> torch.dtype:
     return next(iter(dtypes))
 
 
-def read_compressed(path) -> CompressedDirectory:
-    """Read and validate a compressed directory (SecateursError if it is not one)."""
+def read_compressed(path, verify: bool | None = None) -> CompressedDirectory:
+    """Read and validate a compressed directory (SecateursError if it is not one); its shards'
+    checksums are verified first (`verify` False, or SECATEURS_VERIFY=0, skips that)."""
     path = Path(path)
     config, specs = _read_layout(path)
+    verify_checksums(path, verify)
     dense = _read_weights(path)
     layers = _split_layers(specs, dense)
     return CompressedDirectory(path, config, _one_dtype(path, _float_dtypes(specs, dense)), specs, layers, dense)
@@ -356,18 +432,12 @@ def _build_model(directory: CompressedDirectory) -> nn.Module:
         raise FormatError(f"{directory.path / CONFIG_FILE}: cannot build the model ({type(exc).__name__}: {exc})") from None
 
 
-def load(path) -> nn.Module:
+def load(path, verify: bool | None = None) -> nn.Module:
     """A compressed directory as a model whose compressed Linear layers are secateurs.runtime
-    modules (every tensor validated first); a plain model directory loads as it is."""
+    modules (every tensor validated first). `secateurs.load` also takes plain directories."""
     path = Path(path)
-    if LAYOUT_KEY not in _read_config(path):
-        from secateurs.models import load_model
-
-        return load_model(path).model
-    directory = read_compressed(path)
+    directory = read_compressed(path, verify)
     model = _build_model(directory)
-    from secateurs.pipeline.streaming import unique_state
-
     expected = {name: tensor for name, tensor in unique_state(model).items()
                 if name.removesuffix(".weight") not in directory.specs}
     for name, tensor in directory.dense.items():
@@ -393,18 +463,18 @@ def load(path) -> nn.Module:
     return model
 
 
-def decompress(path, output) -> Path:
+def decompress(path, output, verify: bool | None = None) -> Path:
     """Write the plain dense model directory of a compressed one (bit-exact weights), atomically.
     A sharded directory is decompressed one shard at a time into shards of the same names."""
     from safetensors.torch import save_file
 
-    from secateurs.pipeline.streaming import INDEX_FILE, index_shards
-
     path, output = Path(path), Path(output)
+    _read_layout(path)  # a plain directory, a GGUF file or a missing path: one line before any work
+    verify_checksums(path, verify)
     weight_map = index_shards(path)
     with atomic_directory(output) as staging:
         if weight_map is None:
-            directory = read_compressed(path)
+            directory = read_compressed(path, verify=False)
             save_file(_dense_state(directory.specs, directory.layers, directory.dense), staging / WEIGHTS_FILE,
                       metadata={"format": "pt"})
             config = directory.config
@@ -414,8 +484,10 @@ def decompress(path, output) -> Path:
             (staging / INDEX_FILE).write_text(json.dumps(index_file, indent=2, sort_keys=True) + "\n")
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for item in path.iterdir():  # tokenizer, generation config, reports
-            if item.is_file() and item.suffix != ".safetensors" and item.name not in (CONFIG_FILE, INDEX_FILE):
+            if item.is_file() and item.suffix != ".safetensors" and item.name not in (CONFIG_FILE, INDEX_FILE,
+                                                                                      CHECKSUMS_FILE):
                 shutil.copy2(item, staging / item.name)
+        write_checksums(staging)
     return output
 
 
@@ -455,6 +527,12 @@ def _decompress_shards(path: Path, specs: dict[str, LayerSpec], weight_map: dict
 def _dense_state(specs: dict[str, LayerSpec], layers: dict[str, dict[str, Tensor]], dense: dict[str, Tensor]) -> dict[str, Tensor]:
     state = dict(dense)
     for layer, spec in specs.items():
-        weight = FORMATS[spec.format].decompress(layers[layer], spec)
+        weight = FORMATS[spec.format].decode(layers[layer], spec)
         state[f"{layer}.weight"] = weight.t().contiguous() if spec.transposed else weight
     return state
+
+
+def decode_tensors(specs: dict[str, LayerSpec], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The dense tensors of stored ones (some layers in the formats `specs` names), each validated."""
+    dense = dict(tensors)
+    return _dense_state(specs, _split_layers(specs, dense), dense)

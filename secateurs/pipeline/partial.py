@@ -2,7 +2,7 @@
 
     manifest.json                      fingerprint of the run and how many blocks are done
     model-00003-of-00033.safetensors   block 2 exactly as it will be in the output
-    records/block-00002.safetensors    its layer reports (in the metadata) and quantization grids
+    records/block-00002.safetensors    its layer reports and formats (in the metadata), its grids
     activations/rank0-after-00002/     this process's inputs of block 3, one file per chunk
     offload/rank0/                     working activations, when they are offloaded
 
@@ -10,8 +10,9 @@ A block is committed in this order: its shard and record (rank 0), every process
 (each file flushed, its folder renamed into place), then the manifest is replaced. A kill at any
 moment leaves the old or the new manifest, each consistent with the files it counts; files past
 it are stale and removed on resume. At the end the last shard (the tensors outside the blocks), the
-index, config, tokenizer and compression.json are added, the working files removed, and the folder
-renamed to `<output>`: an output directory is never half-written.
+index, config, tokenizer, compression.json and checksums are added, the working files removed, the
+manifest marked complete, and the folder renamed to `<output>`: an output directory is never
+half-written, and a run killed during that rename is finished by `--resume`.
 
 A resume reads the next block's inputs back instead of recomputing them by re-running every
 finished block: the file costs samples x seqlen x hidden floats of disk (64 MiB for 16 x 256 tokens
@@ -28,57 +29,52 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from secateurs.errors import SecateursError
+from secateurs.formats import LayerSpec, StoragePlan, decode_tensors, encode_block, record_compression
+from secateurs.io import (replace_directory, shard_name, temporary_sibling, write_checksums, write_index, write_json,
+                          write_safetensors)
 from secateurs.pipeline.activations import load_chunks, save_chunks
 from secateurs.pipeline.distributed import ProcessGroup
 from secateurs.pipeline.engine import CompressionReport, LayerReport, ResumeState
-from secateurs.pipeline.streaming import INDEX_FILE, BlockSource, read_header
+from secateurs.sources import BlockSource
 
 MANIFEST = "manifest.json"
 WORKING = ("records", "activations", "offload")
 
 
-def shard_name(number: int, total: int) -> str:
-    return f"model-{number:05d}-of-{total:05d}.safetensors"
-
-
-def _flush(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write, flush, then rename into place: the file is whole or absent."""
-    staging = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, staging, metadata={"format": "pt"} | (metadata or {}))
-    _flush(staging)
-    os.replace(staging, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    _flush(staging)
-    os.replace(staging, path)
-
-
 class PartialRun:
     """The partial folder of one output; every process of a torchrun group holds one."""
 
-    def __init__(self, output: Path, group: ProcessGroup):
+    def __init__(self, output: Path, group: ProcessGroup, compressed: bool = True):
         self.output = Path(output)
         self.folder = self.output.with_name(self.output.name + ".partial")
         self.group = group
+        self.compressed = compressed  # blocks stored in the compressed formats (else dense)
         self.started = time.perf_counter()
         self.previous_seconds = 0.0  # spent by the runs this one continues
         self.fingerprint: dict | None = None
+        self.specs: dict[str, LayerSpec] = {}  # compressed layers of the committed blocks
+        self.nonzeros: dict[str, int] = {}
+        self.checksums: dict[str, str] = {}  # shard file -> sha256, computed as each was written
+        self.blocks_done = 0
 
     def exists(self) -> bool:
         return self.folder.exists()
+
+    def is_complete(self) -> bool:
+        """Whether the folder holds a finished output whose final rename was interrupted."""
+        try:
+            return json.loads((self.folder / MANIFEST).read_text()).get("complete") is True
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def complete_rename(self) -> None:
+        """Finish the rename of a complete run (see is_complete)."""
+        if self.group.is_main:
+            self._swap_into_place()
+        self.group.barrier()
 
     def offload_dir(self) -> Path:
         return self.folder / "offload" / f"rank{self.group.rank}"
@@ -89,10 +85,10 @@ class PartialRun:
     def _record(self, index: int) -> Path:
         return self.folder / "records" / f"block-{index:05d}.safetensors"
 
-    def _manifest(self, fingerprint: dict, blocks: int, done: int, block_sparsity) -> dict:
+    def _manifest(self, fingerprint: dict, blocks: int, done: int, block_sparsity, complete: bool = False) -> dict:
         seconds = self.previous_seconds + time.perf_counter() - self.started
         return {"format": 1, "fingerprint": fingerprint, "blocks": blocks, "blocks_done": done,
-                "block_sparsity": block_sparsity, "seconds": seconds}
+                "block_sparsity": block_sparsity, "seconds": seconds, "complete": complete}
 
     def create(self, fingerprint: dict, blocks: int) -> None:
         if self.group.is_main:
@@ -118,14 +114,23 @@ class PartialRun:
         self._remove_stale(done, len(source.blocks))
         if done == 0:
             return None
+        self.blocks_done = done
         layers, grids = [], {}
         total = len(source.blocks) + 1
         for index in range(done):
+            shard = self.folder / shard_name(index + 1, total)
             with safe_open(self._record(index), "pt") as handle:
-                layers += [LayerReport(**entry) for entry in json.loads(handle.metadata()["layers"])]
+                metadata = handle.metadata()
+                layers += [LayerReport(**entry) for entry in json.loads(metadata["layers"])]
                 names = {key.rsplit(".", 1)[0] for key in handle.keys()}
                 grids |= {name: (handle.get_tensor(f"{name}.scale"), handle.get_tensor(f"{name}.zero")) for name in names}
-            source.restore(index, self.folder / shard_name(index + 1, total))
+            specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in json.loads(metadata["specs"]).items()}
+            self.specs |= specs
+            self.nonzeros |= json.loads(metadata["nonzeros"])
+            self.checksums[shard.name] = metadata["sha256"]
+            with safe_open(shard, "pt", backend="pread") as handle:
+                stored = {name: handle.get_tensor(name) for name in handle.keys()}
+            source.restore(index, decode_tensors(specs, stored))
         return ResumeState(done, layers, grids, manifest["block_sparsity"], load_chunks(self._activations(done - 1)))
 
     def _remove_stale(self, done: int, blocks: int) -> None:
@@ -140,6 +145,8 @@ class PartialRun:
             for path in [*self.folder.glob("*"), *self.folder.glob("records/*")]:
                 if path.is_file() and (path.name in later or path.name.endswith(".tmp")):
                     path.unlink()
+            for path in self.folder.glob("activations/.*.tmp"):
+                shutil.rmtree(path, ignore_errors=True)
         self.group.barrier()
 
     def commit(self, source: BlockSource, index: int, report: CompressionReport, hidden, block_sparsity) -> None:
@@ -147,51 +154,67 @@ class PartialRun:
         blocks = len(source.blocks)
         if self.group.is_main:
             prefix = source.block_prefix(index)
-            write_safetensors(self.folder / shard_name(index + 1, blocks + 1), source.block_tensors(index))
+            tensors, specs, nonzeros = source.block_tensors(index), {}, {}
+            if self.compressed:
+                encoded = encode_block(source.blocks[index], prefix, tensors, self._plan(report, prefix))
+                tensors, specs, nonzeros = encoded.tensors, encoded.specs, encoded.nonzeros
+            shard = self.folder / shard_name(index + 1, blocks + 1)
+            digest = write_safetensors(shard, tensors)
+            self.specs |= specs
+            self.nonzeros |= nonzeros
+            self.checksums[shard.name] = digest
             layers = [asdict(layer) for layer in report.layers if layer.name.startswith(prefix)]
             grids = {f"{name}.{part}": tensor.contiguous() for name, pair in report.grids.items()
                      if name.startswith(prefix) for part, tensor in zip(("scale", "zero"), pair)}
             (self.folder / "records").mkdir(exist_ok=True)
-            write_safetensors(self._record(index), grids, {"layers": json.dumps(layers)})
+            write_safetensors(self._record(index), grids, {
+                "layers": json.dumps(layers), "specs": json.dumps({layer: spec.as_json() for layer, spec in specs.items()}),
+                "nonzeros": json.dumps(nonzeros), "sha256": digest})
         target = self._activations(index)
-        staging = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = temporary_sibling(target)
         save_chunks(hidden, staging)
         os.replace(staging, target)
         self.group.barrier()
         if self.group.is_main:
             write_json(self.folder / MANIFEST, self._manifest(self.fingerprint, blocks, index + 1, block_sparsity))
+        self.blocks_done = index + 1
         self.group.barrier()  # only now is the previous block's copy of the activations unneeded
         shutil.rmtree(self._activations(index - 1), ignore_errors=True)
 
-    def finish(self, source: BlockSource, summary: dict) -> None:
-        """Complete the output in the partial folder, then rename it to the output."""
+    @staticmethod
+    def _plan(report: CompressionReport, prefix: str) -> StoragePlan:
+        plan = report.storage_plan()
+        return StoragePlan({k: v for k, v in plan.grids.items() if k.startswith(prefix)},
+                           {k: v for k, v in plan.nm.items() if k.startswith(prefix)},
+                           {k for k in plan.act_order if k.startswith(prefix)})
+
+    def finish(self, source: BlockSource, report: CompressionReport, summary: dict) -> None:
+        """Complete the output in the partial folder, mark it complete, then rename it to the output."""
         if self.group.is_main:
             total = len(source.blocks) + 1
-            write_safetensors(self.folder / shard_name(total, total), source.outside_tensors())
-            weight_map, size = {}, 0
+            last = self.folder / shard_name(total, total)
+            self.checksums[last.name] = write_safetensors(last, source.outside_tensors())
+            weight_map = {}
             for number in range(1, total + 1):
-                header = read_header(self.folder / shard_name(number, total))
-                weight_map |= {name: shard_name(number, total) for name in header}
-                size += sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in header.values())
-            write_json(self.folder / INDEX_FILE, {"metadata": {"total_size": size}, "weight_map": weight_map})
-            source.write_description(self.folder)
+                with safe_open(self.folder / shard_name(number, total), "pt") as handle:
+                    weight_map |= dict.fromkeys(handle.keys(), shard_name(number, total))
+            write_index(self.folder, weight_map)
+            source.describe(self.folder)
+            if self.compressed:
+                record_compression(self.folder, self.specs, self.nonzeros, report.storage_plan().act_order)
             write_json(self.folder / "compression.json", summary)
+            write_checksums(self.folder, self.checksums)
             for name in WORKING:
                 shutil.rmtree(self.folder / name, ignore_errors=True)
-            (self.folder / MANIFEST).unlink()
+            write_json(self.folder / MANIFEST, self._manifest(self.fingerprint, total - 1, total - 1, None, complete=True))
             self._swap_into_place()
         self.group.barrier()
 
     def _swap_into_place(self) -> None:
-        """Rename to the output; a replaced output is moved aside first and deleted last."""
-        aside = None
-        if self.output.exists():
-            aside = self.output.with_name(f".{self.output.name}.replaced-{os.getpid()}")
-            os.replace(self.output, aside)
-        os.replace(self.folder, self.output)
-        if aside is not None:
-            shutil.rmtree(aside)
+        """Rename to the output (a replaced output is moved aside first and deleted last), then drop
+        the manifest that marked the folder complete."""
+        replace_directory(self.folder, self.output)
+        (self.output / MANIFEST).unlink(missing_ok=True)
 
     def discard(self) -> None:
         if self.group.is_main:

@@ -53,3 +53,16 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 def in_features(module: nn.Module) -> int:
     return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
+
+
+def eos_token_ids(model: nn.Module, tokenizer=None) -> set[int]:
+    """The ids that end a generation: the model's generation_config.eos_token_id (an id or ids, as
+    transformers' generate reads it) and the tokenizer's eos_token_id."""
+    ids = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(i for i in source if isinstance(i, int))
+    return ids
