@@ -20,8 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from secateurs.formats.directory import LAYOUT_KEY, read_compressed
-from secateurs.formats.registry import FORMATS, LayerSpec
+from secateurs.formats.directory import read_compressed
+from secateurs.formats.registry import FORMATS, LAYOUT_KEY, LayerSpec
 
 QUANT_METHOD = "secateurs"
 

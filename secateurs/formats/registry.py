@@ -26,6 +26,8 @@ from secateurs.runtime.layouts import dequantize, group_columns, nm_from_dense
 from secateurs.runtime.layouts import pack_bitmask as pack_mask, unpack_bitmask as unpack_mask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the runtime modules compute in
+LAYOUT_KEY = "secateurs_compression"  # config.json: {version, layers: {layer: LayerSpec.as_json()}}
+LAYOUT_VERSION = 1
 
 
 @dataclass(frozen=True)
