@@ -38,9 +38,7 @@ from quality import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-JSON_PATH = RESULTS / "tasks.json"
-MD_PATH = RESULTS / "tasks.md"
-PNG_PATH = RESULTS / "tasks.png"
+JSON_PATH = RESULTS / "tasks.json"  # --json moves it (and tasks.md beside it)
 MODEL = QUALITY_PROTOCOL["model"]
 # cheapest first (scored tokens of a 500-document subset with SmolLM2's tokenizer, contexts shared)
 TASK_ORDER = ["arc_challenge", "arc_easy", "winogrande", "piqa", "lambada", "boolq", "hellaswag"]
@@ -88,6 +86,10 @@ def load_variant(name: str):
 
 def _key(row: dict) -> tuple:
     return row["model"], row["variant"], row["engine"], row["task"], row["subset"]
+
+
+def _md_path() -> Path:
+    return JSON_PATH.with_suffix(".md")
 
 
 def load_rows() -> list[dict]:
@@ -189,7 +191,7 @@ def _fmt(value, digits=1, scale=100.0) -> str:
 def write_markdown(rows: list[dict]) -> None:
     """The tables of tasks.md (the prose around them lives in its header, kept between runs)."""
     quality = {}
-    quality_path = RESULTS / "quality.json"
+    quality_path = JSON_PATH.parent / "quality.json"
     if quality_path.is_file():
         for row in json.loads(quality_path.read_text()):
             if row.get("engine") == "secateurs" and "row" in row:
@@ -223,12 +225,14 @@ def write_markdown(rows: list[dict]) -> None:
             lines.append(f"| {variant} | {engine} | {'—' if ppl is None else f'{ppl:.1f}'} | " + " | ".join(cells)
                          + f" | {mean} |")
         lines.append("")
-    text = MD_PATH.read_text() if MD_PATH.is_file() else "# Zero-shot tasks\n\n<!-- tables -->\n"
+    path = _md_path()
+    text = path.read_text() if path.is_file() else "# Zero-shot tasks\n\n<!-- tables -->\n"
     head = text.split("<!-- tables -->")[0]
-    MD_PATH.write_text(head + "<!-- tables -->\n\n" + "\n".join(lines))
+    path.write_text(head + "<!-- tables -->\n\n" + "\n".join(lines))
 
 
 def main(argv=None) -> None:
+    global JSON_PATH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["dense", "sparsegpt-50", "wanda-50", "magnitude-50"])
     parser.add_argument("--tasks", nargs="+", default=TASK_ORDER)
@@ -236,7 +240,11 @@ def main(argv=None) -> None:
     parser.add_argument("--engine", choices=["secateurs", "lm-eval"], default="secateurs")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--json", type=Path, default=JSON_PATH,
+                        help="results file (tasks.md is written beside it); lets a run from a clean snapshot of the "
+                             "tree write into the working tree")
     args = parser.parse_args(argv)
+    JSON_PATH = args.json.resolve()
     subset = args.subset or None
     tasks = [task for task in TASK_ORDER if task in args.tasks]
     if args.markdown_only:
