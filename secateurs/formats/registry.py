@@ -1,12 +1,13 @@
 """The registry of on-disk formats for one compressed Linear weight.
 
-A format is a sparsity layout (none, bitmask, N:M) combined with a value encoding (the float
-weights, int8 codes, or codes bit-packed into int32 words); its tensors are named as
+A format is a sparsity layout (dense, bitmask, N:M: which weights are stored, and where) composed
+with a value codec (the float weights, int8 codes, or codes bit-packed into int32 words); a new
+encoding of the stored values is one new codec; its tensors are named as
 compressed-tensors names them, `<layer>.<suffix>`. Every format can `encode` a dense weight
 [out, in] (with its quantization grid), `validate` the tensors read from an untrusted file,
 `decode` them to the exact dense weight, and build the runtime module that computes with them.
 
-Codes are our unsigned q in [0, 2**bits - 1] with w = scale * (q - zero) (docs/layouts.md);
+Codes are our unsigned q in [0, 2**bits - 1] with w = scale * (q - zero) (docs/formats.md);
 compressed-tensors stores signed q - 2**(bits-1) (and zero - 2**(bits-1)), which for int8 tensors
 is the same byte with the top bit flipped, and for bit-packed words is the same bits.
 """
@@ -88,121 +89,310 @@ class LayerSpec:
         return spec
 
 
+# --- sparsity layouts: which weights are stored, and where ------------------------------------
+
+class SparsityLayout:
+    """Dense (every weight), bitmask (the nonzeros, row by row) or N:M (n of every m columns)."""
+
+    name = ""
+
+    def spec_problem(self, spec: LayerSpec) -> str | None:
+        if spec.n is not None or spec.m is not None:
+            return f"n and m belong to the nm layout, not {self.name}"
+        return None
+
+    def keep(self, weight: Tensor, spec: LayerSpec) -> Tensor | None:
+        """bool [rows, cols] of the stored weights (None: all)."""
+        return None
+
+    def position_tensors(self, keep: Tensor | None, spec: LayerSpec, codec: ValueCodec) -> dict[str, Tensor]:
+        return {}
+
+    def expected_positions(self, spec: LayerSpec, codec: ValueCodec) -> dict[str, tuple[torch.dtype, tuple[int, ...] | None]]:
+        return {}
+
+    def values_shape(self, spec: LayerSpec, codec: ValueCodec) -> tuple[int, ...] | None:
+        """Shape of the stored values (None: 1-D, its length set by the mask)."""
+        return (spec.rows, codec.width(spec.cols, spec))
+
+    def values_suffix(self, codec: ValueCodec) -> str:
+        return "compressed"
+
+    def arrange(self, kept: Tensor, spec: LayerSpec) -> Tensor:
+        """The kept values (in row-major order) in the stored shape, before encoding."""
+        return kept.view(spec.rows, -1)
+
+    def validate(self, fail, tensors: dict[str, Tensor], spec: LayerSpec, codec: ValueCodec) -> int:
+        """Check the positions; returns the number of codes in one stream of values (a row's, or the
+        whole 1-D run's)."""
+        return spec.cols
+
+    def stored_keep(self, tensors: dict[str, Tensor], spec: LayerSpec) -> Tensor | None:
+        return None if "bitmask" not in tensors else unpack_mask(tensors["bitmask"], spec.cols)
+
+
+class DenseLayout(SparsityLayout):
+    name = "dense"
+
+    def values_suffix(self, codec: ValueCodec) -> str:
+        return codec.dense_suffix
+
+    def position_tensors(self, keep, spec, codec):
+        return {"weight_shape": torch.tensor([spec.rows, spec.cols])} if codec.records_shape else {}
+
+    def expected_positions(self, spec, codec):
+        return {"weight_shape": (torch.int64, (2,))} if codec.records_shape else {}
+
+
+class BitmaskLayout(SparsityLayout):
+    name = "bitmask"
+
+    def keep(self, weight, spec):
+        return weight != 0
+
+    def position_tensors(self, keep, spec, codec):
+        counts = keep.sum(1)
+        return {"bitmask": pack_mask(keep), "row_offsets": counts.cumsum(0) - counts,
+                "shape": torch.tensor([spec.rows, spec.cols])}
+
+    def expected_positions(self, spec, codec):
+        return {"bitmask": (torch.uint8, (spec.rows, -(-spec.cols // 8))), "row_offsets": (torch.int64, (spec.rows,)),
+                "shape": (torch.int64, (2,))}
+
+    def values_shape(self, spec, codec):
+        return None
+
+    def arrange(self, kept, spec):
+        return kept
+
+    def validate(self, fail, tensors, spec, codec):
+        keep = _checked_mask(fail, tensors["bitmask"], spec)
+        counts = keep.sum(1)
+        if not torch.equal(tensors["row_offsets"], counts.cumsum(0) - counts):
+            fail("row_offsets", "does not match the running popcount of the bitmask rows")
+        count = int(counts.sum())
+        length = codec.width(count, spec)
+        if tensors["compressed"].shape != (length,):
+            fail("compressed", f"has {tensors['compressed'].numel()} elements, the bitmask keeps {count} "
+                 f"weights ({length} elements)")
+        return count
+
+
+class NMLayout(SparsityLayout):
+    name = "nm"
+
+    def spec_problem(self, spec):
+        if spec.n is None or spec.m is None or not spec.n < spec.m <= 256 or spec.cols % spec.m:
+            return f"N:M = {spec.n}:{spec.m} needs 0 < n < m <= 256 dividing cols = {spec.cols}"
+        return None
+
+    def keep(self, weight, spec):
+        return _nm_keep(weight, spec.n, spec.m)
+
+    def position_tensors(self, keep, spec, codec):
+        return {"bitmask": pack_mask(keep), "shape": torch.tensor([[spec.rows], [spec.cols]])}
+
+    def expected_positions(self, spec, codec):
+        return {"bitmask": (torch.uint8, (spec.rows, -(-spec.cols // 8))), "shape": (torch.int64, (2, 1))}
+
+    def values_shape(self, spec, codec):
+        return (spec.rows, codec.width(spec.cols // spec.m * spec.n, spec))
+
+    def validate(self, fail, tensors, spec, codec):
+        keep = _checked_mask(fail, tensors["bitmask"], spec)
+        if bool((keep.view(spec.rows, -1, spec.m).sum(-1) != spec.n).any()):
+            fail("bitmask", f"a group of {spec.m} columns does not keep exactly {spec.n}")
+        return spec.cols // spec.m * spec.n
+
+
+def _checked_mask(fail, bitmask: Tensor, spec: LayerSpec) -> Tensor:
+    padded = bitmask.shape[1] * 8
+    if padded > spec.cols and bool(unpack_mask(bitmask, padded)[:, spec.cols:].any()):
+        fail("bitmask", f"padding bits after column {spec.cols} are set")
+    return unpack_mask(bitmask, spec.cols)
+
+
+# --- value codecs: how the stored values are encoded --------------------------------------------
+
+class ValueCodec:
+    """Float weights as they are, or quantization codes q (w = scale * (q - zero)) as signed bytes
+    or bit-packed int32 words; a quantized codec also stores the grid (weight_scale, and
+    weight_zero_point when asymmetric)."""
+
+    name = ""
+    quantized = True
+    dense_suffix = ""  # the values' name in the dense layout (compressed-tensors' naming)
+    records_shape = False  # the dense layout also stores weight_shape (compressed-tensors' pack-quantized)
+    bits_allowed: tuple[int, ...] = ()
+
+    def dtype(self, spec: LayerSpec) -> torch.dtype:
+        raise NotImplementedError
+
+    def width(self, count: int, spec: LayerSpec) -> int:
+        """Stored elements for `count` values."""
+        return count
+
+    def encode(self, values: Tensor, spec: LayerSpec) -> Tensor:
+        """Float weights, or uint8 codes, in their stored shape -> the stored tensor."""
+        raise NotImplementedError
+
+    def decode(self, stored: Tensor, spec: LayerSpec, count: int) -> Tensor:
+        """The stored tensor -> float weights, or uint8 codes (`count` per stream)."""
+        raise NotImplementedError
+
+    def encode_zero(self, zero: Tensor, spec: LayerSpec) -> Tensor:
+        raise NotImplementedError
+
+    def decode_zero(self, stored: Tensor, spec: LayerSpec) -> Tensor:
+        raise NotImplementedError
+
+    def zero_shape(self, spec: LayerSpec) -> tuple[int, int]:
+        return (spec.rows, spec.groups)
+
+    def validate(self, fail, suffix: str, tensors: dict[str, Tensor], spec: LayerSpec, count: int) -> None:
+        """Checks of the values themselves (padding bits, finiteness)."""
+
+
+class FloatValues(ValueCodec):
+    name, quantized = "float", False
+
+    def dtype(self, spec):
+        return spec.torch_dtype
+
+    def encode(self, values, spec):
+        return values
+
+    def decode(self, stored, spec, count):
+        return stored
+
+    def validate(self, fail, suffix, tensors, spec, count):
+        if not bool(tensors[suffix].isfinite().all()):
+            fail(suffix, "holds NaN or infinite weights")
+
+
+class Int8Codes(ValueCodec):
+    """compressed-tensors' signed 8-bit codes q - 128: our unsigned byte with its top bit flipped."""
+
+    name, dense_suffix, bits_allowed = "int8", "weight", (8,)
+
+    def dtype(self, spec):
+        return torch.int8
+
+    def encode(self, values, spec):
+        return _signed(values)
+
+    def decode(self, stored, spec, count):
+        return _unsigned(stored)
+
+    def encode_zero(self, zero, spec):
+        return _signed(zero.to(torch.uint8))
+
+    def decode_zero(self, stored, spec):
+        return _unsigned(stored)
+
+
+class PackedCodes(ValueCodec):
+    """Codes of 2-8 bits bit-packed into int32 words per row (or along a bitmask's 1-D run), as
+    compressed-tensors' pack-quantized; asymmetric zero points are packed along the output rows."""
+
+    name, dense_suffix, bits_allowed, records_shape = "packed", "weight_packed", tuple(range(2, 9)), True
+
+    def dtype(self, spec):
+        return torch.int32
+
+    def width(self, count, spec):
+        return packed_words(count, spec.bits)
+
+    def encode(self, values, spec):
+        return pack_bits(values, spec.bits)
+
+    def decode(self, stored, spec, count):
+        return unpack_bits(stored, spec.bits, count)
+
+    def encode_zero(self, zero, spec):
+        return pack_bits(zero.to(torch.uint8).t(), spec.bits).t().contiguous()
+
+    def decode_zero(self, stored, spec):
+        return unpack_bits(stored.t(), spec.bits, spec.rows).t()
+
+    def zero_shape(self, spec):
+        return (packed_words(spec.rows, spec.bits), spec.groups)
+
+    def validate(self, fail, suffix, tensors, spec, count):
+        if not padding_is_zero(tensors[suffix], spec.bits, count):
+            fail(suffix, "padding bits after the last code are set")
+        if not spec.symmetric and not padding_is_zero(tensors["weight_zero_point"].t(), spec.bits, spec.rows):
+            fail("weight_zero_point", "padding bits after the last zero point are set")
+
+
+# --- formats: a layout composed with a codec --------------------------------------------------
+
 @dataclass(frozen=True)
 class Format:
     name: str
-    sparsity: str  # "dense", "bitmask" or "nm"
-    values: str  # "float", "int8" or "packed"
+    layout: SparsityLayout
+    codec: ValueCodec
     ct_sparsity: str | None = None  # the compressed-tensors formats whose layout this is exactly
     ct_quantization: str | None = None
 
     @property
     def quantized(self) -> bool:
-        return self.values != "float"
+        return self.codec.quantized
 
     def compressed_tensors_names(self, spec: LayerSpec) -> tuple[str | None, str | None] | None:
         """(sparsity format, quantization format) as compressed-tensors names them, or None where
         compressed-tensors has no such layout."""
-        if (self.ct_sparsity, self.ct_quantization) == (None, None) or (self.sparsity == "nm" and (spec.n, spec.m) != (2, 4)):
+        if (self.ct_sparsity, self.ct_quantization) == (None, None) or (self.layout.name == "nm" and (spec.n, spec.m) != (2, 4)):
             return None
         return self.ct_sparsity, self.ct_quantization
 
     def spec_problem(self, spec: LayerSpec) -> str | None:
-        if self.sparsity == "nm":
-            if spec.n is None or spec.m is None or not spec.n < spec.m <= 256 or spec.cols % spec.m:
-                return f"N:M = {spec.n}:{spec.m} needs 0 < n < m <= 256 dividing cols = {spec.cols}"
-        elif spec.n is not None or spec.m is not None:
-            return f"n and m belong to the nm format, not {self.name}"
+        problem = self.layout.spec_problem(spec)
+        if problem:
+            return problem
         if not self.quantized:
             if spec.bits is not None or spec.group_size is not None:
                 return f"bits and group_size belong to quantized formats, not {self.name}"
             return None
-        allowed = (8,) if self.values == "int8" else tuple(range(2, 9))
-        if spec.bits not in allowed:
-            return f"bits {spec.bits} not in {allowed} for format {self.name}"
+        if spec.bits not in self.codec.bits_allowed:
+            return f"bits {spec.bits} not in {self.codec.bits_allowed} for format {self.name}"
         if spec.group_size is not None and spec.cols % spec.group_size:
             return f"group_size {spec.group_size} does not divide cols = {spec.cols}"
         return None
+
+    @property
+    def values_suffix(self) -> str:
+        return self.layout.values_suffix(self.codec)
 
     # --- encode --------------------------------------------------------------------------
 
     def encode(self, weight: Tensor, spec: LayerSpec, grid: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Tensors (by suffix) of a dense weight [rows, cols] whose pruned entries are 0 and, for a
         quantized format, whose kept entries lie on `grid` = (scale, zero) float32 [rows, groups]."""
-        rows, cols = weight.shape
-        payload = weight if not self.quantized else self._codes(weight, spec, grid)
-        tensors = {}
-        if self.sparsity == "dense":
-            kept = payload
-        else:
-            keep = weight != 0 if self.sparsity == "bitmask" else _nm_keep(weight, spec.n, spec.m)
-            kept = payload[keep]
-            tensors["bitmask"] = pack_mask(keep)
-            if self.sparsity == "bitmask":
-                counts = keep.sum(1)
-                tensors["row_offsets"] = counts.cumsum(0) - counts
-                tensors["shape"] = torch.tensor([rows, cols])
-            else:
-                kept = kept.view(rows, -1)
-                tensors["shape"] = torch.tensor([[rows], [cols]])
-        tensors[self._values_name()] = self._encode_values(kept.contiguous(), spec)
-        if self.sparsity == "dense" and self.values == "packed":
-            tensors["weight_shape"] = torch.tensor([rows, cols])
+        if self.quantized and grid is None:
+            raise ValueError(f"format {self.name} needs a quantization grid")
+        payload = grid_codes(weight, grid, spec.group_size, spec.bits) if self.quantized else weight
+        keep = self.layout.keep(weight, spec)
+        kept = payload if keep is None else self.layout.arrange(payload[keep], spec)
+        tensors = self.layout.position_tensors(keep, spec, self.codec)
+        tensors[self.values_suffix] = self.codec.encode(kept.contiguous(), spec)
         if self.quantized:
             scale, zero = grid
             tensors["weight_scale"] = scale.to(torch.float32).contiguous()
             if not spec.symmetric:
-                tensors["weight_zero_point"] = self._encode_zero(zero, spec)
+                tensors["weight_zero_point"] = self.codec.encode_zero(zero, spec)
         return tensors
-
-    def _codes(self, weight: Tensor, spec: LayerSpec, grid) -> Tensor:
-        if grid is None:
-            raise ValueError(f"format {self.name} needs a quantization grid")
-        return grid_codes(weight, grid, spec.group_size, spec.bits)
-
-    def _values_name(self) -> str:
-        if self.sparsity != "dense":
-            return "compressed"
-        return "weight" if self.values == "int8" else "weight_packed"
-
-    def _encode_values(self, values: Tensor, spec: LayerSpec) -> Tensor:
-        if self.values == "float":
-            return values
-        if self.values == "int8":
-            return _signed(values)
-        return pack_bits(values, spec.bits)  # per row, or the 1-D run of a bitmask's kept codes
-
-    def _encode_zero(self, zero: Tensor, spec: LayerSpec) -> Tensor:
-        codes = zero.to(torch.uint8)
-        # compressed-tensors packs asymmetric zero points along the output dimension.
-        return _signed(codes) if self.values == "int8" else pack_bits(codes.t(), spec.bits).t().contiguous()
 
     # --- validate ------------------------------------------------------------------------
 
     def expected_tensors(self, spec: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...] | None]]:
         """dtype and shape of each tensor by suffix; shape None where it depends on the mask (1-D)."""
-        rows, cols = spec.rows, spec.cols
-        value_dtype = {"float": spec.torch_dtype, "int8": torch.int8, "packed": torch.int32}[self.values]
-        expected: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] = {}
-        if self.sparsity == "dense":
-            width = cols if self.values == "int8" else packed_words(cols, spec.bits)
-            expected[self._values_name()] = (value_dtype, (rows, width))
-            if self.values == "packed":
-                expected["weight_shape"] = (torch.int64, (2,))
-        else:
-            expected["bitmask"] = (torch.uint8, (rows, -(-cols // 8)))
-            if self.sparsity == "bitmask":
-                expected["row_offsets"] = (torch.int64, (rows,))
-                expected["shape"] = (torch.int64, (2,))
-                expected["compressed"] = (value_dtype, None)
-            else:
-                expected["shape"] = (torch.int64, (2, 1))
-                expected["compressed"] = (value_dtype, (rows, cols // spec.m * spec.n))
+        expected = dict(self.layout.expected_positions(spec, self.codec))
+        expected[self.values_suffix] = (self.codec.dtype(spec), self.layout.values_shape(spec, self.codec))
         if self.quantized:
-            expected["weight_scale"] = (torch.float32, (rows, spec.groups))
+            expected["weight_scale"] = (torch.float32, (spec.rows, spec.groups))
             if not spec.symmetric:
-                zero_shape = (rows, spec.groups) if self.values == "int8" else (packed_words(rows, spec.bits), spec.groups)
-                expected["weight_zero_point"] = (value_dtype, zero_shape)
+                expected["weight_zero_point"] = (self.codec.dtype(spec), self.codec.zero_shape(spec))
         return expected
 
     def validate(self, layer: str, tensors: dict[str, Tensor], spec: LayerSpec) -> None:
@@ -223,32 +413,8 @@ class Format:
         for suffix in ("shape", "weight_shape"):
             if suffix in tensors and tensors[suffix].flatten().tolist() != [spec.rows, spec.cols]:
                 fail(suffix, f"holds {tensors[suffix].flatten().tolist()}, config.json says [{spec.rows}, {spec.cols}]")
-        count = spec.cols  # codes per bit stream
-        if self.sparsity != "dense":
-            bitmask = tensors["bitmask"]
-            padded = bitmask.shape[1] * 8
-            if padded > spec.cols and bool(unpack_mask(bitmask, padded)[:, spec.cols:].any()):
-                fail("bitmask", f"padding bits after column {spec.cols} are set")
-            keep = unpack_mask(bitmask, spec.cols)
-            if self.sparsity == "nm":
-                if bool((keep.view(spec.rows, -1, spec.m).sum(-1) != spec.n).any()):
-                    fail("bitmask", f"a group of {spec.m} columns does not keep exactly {spec.n}")
-            else:
-                counts = keep.sum(1)
-                if not torch.equal(tensors["row_offsets"], counts.cumsum(0) - counts):
-                    fail("row_offsets", "does not match the running popcount of the bitmask rows")
-                count = int(counts.sum())
-                length = packed_words(count, spec.bits) if self.values == "packed" else count
-                if tensors["compressed"].shape != (length,):
-                    fail("compressed", f"has {tensors['compressed'].numel()} elements, the bitmask keeps {count} "
-                         f"weights ({length} elements)")
-        if self.values == "packed":
-            if not padding_is_zero(tensors[self._values_name()], spec.bits, count):
-                fail(self._values_name(), "padding bits after the last code are set")
-            if not spec.symmetric and not padding_is_zero(tensors["weight_zero_point"].t(), spec.bits, spec.rows):
-                fail("weight_zero_point", "padding bits after the last zero point are set")
-        if self.values == "float" and not bool(tensors["compressed"].isfinite().all()):
-            fail("compressed", "holds NaN or infinite weights")
+        count = self.layout.validate(fail, tensors, spec, self.codec)
+        self.codec.validate(fail, self.values_suffix, tensors, spec, count)
         if self.quantized:
             scale = tensors["weight_scale"]
             if not bool((scale.isfinite() & (scale > 0)).all()):
@@ -258,60 +424,54 @@ class Format:
 
     def decode(self, tensors: dict[str, Tensor], spec: LayerSpec) -> Tensor:
         """The exact dense weight [rows, cols] in spec.dtype."""
-        keep = None if self.sparsity == "dense" else unpack_mask(tensors["bitmask"], spec.cols)
+        keep = self.layout.stored_keep(tensors, spec)
         if not self.quantized:
+            values = self.codec.decode(tensors[self.values_suffix], spec, spec.cols)
+            if keep is None:
+                return values.to(spec.torch_dtype)
             dense = torch.zeros(spec.rows, spec.cols, dtype=spec.torch_dtype)
-            dense[keep] = tensors["compressed"].flatten()
+            dense[keep] = values.flatten()
             return dense
-        scale, zero = self._grid(tensors, spec)
+        scale, zero = self.grid(tensors, spec)
         return dequantize(self.dense_codes(tensors, spec, keep, zero), scale, zero, spec.group_size).to(spec.torch_dtype)
 
-    def _grid(self, tensors: dict[str, Tensor], spec: LayerSpec) -> tuple[Tensor, Tensor]:
+    def grid(self, tensors: dict[str, Tensor], spec: LayerSpec) -> tuple[Tensor, Tensor]:
         scale = tensors["weight_scale"]
         if spec.symmetric:
             return scale, torch.full_like(scale, 2 ** (spec.bits - 1))
-        stored = tensors["weight_zero_point"]
-        if self.values == "int8":
-            zero = _unsigned(stored)
-        else:
-            zero = unpack_bits(stored.t(), spec.bits, spec.rows).t()
+        zero = self.codec.decode_zero(tensors["weight_zero_point"], spec)
         return scale, zero.to(torch.float32).contiguous()
-
-    def _kept_codes(self, tensors: dict[str, Tensor], spec: LayerSpec, count: int) -> Tensor:
-        """The stored codes as uint8 q: `count` per row (dense) or in all (a bitmask's 1-D run)."""
-        stored = tensors[self._values_name()]
-        if self.values == "int8":
-            return _unsigned(stored)
-        return unpack_bits(stored, spec.bits, count)
 
     def dense_codes(self, tensors: dict[str, Tensor], spec: LayerSpec, keep: Tensor | None, zero: Tensor) -> Tensor:
         """uint8 codes [rows, cols]; pruned weights get their group's zero point (w = 0)."""
+        stored = tensors[self.values_suffix]
         if keep is None:
-            return self._kept_codes(tensors, spec, spec.cols)
+            return self.codec.decode(stored, spec, spec.cols)
         codes = group_columns(zero, spec.group_size, spec.cols).to(torch.uint8)
-        codes[keep] = self._kept_codes(tensors, spec, int(keep.sum()))
+        per_stream = int(keep.sum()) if stored.dim() == 1 else int(keep[0].sum())
+        codes[keep] = self.codec.decode(stored, spec, per_stream).flatten()
         return codes
 
     # --- runtime module ------------------------------------------------------------------
 
     def module(self, tensors: dict[str, Tensor], spec: LayerSpec, bias: Tensor | None) -> nn.Module:
         """The compressed Linear computing with these (validated) tensors."""
-        keep = None if self.sparsity == "dense" else unpack_mask(tensors["bitmask"], spec.cols)
-        if self.sparsity == "nm":
+        keep = self.layout.stored_keep(tensors, spec)
+        if self.layout.name == "nm" and not self.quantized:
             indices = torch.arange(spec.m, dtype=torch.uint8).repeat(spec.rows, spec.cols // spec.m)[keep]
-            shape = tensors["compressed"].shape
-            return NMLinear(tensors["compressed"], indices.view(shape), spec.n, spec.m, bias)
-        if self.sparsity == "bitmask":
+            values = tensors[self.values_suffix]
+            return NMLinear(values, indices.view(values.shape), spec.n, spec.m, bias)
+        if self.layout.name == "bitmask":
             offsets = torch.cat([tensors["row_offsets"], torch.tensor([int(keep.sum())])])
             if not self.quantized:
                 return BitmaskLinear(tensors["bitmask"], tensors["compressed"], offsets, spec.cols, bias)
-            if self.values == "int8" and spec.symmetric and spec.group_size is None:
+            if self.codec.name == "int8" and spec.symmetric and spec.group_size is None:
                 # compressed-tensors' signed codes are exactly SparseQuantLinear's w = scale[r] * v.
                 return SparseQuantLinear(tensors["bitmask"], tensors["compressed"], offsets,
                                          tensors["weight_scale"][:, 0].contiguous(), spec.cols, bias)
         # Other quantized layouts run on the dense int4 / int8 kernel: 2- and 3-bit codes fit int4,
         # 5- to 7-bit codes int8, and pruned weights are their group's zero point.
-        scale, zero = self._grid(tensors, spec)
+        scale, zero = self.grid(tensors, spec)
         codes = self.dense_codes(tensors, spec, keep, zero)
         return QuantLinear.from_codes(codes, scale, zero, bias, "int4" if spec.bits <= 4 else "int8", spec.group_size)
 
@@ -341,13 +501,15 @@ def _nm_keep(weight: Tensor, n: int, m: int) -> Tensor:
     return keep.view(rows, cols)
 
 
+DENSE, BITMASK, NM = DenseLayout(), BitmaskLayout(), NMLayout()
+FLOAT, INT8, PACKED = FloatValues(), Int8Codes(), PackedCodes()
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("bitmask", "bitmask", "float", ct_sparsity="sparse-bitmask"),
-    Format("nm", "nm", "float", ct_sparsity="sparse-24-bitmask"),
-    Format("int8", "dense", "int8", ct_quantization="naive-quantized"),
-    Format("pack-quantized", "dense", "packed", ct_quantization="pack-quantized"),
-    Format("bitmask-int8", "bitmask", "int8", ct_sparsity="sparse-bitmask", ct_quantization="naive-quantized"),
-    Format("bitmask-packed", "bitmask", "packed"),
+    Format("bitmask", BITMASK, FLOAT, ct_sparsity="sparse-bitmask"),
+    Format("nm", NM, FLOAT, ct_sparsity="sparse-24-bitmask"),
+    Format("int8", DENSE, INT8, ct_quantization="naive-quantized"),
+    Format("pack-quantized", DENSE, PACKED, ct_quantization="pack-quantized"),
+    Format("bitmask-int8", BITMASK, INT8, ct_sparsity="sparse-bitmask", ct_quantization="naive-quantized"),
+    Format("bitmask-packed", BITMASK, PACKED),
 )}
 
 
