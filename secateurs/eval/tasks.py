@@ -377,3 +377,16 @@ def evaluate(model, tokenizer, tasks: str | list[str], limit: int | None = None,
 def mean_accuracy(results: list[TaskResult]) -> float:
     """The mean of `acc` over tasks (LAMBADA's is its last-word accuracy)."""
     return sum(result.acc for result in results) / len(results)
+
+
+def format_table(results: list[TaskResult]) -> str:
+    """A plain-text table of results (acc ± stderr, acc_norm, LAMBADA's ppl) and their mean acc."""
+    lines = [f"{'task':<14} {'n':>6} {'acc':>15} {'acc_norm':>15} {'ppl':>9} {'tok/s':>7}"]
+    for r in results:
+        acc = f"{100 * r.acc:.2f} ± {100 * (r.stderr or 0):.2f}"
+        norm = "—" if r.acc_norm is None else f"{100 * r.acc_norm:.2f} ± {100 * (r.acc_norm_stderr or 0):.2f}"
+        ppl = "—" if r.ppl is None else f"{r.ppl:.2f}"
+        lines.append(f"{r.task:<14} {r.n:>6} {acc:>15} {norm:>15} {ppl:>9} {r.tokens_per_second:>7.0f}")
+    if len(results) > 1:
+        lines.append(f"{'mean acc':<14} {'':>6} {100 * mean_accuracy(results):>15.2f}")
+    return "\n".join(lines)

@@ -210,3 +210,13 @@ def test_packaged_data(task, count):
     if task == "lambada":
         # the request file's context and continuation are exactly lm-eval's split of the passage
         assert item.requests[0][1].startswith(" ") and " " not in item.requests[0][1][1:]
+
+
+def test_format_table_lists_every_task():
+    from secateurs.eval.tasks import TaskResult, format_table
+
+    results = [TaskResult("piqa", 10, 0.6, 0.05, acc_norm=0.7, acc_norm_stderr=0.04, seconds=1.0, tokens=100),
+               TaskResult("lambada", 10, 0.3, 0.05, ppl=12.5, seconds=1.0, tokens=50)]
+    text = format_table(results)
+    assert "60.00 ± 5.00" in text and "70.00 ± 4.00" in text and "12.50" in text
+    assert text.splitlines()[-1].split()[-1] == "45.00"
