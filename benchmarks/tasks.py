@@ -231,6 +231,17 @@ def write_markdown(rows: list[dict]) -> None:
     path.write_text(head + "<!-- tables -->\n\n" + "\n".join(lines))
 
 
+def write_plot() -> None:
+    """tasks.png: mean task accuracy against sparsity per method, the report's plot of these rows."""
+    from secateurs.eval.report import load_results, plot_vs_sparsity, variant_table
+
+    quality = JSON_PATH.parent / "quality.json"
+    _, table = variant_table(load_results([JSON_PATH] + ([quality] if quality.is_file() else [])))
+    png = plot_vs_sparsity([entry for entry in table if entry["mean"] is not None], "mean", "mean task accuracy (%)")
+    if png is not None:
+        JSON_PATH.with_suffix(".png").write_bytes(png)
+
+
 def main(argv=None) -> None:
     global JSON_PATH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -249,6 +260,7 @@ def main(argv=None) -> None:
     tasks = [task for task in TASK_ORDER if task in args.tasks]
     if args.markdown_only:
         write_markdown(load_rows())
+        write_plot()
     elif args.engine == "secateurs":
         run_ours(args.variants, tasks, subset, args.force)
     else:
