@@ -1,0 +1,215 @@
+"""One stage of a recipe: a pruning (magnitude, wanda, sparsegpt) or quantization (gptq, rtn)
+method with its options, each value typed and checked, every error one line naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+
+from secateurs.algorithms import QuantSpec
+from secateurs.errors import SecateursError
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+QUANT_METHODS = ("gptq", "rtn")
+DEFAULT_IGNORE = ("lm_head", "embed")
+
+
+class RecipeError(SecateursError):
+    pass
+
+
+@dataclass(frozen=True)
+class Stage:
+    method: str
+    sparsity: float = 0.0
+    mask: str = "unstructured"  # or "N:M": N kept of every M consecutive inputs
+    per_row: bool = False  # magnitude only: threshold per output row instead of per layer
+    sparsity_profile: str = "uniform"  # or "owl" (outlier-weighted layer-wise sparsity)
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = True
+    act_order: bool | None = None  # GPTQ: None = on, except beside a SparseGPT N:M stage (see Recipe)
+    mse_clip: bool = False
+    block_size: int = 128
+    percdamp: float = 0.01
+    targets: tuple[str, ...] = (".*",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    @property
+    def prunes(self) -> bool:
+        return self.method in PRUNE_METHODS
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Magnitude and round-to-nearest look at the weights only: no calibration forward for them."""
+        return self.method not in ("magnitude", "rtn")
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Wanda needs only the inputs' column norms; the OBS sweeps need the whole Hessian."""
+        return self.method in ("sparsegpt", "gptq")
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        """(n, m) of an N:M mask, (0, 0) for unstructured."""
+        if self.mask == "unstructured":
+            return 0, 0
+        n, m = (int(part) for part in self.mask.split(":"))
+        return n, m
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.symmetric, self.group_size, bool(self.act_order), self.mse_clip)
+
+    def applies_to(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.targets) and not any(re.search(p, name) for p in self.ignore)
+
+
+STAGE_KEYS = {
+    "magnitude": {"sparsity", "mask", "per_row", "targets", "ignore"},
+    "wanda": {"sparsity", "mask", "sparsity_profile", "owl_lambda", "owl_threshold", "targets", "ignore"},
+    "sparsegpt": {"sparsity", "mask", "sparsity_profile", "owl_lambda", "owl_threshold", "block_size",
+                  "percdamp", "targets", "ignore"},
+    "gptq": {"bits", "group_size", "symmetric", "act_order", "mse_clip", "block_size", "percdamp", "targets", "ignore"},
+    "rtn": {"bits", "group_size", "symmetric", "mse_clip", "targets", "ignore"},
+}
+
+
+def show(value) -> str:
+    """A value for an error message: its repr, on one line and cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def key_name(key) -> str:
+    """A key from the user's file for an error message: as written if it looks like a name."""
+    return key if isinstance(key, str) and re.fullmatch(r"[\w.:-]{1,60}", key) else show(key)
+
+
+def sorted_keys(keys) -> list:
+    return sorted(keys, key=repr)  # YAML keys may be numbers, null or dates beside strings
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each option must be: a YAML "false" in quotes is a string, and a string is not a boolean.
+_TYPES = {
+    "sparsity": (_is_number, "a number"),
+    "percdamp": (_is_number, "a number"),
+    "owl_lambda": (_is_number, "a number"),
+    "owl_threshold": (_is_number, "a number"),
+    "bits": (is_int, "an integer"),
+    "block_size": (is_int, "an integer"),
+    "group_size": (lambda v: v is None or is_int(v), "an integer or null"),
+    "per_row": (_is_bool, "true or false"),
+    "symmetric": (_is_bool, "true or false"),
+    "mse_clip": (_is_bool, "true or false"),
+    "act_order": (lambda v: v is None or _is_bool(v), "true or false"),
+    # unquoted, YAML 1.1 reads 2:4 as the sexagesimal number 124
+    "mask": (lambda v: isinstance(v, str), "a quoted string ('unstructured' or 'N:M', e.g. '2:4')"),
+    "sparsity_profile": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_stage(stage: Stage, label: str | None = None, names: dict | None = None) -> Stage:
+    """`label` and `names` ({our key: the key as the user wrote it}) make errors name what the
+    user wrote; a translated llm-compressor modifier passes its own."""
+    label = label or stage.method
+    names = names or {}
+
+    def key(name: str) -> str:
+        return f"{label}.{names.get(name, name)}"
+
+    for name in sorted(STAGE_KEYS[stage.method] & set(_TYPES)):
+        accepts, wanted = _TYPES[name]
+        value = getattr(stage, name)
+        if not accepts(value):
+            raise RecipeError(f"{key(name)} must be {wanted}, got {show(value)}")
+    if stage.prunes:
+        if not 0 <= stage.sparsity < 1:
+            raise RecipeError(f"{key('sparsity')} must be in [0, 1), got {show(stage.sparsity)}")
+        if stage.mask != "unstructured":
+            match = re.fullmatch(r"([0-9]+):([0-9]+)", stage.mask)
+            if not match or not 0 < int(match[1]) < int(match[2]):
+                raise RecipeError(f"{key('mask')} must be 'unstructured' or N:M with 0 < N < M, got {show(stage.mask)}")
+            n, m = int(match[1]), int(match[2])
+            # an N:M mask fixes the sparsity; a different one given beside it would be ignored
+            if stage.sparsity and not math.isclose(stage.sparsity, 1 - n / m):
+                raise RecipeError(f"{key('sparsity')} {stage.sparsity} contradicts {key('mask')} {stage.mask}, "
+                                  f"which prunes {1 - n / m:g}; give one of them")
+        elif stage.sparsity == 0:
+            raise RecipeError(f"{label}: give {names.get('sparsity', 'sparsity')} (0 < s < 1) or "
+                              f"{names.get('mask', 'mask')} (N:M); with neither nothing is pruned")
+        if stage.sparsity_profile not in ("uniform", "owl"):
+            raise RecipeError(f"{key('sparsity_profile')} must be 'uniform' or 'owl', got {show(stage.sparsity_profile)}")
+        if stage.sparsity_profile == "owl" and stage.mask != "unstructured":
+            raise RecipeError(f"{key('sparsity_profile')} 'owl' needs an unstructured mask")
+        if not 0 <= stage.owl_lambda < 1:
+            raise RecipeError(f"{key('owl_lambda')} must be in [0, 1), got {show(stage.owl_lambda)}")
+        if not 0 < stage.owl_threshold < math.inf:
+            raise RecipeError(f"{key('owl_threshold')} must be a positive number, got {show(stage.owl_threshold)}")
+    else:
+        try:
+            stage.quant_spec()
+        except ValueError as exc:  # "bits must be ...": name the key as the user wrote it
+            name, _, rest = str(exc).partition(" ")
+            raise RecipeError(f"{key(name)} {rest}" if name in STAGE_KEYS[stage.method] else f"{label}: {exc}") from None
+    if stage.block_size < 1:
+        raise RecipeError(f"{key('block_size')} must be a positive integer, got {show(stage.block_size)}")
+    if not 0 <= stage.percdamp < 10:
+        raise RecipeError(f"{key('percdamp')} must be in [0, 10), got {show(stage.percdamp)}")
+    for name in ("targets", "ignore"):
+        for pattern in getattr(stage, name):
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError, ValueError) as exc:
+                raise RecipeError(f"{key(name)}: bad regular expression {show(pattern)} ({exc})") from None
+    return stage
+
+
+def _patterns(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise RecipeError(f"{where} must be a string or a list of strings, got {show(value)}")
+    return tuple(value)  # a tuple too: as_dict() gives them, and compression reports reload it
+
+
+def stage_from_dict(method: str, options: dict | None, label: str | None = None, names: dict | None = None) -> Stage:
+    """One stage from its method and options, every value checked (label, names: see _check_stage)."""
+    if not isinstance(method, str) or method not in STAGE_KEYS:
+        raise RecipeError(f"unknown stage {show(method)}; known: {', '.join(STAGE_KEYS)}")
+    label = label or method
+    names = names or {}
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise RecipeError(f"{label}: its options must be a mapping such as {{sparsity: 0.5}}, got {show(options)}")
+    options = dict(options)
+    unknown = set(options) - STAGE_KEYS[method]
+    if unknown:
+        raise RecipeError(f"{label}: unknown key(s) {sorted_keys(unknown)}; allowed: {sorted(STAGE_KEYS[method])}")
+    for name in ("targets", "ignore"):
+        if name in options:
+            options[name] = _patterns(options[name], f"{label}.{names.get(name, name)}")
+    if options.get("group_size") == -1 and is_int(options["group_size"]):
+        options["group_size"] = None  # -1 is QuantSpec's other spelling of one group per row
+    stage = _check_stage(Stage(method=method, **options), label, names)
+    # an N:M mask fixes the sparsity: one form per meaning keeps one digest per meaning
+    return dataclasses.replace(stage, sparsity=0.0) if stage.prunes and stage.nm[1] else stage
+
+
