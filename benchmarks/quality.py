@@ -1,6 +1,6 @@
 """Quality benchmark: perplexity of every compression method on SmolLM2-135M, ours and the reference.
 
-Protocol (also in the README):
+Protocol (also in docs/evaluation.md):
   - model: SmolLM2-135M-Instruct, its Q4_1 GGUF dequantized to float32 (the "dense" baseline);
   - calibration: 64 windows x 512 tokens, seed 0, from the five Austen novels other than Persuasion;
   - evaluation: perplexity on the first 40,960 tokens of Persuasion, non-overlapping windows of 512;

@@ -1,6 +1,6 @@
 """Scale benchmark: stream-compress models block by block; peak memory, time and disk written.
 
-Protocol (also in the README):
+Protocol (also in docs/scaling.md):
   - llama2-7b-shape: a Llama-2-7B-shaped checkpoint with random bf16 weights (32 blocks, hidden 4096,
     intermediate 11008, vocabulary 32000; 13.5 GB in one shard per block), generated shard by shard
     into a scratch folder and deleted afterwards, even on failure; skipped below 35 GB of free disk;

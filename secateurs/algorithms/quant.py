@@ -1,4 +1,4 @@
-"""Uniform affine quantization grids (see docs/layouts.md) and the round-to-nearest baseline.
+"""Uniform affine quantization grids (see docs/formats.md) and the round-to-nearest baseline.
 
 A weight of row r in group g is stored as a code q in [0, 2**bits - 1] with
 w_hat = scale[r, g] * (q - zero[r, g]); scale and zero are float32, zero holds an integer.

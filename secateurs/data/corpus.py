@@ -24,7 +24,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 
 @cache
 def austen_novels() -> dict[str, list[str]]:
-    """The six novels as lists of lines, extracted from Debian's r-cran-janeaustenr (see README)."""
+    """The six novels as lists of lines, extracted from Debian's r-cran-janeaustenr (see docs/evaluation.md)."""
     with gzip.open(files("secateurs.data").joinpath("austen.json.gz")) as handle:
         return json.load(handle)
 

@@ -226,7 +226,7 @@ def _batches(lengths: list[int], batch_tokens: int, max_rows: int) -> list[list[
 
 
 @torch.no_grad()
-def score_requests(model, tokenizer, pairs: list[tuple[str, str]], batch_tokens: int = 4096, max_rows: int = 64,
+def score_requests(model, tokenizer, pairs: list[tuple[str, str]], batch_tokens: int = 1024, max_rows: int = 64,
                    share_contexts: bool | None = None, progress: bool = True, desc: str = "scoring"):
     """Log-likelihood of each continuation given its context, and whether it is the greedy decoding.
 
@@ -252,7 +252,9 @@ def score_requests(model, tokenizer, pairs: list[tuple[str, str]], batch_tokens:
     fed = 0
     if share_contexts:
         # the cache is copied once per continuation: a context costs (its length + the longest
-        # continuation) for each of its continuations
+        # continuation) for each of its continuations. Ordering by that cost and a budget of about
+        # 1024 padded tokens keeps padding to 2-55% of the tokens fed on the seven tasks with
+        # SmolLM2's tokenizer (4096: 9-90%); on the CPU, batches that size lose no speed.
         members: list[list[int]] = [[] for _ in contexts]
         for r, (c, _) in enumerate(requests):
             members[c].append(r)

@@ -35,7 +35,7 @@ class LayerResult:
     loss: float | None  # ½ Σ_rows ΔwᵀHΔw with the undamped H = ‖(W-Ŵ)X‖² / n; None without H
     sparsity: float
     seconds: float
-    scale: torch.Tensor | None = None  # quantization grid, see docs/layouts.md
+    scale: torch.Tensor | None = None  # quantization grid, see docs/formats.md
     zero: torch.Tensor | None = None
     damp: float = 0.0
 

@@ -1,6 +1,6 @@
 """Compressed drop-in replacements of nn.Linear running on the secateurs CPU kernels.
 
-Each module keeps its layout tensors (docs/layouts.md) as buffers, validates them once at
+Each module keeps its layout tensors (docs/formats.md) as buffers, validates them once at
 construction, and in forward uses the compressed kernel for up to KERNEL_MAX_BATCH rows of
 activations (decode, batch-1 generation) and a dense matmul on a weight decompressed on the fly
 (not cached: that would cost the memory the compression saved) for larger batches (prefill),

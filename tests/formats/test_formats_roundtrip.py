@@ -69,7 +69,7 @@ def test_unpruned_float_layers_stay_dense_and_load_as_nn_linear(tmp_path):
 
 
 def expected_bytes(spec: LayerSpec, nonzeros: int) -> int:
-    """The size of a layer's tensors in each format, from the layouts in README."""
+    """The size of a layer's tensors in each format, from the layouts of docs/formats.md."""
     rows, cols, groups = spec.rows, spec.cols, spec.groups
     item = 4 if spec.dtype == "float32" else 2
     mask, offsets_and_shape = rows * math.ceil(cols / 8), 8 * rows + 16

@@ -1,4 +1,4 @@
-// Shared declarations of the secateurs CPU kernels (layouts: docs/layouts.md).
+// Shared declarations of the secateurs CPU kernels (layouts: docs/formats.md).
 //
 // Every kernel computes y = x @ W_hat^T for x [batch, cols]. The dispatcher (dispatch.cpp) converts
 // the activations to zero-padded fp32 in the layout each kernel wants, splits the rows between
