@@ -191,6 +191,14 @@ def cmd_generate(args) -> None:
     except UnicodeEncodeError:
         raise SecateursError("--prompt is not valid UTF-8 text") from None
     loaded, threads = _load_for_generation(args)
+    if args.threads is None and "SECATEURS_THREADS" not in os.environ:
+        # OpenMP threads spinning against other work run many times slower than one thread.
+        from secateurs.runtime.threads import default_threads
+
+        choice = default_threads(limit=threads)
+        threads = choice.threads
+        torch.set_num_threads(threads)  # the transformers fallback uses torch's threads too
+        say(f"secateurs: {choice} (--threads to choose)")
     ids = list(loaded.tokenizer(args.prompt)["input_ids"])
     if not ids:
         raise SecateursError("the prompt encodes to no tokens")
@@ -339,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(generate)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=128)
-    generate.add_argument("--threads", type=int, default=None, help="default: torch's thread count")
+    generate.add_argument("--threads", type=int, default=None,
+                          help="default: the CPUs other processes leave free (at most torch's thread count)")
     generate.add_argument("--embeddings", choices=("fp32", "bf16", "int8"), default="fp32", help=embeddings_help)
     generate.set_defaults(run=cmd_generate)
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
+from secateurs.structure import eos_token_ids
 
 from . import kernels
 from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, per_row_int8
@@ -395,9 +396,7 @@ class DecodeModel:
         self._finalizer = weakref.finalize(self, self._library.secateurs_decode_destroy, plan)
         self._tensors, self._spec, self._layers = build.tensors, spec, layer_specs
         self.vocab_size, self.threads = vocab, threads
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos_token_ids = ({eos} if isinstance(eos, int) else {i for i in eos if isinstance(i, int)}
-                              if isinstance(eos, list | tuple) else set())
+        self.eos_token_ids = eos_token_ids(model)
         self._lock = threading.Lock()  # ctypes releases the GIL: one forward at a time per plan
         self._tokens = (ctypes.c_int64 * max_length)()
         self._next = ctypes.c_int64(0)
