@@ -97,8 +97,9 @@ def load_rows() -> list[dict]:
 
 
 def store(rows: list[dict], row: dict) -> list[dict]:
-    """Replace the row with the same key (or add it) and write the file atomically."""
-    rows = [old for old in rows if _key(old) != _key(row)] + [row]
+    """Replace the row with the same key (or add it) and write the file atomically; the file is read
+    again first, so rows another run wrote meanwhile are kept."""
+    rows = [old for old in load_rows() if _key(old) != _key(row)] + [row]
     write_json(JSON_PATH, rows)
     return rows
 
