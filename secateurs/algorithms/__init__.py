@@ -6,6 +6,7 @@ from .magnitude import magnitude_mask
 from .owl import outlier_fraction, owl_ratios
 from .quant import QuantSpec, RTNResult, dequantize, fit_grid, quantize_codes, round_to_nearest
 from .sparsegpt import SparseGPTResult, sparsegpt
+from .vq import VQBits, VQResult, VQSpec, beam_search_codes, vq, vq_bits, vq_loss, vq_reconstruct
 from .wanda import WandaResult, wanda_mask, wanda_scores
 
 __all__ = [
@@ -15,7 +16,11 @@ __all__ = [
     "QuantSpec",
     "RTNResult",
     "SparseGPTResult",
+    "VQBits",
+    "VQResult",
+    "VQSpec",
     "WandaResult",
+    "beam_search_codes",
     "dequantize",
     "fit_grid",
     "gptq",
@@ -26,6 +31,10 @@ __all__ = [
     "quantize_codes",
     "round_to_nearest",
     "sparsegpt",
+    "vq",
+    "vq_bits",
+    "vq_loss",
+    "vq_reconstruct",
     "wanda_mask",
     "wanda_scores",
 ]

@@ -1,0 +1,379 @@
+"""Additive multi-codebook vector quantization (AQLM: Egiazarian et al., 2024) on (W, H).
+
+Each output row i of W [rows, cols] is cut into groups of g consecutive inputs; group j of row i
+is coded as a sum of one codeword from each of M codebooks C_m [2**B, g], times a per-row scale:
+
+    W_hat[i, group j] = s_i * sum_m C_m[codes[i, j, m]] .
+
+The codes, codebooks and scales minimize the layer's output error on the calibration inputs,
+
+    loss = 1/2 * tr((W - W_hat) H (W - W_hat)^T),   H = 2 X X^T / n   (the house's convention),
+
+by residual k-means initialization, then alternating a beam search over the codes (codebooks and
+scales fixed) with Adam steps on the codebooks and scales (codes fixed). Both halves only accept
+a change that does not raise the loss, so the trajectory never goes up.
+
+Scaling: nothing bigger than O(rows * cols + groups * 2**B) is built per step (times the beam);
+the Hessian enters only through products (W - W_hat) H of row blocks of `row_block` rows, and the
+beam search never multiplies by H again for a candidate, see `_beam_search`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .hessian import work_dtype
+
+# Points per chunk when matching groups to their nearest codeword (bounds a [chunk, 2**B] block).
+NEAREST_CHUNK = 16384
+# Adam's usual constants; written out (a few lines) because torch.optim's first use imports
+# torch._dynamo, seconds on a small machine, and the gradients here need no autograd.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class VQSpec:
+    codebooks: int = 2  # M
+    bits: int = 8  # B: each codebook holds 2**B codewords
+    group_size: int = 8  # g consecutive inputs of a row per code
+
+    def __post_init__(self):
+        for name, low, high in (("codebooks", 1, 16), ("bits", 1, 16), ("group_size", 1, 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
+
+    @property
+    def codewords(self) -> int:
+        return 2**self.bits
+
+
+@dataclass(frozen=True)
+class VQBits:
+    """Storage of one VQ layer, in bits: what a file must hold to rebuild W_hat."""
+
+    codes: int  # rows * (cols / g) * M codes of B bits
+    codebooks: int  # M * 2**B * g values
+    scales: int  # one per output row
+    weights: int  # rows * cols
+
+    @property
+    def total(self) -> int:
+        return self.codes + self.codebooks + self.scales
+
+    @property
+    def per_weight(self) -> float:
+        return self.total / self.weights
+
+
+def vq_bits(rows: int, cols: int, spec: VQSpec, value_bits: int = 16) -> VQBits:
+    """Honest bit count of a [rows, cols] layer: codes + codebooks + scales (fp16 by default)."""
+    _check_width(cols, spec)
+    return VQBits(
+        codes=rows * (cols // spec.group_size) * spec.codebooks * spec.bits,
+        codebooks=spec.codebooks * spec.codewords * spec.group_size * value_bits,
+        scales=rows * value_bits,
+        weights=rows * cols,
+    )
+
+
+@dataclass
+class VQResult:
+    weight: Tensor  # W_hat [rows, cols], dtype of W
+    codes: Tensor  # int32 [rows, cols // g, M], each in [0, 2**B - 1]
+    codebooks: Tensor  # [M, 2**B, g], float64 if W is float64 else float32
+    scales: Tensor  # [rows], same dtype as codebooks
+    loss: float  # 1/2 tr((W - W_hat) H (W - W_hat)^T) of the returned codes, codebooks, scales
+    losses: list[float]  # after the initialization, then after each beam search and each Adam phase
+    rounds: int  # alternations run
+
+
+def vq_reconstruct(codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
+    """W_hat [rows, cols] = scales[i] * sum_m codebooks[m, codes[i, j, m]], groups laid side by side."""
+    return (scales[:, None, None] * _sum_codewords(codes, codebooks)).flatten(1)
+
+
+def vq_loss(W: Tensor, W_hat: Tensor, H: Tensor, row_block: int = 1024) -> float:
+    """1/2 tr((W - W_hat) H (W - W_hat)^T), computed by blocks of rows (in float64 if W is)."""
+    dtype = work_dtype(W, H)
+    return _row_losses(W.to(dtype) - W_hat.to(dtype), H.to(dtype), row_block).sum().item()
+
+
+def vq(
+    W: Tensor,
+    H: Tensor,
+    spec: VQSpec = VQSpec(),
+    *,
+    beam: int = 1,
+    rounds: int = 20,
+    adam_steps: int = 100,
+    lr: float = 1e-3,
+    tol: float = 1e-3,
+    init: str = "kmeans",
+    kmeans_iters: int = 20,
+    seed: int = 0,
+    row_block: int = 1024,
+) -> VQResult:
+    """Code W [rows, cols] with `spec`, minimizing 1/2 tr(dW H dW^T), H [cols, cols] symmetric PSD.
+
+    init: "kmeans" (residual k-means++ per codebook on the rows divided by their RMS) or "random"
+    (Gaussian codebooks of the same spread, the baseline it is measured against). Then up to
+    `rounds` alternations of a beam search over the codes (`beam` hypotheses per row) and
+    `adam_steps` Adam steps on codebooks and scales (learning rate `lr` for the codebooks, `lr`
+    times the mean scale for the scales, so both move by the same relative amount), until an
+    alternation improves the loss by less than `tol` relative. Deterministic given `seed`.
+    Computes in float64 if W or H is float64, else float32.
+    """
+    rows, cols = W.shape
+    _check_width(cols, spec)
+    if H.shape != (cols, cols):
+        raise ValueError(f"H must have shape ({cols}, {cols}) to match W, got {tuple(H.shape)}")
+    if beam < 1 or rounds < 0 or adam_steps < 0 or row_block < 1 or lr <= 0 or tol < 0:
+        raise ValueError(f"need beam, row_block >= 1, rounds, adam_steps >= 0, lr > 0, tol >= 0; got {beam}, {row_block}, {rounds}, {adam_steps}, {lr}, {tol}")
+    if init not in ("kmeans", "random"):
+        raise ValueError(f"init must be 'kmeans' or 'random', got {init!r}")
+    dtype = work_dtype(W, H)
+    W = W.to(dtype)
+    # Only the symmetric part of H is in the objective, and the beam search's update needs H = H^T.
+    H = H.to(dtype)
+    H = (H + H.T) / 2
+    generator = torch.Generator().manual_seed(seed)
+
+    codes, codebooks, scales = _initialize(W, spec, init, kmeans_iters, generator)
+    row_losses = _row_losses(W - vq_reconstruct(codes, codebooks, scales), H, row_block)
+    losses = [row_losses.sum().item()]
+    done = 0
+    for done in range(1, rounds + 1):
+        start = losses[-1]
+        codes, row_losses = _improve_codes(W, H, codes, codebooks, scales, row_losses, beam, row_block)
+        losses.append(row_losses.sum().item())
+        codebooks, scales, row_losses = _adam(W, H, codes, codebooks, scales, row_losses, adam_steps, lr, row_block)
+        losses.append(row_losses.sum().item())
+        if start <= 0 or start - losses[-1] <= tol * start:
+            break
+    weight = vq_reconstruct(codes, codebooks, scales)
+    return VQResult(weight.to(W.dtype), codes.int(), codebooks, scales, losses[-1], losses, done)
+
+
+def _check_width(cols: int, spec: VQSpec):
+    if cols % spec.group_size:
+        raise ValueError(f"the input width {cols} must be a multiple of the group size {spec.group_size}")
+
+
+def _sum_codewords(codes: Tensor, codebooks: Tensor) -> Tensor:
+    """[rows, groups, g]: the unscaled sum of each group's codewords."""
+    total = codebooks[0][codes[..., 0].long()]
+    for m in range(1, codebooks.shape[0]):
+        total += codebooks[m][codes[..., m].long()]
+    return total
+
+
+def _products(delta: Tensor, H: Tensor, row_block: int) -> Tensor:
+    """delta @ H, one block of rows at a time."""
+    out = torch.empty_like(delta)
+    for start in range(0, delta.shape[0], row_block):
+        torch.mm(delta[start : start + row_block], H, out=out[start : start + row_block])
+    return out
+
+
+def _row_losses(delta: Tensor, H: Tensor, row_block: int) -> Tensor:
+    """[rows]: 1/2 delta_i H delta_i^T, one block of rows at a time."""
+    return torch.cat([
+        (delta[start : start + row_block] @ H * delta[start : start + row_block]).sum(1) / 2
+        for start in range(0, delta.shape[0], row_block)
+    ])
+
+
+# ----------------------------------------------------------------------------- initialization
+
+
+def _initialize(W: Tensor, spec: VQSpec, init: str, iters: int, generator: torch.Generator):
+    """Codes, codebooks and scales before the first alternation.
+
+    Scales are the rows' RMS (1 for an all-zero row), so the groups of W / s are on one footing;
+    codebook m is fitted to the residual the codebooks before it leave, and each group takes the
+    codeword nearest its residual (greedy, in the plain Euclidean metric: the H-weighted search
+    comes after).
+    """
+    rows, cols = W.shape
+    g, M, K = spec.group_size, spec.codebooks, spec.codewords
+    scales = W.square().mean(1).sqrt()
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    residual = (W / scales[:, None]).reshape(-1, g)
+    spread = residual.std() / math.sqrt(M) if residual.numel() > 1 else residual.new_tensor(1.0)
+    codebooks = W.new_empty(M, K, g)
+    codes = torch.empty(residual.shape[0], M, dtype=torch.long)
+    for m in range(M):
+        if init == "kmeans":
+            codebooks[m] = _kmeans(residual, K, iters, generator)
+        else:
+            codebooks[m] = spread * torch.randn(K, g, generator=generator, dtype=W.dtype)
+        codes[:, m] = _nearest(residual, codebooks[m])
+        residual = residual - codebooks[m][codes[:, m]]
+    return codes.reshape(rows, cols // g, M), codebooks, scales
+
+
+def _nearest(points: Tensor, centers: Tensor) -> Tensor:
+    """[N] int64: the index of the center nearest each point (Euclidean), by chunks of points."""
+    center_norms = centers.square().sum(1)
+    return torch.cat([
+        torch.addmm(center_norms, points[start : start + NEAREST_CHUNK], centers.T, alpha=-2).argmin(1)
+        for start in range(0, points.shape[0], NEAREST_CHUNK)
+    ])
+
+
+def _kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
+    """k centers [k, dim]: k-means++ seeding, then Lloyd iterations (an empty cluster keeps its center).
+
+    k-means++ never picks a point already at distance 0 from a center while another is not, so data
+    holding at most k distinct points gets every one of them as a center (the exact case).
+    """
+    n = points.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers = points.new_empty(k, points.shape[1])
+    centers[0] = points[first]
+    distances = (points - centers[0]).square().sum(1)
+    for c in range(1, k):
+        total = distances.sum()
+        if total > 0:
+            pick = int(torch.multinomial(distances / total, 1, generator=generator))
+        else:  # fewer distinct points than centers: the spare centers repeat points
+            pick = int(torch.randint(n, (1,), generator=generator))
+        centers[c] = points[pick]
+        distances = torch.minimum(distances, (points - centers[c]).square().sum(1))
+    for _ in range(iters):
+        assignment = _nearest(points, centers)
+        sums = torch.zeros_like(centers).index_add_(0, assignment, points)
+        counts = torch.bincount(assignment, minlength=k).to(points.dtype)[:, None]
+        updated = torch.where(counts > 0, sums / counts.clamp(min=1), centers)
+        if torch.equal(updated, centers):
+            break
+        centers = updated
+    return centers
+
+
+# ----------------------------------------------------------------------------- codes
+
+
+def beam_search_codes(
+    W: Tensor, H: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, beam: int = 1, row_block: int = 1024
+) -> Tensor:
+    """Codes [rows, groups, M] (int64) improving `codes` for 1/2 tr(dW H dW^T), codebooks and scales
+    fixed: one beam search per row (see `_beam_search`), blocks of `row_block` rows at a time.
+    W, H, codebooks and scales must share one floating dtype and H must be symmetric."""
+    return torch.cat([
+        _beam_search(W[start : start + row_block], H, codes[start : start + row_block], codebooks, scales[start : start + row_block], beam)
+        for start in range(0, W.shape[0], row_block)
+    ])
+
+
+def _improve_codes(W, H, codes, codebooks, scales, row_losses, beam, row_block):
+    """Beam search per row; each row keeps its old codes unless the new ones lose no more (exactly
+    recomputed, so rounding in the search's running sums can never raise the loss)."""
+    new_codes = beam_search_codes(W, H, codes, codebooks, scales, beam, row_block)
+    new_losses = _row_losses(W - vq_reconstruct(new_codes, codebooks, scales), H, row_block)
+    better = new_losses <= row_losses
+    return torch.where(better[:, None, None], new_codes, codes), torch.where(better, new_losses, row_losses)
+
+
+def _beam_search(W: Tensor, H: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, beam: int) -> Tensor:
+    """New codes [R, groups, M] for a block of R rows, codebooks and scales fixed.
+
+    The positions (group j, codebook m) are visited in order, groups outer; at each one every
+    hypothesis of a row (a full row of codes; at first only the current codes) is extended by each
+    of the 2**B codewords and the `beam` best (hypothesis, codeword) pairs of the row survive.
+    Keeping the current codeword reproduces the hypothesis's loss exactly, so the best hypothesis
+    never gets worse. With beam = 1 this is exact coordinate descent, one codeword at a time.
+
+    The key to doing this at scale: each hypothesis carries its error d = w - w_hat [cols] AND its
+    product G = d H [cols]. Replacing codeword c_old by c_k in group j changes w_hat by
+    delta = s (c_k - c_old) on the g inputs of group j only, so with H symmetric
+
+        1/2 (d - delta) H (d - delta)^T = L - delta . G[j] + 1/2 delta H_jj delta^T ,
+
+    where G[j] (the g entries of G in group j) holds both the group's own g x g block and all its
+    cross terms with the rest of the row, and H_jj is the group's g x g diagonal block. For all
+    2**B candidates at once this is two [g, 2**B] products (c_k . G[j] and c_k H_jj c_old) plus the
+    per-codebook constants c_k H_jj c_k^T: O(2**B g) per hypothesis instead of O(cols^2). Only the
+    winner updates the carried state: d[j] -= delta and G -= delta H[j, :] (O(g cols)).
+    """
+    R, groups, M = codes.shape
+    K, g = codebooks.shape[1], codebooks.shape[2]
+    cols = groups * g
+    hypotheses = codes.long()[:, None].expand(R, beam, groups, M).clone()
+    delta = (W - vq_reconstruct(codes, codebooks, scales))[:, None].expand(R, beam, cols).clone()
+    G = delta @ H
+    # Only the current codes are a hypothesis at first; the others enter as the search finds them.
+    loss = torch.full((R, beam), math.inf, dtype=W.dtype)
+    loss[:, 0] = (delta[:, 0] * G[:, 0]).sum(1) / 2
+    s = scales[:, None, None]
+    rows = torch.arange(R)[:, None]
+    for j in range(groups):
+        inputs = slice(j * g, (j + 1) * g)
+        H_jj, H_j = H[inputs, inputs], H[inputs]
+        for m in range(M):
+            C = codebooks[m]
+            CH = C @ H_jj  # [K, g]
+            old = hypotheses[:, :, j, m]  # [R, beam]
+            c_old = C[old]
+            linear = G[:, :, inputs] @ C.T  # [R, beam, K]: c_k . G[j]
+            quadratic = (CH * C).sum(1) - 2 * (c_old @ CH.T)  # c_k H_jj c_k - 2 c_k H_jj c_old
+            # Measured against the current codeword so that keeping it changes the loss by exactly 0.
+            linear = linear - linear.gather(2, old[..., None])
+            quadratic = quadratic - quadratic.gather(2, old[..., None])
+            candidates = loss[..., None] - s * linear + (s * s / 2) * quadratic
+            loss, best = candidates.flatten(1).topk(beam, dim=1, largest=False)
+            parent, new = best // K, best % K
+            if beam > 1:
+                hypotheses, delta, G, c_old = hypotheses[rows, parent], delta[rows, parent], G[rows, parent], c_old[rows, parent]
+            hypotheses[:, :, j, m] = new
+            change = s * (C[new] - c_old)  # [R, beam, g]
+            delta[:, :, inputs] -= change
+            G -= change @ H_j
+    return hypotheses[torch.arange(R), loss.argmin(1)]
+
+
+# ----------------------------------------------------------------------------- codebooks and scales
+
+
+def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block):
+    """Adam on codebooks and scales with the codes fixed; returns the best iterate seen (the
+    starting point included), so the loss never goes up.
+
+    The gradients are exact and need no autograd graph: with D = (W - W_hat) H,
+    dL/dW_hat = -D; dL/dC_m[k] = sum over (i, j) coded k by codebook m of s_i dL/dW_hat[i, j];
+    dL/ds_i = sum_j dL/dW_hat[i, j] . sum_m C_m[codes[i, j, m]].
+    """
+    rows, groups, M = codes.shape
+    g = codebooks.shape[2]
+    best = (row_losses.sum().item(), codebooks, scales, row_losses)
+    codebooks, scales = codebooks.clone(), scales.clone()
+    params = (codebooks, scales)
+    rates = (lr, lr * scales.abs().mean().item())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    flat_codes = [codes[..., m].reshape(-1).long() for m in range(M)]
+    for step in range(steps + 1):
+        parts = _sum_codewords(codes, codebooks)
+        delta = W - (scales[:, None, None] * parts).flatten(1)
+        D = _products(delta, H, row_block)
+        if step:  # step 0 is the starting point, whose loss is already known
+            current = (D * delta).sum(1) / 2
+            if current.sum().item() < best[0]:
+                best = (current.sum().item(), codebooks.clone(), scales.clone(), current)
+        if step == steps:
+            break
+        grad_w_hat = -D.reshape(rows, groups, g)
+        weighted = (scales[:, None, None] * grad_w_hat).reshape(-1, g)
+        grads = (
+            torch.stack([torch.zeros_like(codebooks[m]).index_add_(0, flat_codes[m], weighted) for m in range(M)]),
+            (grad_w_hat * parts).sum((1, 2)),
+        )
+        for param, grad, rate, (mean, square) in zip(params, grads, rates, moments):
+            mean.lerp_(grad, 1 - ADAM_BETAS[0])
+            square.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
+            unbiased = (square / (1 - ADAM_BETAS[1] ** (step + 1))).sqrt_().add_(ADAM_EPS)
+            param.addcdiv_(mean, unbiased, value=-rate / (1 - ADAM_BETAS[0] ** (step + 1)))
+    return best[1], best[2], best[3]
