@@ -105,7 +105,7 @@ def _round_embeddings(model, embeddings: str) -> None:
     """Give the model's embedding (and tied LM head) the values the decode path stores."""
     import torch
 
-    from secateurs.runtime.decode import embedding_storage
+    from secateurs.runtime.decode_plan import embedding_storage
 
     weight = model.get_input_embeddings().weight
     table, scale = embedding_storage(weight, embeddings)

@@ -22,82 +22,18 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from secateurs.errors import SecateursError
 from secateurs.structure import eos_token_ids
 
 from . import kernels
-from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, per_row_int8
-
-EMBEDDING_FORMATS = ("fp32", "bf16", "int8")
-DEFAULT_MAX_LENGTH = 2048
-PREFILL_CHUNK = 64  # tokens per batched pass of a prefill (the buffers are sized for it)
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_KIND_DENSE, _KIND_BITMASK, _KIND_NM, _KIND_QUANT = 0, 1, 2, 3
-_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
-_STATUS_UNSUPPORTED_PATH, _STATUS_INVALID_ARGUMENT, _STATUS_OUT_OF_MEMORY = 1, 2, 3
-
-
-class DecodeUnsupported(SecateursError):
-    """The model cannot run on the decode path (architecture, layer type, kernels); use HF generate."""
-
-
-class DecodeError(SecateursError, ValueError):
-    """Bad input to a DecodeModel (token ids, lengths, options)."""
-
-
-# --- the description handed to C++ (mirrors LinearSpec / LayerSpec / ModelSpec in decode.cpp) ---
-
-_i64, _f64, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _i64), ("value_type", _i64), ("rows", _i64), ("cols", _i64), ("values", _ptr),
-                ("mask", _ptr), ("row_offsets", _ptr), ("row_scale", _ptr), ("indices", _ptr), ("n", _i64),
-                ("m", _i64), ("bits", _i64), ("group_size", _i64), ("scale", _ptr), ("zero", _ptr),
-                ("bias", _ptr)]
-
-
-_LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [*((name, _Linear) for name in _LINEAR_NAMES),
-                ("attn_in_norm", _ptr), ("attn_out_norm", _ptr), ("mlp_in_norm", _ptr), ("mlp_out_norm", _ptr),
-                ("q_norm", _ptr), ("k_norm", _ptr), ("sliding_window", _i64), ("rope_table", _i64),
-                ("attention_scale", _f64)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [("n_layers", _i64), ("hidden", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
-                ("vocab", _i64), ("max_length", _i64), ("activation", _i64), ("rms_eps", _f64),
-                ("embed_scale", _f64), ("final_softcap", _f64), ("embed", _ptr),
-                ("embed_type", _i64), ("embed_row_scale", _ptr), ("final_norm", _ptr), ("lm_head", _Linear),
-                ("cos", _ptr * 2), ("sin", _ptr * 2), ("layers", ctypes.POINTER(_Layer))]
-
-
-def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    if getattr(library, "_secateurs_decode_declared", False):
-        return library
-    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    library.secateurs_decode_create.argtypes = [ctypes.POINTER(_Model), i32, i32, i64, ctypes.POINTER(i32),
-                                                ctypes.c_char_p, i64]
-    library.secateurs_decode_create.restype = ptr
-    library.secateurs_decode_destroy.argtypes = [ptr]
-    library.secateurs_decode_destroy.restype = None
-    library.secateurs_decode_set_threads.argtypes = [ptr, i32]
-    library.secateurs_decode_forward.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
-    library.secateurs_decode_counters.argtypes = [ptr, ctypes.POINTER(ctypes.c_double), i32]
-    library.secateurs_decode_counters.restype = None
-    library._secateurs_decode_declared = True
-    return library
-
+from .decode_plan import (ACTIVATION_IDS, DEFAULT_MAX_LENGTH, EMBEDDING_FORMATS, KIND_DENSE, PREFILL_CHUNK,
+                          STATUS_OUT_OF_MEMORY, DecodeError, DecodeUnsupported, LayerStruct, LinearStruct, ModelStruct,
+                          PlanBuilder, declare, expect, model_architecture, norm_eps, norm_weight, rope_tables)
 
 # --- statistics --------------------------------------------------------------------------------
 
@@ -150,136 +86,6 @@ class DecodeStats:
         }
 
 
-# --- building the description ------------------------------------------------------------------
-
-class _Builder:
-    """Collects the tensors the plan points to (kept alive by the DecodeModel)."""
-
-    def __init__(self) -> None:
-        self.tensors: list[Tensor] = []
-
-    def keep(self, tensor: Tensor | None) -> int | None:
-        if tensor is None:
-            return None
-        if tensor.device.type != "cpu":
-            raise DecodeUnsupported(f"tensors must be on the CPU, found one on {tensor.device}")
-        tensor = tensor.detach()
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
-        self.tensors.append(tensor)
-        return tensor.data_ptr()
-
-    def floats(self, tensor: Tensor | None) -> int | None:
-        return None if tensor is None else self.keep(tensor.detach().to(torch.float32))
-
-    def linear(self, module: nn.Module, name: str, rows: int, cols: int) -> _Linear:
-        spec = _Linear(rows=rows, cols=cols, group_size=cols)
-        shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
-        if shape != (rows, cols):
-            raise DecodeUnsupported(f"{name}: expected a [{rows}, {cols}] layer, got {type(module).__name__} {shape}")
-        if isinstance(module, BitmaskLinear | SparseQuantLinear):
-            values = module.values
-            _expect(values.dtype in _DTYPES and values.numel() == int(module.row_offsets[-1]),
-                    name, "bitmask values do not match the row offsets")
-            _expect(tuple(module.bitmask.shape) == (rows, (cols + 7) // 8)
-                    and tuple(module.row_offsets.shape) == (rows + 1,), name, "bitmask layout has the wrong shape")
-            spec.kind, spec.value_type = _KIND_BITMASK, _DTYPES[values.dtype]
-            spec.values, spec.mask = self.keep(values), self.keep(module.bitmask)
-            spec.row_offsets = self.keep(module.row_offsets)
-            if isinstance(module, SparseQuantLinear):
-                _expect(values.dtype == torch.int8, name, "sparse int8 values expected")
-                spec.row_scale = self.floats(module.scale)
-        elif isinstance(module, NMLinear):
-            _expect(module.values.dtype in (torch.float32, torch.bfloat16)
-                    and tuple(module.values.shape) == (rows, cols // module.m * module.n)
-                    and module.indices.shape == module.values.shape, name, "N:M layout has the wrong shape")
-            spec.kind, spec.value_type = _KIND_NM, _DTYPES[module.values.dtype]
-            spec.values, spec.indices = self.keep(module.values), self.keep(module.indices)
-            spec.n, spec.m = module.n, module.m
-        elif isinstance(module, QuantLinear):
-            group_size = module.group_size or cols
-            groups = cols // group_size
-            packed = cols if module.bits == 8 else (cols + 1) // 2
-            _expect(tuple(module.qweight.shape) == (rows, packed) and tuple(module.scale.shape) == (rows, groups)
-                    and tuple(module.zero.shape) == (rows, groups), name, "quantized layout has the wrong shape")
-            spec.kind, spec.values = _KIND_QUANT, self.keep(module.qweight)
-            spec.bits, spec.group_size = module.bits, group_size
-            spec.scale, spec.zero = self.floats(module.scale), self.floats(module.zero)
-        elif type(module) is nn.Linear:
-            weight = module.weight.detach()
-            if weight.dtype not in (torch.float32, torch.bfloat16):
-                weight = weight.to(torch.float32)
-            spec.kind, spec.value_type, spec.values = _KIND_DENSE, _DTYPES[weight.dtype], self.keep(weight)
-        else:
-            raise DecodeUnsupported(f"{name}: layer type {type(module).__name__} is not supported by the decode path")
-        bias = getattr(module, "bias", None)
-        spec.bias = self.floats(bias) if isinstance(bias, Tensor) else None
-        return spec
-
-    def embedding_table(self, weight: Tensor, format: str) -> tuple[int, int, int | None]:
-        """(pointer, value type, row scale pointer) of the embedding matrix stored as `format`."""
-        table, scale = embedding_storage(weight, format)
-        return self.keep(table), _DTYPES[table.dtype], self.keep(scale)
-
-
-def embedding_storage(weight: Tensor, format: str) -> tuple[Tensor, Tensor | None]:
-    """The embedding (and tied LM head) matrix as the decode path stores it: (table, row scale).
-    fp32 / bf16: the weight in that dtype, no scale; int8: symmetric per-row codes, w = scale[r] * code."""
-    weight = weight.detach()
-    if format == "int8":
-        return per_row_int8(weight)
-    return weight.to(torch.float32 if format == "fp32" else torch.bfloat16), None
-
-
-def _expect(condition: bool, name: str, message: str) -> None:
-    if not condition:
-        raise DecodeUnsupported(f"{name}: {message}")
-
-
-def _rope_tables(rotary: nn.Module, max_length: int, head_dim: int, layer_types: Sequence[str | None]) -> dict:
-    """cos / sin [max_length, head_dim] per layer type, from the model's own rotary module (so rope
-    scaling variants are exactly the model's)."""
-    rope_types = rotary.rope_type if isinstance(rotary.rope_type, dict) else {None: rotary.rope_type}
-    tables = {}
-    for layer_type in dict.fromkeys(layer_types):
-        rope_type = rope_types.get(layer_type, "default")
-        if "dynamic" in rope_type or rope_type == "longrope":
-            # Their frequencies depend on the sequence length seen so far: not a fixed table.
-            raise DecodeUnsupported(f"rope type {rope_type!r} is not supported by the decode path")
-        positions = torch.arange(max_length).unsqueeze(0)
-        probe = torch.zeros(1, dtype=torch.float32)
-        with torch.no_grad():
-            arguments = (probe, positions) if layer_type is None else (probe, positions, layer_type)
-            cos, sin = rotary(*arguments)
-        cos, sin = cos[0].to(torch.float32).contiguous(), sin[0].to(torch.float32).contiguous()
-        if tuple(cos.shape) != (max_length, head_dim):
-            raise DecodeUnsupported(f"rotary embedding of shape {tuple(cos.shape)}, expected {(max_length, head_dim)}")
-        tables[layer_type] = (cos, sin)
-    return tables
-
-
-def _architecture(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    from transformers import Gemma3ForCausalLM, LlamaForCausalLM
-
-    if isinstance(model, LlamaForCausalLM) and model_type == "llama":
-        return "llama"
-    if isinstance(model, Gemma3ForCausalLM) and model_type == "gemma3_text":
-        return "gemma3"
-    raise DecodeUnsupported(f"the decode path runs Llama and Gemma 3 text models (LlamaForCausalLM, "
-                            f"Gemma3ForCausalLM), not {type(model).__name__} (model_type {model_type!r})")
-
-
-def _norm_weight(norm: nn.Module, plus_one: bool) -> Tensor:
-    weight = norm.weight.detach().to(torch.float32)
-    return (1.0 + weight) if plus_one else weight
-
-
-def _norm_eps(norm: nn.Module) -> float:
-    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-
 # --- the model ---------------------------------------------------------------------------------
 
 class DecodeModel:
@@ -296,7 +102,7 @@ class DecodeModel:
         bad options."""
         if embeddings not in EMBEDDING_FORMATS:
             raise DecodeError(f"embeddings must be one of {', '.join(EMBEDDING_FORMATS)}, got {embeddings!r}")
-        architecture = _architecture(model)
+        architecture = model_architecture(model)
         config = model.config
         limit = int(getattr(config, "max_position_embeddings", 0) or DEFAULT_MAX_LENGTH)
         if max_length is None:
@@ -312,7 +118,7 @@ class DecodeModel:
         if path == kernels.TORCH_PATH or library is None:
             raise DecodeUnsupported("the native kernels are not available (kernel path 'torch')")
         self = object.__new__(cls)
-        self._library = _declare(library)
+        self._library = declare(library)
         self.architecture, self.embeddings, self.max_length, self.kernel_path = architecture, embeddings, max_length, path
         self._build(model, architecture, embeddings, max_length, threads, path)
         return self
@@ -323,18 +129,18 @@ class DecodeModel:
         if gemma and getattr(config, "use_bidirectional_attention", False):
             raise DecodeUnsupported("Gemma 3 with bidirectional attention is not a causal decoder")
         activation = getattr(config, "hidden_activation" if gemma else "hidden_act", None)
-        if activation not in _ACTIVATIONS:
+        if activation not in ACTIVATION_IDS:
             raise DecodeUnsupported(f"activation {activation!r} is not supported by the decode path")
         layers = list(body.layers)
         hidden, vocab = config.hidden_size, config.vocab_size
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         layer_types = [getattr(layer.self_attn, "layer_type", None) if gemma else None for layer in layers]
-        tables = _rope_tables(body.rotary_emb, max_length, head_dim, layer_types)
+        tables = rope_tables(body.rotary_emb, max_length, head_dim, layer_types)
         table_index = {layer_type: i for i, layer_type in enumerate(tables)}
 
-        build = _Builder()
-        layer_specs = (_Layer * len(layers))()
+        build = PlanBuilder()
+        layer_specs = (LayerStruct * len(layers))()
         for index, (layer, spec) in enumerate(zip(layers, layer_specs)):
             attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{index}"
             intermediate = getattr(mlp.gate_proj, "out_features", None)
@@ -345,15 +151,15 @@ class DecodeModel:
             for name, (module, rows, cols) in shapes.items():
                 full = f"{prefix}.{'self_attn' if name in 'qkvo' else 'mlp'}.{name}_proj"
                 setattr(spec, name, build.linear(module, full, rows, cols))
-            spec.attn_in_norm = build.keep(_norm_weight(layer.input_layernorm, gemma))
+            spec.attn_in_norm = build.keep(norm_weight(layer.input_layernorm, gemma))
             if gemma:
-                spec.attn_out_norm = build.keep(_norm_weight(layer.post_attention_layernorm, True))
-                spec.mlp_in_norm = build.keep(_norm_weight(layer.pre_feedforward_layernorm, True))
-                spec.mlp_out_norm = build.keep(_norm_weight(layer.post_feedforward_layernorm, True))
-                spec.q_norm = build.keep(_norm_weight(attn.q_norm, True))
-                spec.k_norm = build.keep(_norm_weight(attn.k_norm, True))
+                spec.attn_out_norm = build.keep(norm_weight(layer.post_attention_layernorm, True))
+                spec.mlp_in_norm = build.keep(norm_weight(layer.pre_feedforward_layernorm, True))
+                spec.mlp_out_norm = build.keep(norm_weight(layer.post_feedforward_layernorm, True))
+                spec.q_norm = build.keep(norm_weight(attn.q_norm, True))
+                spec.k_norm = build.keep(norm_weight(attn.k_norm, True))
             else:
-                spec.mlp_in_norm = build.keep(_norm_weight(layer.post_attention_layernorm, False))
+                spec.mlp_in_norm = build.keep(norm_weight(layer.post_attention_layernorm, False))
             spec.sliding_window = int(getattr(attn, "sliding_window", None) or 0)
             spec.rope_table = table_index[layer_types[index]]
             spec.attention_scale = float(attn.scaling)
@@ -362,19 +168,19 @@ class DecodeModel:
         table, embed_type, row_scale = build.embedding_table(embed.weight, embeddings)
         head = model.lm_head
         if type(head) is nn.Linear:
-            _expect(tuple(head.weight.shape) == (vocab, hidden), "lm_head", "unexpected shape")
+            expect(tuple(head.weight.shape) == (vocab, hidden), "lm_head", "unexpected shape")
             tied = head.weight.data_ptr() == embed.weight.data_ptr() and head.weight.shape == embed.weight.shape
             head_table = (table, embed_type, row_scale) if tied else build.embedding_table(head.weight, embeddings)
-            lm_head = _Linear(kind=_KIND_DENSE, rows=vocab, cols=hidden, group_size=hidden, values=head_table[0],
+            lm_head = LinearStruct(kind=KIND_DENSE, rows=vocab, cols=hidden, group_size=hidden, values=head_table[0],
                               value_type=head_table[1], row_scale=head_table[2],
                               bias=build.floats(head.bias) if head.bias is not None else None)
         else:
             lm_head = build.linear(head, "lm_head", vocab, hidden)
 
-        spec = _Model(n_layers=len(layers), hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
-                      vocab=vocab, max_length=max_length, activation=_ACTIVATIONS[activation],
-                      rms_eps=_norm_eps(body.norm), embed_scale=1.0, embed=table, embed_type=embed_type,
-                      embed_row_scale=row_scale, final_norm=build.keep(_norm_weight(body.norm, gemma)),
+        spec = ModelStruct(n_layers=len(layers), hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
+                      vocab=vocab, max_length=max_length, activation=ACTIVATION_IDS[activation],
+                      rms_eps=norm_eps(body.norm), embed_scale=1.0, embed=table, embed_type=embed_type,
+                      embed_row_scale=row_scale, final_norm=build.keep(norm_weight(body.norm, gemma)),
                       lm_head=lm_head, layers=layer_specs)
         if gemma:
             spec.embed_scale = float(embed.embed_scale.to(embed.weight.dtype))
@@ -389,7 +195,7 @@ class DecodeModel:
                                                      PREFILL_CHUNK, ctypes.byref(status), message, len(message))
         if not plan:
             detail = message.value.decode(errors="replace")
-            if status.value == _STATUS_OUT_OF_MEMORY:
+            if status.value == STATUS_OUT_OF_MEMORY:
                 raise MemoryError(f"decode plan: {detail}")
             raise DecodeUnsupported(f"the native decode plan rejected the model: {detail}")
         self._plan = plan
@@ -410,7 +216,7 @@ class DecodeModel:
             raise DecodeError(f"threads must be a positive integer, got {threads!r}")
         with self._lock:
             status = self._library.secateurs_decode_set_threads(self._plan, threads)
-        if status == _STATUS_OUT_OF_MEMORY:
+        if status == STATUS_OUT_OF_MEMORY:
             raise MemoryError("decode plan: out of memory")
         self.threads = threads
 
