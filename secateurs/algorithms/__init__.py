@@ -3,6 +3,16 @@
 from .gptq import GPTQResult, gptq
 from .hessian import HessianError, PreparedHessian, prepare_hessian
 from .magnitude import magnitude_mask
+from .obert import (
+    FisherInverse,
+    FisherInverseBuilder,
+    OBertResult,
+    fisher_inverse,
+    obert_prune,
+    obert_scores,
+    obert_update,
+    restrict_fisher_inverse,
+)
 from .owl import outlier_fraction, owl_ratios
 from .quant import QuantSpec, RTNResult, dequantize, fit_grid, quantize_codes, round_to_nearest
 from .sparsegpt import SparseGPTResult, sparsegpt
@@ -10,8 +20,11 @@ from .vq import VQBits, VQResult, VQSpec, beam_search_codes, vq, vq_bits, vq_los
 from .wanda import WandaResult, wanda_mask, wanda_scores
 
 __all__ = [
+    "FisherInverse",
+    "FisherInverseBuilder",
     "GPTQResult",
     "HessianError",
+    "OBertResult",
     "PreparedHessian",
     "QuantSpec",
     "RTNResult",
@@ -22,13 +35,18 @@ __all__ = [
     "WandaResult",
     "beam_search_codes",
     "dequantize",
+    "fisher_inverse",
     "fit_grid",
     "gptq",
     "magnitude_mask",
+    "obert_prune",
+    "obert_scores",
+    "obert_update",
     "outlier_fraction",
     "owl_ratios",
     "prepare_hessian",
     "quantize_codes",
+    "restrict_fisher_inverse",
     "round_to_nearest",
     "sparsegpt",
     "vq",
