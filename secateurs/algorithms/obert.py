@@ -150,7 +150,7 @@ def obert_scores(weight: Tensor, fisher: FisherInverse, keep: Tensor | None = No
         n_blocks, size = fisher.blocks.shape[:2]
         per_block = size // unit
         # the unit × unit diagonal blocks of every Fisher block, [n_blocks, B/unit, unit, unit]
-        diagonal = fisher.blocks.view(n_blocks, per_block, unit, per_block, unit).diagonal(dim1=1, dim2=3)
+        diagonal = fisher.blocks.reshape(n_blocks, per_block, unit, per_block, unit).diagonal(dim1=1, dim2=3)
         system = diagonal.permute(0, 3, 1, 2).reshape(-1, unit, unit)[:units]
         w_units = w.view(-1, unit, 1)[:units]
         scores = (w_units * _spd_solve(system, w_units)).sum(dim=(1, 2)) / 2

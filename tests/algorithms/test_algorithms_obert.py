@@ -96,6 +96,12 @@ def test_float32_inverse_tracks_float64():
     assert fast.blocks.dtype == torch.float32 and fast.blocks.shape == (6, 50, 50)
     # F⁻¹ spans 1e7 (the dampened directions) down to ~1/(σ² m⁻¹ Σ g²); compare on its own scale
     assert (fast.blocks.double() - exact.blocks).abs().max() <= 1e-4 * exact.blocks.abs().max()
+    W = randn(1, 3, 100) * 0.05
+    exact_step = obert_prune([W], [exact], 0.8, recomputations=2)
+    fast_step = obert_prune([W.float()], [fast], 0.8, recomputations=2)
+    assert torch.equal(fast_step.masks[0], exact_step.masks[0])
+    error = (fast_step.weights[0].double() - exact_step.weights[0]).norm() / exact_step.weights[0].norm()
+    assert error < 1e-4 and fast_step.loss == pytest.approx(exact_step.loss, rel=1e-4)
 
 
 @settings(max_examples=30, deadline=None)
