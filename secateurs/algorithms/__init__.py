@@ -16,7 +16,7 @@ from .obert import (
 from .owl import outlier_fraction, owl_ratios
 from .quant import QuantSpec, RTNResult, dequantize, fit_grid, quantize_codes, round_to_nearest
 from .sparsegpt import SparseGPTResult, sparsegpt
-from .vq import VQBits, VQResult, VQSpec, beam_search_codes, vq, vq_bits, vq_loss, vq_reconstruct
+from .vq import VQBits, VQResult, VQSpec, beam_search_codes, vq, vq_bits, vq_gradients, vq_loss, vq_reconstruct
 from .wanda import WandaResult, wanda_mask, wanda_scores
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "sparsegpt",
     "vq",
     "vq_bits",
+    "vq_gradients",
     "vq_loss",
     "vq_reconstruct",
     "wanda_mask",

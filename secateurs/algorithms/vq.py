@@ -87,7 +87,7 @@ class VQResult:
     codebooks: Tensor  # [M, 2**B, g], float64 if W is float64 else float32
     scales: Tensor  # [rows], same dtype as codebooks
     loss: float  # 1/2 tr((W - W_hat) H (W - W_hat)^T) of the returned codes, codebooks, scales
-    losses: list[float]  # after the initialization, then after each beam search and each Adam phase
+    losses: list[float]  # after the init, each beam search and each Adam phase (then rounding, last search)
     rounds: int  # alternations run
 
 
@@ -116,6 +116,7 @@ def vq(
     kmeans_iters: int = 20,
     seed: int = 0,
     row_block: int = 1024,
+    round_to: torch.dtype | None = None,
 ) -> VQResult:
     """Code W [rows, cols] with `spec`, minimizing 1/2 tr(dW H dW^T), H [cols, cols] symmetric PSD.
 
@@ -125,7 +126,9 @@ def vq(
     `adam_steps` Adam steps on codebooks and scales (learning rate `lr` for the codebooks, `lr`
     times the mean scale for the scales, so both move by the same relative amount), until an
     alternation improves the loss by less than `tol` relative. Deterministic given `seed`.
-    Computes in float64 if W or H is float64, else float32.
+    Computes in float64 if W or H is float64, else float32. With `round_to` (torch.float16 for the
+    files), the codebooks and scales are then rounded to that dtype and the codes searched once
+    more for the rounded values, so what is stored reproduces W_hat and the reported loss exactly.
     """
     rows, cols = W.shape
     _check_width(cols, spec)
@@ -154,6 +157,12 @@ def vq(
         losses.append(row_losses.sum().item())
         if start <= 0 or start - losses[-1] <= tol * start:
             break
+    if round_to is not None:
+        codebooks, scales = codebooks.to(round_to).to(dtype), scales.to(round_to).to(dtype)
+        row_losses = _row_losses(W - vq_reconstruct(codes, codebooks, scales), H, row_block)
+        losses.append(row_losses.sum().item())
+        codes, row_losses = _improve_codes(W, H, codes, codebooks, scales, row_losses, beam, row_block)
+        losses.append(row_losses.sum().item())
     weight = vq_reconstruct(codes, codebooks, scales)
     return VQResult(weight.to(W.dtype), codes.int(), codebooks, scales, losses[-1], losses, done)
 
@@ -339,38 +348,40 @@ def _beam_search(W: Tensor, H: Tensor, codes: Tensor, codebooks: Tensor, scales:
 # ----------------------------------------------------------------------------- codebooks and scales
 
 
-def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block):
-    """Adam on codebooks and scales with the codes fixed; returns the best iterate seen (the
-    starting point included), so the loss never goes up.
-
-    The gradients are exact and need no autograd graph: with D = (W - W_hat) H,
-    dL/dW_hat = -D; dL/dC_m[k] = sum over (i, j) coded k by codebook m of s_i dL/dW_hat[i, j];
-    dL/ds_i = sum_j dL/dW_hat[i, j] . sum_m C_m[codes[i, j, m]].
-    """
+def vq_gradients(
+    W: Tensor, H: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, row_block: int = 1024
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row losses [rows] of L = 1/2 tr(dW H dW^T), dL/dcodebooks [M, 2**B, g] and dL/dscales [rows],
+    codes fixed; one product with H per block of rows, no autograd graph. With D = (W - W_hat) H:
+    dL/dW_hat = -D; dL/dC_m[k] = sum over the (i, j) that codebook m codes k of s_i dL/dW_hat[i, j];
+    dL/ds_i = sum_j dL/dW_hat[i, j] . sum_m C_m[codes[i, j, m]]."""
     rows, groups, M = codes.shape
     g = codebooks.shape[2]
+    parts = _sum_codewords(codes, codebooks)
+    delta = W - (scales[:, None, None] * parts).flatten(1)
+    D = _products(delta, H, row_block)
+    grad_w_hat = -D.reshape(rows, groups, g)
+    weighted = (scales[:, None, None] * grad_w_hat).reshape(-1, g)
+    grad_codebooks = torch.stack([
+        torch.zeros_like(codebooks[m]).index_add_(0, codes[..., m].reshape(-1).long(), weighted) for m in range(M)
+    ])
+    return (D * delta).sum(1) / 2, grad_codebooks, (grad_w_hat * parts).sum((1, 2))
+
+
+def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block):
+    """Adam on codebooks and scales with the codes fixed (gradients from `vq_gradients`); returns
+    the best iterate seen, the starting point included, so the loss never goes up."""
     best = (row_losses.sum().item(), codebooks, scales, row_losses)
     codebooks, scales = codebooks.clone(), scales.clone()
     params = (codebooks, scales)
     rates = (lr, lr * scales.abs().mean().item())
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-    flat_codes = [codes[..., m].reshape(-1).long() for m in range(M)]
     for step in range(steps + 1):
-        parts = _sum_codewords(codes, codebooks)
-        delta = W - (scales[:, None, None] * parts).flatten(1)
-        D = _products(delta, H, row_block)
-        if step:  # step 0 is the starting point, whose loss is already known
-            current = (D * delta).sum(1) / 2
-            if current.sum().item() < best[0]:
-                best = (current.sum().item(), codebooks.clone(), scales.clone(), current)
+        current, *grads = vq_gradients(W, H, codes, codebooks, scales, row_block)
+        if step and current.sum().item() < best[0]:  # step 0 is the start, whose loss is known
+            best = (current.sum().item(), codebooks.clone(), scales.clone(), current)
         if step == steps:
             break
-        grad_w_hat = -D.reshape(rows, groups, g)
-        weighted = (scales[:, None, None] * grad_w_hat).reshape(-1, g)
-        grads = (
-            torch.stack([torch.zeros_like(codebooks[m]).index_add_(0, flat_codes[m], weighted) for m in range(M)]),
-            (grad_w_hat * parts).sum((1, 2)),
-        )
         for param, grad, rate, (mean, square) in zip(params, grads, rates, moments):
             mean.lerp_(grad, 1 - ADAM_BETAS[0])
             square.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])

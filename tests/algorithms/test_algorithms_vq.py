@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from secateurs.algorithms import VQSpec, beam_search_codes, vq, vq_bits, vq_loss, vq_reconstruct
+from secateurs.algorithms import VQSpec, beam_search_codes, vq, vq_bits, vq_gradients, vq_loss, vq_reconstruct
 
 FAST = dict(rounds=3, adam_steps=20, kmeans_iters=10)
 
@@ -99,6 +99,19 @@ def test_beam_search_never_raises_the_loss_and_wider_beams_search_more(problem):
     assert torch.equal(beam_search_codes(W, H, codes, codebooks, scales, beam=4, row_block=3), beam_search_codes(W, H, codes, codebooks, scales, beam=4))
 
 
+def test_gradients_match_autograd(problem):
+    W, _, H = problem(19, rows=10, cols=24)
+    codes, codebooks, scales = random_codebooks(3, 8, 4, 10, 6, seed=20)
+    row_losses, grad_codebooks, grad_scales = vq_gradients(W, H, codes, codebooks, scales, row_block=3)
+    codebooks, scales = codebooks.clone().requires_grad_(), scales.clone().requires_grad_()
+    delta = W - vq_reconstruct(codes, codebooks, scales)
+    loss = torch.trace(delta @ H @ delta.T) / 2
+    loss.backward()
+    assert row_losses.sum().item() == pytest.approx(loss.item(), rel=1e-12)
+    assert torch.allclose(grad_codebooks, codebooks.grad, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(grad_scales, scales.grad, rtol=1e-10, atol=1e-10)
+
+
 def test_every_step_of_the_alternation_is_monotone(problem):
     W, _, H = problem(10, rows=24, cols=64)
     result = vq(W, H, VQSpec(codebooks=2, bits=5, group_size=8), beam=2, rounds=6, adam_steps=30, tol=0.0)
@@ -184,3 +197,15 @@ def test_zero_rows_are_exact(problem):
     W[2] = 0
     result = vq(W, H, VQSpec(codebooks=2, bits=3, group_size=4), **FAST)
     assert torch.isfinite(result.weight).all() and torch.isfinite(result.scales).all()
+
+
+def test_rounding_to_float16_for_storage(problem):
+    W, _, H = problem(18, rows=16, cols=32, dtype=torch.float32)
+    spec = VQSpec(codebooks=2, bits=4, group_size=8)
+    exact = vq(W, H, spec, **FAST)
+    rounded = vq(W, H, spec, round_to=torch.float16, **FAST)
+    assert torch.equal(rounded.codebooks, rounded.codebooks.half().float()) and torch.equal(rounded.scales, rounded.scales.half().float())
+    assert torch.equal(rounded.weight, vq_reconstruct(rounded.codes, rounded.codebooks, rounded.scales))
+    assert len(rounded.losses) == len(exact.losses) + 2 and rounded.losses[-1] <= rounded.losses[-2]
+    assert rounded.loss == pytest.approx(vq_loss(W, rounded.weight, H), rel=1e-5)
+    assert rounded.loss == pytest.approx(exact.loss, rel=0.05)
