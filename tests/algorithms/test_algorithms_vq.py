@@ -209,3 +209,15 @@ def test_rounding_to_float16_for_storage(problem):
     assert len(rounded.losses) == len(exact.losses) + 2 and rounded.losses[-1] <= rounded.losses[-2]
     assert rounded.loss == pytest.approx(vq_loss(W, rounded.weight, H), rel=1e-5)
     assert rounded.loss == pytest.approx(exact.loss, rel=0.05)
+
+
+def test_dead_inputs_and_a_singular_hessian(problem):
+    """H needs no inverse here: dead inputs (zero rows and columns of H) cost nothing and change nothing."""
+    W, X, _ = problem(21, rows=8, cols=32, tokens=12)  # rank 12 < 32
+    X[[0, 9]] = 0
+    H = 2 * X @ X.T / X.shape[1]
+    result = vq(W, H, VQSpec(codebooks=2, bits=3, group_size=8), **FAST)
+    assert all(b <= a for a, b in zip(result.losses, result.losses[1:]))
+    moved = W.clone()
+    moved[:, [0, 9]] += 5.0
+    assert vq_loss(moved, result.weight, H) == pytest.approx(result.loss, rel=1e-9)
