@@ -1,0 +1,301 @@
+"""Sparse fine-tuning benchmark: how much of one-shot pruning's damage training with the mask held
+fixed recovers on SmolLM2-135M, by loss (none, CE, KL, SquareHead + CE) and sparsity.
+
+Protocol: the one-shot models are the quality benchmark's (benchmarks/quality.py: SparseGPT on 64 x
+512 calibration windows, seed 0, from the five Austen training novels); fine-tuning reads the same
+five novels packed into windows of `--seqlen`, in a seeded order, every row under one token budget;
+perplexity is the protocol's (Persuasion, 40,960 tokens in windows of 512) unless `--eval-tokens`
+says otherwise (then the rows and the markdown say so). The teacher of the distillation rows is the
+dense model fine-tuned with CE under the same budget (the `dense` row), which is also the ceiling
+recovery is measured against: r = (ppl_oneshot - ppl) / (ppl_oneshot - ppl_dense_ft).
+
+Each finished row is written atomically into benchmarks/results/finetune.json as soon as it ends; a
+row that is killed resumes from its trainer checkpoint (in --work, default the secateurs cache). The
+one-shot model of each variant and the fine-tuned dense teacher are cached there too.
+
+    .venv/bin/python benchmarks/finetune.py [--tokens 250000] [--only ROW ...] [--eval-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+JSON_PATH, MD_PATH, PNG_PATH = RESULTS / "finetune.json", RESULTS / "finetune.md", RESULTS / "finetune.png"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality  # noqa: E402  (the protocol's calibration and one-shot recipes)
+
+MODEL = quality.PROTOCOL["model"]
+# The issue's minimal set, in its order: (variant, loss, qat).
+ROW_ORDER = [("dense", "ce", False), ("sparsegpt-70", "none", False), ("sparsegpt-70", "ce", False),
+             ("sparsegpt-70", "kl", False), ("sparsegpt-70", "squarehead", False),
+             ("sparsegpt-2of4", "ce", False), ("sparsegpt-2of4", "squarehead", False),
+             ("sparsegpt-50", "squarehead", False), ("progressive-50-70", "squarehead", False),
+             ("sparsegpt-50-w4g64", "squarehead", True), ("sparsegpt-50-w4g64", "squarehead", False)]
+
+
+def row_key(variant: str, loss: str, qat: bool) -> str:
+    return f"{variant}/{loss}" + ("/qat" if qat else "")
+
+
+def load_rows() -> list[dict]:
+    return json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
+
+
+def find(rows: list[dict], variant: str, loss: str, qat: bool, budget: dict) -> dict | None:
+    for row in rows:
+        if (row["variant"], row["loss"], row["qat"]) == (variant, loss, qat) and row["budget"] == budget:
+            return row
+    return None
+
+
+def store(row: dict) -> None:
+    from secateurs.io import write_json
+
+    rows = [r for r in load_rows() if (r["variant"], r["loss"], r["qat"], r["budget"]) !=
+            (row["variant"], row["loss"], row["qat"], row["budget"])]
+    write_json(JSON_PATH, rows + [row])
+
+
+# ---- one row ----
+
+def evaluate(model, evaluation, eval_tokens: int) -> float:
+    from secateurs.eval.perplexity import perplexity
+
+    return perplexity(model, evaluation, quality.PROTOCOL["eval_seqlen"], max_tokens=eval_tokens, progress=False).ppl
+
+
+def oneshot(variant: str, work: Path, eval_tokens: int):
+    """The variant's one-shot model (cached as a model directory) with its perplexity and plan."""
+    import torch
+
+    from secateurs.models import load_model, save_model
+    from secateurs.pipeline.engine import compress_model
+
+    folder = work / "oneshot" / variant
+    info_path = folder / "oneshot.json"
+    loaded = load_model(MODEL)
+    calibration, evaluation = quality._calibration_and_eval(loaded.tokenizer)
+    if info_path.is_file() and (folder / "plan.safetensors").is_file():
+        info = json.loads(info_path.read_text())
+        model = load_model(folder).model
+    else:
+        report = compress_model(loaded.model, quality.ROWS[variant]["recipe"], calibration, progress=False)
+        plan = report.storage_plan()
+        model = loaded.model
+        info = {"nm": {k: list(v) for k, v in plan.nm.items()}, "compress_seconds": report.seconds}
+        save_model(model, loaded.tokenizer, folder)
+        from secateurs.io import write_json, write_safetensors
+
+        write_safetensors(folder / "plan.safetensors", {f"{k}.{i}": t.contiguous() for k, grid in plan.grids.items()
+                                                          for i, t in enumerate(grid)})
+        write_json(info_path, info)
+    key = f"ppl_{eval_tokens}"
+    if key not in info:
+        info[key] = evaluate(model, evaluation, eval_tokens)
+        from secateurs.io import write_json
+
+        write_json(info_path, info)
+    from safetensors.torch import load_file
+
+    flat = load_file(folder / "plan.safetensors")
+    grids = {name.rsplit(".", 1)[0]: (flat[f"{name.rsplit('.', 1)[0]}.0"], flat[f"{name.rsplit('.', 1)[0]}.1"])
+             for name in flat}
+    nm = {k: tuple(v) for k, v in info["nm"].items()}
+    return model, loaded.tokenizer, evaluation, info[key], grids, nm
+
+
+def train_row(model, teacher, tokenizer, args, masks, out: Path, loss: str, seed: int, tokens: int | None = None):
+    from secateurs.data.corpus import load_text, tokenize
+    from secateurs.training.losses import LossWeights
+    from secateurs.training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, schedule="linear", tokens=tokens or args.tokens,
+                         batch_size=args.batch, seqlen=args.seqlen, seed=seed, bf16=args.bf16,
+                         losses=LossWeights.named(loss), checkpoint_every=args.checkpoint_every, max_grad_norm=1.0)
+    data = tokenize(tokenizer, load_text(quality.PROTOCOL["calib"]))
+    trainer = Trainer(model, data, config, teacher=teacher if config.losses.needs_teacher else None, masks=masks,
+                      output_dir=out, progress=args.progress, description=out.name)
+    return trainer.train(resume=True)
+
+
+def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
+    import torch
+
+    from secateurs.models import load_model, save_model
+    from secateurs.training.masks import masks_from_zeros
+    from secateurs.training.qat import attach_fake_quant, bake_fake_quant
+
+    work = Path(args.work)
+    eval_tokens = args.eval_tokens
+    started = time.perf_counter()
+    row = {"model": MODEL, "variant": variant, "loss": loss, "qat": qat, "budget": budget, "seed": args.seed,
+           "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "bf16": args.bf16, "eval_tokens": eval_tokens, "task_mean": None}
+    teacher_dir = work / "teacher" / quality._hash(budget)
+    if variant == "dense":
+        loaded = load_model(MODEL)
+        _, evaluation = quality._calibration_and_eval(loaded.tokenizer)
+        result = train_row(loaded.model, None, loaded.tokenizer, args, None, work / "rows" / "dense-ce", loss, args.seed)
+        save_model(loaded.model, loaded.tokenizer, teacher_dir)
+        ppl = evaluate(loaded.model, evaluation, eval_tokens)
+        dense_ppl = load_rows_dense(eval_tokens, work)
+        row |= {"tokens": result.tokens, "ppl": ppl, "ppl_oneshot": dense_ppl, "ppl_dense_ft": ppl, "sparsity": 0.0,
+                "train_seconds": result.seconds, "tokens_per_s": result.tokens_per_s}
+    else:
+        dense_ft = find(load_rows(), "dense", "ce", False, budget)
+        if loss != "none" and (dense_ft is None or not teacher_dir.is_dir()):
+            raise SystemExit(f"{row_key(variant, loss, qat)}: run the dense CE row (the teacher) first")
+        base = variant.replace("progressive-50-70", "sparsegpt-50")
+        model, tokenizer, evaluation, ppl_oneshot, grids, nm = oneshot(base, work, eval_tokens)
+        masks = masks_from_zeros(model, nm=nm or None)
+        row |= {"ppl_oneshot": ppl_oneshot, "ppl_dense_ft": dense_ft["ppl"] if dense_ft else None}
+        if loss == "none":
+            row |= {"tokens": 0, "ppl": ppl_oneshot, "sparsity": masks.check()["sparsity"], "tokens_per_s": None}
+        else:
+            teacher = load_model(teacher_dir).model
+            out = work / "rows" / row_key(variant, loss, qat).replace("/", "-")
+            if qat:
+                attach_fake_quant(masks.layers, grids)
+            result = train_row(model, teacher, tokenizer, args, masks, out, loss, args.seed)
+            if qat:
+                bake_fake_quant(masks.layers)
+            row |= {"tokens": result.tokens, "ppl": evaluate(model, evaluation, eval_tokens),
+                    "sparsity": result.sparsity["sparsity"], "train_seconds": result.seconds,
+                    "tokens_per_s": result.tokens_per_s}
+    row["seconds"] = time.perf_counter() - started
+    if row["ppl_dense_ft"] is not None and row["ppl_oneshot"] != row["ppl_dense_ft"]:
+        row["recovery"] = (row["ppl_oneshot"] - row["ppl"]) / (row["ppl_oneshot"] - row["ppl_dense_ft"])
+    return row
+
+
+def load_rows_dense(eval_tokens: int, work: Path) -> float:
+    """The untrained dense model's perplexity (cached in the work folder)."""
+    from secateurs.io import write_json
+    from secateurs.models import load_model
+
+    path = work / "dense.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if eval_tokens == quality.PROTOCOL["eval_tokens"] and quality.JSON_PATH.is_file():
+        # the quality benchmark's dense row: the same model, the same perplexity code and protocol
+        for row in json.loads(quality.JSON_PATH.read_text()):
+            if row.get("row") == "dense" and row.get("engine") == "secateurs":
+                cached.setdefault(str(eval_tokens), row["ppl"])
+    if str(eval_tokens) not in cached:
+        loaded = load_model(MODEL)
+        _, evaluation = quality._calibration_and_eval(loaded.tokenizer)
+        cached[str(eval_tokens)] = evaluate(loaded.model, evaluation, eval_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, cached)
+    return cached[str(eval_tokens)]
+
+
+# ---- report ----
+
+def write_report(args, budget: dict) -> None:
+    rows = [r for r in load_rows() if r["budget"] == budget]
+    protocol = args.eval_tokens == quality.PROTOCOL["eval_tokens"]
+    lines = ["# Sparse fine-tuning (SmolLM2-135M, Austen training novels)", "",
+             f"Budget of every row: {budget['tokens']:,} training tokens (batch {budget['batch']} x {budget['seqlen']}, "
+             f"lr {budget['lr']}, warmup {budget['warmup']} steps, linear decay, AdamW, clip 1.0, "
+             f"{'bf16 autocast' if budget['bf16'] else 'float32'}), seed {args.seed}.",
+             "Perplexity: Persuasion, " + (f"the protocol's {args.eval_tokens:,} tokens" if protocol else
+                                          f"**the first {args.eval_tokens:,} tokens only (not the protocol's 40,960)**")
+             + " in windows of 512. r = (ppl_oneshot - ppl) / (ppl_oneshot - ppl_dense_ft).", "",
+             "| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | sparsity | train s | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, loss, qat in ROW_ORDER:
+        row = find(rows, variant, loss, qat, budget)
+        if row is None:
+            lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | |")
+            continue
+        rec = row.get("recovery")
+        lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | {row['tokens']:,} | {row['ppl_oneshot']:.2f} | "
+                     f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | {row['sparsity']:.4f} | "
+                     f"{row.get('train_seconds', 0):.0f} | {row['tokens_per_s'] or 0:.1f} |")
+    lines += ["", "Rows not yet run are resumed by running the same command again (finished rows are cached, a "
+              "killed row continues from its checkpoint).", ""]
+    from secateurs.io import write_text
+
+    write_text(MD_PATH, "\n".join(lines) + "\n")
+    plot(rows, args.work)
+
+
+def plot(rows: list[dict], work) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['variant']}\n{r['loss']}{'/qat' if r['qat'] else ''}" for r in rows]
+    bars.bar(range(len(rows)), [r["ppl_oneshot"] for r in rows], color="#bbb", label="one-shot")
+    bars.bar(range(len(rows)), [r["ppl"] for r in rows], width=0.5, color="#3a7", label="after fine-tuning")
+    bars.set_xticks(range(len(rows)), labels, fontsize=6)
+    bars.set_yscale("log")
+    bars.set_ylabel("perplexity (Persuasion)")
+    bars.legend()
+    import csv
+
+    for folder in sorted((Path(work) / "rows").glob("*")):
+        if (folder / "loss.csv").is_file():
+            with open(folder / "loss.csv") as handle:
+                history = list(csv.DictReader(handle))
+            curves.plot([int(h["tokens"]) for h in history], [float(h["loss"]) for h in history], label=folder.name)
+    curves.set_xlabel("tokens")
+    curves.set_ylabel("training loss (weighted sum)")
+    curves.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(PNG_PATH, dpi=90)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=250_000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=0, help="warmup steps (default 0)")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-tokens", type=int, default=quality.PROTOCOL["eval_tokens"])
+    parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--only", nargs="*", help="rows as variant/loss[/qat], e.g. sparsegpt-70/squarehead")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--work", default=str(Path.home() / ".cache" / "secateurs" / "finetune-bench"))
+    args = parser.parse_args()
+    budget = {"tokens": args.tokens, "batch": args.batch, "seqlen": args.seqlen, "lr": args.lr, "warmup": args.warmup,
+              "bf16": args.bf16, "eval_tokens": args.eval_tokens}
+    order = ROW_ORDER
+    if args.only:  # in the order given
+        order = [row for key in args.only for row in ROW_ORDER if row_key(*row) == key]
+    for variant, loss, qat in order:
+        key = row_key(variant, loss, qat)
+        if find(load_rows(), variant, loss, qat, budget) and not args.force:
+            continue
+        if variant.startswith("progressive") or qat or (variant == "sparsegpt-50-w4g64"):
+            print(f"{key}: not implemented in this benchmark yet", flush=True)
+            continue
+        print(f"{key}: running", flush=True)
+        row = run_row(variant, loss, qat, args, budget)
+        store(row)
+        write_report(args, budget)
+        print(json.dumps(row), flush=True)
+    write_report(args, budget)
+
+
+if __name__ == "__main__":
+    main()
