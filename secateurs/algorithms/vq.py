@@ -28,6 +28,9 @@ from .hessian import work_dtype
 
 # Points per chunk when matching groups to their nearest codeword (bounds a [chunk, 2**B] block).
 NEAREST_CHUNK = 16384
+# k-means++ seeds from at most this many points (a seeded random subset beyond): its k passes over
+# the data dominate otherwise, and torch.multinomial takes at most 2**24 categories.
+KMEANS_SEED_POINTS = 1 << 18
 # Adam's usual constants; written out (a few lines) because torch.optim's first use imports
 # torch._dynamo, seconds on a small machine, and the gradients here need no autograd.
 ADAM_BETAS = (0.9, 0.999)
@@ -240,19 +243,22 @@ def _kmeans(points: Tensor, k: int, iters: int, generator: torch.Generator) -> T
     k-means++ never picks a point already at distance 0 from a center while another is not, so data
     holding at most k distinct points gets every one of them as a center (the exact case).
     """
-    n = points.shape[0]
+    seeds = points
+    if points.shape[0] > KMEANS_SEED_POINTS:
+        seeds = points[torch.randperm(points.shape[0], generator=generator)[:KMEANS_SEED_POINTS]]
+    n = seeds.shape[0]
     first = int(torch.randint(n, (1,), generator=generator))
     centers = points.new_empty(k, points.shape[1])
-    centers[0] = points[first]
-    distances = (points - centers[0]).square().sum(1)
+    centers[0] = seeds[first]
+    distances = (seeds - centers[0]).square().sum(1)
     for c in range(1, k):
         total = distances.sum()
         if total > 0:
             pick = int(torch.multinomial(distances / total, 1, generator=generator))
         else:  # fewer distinct points than centers: the spare centers repeat points
             pick = int(torch.randint(n, (1,), generator=generator))
-        centers[c] = points[pick]
-        distances = torch.minimum(distances, (points - centers[c]).square().sum(1))
+        centers[c] = seeds[pick]
+        distances = torch.minimum(distances, (seeds - centers[c]).square().sum(1))
     for _ in range(iters):
         assignment = _nearest(points, centers)
         sums = torch.zeros_like(centers).index_add_(0, assignment, points)

@@ -1,3 +1,4 @@
+import importlib
 import itertools
 
 import pytest
@@ -221,3 +222,14 @@ def test_dead_inputs_and_a_singular_hessian(problem):
     moved = W.clone()
     moved[:, [0, 9]] += 5.0
     assert vq_loss(moved, result.weight, H) == pytest.approx(result.loss, rel=1e-9)
+
+
+def test_kmeans_seeds_from_a_subset_of_many_groups(problem, monkeypatch):
+    vq_module = importlib.import_module("secateurs.algorithms.vq")  # the package's `vq` is the function
+    W, _, H = problem(22, rows=32, cols=64)
+    spec = VQSpec(codebooks=2, bits=4, group_size=4)
+    full = vq(W, H, spec, rounds=0)
+    monkeypatch.setattr(vq_module, "KMEANS_SEED_POINTS", 64)  # of 512 groups
+    subset = vq(W, H, spec, rounds=0)
+    assert subset.losses[0] != full.losses[0]
+    assert subset.losses[0] < 1.3 * full.losses[0] and subset.losses[0] < vq(W, H, spec, rounds=0, init="random").losses[0]
