@@ -1,6 +1,9 @@
 """Pruning interleaved with training: progressive one-shot stages (prune, fine-tune, prune more on
 the fine-tuned weights, fine-tune: Agarwalla et al. 2024) and gradual magnitude pruning on the
-cubic schedule during training (Zhu & Gupta 2017), both on the one Trainer."""
+cubic schedule during training (Zhu & Gupta 2017), both on the one Trainer.
+
+The one-shot engine is handed in (`compress`, e.g. secateurs.pipeline.engine.compress_model) rather
+than imported: training sits beside the pipeline, not above it."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 import torch
 
 from secateurs.algorithms.magnitude import magnitude_mask
-from secateurs.pipeline.engine import CompressionReport, compress_model
 from secateurs.training.masks import MaskSet, masks_from_zeros
 from secateurs.training.qat import weight_parameter
 from secateurs.training.schedules import cubic_sparsity
@@ -20,15 +22,16 @@ from secateurs.training.trainer import TrainConfig, Trainer, TrainResult
 @dataclass
 class StageResult:
     recipe: object
-    compression: CompressionReport
+    compression: object  # what `compress` returned (the engine's CompressionReport)
     training: TrainResult
 
 
-def progressive_prune(model, recipes: list, calibration: torch.Tensor, token_ids: torch.Tensor,
+def progressive_prune(model, compress, recipes: list, calibration: torch.Tensor, token_ids: torch.Tensor,
                       configs: list[TrainConfig], teacher=None, output_dir: str | Path | None = None,
                       progress: bool = True, resume: bool = False) -> list[StageResult]:
-    """For each (recipe, config): compress `model` in place with the recipe, its statistics gathered
-    on the current (fine-tuned) weights, then fine-tune it with the new zeros held fixed."""
+    """For each (recipe, config): `compress(model, recipe, calibration, progress=...)` in place, its
+    statistics gathered on the current (fine-tuned) weights, returning a report with
+    `storage_plan()`; then fine-tune with the new zeros (and N:M patterns) held fixed."""
     if len(recipes) != len(configs):
         raise ValueError("progressive_prune needs one training configuration per pruning recipe")
     for config in configs:
@@ -36,7 +39,7 @@ def progressive_prune(model, recipes: list, calibration: torch.Tensor, token_ids
     results = []
     for index, (recipe, config) in enumerate(zip(recipes, configs)):
         model.eval()
-        report = compress_model(model, recipe, calibration, progress=progress)
+        report = compress(model, recipe, calibration, progress=progress)
         masks = masks_from_zeros(model, nm=report.storage_plan().nm or None)
         stage_dir = Path(output_dir) / f"stage-{index + 1}" if output_dir is not None else None
         trainer = Trainer(model, token_ids, config, teacher=teacher, masks=masks, output_dir=stage_dir,

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
-from secateurs.io import atomic_directory, write_safetensors, write_text
+from secateurs.io import atomic_directory, replace_atomically, write_safetensors, write_text
 from secateurs.training.losses import LossWeights, combined_loss
 from secateurs.training.masks import MaskSet
 from secateurs.training.schedules import LR_SCHEDULES, lr_factor
@@ -346,8 +346,6 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
         axis.set_xlabel("tokens")
     figure.suptitle(title)
     figure.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(staging, dpi=80)
+    replace_atomically(path, lambda staging: figure.savefig(staging, format="png", dpi=80))
     plt.close(figure)
-    staging.replace(path)
     return True

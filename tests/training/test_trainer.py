@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.pipeline.engine import compress_model
 from secateurs.formats import StoragePlan, save_compressed
 from secateurs.algorithms.quant import QuantSpec, round_to_nearest
 from secateurs.structure import get_weight, set_weight
@@ -195,6 +196,6 @@ def test_progressive_prunes_the_finetuned_weights_further():
     student = copy.deepcopy(teacher)
     calibration = tokens(128, seed=4).view(8, 16)
     configs = [TrainConfig(steps=3, **SMALL), TrainConfig(steps=3, **SMALL)]
-    results = progressive_prune(student, [[{"sparsegpt": {"sparsity": 0.5}}], [{"sparsegpt": {"sparsity": 0.7}}]],
+    results = progressive_prune(student, compress_model, [[{"sparsegpt": {"sparsity": 0.5}}], [{"sparsegpt": {"sparsity": 0.7}}]],
                                 calibration, tokens(), configs, teacher=teacher, progress=False)
     assert [r.training.sparsity["sparsity"] for r in results] == pytest.approx([0.5, 0.7], abs=1e-3)

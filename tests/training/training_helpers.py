@@ -36,3 +36,24 @@ def tokens(count: int = 2000, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor
     base = torch.arange(count) % 13 * 3 % vocab
     noise = torch.randint(0, vocab, (count,), generator=generator)
     return torch.where(torch.rand(count, generator=generator) < 0.1, noise, base)
+
+
+def word_tokenizer(vocab: int = VOCAB):
+    """Word-level: "[UNK]" is 0, "t1".."t{vocab-1}" are 1..vocab-1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"t{i}": i for i in range(1, vocab)}}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def save_model_dir(model, folder):
+    """A plain model directory (safetensors) with the word tokenizer."""
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def text_file(path, count: int = 1500):
+    path.write_text(" ".join(f"t{max(1, i)}" for i in tokens(count).tolist()))
+    return path
