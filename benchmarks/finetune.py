@@ -128,11 +128,31 @@ def train_row(model, teacher, tokenizer, args, masks, out: Path, loss: str, seed
     return trainer.train(resume=True)
 
 
+def progressive(model, teacher, tokenizer, args, masks, out: Path, loss: str, row: dict):
+    """50% one-shot (given) -> half the budget -> SparseGPT 70% on the fine-tuned weights, recalibrated
+    on the protocol's windows -> the other half: the same total tokens as the direct 70% rows."""
+    from secateurs.pipeline.engine import compress_model
+    from secateurs.training.masks import masks_from_zeros
+
+    half = args.tokens // 2
+    first = train_row(model, teacher, tokenizer, args, masks, out / "stage-1", loss, args.seed, tokens=half)
+    calibration, _ = quality._calibration_and_eval(tokenizer)
+    stage2 = out / "stage-2"
+    if not (stage2 / "checkpoint").is_dir():  # a resumed second stage already holds its 70% weights
+        compress_model(model.eval(), quality.ROWS["sparsegpt-70"]["recipe"], calibration, progress=False)
+    second = train_row(model, teacher, tokenizer, args, masks_from_zeros(model), stage2, loss, args.seed,
+                       tokens=args.tokens - half)
+    second.tokens += first.tokens
+    second.seconds += first.seconds
+    second.tokens_per_s = second.tokens / second.seconds
+    return second
+
+
 def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     import torch
 
     from secateurs.models import load_model, save_model
-    from secateurs.training.masks import masks_from_zeros
+    from secateurs.training.masks import block_linear_layers, masks_from_zeros
     from secateurs.training.qat import attach_fake_quant, bake_fake_quant
 
     work = Path(args.work)
@@ -164,11 +184,18 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
         else:
             teacher = load_model(teacher_dir).model
             out = work / "rows" / row_key(variant, loss, qat).replace("/", "-")
+            layers = block_linear_layers(model)
             if qat:
-                attach_fake_quant(masks.layers, grids)
-            result = train_row(model, teacher, tokenizer, args, masks, out, loss, args.seed)
-            if qat:
-                bake_fake_quant(masks.layers)
+                attach_fake_quant(layers, grids)
+            if variant.startswith("progressive"):
+                result = progressive(model, teacher, tokenizer, args, masks, out, loss, row)
+            else:
+                result = train_row(model, teacher, tokenizer, args, masks, out, loss, args.seed)
+            if grids:  # QAT kept the weights on the grids; otherwise round the fine-tuned ones onto them
+                if not qat:
+                    attach_fake_quant(layers, grids)
+                bake_fake_quant(layers)
+                masks.check()
             row |= {"tokens": result.tokens, "ppl": evaluate(model, evaluation, eval_tokens),
                     "sparsity": result.sparsity["sparsity"], "train_seconds": result.seconds,
                     "tokens_per_s": result.tokens_per_s}
@@ -285,9 +312,6 @@ def main() -> None:
     for variant, loss, qat in order:
         key = row_key(variant, loss, qat)
         if find(load_rows(), variant, loss, qat, budget) and not args.force:
-            continue
-        if variant.startswith("progressive") or qat or (variant == "sparsegpt-50-w4g64"):
-            print(f"{key}: not implemented in this benchmark yet", flush=True)
             continue
         print(f"{key}: running", flush=True)
         row = run_row(variant, loss, qat, args, budget)
