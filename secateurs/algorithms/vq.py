@@ -127,11 +127,11 @@ def vq(
     (Gaussian codebooks of the same spread, the baseline it is measured against). Then up to
     `rounds` alternations of a beam search over the codes (`beam` hypotheses per row) and
     `adam_steps` Adam steps on codebooks and scales (learning rate `lr` for the codebooks, `lr`
-    times the mean scale for the scales, so both move by the same relative amount), until an
+    times the mean scale for the scales, so both move by about the same relative amount), until an
     alternation improves the loss by less than `tol` relative. Deterministic given `seed`.
     Computes in float64 if W or H is float64, else float32. With `round_to` (torch.float16 for the
     files), the codebooks and scales are then rounded to that dtype and the codes searched once
-    more for the rounded values, so what is stored reproduces W_hat and the reported loss exactly.
+    more for the rounded values, so what is stored reproduces the returned W_hat exactly.
     """
     rows, cols = W.shape
     _check_width(cols, spec)
