@@ -148,6 +148,13 @@ def progressive(model, teacher, tokenizer, args, masks, out: Path, loss: str, ro
     return second
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     import torch
 
@@ -159,7 +166,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     eval_tokens = args.eval_tokens
     started = time.perf_counter()
     row = {"model": MODEL, "variant": variant, "loss": loss, "qat": qat, "budget": budget, "seed": args.seed,
-           "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "device": "cpu", "threads": torch.get_num_threads(), "cpu": cpu_model(),
            "bf16": args.bf16, "eval_tokens": eval_tokens, "task_mean": None}
     teacher_dir = work / "teacher" / quality._hash(budget)
     if variant == "dense":
@@ -200,7 +207,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
                     "sparsity": result.sparsity["sparsity"], "train_seconds": result.seconds,
                     "tokens_per_s": result.tokens_per_s}
     row["seconds"] = time.perf_counter() - started
-    if row["ppl_dense_ft"] is not None and row["ppl_oneshot"] != row["ppl_dense_ft"]:
+    if variant != "dense" and row["ppl_dense_ft"] is not None and row["ppl_oneshot"] != row["ppl_dense_ft"]:
         row["recovery"] = (row["ppl_oneshot"] - row["ppl"]) / (row["ppl_oneshot"] - row["ppl_dense_ft"])
     return row
 
@@ -245,7 +252,7 @@ def write_report(args, budget: dict) -> None:
         if row is None:
             lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | |")
             continue
-        rec = row.get("recovery")
+        rec = row.get("recovery") if variant != "dense" else None
         lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | {row['tokens']:,} | {row['ppl_oneshot']:.2f} | "
                      f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | {row['sparsity']:.4f} | "
                      f"{row.get('train_seconds', 0):.0f} | {row['tokens_per_s'] or 0:.1f} |")
@@ -301,13 +308,14 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=4)
     parser.add_argument("--only", nargs="*", help="rows as variant/loss[/qat], e.g. sparsegpt-70/squarehead")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown and the plot")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "secateurs" / "finetune-bench"))
     args = parser.parse_args()
     budget = {"tokens": args.tokens, "batch": args.batch, "seqlen": args.seqlen, "lr": args.lr, "warmup": args.warmup,
               "bf16": args.bf16, "eval_tokens": args.eval_tokens}
-    order = ROW_ORDER
-    if args.only:  # in the order given
+    order = [] if args.report else ROW_ORDER
+    if args.only and not args.report:  # in the order given
         order = [row for key in args.only for row in ROW_ORDER if row_key(*row) == key]
     for variant, loss, qat in order:
         key = row_key(variant, loss, qat)
