@@ -244,9 +244,15 @@ def write_report(args, budget: dict) -> None:
              f"{'bf16 autocast' if budget['bf16'] else 'float32'}), seed {args.seed}.",
              "Perplexity: Persuasion, " + (f"the protocol's {args.eval_tokens:,} tokens" if protocol else
                                           f"**the first {args.eval_tokens:,} tokens only (not the protocol's 40,960)**")
-             + " in windows of 512. r = (ppl_oneshot - ppl) / (ppl_oneshot - ppl_dense_ft).", "",
-             "| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | sparsity | train s | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             + " in windows of 512. r = (ppl_oneshot - ppl) / (ppl_oneshot - ppl_dense_ft).", ""]
+    if budget["tokens"] < 250_000:
+        lines += [f"**This budget is far below the issue's 0.25M tokens** (a smoke-scale run: the trainer measured "
+                  f"about {min((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f}-"
+                  f"{max((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f} tokens/s on "
+                  f"{rows[0]['cpu'] if rows else 'this CPU'}, {rows[0]['threads'] if rows else '?'} threads, shared "
+                  "with other jobs); a later session raises --tokens and reruns the same command.", ""]
+    lines += ["| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | sparsity | train s | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, loss, qat in ROW_ORDER:
         row = find(rows, variant, loss, qat, budget)
         if row is None:
