@@ -7,6 +7,10 @@ packed into windows of `seqlen`, visited in a seeded order per epoch, so the dat
 single integer. Checkpoints (every `checkpoint_every` steps, atomically) hold the weights, the
 optimizer moments, the masks, the RNG states, the data position and the loss history; resuming from
 one continues bit-identically to a run that was never interrupted (same threads, same device).
+Under torchrun (a process group initialized by the caller, gloo on CPU or NCCL on GPU) each process
+takes its slice of every global micro-batch and the gradients are averaged before each step: equal
+to one process with the whole batch to float tolerance (for CE and KL; SquareHead's normalization is
+then per process). Rank 0 writes the checkpoints and the curve.
 """
 
 from __future__ import annotations
@@ -54,15 +58,14 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end
     log_every: int = 1
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seqlen
+    def tokens_per_step(self, world: int = 1) -> int:
+        """Tokens of one optimizer step over `world` data-parallel processes."""
+        return self.batch_size * self.grad_accum * self.seqlen * world
 
-    @property
-    def total_steps(self) -> int:
+    def total_steps(self, world: int = 1) -> int:
         if self.steps is not None:
             return self.steps
-        return math.ceil(self.tokens / self.tokens_per_step)
+        return math.ceil(self.tokens / self.tokens_per_step(world))
 
     def validate(self) -> None:
         if not self.lr > 0:
@@ -163,6 +166,12 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.progress, self.on_step, self.description = progress, on_step, description
         self.step, self.position, self.history = 0, 0, []
+        # torchrun data parallel: each process takes its slice of every global micro-batch, gradients
+        # are averaged before the step, so all processes take the same step (rank 0 writes).
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world = torch.distributed.get_world_size() if self.distributed else 1
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.total_steps, self.tokens_per_step = config.total_steps(self.world), config.tokens_per_step(self.world)
         self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval()  # run under no_grad; its own flags are left as they are
@@ -199,7 +208,7 @@ class Trainer:
             write_safetensors(staging / "state.safetensors", state)
             (staging / "state.json").write_text(json.dumps({
                 "step": self.step, "position": self.position, "history": self.history,
-                "config": self.config.as_dict(), "total_steps": self.config.total_steps}, indent=1))
+                "config": self.config.as_dict(), "total_steps": self.total_steps, "world": self.world}, indent=1))
         return self.checkpoint_dir
 
     def resume(self) -> bool:
@@ -257,17 +266,29 @@ class Trainer:
         (loss / self.config.grad_accum).backward()
         return parts
 
+    def _average(self, sums: dict[str, float]) -> dict[str, float]:
+        """Average the gradients and the logged loss parts over the processes."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        return {k: float(v) / self.world for k, v in zip(keys, values)}
+
     def train(self, resume: bool = False) -> TrainResult:
         """Run to the configured length; with `resume`, continue from output_dir's checkpoint."""
         config = self.config
         if resume:
             self.resume()
-        total = config.total_steps
+        total = self.total_steps
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
         started, start_step = time.perf_counter(), self.step
-        bar = tqdm(total=total, initial=self.step, desc=self.description, unit="step", disable=not self.progress)
+        bar = tqdm(total=total, initial=self.step, desc=self.description, unit="step",
+                   disable=not self.progress or self.rank != 0)
         try:
             while self.step < total:
                 factor = lr_factor(self.step, total, config.warmup_steps, config.schedule)
@@ -276,10 +297,13 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
                 for _ in range(config.grad_accum):
-                    inputs = self.data.batch(self.position, config.batch_size).to(self.device)
-                    self.position += config.batch_size
+                    first = self.position + self.rank * config.batch_size
+                    inputs = self.data.batch(first, config.batch_size).to(self.device)
+                    self.position += config.batch_size * self.world
                     for key, value in self._micro_step(inputs).items():
                         sums[key] = sums.get(key, 0.0) + value / config.grad_accum
+                if self.distributed:
+                    sums = self._average(sums)
                 if self.masks is not None:
                     self.masks.zero_gradients()
                 if config.max_grad_norm is not None:
@@ -292,24 +316,27 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self, self.step)
                 elapsed = time.perf_counter() - started
-                rate = (self.step - start_step) * config.tokens_per_step / elapsed if elapsed > 0 else 0.0
+                rate = (self.step - start_step) * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
                 if self.step % config.log_every == 0 or self.step == total:
-                    self.history.append({"step": self.step, "tokens": self.step * config.tokens_per_step,
+                    self.history.append({"step": self.step, "tokens": self.step * self.tokens_per_step,
                                          "lr": config.lr * factor} | {k: sums[k] for k in PARTS if k in sums})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items()} | {"tok/s": f"{rate:.0f}"}, refresh=False)
                 bar.update(1)
                 if self.output_dir is not None and (
                         self.step == total or (config.checkpoint_every and self.step % config.checkpoint_every == 0)):
-                    self.save_checkpoint()
-                    self.write_curve()
+                    if self.rank == 0:
+                        self.save_checkpoint()
+                        self.write_curve()
+                    if self.distributed:
+                        torch.distributed.barrier()
         finally:
             bar.close()
             if config.gradient_checkpointing:
                 self.model.gradient_checkpointing_disable()
             self.model.eval()
         seconds = time.perf_counter() - started
-        done = (self.step - start_step) * config.tokens_per_step
-        return TrainResult(self.step, self.step * config.tokens_per_step, seconds, done / seconds if seconds > 0 else 0.0,
+        done = (self.step - start_step) * self.tokens_per_step
+        return TrainResult(self.step, self.step * self.tokens_per_step, seconds, done / seconds if seconds > 0 else 0.0,
                            self.history, self.masks.check() if self.masks is not None else None)
 
     # ---- the loss curve ----

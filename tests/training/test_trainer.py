@@ -140,7 +140,8 @@ def test_packed_windows_visit_every_window_each_epoch():
     assert sorted(first[:, 0].tolist()) == list(range(0, 50, 5))
     assert torch.equal(data.batch(3, 4), first[3:7])
     assert not torch.equal(data.batch(10, 10), first)  # another order next epoch
-    assert TrainConfig(tokens=100, batch_size=2, seqlen=16).total_steps == 4
+    assert TrainConfig(tokens=100, batch_size=2, seqlen=16).total_steps() == 4
+    assert TrainConfig(tokens=100, batch_size=2, seqlen=16).total_steps(world=2) == 2
 
 
 def test_qat_weights_on_grid_and_export_reloads_exactly(tmp_path):

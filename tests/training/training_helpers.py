@@ -57,3 +57,31 @@ def save_model_dir(model, folder):
 def text_file(path, count: int = 1500):
     path.write_text(" ".join(f"t{max(1, i)}" for i in tokens(count).tolist()))
     return path
+
+
+DDP_CONFIG = dict(steps=4, lr=3e-3, seqlen=16, grad_accum=2, weight_decay=0.1)
+
+
+def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One torchrun-like process (gloo): fine-tune a pruned tiny model, rank 0 saves the weights."""
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from secateurs.training.losses import LossWeights
+    from secateurs.training.masks import masks_from_zeros
+    from secateurs.training.trainer import TrainConfig, Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        teacher = tiny_llama()
+        student = pruned(teacher, 0.5)
+        config = TrainConfig(batch_size=1, losses=LossWeights(ce=1, kl=1, squarehead=0), **DDP_CONFIG)
+        Trainer(student, tokens(), config, teacher=teacher, masks=masks_from_zeros(student), progress=False).train()
+        if rank == 0:
+            save_file({n: p.detach().contiguous() for n, p in student.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
