@@ -155,6 +155,14 @@ def test_kmeans_initialization_beats_random(problem):
         assert kmeans.loss < rand.loss
 
 
+def test_initialization_weighs_coordinates_by_the_diagonal_of_h(problem):
+    W, _, H = problem(23, rows=32, cols=64)  # diag(H) spans four decades
+    spec = VQSpec(codebooks=2, bits=4, group_size=4)
+    weighted = vq(W, H, spec, rounds=0)
+    plain = vq(W, torch.eye(64, dtype=torch.float64), spec, rounds=0)
+    assert weighted.losses[0] < 0.5 * vq_loss(W, plain.weight, H)
+
+
 def test_more_codebooks_give_lower_error(problem):
     W, _, H = problem(15, rows=32, cols=128)
     two = vq(W, H, VQSpec(codebooks=2, bits=8, group_size=8), **FAST)
