@@ -86,6 +86,36 @@ def _eval_tasks(args) -> None:
         print(format_table(results))
 
 
+def cmd_finetune(args) -> None:
+    """Sparse fine-tuning with the zeros held (secateurs.training), every input checked first."""
+    from secateurs.pipeline.distributed import check_device
+    from secateurs.training.finetune import finetune
+    from secateurs.training.losses import LossWeights
+    from secateurs.training.trainer import TrainConfig
+
+    if (args.steps is None) == (args.tokens is None):
+        raise SecateursError("give the training length as --steps or as --tokens (exactly one)")
+    losses = LossWeights.named(args.loss, args.temperature)
+    explicit = {name: getattr(args, name) for name in ("ce", "kl", "squarehead") if getattr(args, name) is not None}
+    if explicit:
+        losses = LossWeights(**(losses.as_dict() | explicit))
+    if losses.needs_teacher and args.teacher is None:
+        raise SecateursError(f"--loss {args.loss} distils from a teacher: pass --teacher (the dense model)")
+    config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+                         steps=args.steps, tokens=args.tokens, batch_size=args.batch, grad_accum=args.grad_accum,
+                         seqlen=args.seqlen, max_grad_norm=args.clip, seed=args.seed, bf16=args.bf16,
+                         gradient_checkpointing=args.gradient_checkpointing, losses=losses,
+                         checkpoint_every=args.checkpoint_every)
+    check_device(args.device)
+    result = finetune(args.model, args.output, config, teacher=args.teacher, data=args.data, qat=args.qat,
+                      dense=args.dense, resume=args.resume, device=args.device or "cpu",
+                      progress=not VERBOSITY["quiet"])
+    trained = result.training
+    print(f"fine-tuned {args.model}: {trained.steps} steps, {trained.tokens} tokens, {trained.tokens_per_s:.0f} tokens/s, "
+          f"sparsity {trained.sparsity.get('sparsity', 0.0):.3f}; wrote {args.output} (loss curve and checkpoints in "
+          f"{result.training_dir})")
+
+
 def cmd_report(args) -> None:
     from secateurs.eval.report import write_report
 
@@ -371,6 +401,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subset", type=int, default=None,
                           help="with --tasks: N documents of each task after a seeded shuffle (the benchmarks use 500)")
     evaluate.set_defaults(run=cmd_eval)
+
+    tune = commands.add_parser("finetune", help="fine-tune a pruned (or quantized) model with its zeros held, "
+                               "distilling from the dense teacher (SquareHead)")
+    _add_model(tune)
+    tune.add_argument("--teacher", default=None, help="the dense model to distil from (KL, SquareHead)")
+    tune.add_argument("--data", default="austen-calib", help="training text (as --calib of compress)")
+    tune.add_argument("--output", required=True, help="model directory to write (the same formats as the input)")
+    tune.add_argument("--loss", default="squarehead", help="ce, kl, squarehead (CE 1 + SquareHead 1) or ce+kl")
+    for name in ("ce", "kl", "squarehead"):
+        tune.add_argument(f"--{name}", type=float, default=None, help=f"weight of the {name} loss (overrides --loss)")
+    tune.add_argument("--temperature", type=float, default=1.0, help="of the KL term")
+    tune.add_argument("--lr", type=float, default=5e-5)
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--warmup", type=int, default=0, help="warmup steps")
+    tune.add_argument("--schedule", default="linear", help="learning-rate decay: constant, linear or cosine")
+    tune.add_argument("--steps", type=int, default=None, help="optimizer steps (or --tokens)")
+    tune.add_argument("--tokens", type=int, default=None, help="training tokens (or --steps)")
+    tune.add_argument("--batch", type=int, default=4, help="windows per micro-batch")
+    tune.add_argument("--grad-accum", type=int, default=1)
+    tune.add_argument("--seqlen", type=int, default=512)
+    tune.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--bf16", action="store_true", help="bfloat16 autocast (where the CPU has native bf16)")
+    tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--checkpoint-every", type=int, default=0, help="steps between resumable checkpoints")
+    tune.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    tune.add_argument("--qat", action="store_true", help="train through fake-quantization on the model's grids")
+    tune.add_argument("--dense", action="store_true", help="train every weight (the dense teacher run)")
+    tune.add_argument("--device", default=None, help="cpu or cuda")
+    tune.set_defaults(run=cmd_finetune)
 
     report = commands.add_parser("report", help="result files (benchmarks/results/*.json, compression.json) as one page")
     report.add_argument("results", nargs="+", help="JSON result files or model directories with a compression.json")

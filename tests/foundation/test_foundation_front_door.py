@@ -130,3 +130,19 @@ def test_help_does_not_reexecute_or_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "SECATEURS_MALLOC": "tuned"})
     assert done.stdout.strip().splitlines()[-1] == "False", done.stderr
+
+
+def test_finetune_command_keeps_the_zeros_and_checks_its_input(bf16_dir, tmp_path, capsys):
+    assert compress(bf16_dir, tmp_path / "sparse") == 0
+    tune = ["--quiet", "finetune", "--model", str(tmp_path / "sparse"), "--data", str(bf16_dir.parent / "calib.txt"),
+            "--steps", "2", "--seqlen", "16", "--batch", "2"]
+    assert main([*tune, "--output", str(tmp_path / "a")]) == 2  # squarehead needs the teacher
+    assert "--teacher" in capsys.readouterr().err
+    assert main([*tune, "--output", str(tmp_path / "b"), "--lr", "0", "--loss", "ce"]) == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main([*tune, "--output", str(tmp_path / "tuned"), "--teacher", str(bf16_dir)]) == 0
+    before, after = secateurs.load(tmp_path / "sparse"), secateurs.load(tmp_path / "tuned")
+    for name in ("q_proj", "o_proj"):
+        old = getattr(before.model.layers[0].self_attn, name).to_dense()
+        new = getattr(after.model.layers[0].self_attn, name).to_dense()
+        assert torch.equal(old == 0, new == 0) and not torch.equal(old, new)  # same mask, trained values
