@@ -82,10 +82,11 @@ def oneshot(variant: str, work: Path, eval_tokens: int):
     from secateurs.pipeline.engine import compress_model
 
     folder = work / "oneshot" / variant
-    info_path = folder / "oneshot.json"
+    info_path = folder.parent / f"{variant}.json"
+    plan_path = folder.parent / f"{variant}.plan.safetensors"  # not inside: a model folder holds one weights file
     loaded = load_model(MODEL)
     calibration, evaluation = quality._calibration_and_eval(loaded.tokenizer)
-    if info_path.is_file() and (folder / "plan.safetensors").is_file():
+    if info_path.is_file() and (plan_path).is_file():
         info = json.loads(info_path.read_text())
         model = load_model(folder).model
     else:
@@ -96,7 +97,7 @@ def oneshot(variant: str, work: Path, eval_tokens: int):
         save_model(model, loaded.tokenizer, folder)
         from secateurs.io import write_json, write_safetensors
 
-        write_safetensors(folder / "plan.safetensors", {f"{k}.{i}": t.contiguous() for k, grid in plan.grids.items()
+        write_safetensors(plan_path, {f"{k}.{i}": t.contiguous() for k, grid in plan.grids.items()
                                                           for i, t in enumerate(grid)})
         write_json(info_path, info)
     key = f"ppl_{eval_tokens}"
@@ -107,7 +108,7 @@ def oneshot(variant: str, work: Path, eval_tokens: int):
         write_json(info_path, info)
     from safetensors.torch import load_file
 
-    flat = load_file(folder / "plan.safetensors")
+    flat = load_file(plan_path)
     grids = {name.rsplit(".", 1)[0]: (flat[f"{name.rsplit('.', 1)[0]}.0"], flat[f"{name.rsplit('.', 1)[0]}.1"])
              for name in flat}
     nm = {k: tuple(v) for k, v in info["nm"].items()}
