@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import PROTOCOL as QUALITY_PROTOCOL  # noqa: E402  (a sibling script, not a package)
-from quality import ROWS as QUALITY_ROWS  # noqa: E402
-from quality import write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py is a sibling script, not a package
+from quality import PROTOCOL as QUALITY_PROTOCOL
+from quality import ROWS as QUALITY_ROWS
+from quality import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -151,8 +151,7 @@ def run_lmeval(model_dir: Path, tasks: list[str], subset: int | None, limit: int
     with tempfile.TemporaryDirectory(prefix="secateurs-lmeval-") as tmp:
         for task in tasks:
             with open(Path(tmp) / f"{task}.jsonl", "w") as handle:
-                for doc in lmeval_documents(task, subset, limit):
-                    handle.write(json.dumps(doc) + "\n")
+                handle.writelines(json.dumps(doc) + "\n" for doc in lmeval_documents(task, subset, limit))
         out = Path(tmp) / "out.json"
         env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                             "HF_DATASETS_CACHE": str(Path(tmp) / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
@@ -201,8 +200,8 @@ def write_markdown(rows: list[dict]) -> None:
     for subset in sorted({row["subset"] for row in rows}, key=lambda s: (s is None, s)):
         chosen = [row for row in rows if row["subset"] == subset]
         label = "whole sets" if subset is None else f"subset {subset} (seed 1234)"
-        lines += [f"### {label}", "", "acc (%) per task, acc_norm in brackets where lm-eval defines it; "
-                  "mean = mean acc over the tasks present; ppl = Persuasion perplexity from quality.json", "",
+        lines += [f"### {label}", "", ("acc (%) per task, acc_norm in brackets where lm-eval defines it; "
+                  "mean = mean acc over the tasks present; ppl = Persuasion perplexity from quality.json"), "",
                   "| variant | engine | ppl | " + " | ".join(TASK_ORDER) + " | mean (tasks) |",
                   "|---|---|---:|" + "---:|" * len(TASK_ORDER) + "---:|"]
         keys = sorted({(row["variant"], row["engine"]) for row in chosen},

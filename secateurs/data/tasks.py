@@ -60,7 +60,7 @@ def task_path(task: str) -> Path:
 def _read_arrow_dir(path: Path) -> list[dict]:
     try:
         import pyarrow as pa
-        import pyarrow.ipc as ipc
+        from pyarrow import ipc
     except ImportError:
         raise SecateursError("reading task data needs pyarrow: pip install --no-deps pyarrow") from None
     shards = sorted(path.glob("data-*.arrow"))

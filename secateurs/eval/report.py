@@ -112,9 +112,9 @@ def variant_table(results: Results) -> tuple[list[str], list[dict]]:
     model = models[0] if models else None
     decode = {}  # per variant, the run with the most threads
     for row in results.decode:
-        if row.get("engine", "secateurs") == "secateurs" and row.get("model") == model:
-            if row.get("threads", 0) >= decode.get(row["variant"], {}).get("threads", 0):
-                decode[row["variant"]] = row
+        ours_decode = row.get("engine", "secateurs") == "secateurs" and row.get("model") == model
+        if ours_decode and row.get("threads", 0) >= decode.get(row["variant"], {}).get("threads", 0):
+            decode[row["variant"]] = row
     names = list(dict.fromkeys([row["variant"] for row in ours] + list(quality)))
     columns = [task for task in TASK_COLUMNS if any(row["task"] == task for row in ours)]
     table = []
@@ -290,8 +290,8 @@ def render_html(results: Results, title: str = "secateurs report") -> str:
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     if table:
-        parts += [f"<p>Task accuracy (%) on {esc(note)}; mean acc over the tasks present (their count in brackets); "
-                  "ppl from the quality rows.</p>", "<table id=\"variants\"><thead><tr>"]
+        parts += [(f"<p>Task accuracy (%) on {esc(note)}; mean acc over the tasks present (their count in brackets); "
+                   "ppl from the quality rows.</p>"), "<table id=\"variants\"><thead><tr>"]
         parts += [f"<th>{esc(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
         for row in rows:
             parts.append("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>")

@@ -10,7 +10,14 @@ from html.parser import HTMLParser
 import pytest
 
 from secateurs.errors import SecateursError
-from secateurs.eval.report import describe, layer_grid, load_results, render_html, variant_table, write_report
+from secateurs.eval.report import (
+    describe,
+    layer_grid,
+    load_results,
+    render_html,
+    variant_table,
+    write_report,
+)
 
 TASK_ROWS = [
     {"model": "m", "variant": v, "engine": "secateurs", "task": t, "acc": a, "acc_norm": None, "stderr": 0.01,
@@ -158,7 +165,7 @@ def test_bad_inputs_are_one_error(files, tmp_path):
 def test_renders_in_headless_chromium(files, tmp_path):
     output = write_report(list(files.values()), tmp_path / "report.html")
     result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
-                             "--v=0", "--dump-dom", output.as_uri()], capture_output=True, text=True, timeout=120)
+                             "--v=0", "--dump-dom", output.as_uri()], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0
     assert "<table id=\"variants\">" in result.stdout and result.stdout.count("<img") == 4
     assert "Uncaught" not in result.stderr and "CONSOLE" not in result.stderr

@@ -11,7 +11,15 @@ from secateurs.data import tasks as data_tasks
 from secateurs.data.tasks import select_indices
 from secateurs.errors import SecateursError
 from secateurs.eval.tasks import (
-    Prompt, encode_pair, evaluate, evaluate_task, mean_stderr, metrics, parse_tasks, prompt, score_requests,
+    Prompt,
+    encode_pair,
+    evaluate,
+    evaluate_task,
+    mean_stderr,
+    metrics,
+    parse_tasks,
+    prompt,
+    score_requests,
 )
 
 PAIRS = [
@@ -67,7 +75,7 @@ def test_long_context_truncated_from_the_left(tiny_pair):
     """lm-eval keeps the last max_length tokens of context + continuation (minus the last)."""
     from eval_helpers import tiny_llama
 
-    model, tokenizer = tiny_pair
+    _, tokenizer = tiny_pair
     short = tiny_llama(len(tokenizer), max_positions=12)
     context, continuation = PAIRS[7]
     ctx, cont = encode_pair(tokenizer, context, continuation)
@@ -119,7 +127,7 @@ def test_lambada_word_boundary_and_punctuation():
 def test_lambada_multi_token_word_needs_every_token_greedy(tiny_pair):
     model, tokenizer = tiny_pair
     docs = [{"text": t} for t in ("The quick brown fox jumps", "She paid for the zygomorphic", "Is the sky blue? yes")]
-    ctx, cont = encode_pair(tokenizer, *prompt("lambada", docs[1]).requests[0])
+    _, cont = encode_pair(tokenizer, *prompt("lambada", docs[1]).requests[0])
     assert len(cont) > 1
     result = evaluate_task(model, tokenizer, "lambada", docs=docs, progress=False)
     reference = [brute_force(model, tokenizer, *prompt("lambada", d).requests[0]) for d in docs]
