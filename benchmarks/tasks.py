@@ -237,7 +237,9 @@ def write_plot() -> None:
 
     quality = JSON_PATH.parent / "quality.json"
     _, table = variant_table(load_results([JSON_PATH] + ([quality] if quality.is_file() else [])))
-    png = plot_vs_sparsity([entry for entry in table if entry["mean"] is not None], "mean", "mean task accuracy (%)")
+    complete = max((entry["tasks"] for entry in table), default=0)  # a mean over fewer tasks is not comparable
+    png = plot_vs_sparsity([entry for entry in table if entry["mean"] is not None and entry["tasks"] == complete],
+                           "mean", "mean task accuracy (%)")
     if png is not None:
         JSON_PATH.with_suffix(".png").write_bytes(png)
 
