@@ -88,7 +88,7 @@ def replace_atomically(path: Path, write) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    replace_atomically(path, lambda staging: staging.write_text(text))
+    replace_atomically(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, data) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.io import check_writable, replace_atomically, write_text
 
 TASK_COLUMNS = ("lambada", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq")
 _NM = re.compile(r"-(\d+)of(\d+)")
@@ -324,15 +325,16 @@ def render_markdown(results: Results, image_prefix: str | None = None, title: st
 def write_report(paths, output) -> Path:
     """Write the report of `paths` to `output`: HTML for .html/.htm, markdown (PNGs beside it) for .md."""
     output = Path(output)
-    results = load_results(paths)
     suffix = output.suffix.lower()
-    if suffix in (".html", ".htm"):
-        output.write_text(render_html(results), encoding="utf-8")
-    elif suffix == ".md":
+    if suffix not in (".html", ".htm", ".md"):
+        raise SecateursError(f"{output}: the report is .html or .md")
+    check_writable(output)
+    results = load_results(paths)
+    if suffix == ".md":
         text, images = render_markdown(results, image_prefix=output.stem)
         for name, png in images.items():
-            (output.parent / name).write_bytes(png)
-        output.write_text(text, encoding="utf-8")
+            replace_atomically(output.parent / name, lambda staging, png=png: staging.write_bytes(png))
     else:
-        raise SecateursError(f"{output}: the report is .html or .md")
+        text = render_html(results)
+    write_text(output, text)
     return output
