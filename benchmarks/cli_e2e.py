@@ -27,6 +27,13 @@ COMPRESS = ["compress", "--model", "smollm2-135m", "--recipe", "sparsegpt-50", "
             "--seed", "0"]
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def run(args: list[str]) -> tuple[str, float]:
     started = time.perf_counter()
     done = subprocess.run([SECATEURS, "--quiet", *args], capture_output=True, text=True)
@@ -42,7 +49,7 @@ def perplexity(folder: Path) -> dict:
 
 def main() -> None:
     compressed, dense = CACHE / "smol-50", CACHE / "smol-50-dense"
-    row = {"cpu": platform.processor() or platform.machine(), "uptime": os.getloadavg()}
+    row = {"cpu": cpu_model(), "uptime": os.getloadavg()}
     if not compressed.is_dir():
         _, row["compress_seconds"] = run([*COMPRESS, "--output", str(compressed)])
     if not dense.is_dir():
