@@ -1,0 +1,161 @@
+"""The commands that compress, evaluate, fine-tune and report: compress, eval, decompress,
+finetune, report, demo, dev prepare."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from secateurs.cli.output import VERBOSITY, say
+from secateurs.errors import SecateursError
+
+
+def cmd_prepare(args) -> None:
+    from secateurs.models import DEFAULT_MODEL, EMBEDDED, materialize_embedded
+
+    for name in EMBEDDED if args.all else [DEFAULT_MODEL]:
+        print(f"model {name}: {materialize_embedded(name)}")
+    from secateurs.runtime import build
+
+    try:
+        print(f"kernels: {build.build()}")
+    except build.BuildError as exc:
+        if os.environ.get("CI") == "true":
+            raise SecateursError(f"kernels: {exc}") from None
+        print(f"kernels: not built, the slower pure-torch fallback will run ({exc})", file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from secateurs.api import load_any
+    from secateurs.data.corpus import load_text, tokenize
+    from secateurs.eval.perplexity import check_seqlen, perplexity
+
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    if args.limit is not None or args.subset is not None:
+        raise SecateursError("--limit and --subset select task documents: use them with --tasks")
+    loaded = load_any(args.model)
+    check_seqlen(loaded.model, args.seqlen)
+    ids = tokenize(loaded.tokenizer, load_text(args.data))
+    result = perplexity(loaded.model, ids, args.seqlen, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data} | result.as_dict(), indent=2))
+    else:
+        print(f"perplexity {result.ppl:.3f} on {args.data}: {result.windows} windows x {result.seqlen} tokens "
+              f"({result.tokens_evaluated} evaluated, {result.tokens_dropped} dropped), "
+              f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s")
+
+
+def _eval_tasks(args) -> None:
+    """Zero-shot multiple-choice tasks and LAMBADA (secateurs.eval.tasks), names and data checked first."""
+    from secateurs.api import load_any
+    from secateurs.data.tasks import load_docs, select_indices
+    from secateurs.eval.tasks import evaluate, format_table, mean_accuracy, parse_tasks
+
+    names = parse_tasks(args.tasks)
+    select_indices(1, limit=args.limit, subset=args.subset)
+    for name in names:
+        load_docs(name)  # a task whose data is missing fails before the model loads
+    loaded = load_any(args.model)
+    results = evaluate(loaded.model, loaded.tokenizer, names, limit=args.limit, subset=args.subset,
+                       progress=not VERBOSITY["quiet"])
+    if args.json:
+        rows = [result.as_row(str(args.model), Path(str(args.model)).name) for result in results]
+        print(json.dumps({"model": args.model, "mean_acc": mean_accuracy(results), "tasks": rows}, indent=2))
+    else:
+        print(format_table(results))
+
+
+def cmd_finetune(args) -> None:
+    """Sparse fine-tuning with the zeros held (secateurs.training), every input checked first."""
+    from secateurs.pipeline.distributed import check_device
+    from secateurs.training.finetune import finetune
+    from secateurs.training.losses import LossWeights
+    from secateurs.training.trainer import TrainConfig
+
+    if (args.steps is None) == (args.tokens is None):
+        raise SecateursError("give the training length as --steps or as --tokens (exactly one)")
+    losses = LossWeights.named(args.loss, args.temperature)
+    explicit = {name: getattr(args, name) for name in ("ce", "kl", "squarehead") if getattr(args, name) is not None}
+    if explicit:
+        losses = LossWeights(**(losses.as_dict() | explicit))
+    if losses.needs_teacher and args.teacher is None:
+        raise SecateursError(f"--loss {args.loss} distils from a teacher: pass --teacher (the dense model)")
+    config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+                         steps=args.steps, tokens=args.tokens, batch_size=args.batch, grad_accum=args.grad_accum,
+                         seqlen=args.seqlen, max_grad_norm=args.clip, seed=args.seed, bf16=args.bf16,
+                         gradient_checkpointing=args.gradient_checkpointing, losses=losses,
+                         checkpoint_every=args.checkpoint_every)
+    check_device(args.device)
+    result = finetune(args.model, args.output, config, teacher=args.teacher, data=args.data, qat=args.qat,
+                      dense=args.dense, resume=args.resume, device=args.device or "cpu",
+                      progress=not VERBOSITY["quiet"])
+    trained = result.training
+    print(f"fine-tuned {args.model}: {trained.steps} steps, {trained.tokens} tokens, {trained.tokens_per_s:.0f} tokens/s, "
+          f"sparsity {trained.sparsity.get('sparsity', 0.0):.3f}; wrote {args.output} (loss curve and checkpoints in "
+          f"{result.training_dir})")
+
+
+def cmd_report(args) -> None:
+    from secateurs.eval.report import write_report
+
+    print(f"wrote {write_report(args.results, args.output)}")
+
+
+def cmd_compress(args) -> None:
+    from secateurs.api import oneshot
+    from secateurs.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    result = oneshot(args.model, recipe, args.calib, args.output, save_compressed=not args.dense, dtype=args.dtype,
+                     stream=args.stream, resume=args.resume, overwrite=args.overwrite,
+                     offload_activations=args.offload_activations, device=args.device,
+                     true_sequential=args.true_sequential or None, samples=args.samples, seqlen=args.seqlen,
+                     seed=args.seed, progress=not VERBOSITY["quiet"])
+    if result.report is None:
+        print(f"finished the interrupted final step of the run: wrote {args.output}")
+        return
+    if not _is_main_process():  # under torchrun, one process reports
+        return
+    totals = result.report.as_dict()["totals"]
+    print(f"compressed {totals['layers']} layers with {recipe.name} in {totals['seconds']:.1f} s "
+          f"(sparsity {totals['sparsity']:.3f}); wrote {args.output}")
+    if not args.dense:
+        _describe_compressed(Path(args.output))
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _describe_compressed(output: Path) -> None:
+    """Bytes per format on disk, and once, where compressed-tensors cannot read the result."""
+    from secateurs.formats import compressed_tensors_problem, read_compressed
+
+    directory = read_compressed(output, verify=False)
+    formats = sorted({spec.format for spec in directory.specs.values()})
+    size = sum(path.stat().st_size for path in output.glob("*.safetensors"))
+    print(f"compressed formats: {', '.join(formats) or 'none (every layer is smallest dense)'}; {size / 2**20:.1f} MiB on disk")
+    problem = compressed_tensors_problem(directory.specs)
+    if problem:
+        say(f"secateurs: note: no compressed-tensors config written: {problem}")
+
+
+def cmd_decompress(args) -> None:
+    from secateurs.formats import decompress
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise SecateursError(f"output {output} exists (pass --overwrite to replace it)")
+    decompress(args.model, output)
+    print(f"wrote the dense model {output}")
+
+
+def cmd_demo(args) -> None:
+    from secateurs.demo import run_demo
+
+    run_demo(args)
+
+
