@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,9 +86,9 @@ class BlockSource:
         prefix = self.block_prefix(index)
         return {prefix + name: stored(t, self.store_dtype) for name, t in self.blocks[index].state_dict().items()}
 
-    def restore(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Take a block finished by an earlier run (resume), given its dense tensors by full name; a
-        streamed model holds no finished block, so only an in-memory one does anything."""
+    def restore(self, index: int, read_tensors: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Take a block finished by an earlier run (resume); `read_tensors()` gives its dense tensors
+        by full name. A streamed model holds no finished block, so only an in-memory one reads them."""
 
     def outside_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -121,7 +122,8 @@ class InMemoryModel(BlockSource):
         return {name: (t.shape, self.store_dtype if self.store_dtype and t.is_floating_point() else t.dtype)
                 for name, t in unique_state(self.model).items()}
 
-    def restore(self, index, tensors):
+    def restore(self, index, read_tensors):
+        tensors = read_tensors()
         prefix = self.block_prefix(index)
         block = self.blocks[index]
         state = block.state_dict()

@@ -58,17 +58,20 @@ class CompressionReport:
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     parsed_recipe: Recipe | None = field(default=None, repr=False)  # `recipe` as the engine ran it
 
-    def storage_plan(self) -> StoragePlan:
-        """What the stored formats need: the grids, the N:M layers, the act-order layers."""
+    def storage_plan(self, prefix: str = "") -> StoragePlan:
+        """What the stored formats need of the layers whose names start with `prefix` (default all):
+        the grids, the N:M layers, the act-order layers."""
         recipe = self.parsed_recipe or load_recipe(self.recipe)
         nm, act_order = {}, set()
         for layer in self.layers:
+            if not layer.name.startswith(prefix):
+                continue
             prune, quant = recipe.stages_for(layer.name)
             if prune and prune.nm != (0, 0):
                 nm[layer.name] = prune.nm
             if quant and quant.act_order:
                 act_order.add(layer.name)
-        return StoragePlan(dict(self.grids), nm, act_order)
+        return StoragePlan({name: grid for name, grid in self.grids.items() if name.startswith(prefix)}, nm, act_order)
 
     def as_dict(self) -> dict:
         layers = [asdict(layer) for layer in self.layers]

@@ -22,6 +22,7 @@ block (a forward over the calibration set; the other half is statistics and the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from secateurs.errors import SecateursError
-from secateurs.formats import LayerSpec, StoragePlan, decode_tensors, encode_block, record_compression
+from secateurs.formats import LayerSpec, decode_tensors, encode_block, record_compression
 from secateurs.io import (replace_directory, shard_name, temporary_sibling, write_checksums, write_index, write_json,
                           write_safetensors)
 from secateurs.pipeline.activations import load_chunks, save_chunks
@@ -42,6 +43,12 @@ from secateurs.sources import BlockSource
 
 MANIFEST = "manifest.json"
 WORKING = ("records", "activations", "offload")
+
+
+def _read_dense(shard: Path, specs: dict[str, LayerSpec]) -> dict:
+    """A committed block's dense tensors: its shard, its compressed layers decoded."""
+    with safe_open(shard, "pt", backend="pread") as handle:
+        return decode_tensors(specs, {name: handle.get_tensor(name) for name in handle.keys()})
 
 
 class PartialRun:
@@ -128,9 +135,7 @@ class PartialRun:
             self.specs |= specs
             self.nonzeros |= json.loads(metadata["nonzeros"])
             self.checksums[shard.name] = metadata["sha256"]
-            with safe_open(shard, "pt", backend="pread") as handle:
-                stored = {name: handle.get_tensor(name) for name in handle.keys()}
-            source.restore(index, decode_tensors(specs, stored))
+            source.restore(index, functools.partial(_read_dense, shard, specs))
         return ResumeState(done, layers, grids, manifest["block_sparsity"], load_chunks(self._activations(done - 1)))
 
     def _remove_stale(self, done: int, blocks: int) -> None:
@@ -156,7 +161,7 @@ class PartialRun:
             prefix = source.block_prefix(index)
             tensors, specs, nonzeros = source.block_tensors(index), {}, {}
             if self.compressed:
-                encoded = encode_block(source.blocks[index], prefix, tensors, self._plan(report, prefix))
+                encoded = encode_block(source.blocks[index], prefix, tensors, report.storage_plan(prefix))
                 tensors, specs, nonzeros = encoded.tensors, encoded.specs, encoded.nonzeros
             shard = self.folder / shard_name(index + 1, blocks + 1)
             digest = write_safetensors(shard, tensors)
@@ -180,13 +185,6 @@ class PartialRun:
         self.blocks_done = index + 1
         self.group.barrier()  # only now is the previous block's copy of the activations unneeded
         shutil.rmtree(self._activations(index - 1), ignore_errors=True)
-
-    @staticmethod
-    def _plan(report: CompressionReport, prefix: str) -> StoragePlan:
-        plan = report.storage_plan()
-        return StoragePlan({k: v for k, v in plan.grids.items() if k.startswith(prefix)},
-                           {k: v for k, v in plan.nm.items() if k.startswith(prefix)},
-                           {k for k in plan.act_order if k.startswith(prefix)})
 
     def finish(self, source: BlockSource, report: CompressionReport, summary: dict) -> None:
         """Complete the output in the partial folder, mark it complete, then rename it to the output."""
