@@ -131,14 +131,15 @@ def _is_main_process() -> bool:
 
 
 def _describe_compressed(output: Path) -> None:
-    """Bytes per format on disk, and once, where compressed-tensors cannot read the result."""
-    from secateurs.formats import compressed_tensors_problem, read_compressed
+    """The formats and bytes on disk (from config.json: the tensors are not read again), and once,
+    where compressed-tensors cannot read the result."""
+    from secateurs.formats import compressed_tensors_problem, read_layout
 
-    directory = read_compressed(output, verify=False)
-    formats = sorted({spec.format for spec in directory.specs.values()})
+    _, specs = read_layout(output)
+    formats = sorted({spec.format for spec in specs.values()})
     size = sum(path.stat().st_size for path in output.glob("*.safetensors"))
     print(f"compressed formats: {', '.join(formats) or 'none (every layer is smallest dense)'}; {size / 2**20:.1f} MiB on disk")
-    problem = compressed_tensors_problem(directory.specs)
+    problem = compressed_tensors_problem(specs)
     if problem:
         say(f"secateurs: note: no compressed-tensors config written: {problem}")
 

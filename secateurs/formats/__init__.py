@@ -4,11 +4,11 @@ written, loaded and decompressed. See docs/formats.md."""
 
 from secateurs.errors import FormatError
 
-from .directory import decode_tensors, decompress, load, read_compressed
+from .directory import decode_tensors, decompress, load, read_compressed, read_layout
 from .registry import FORMATS, LAYOUT_KEY, Format, LayerSpec
 from .writing import (EncodedBlock, SavedModel, StoragePlan, check_storable, compressed_config, compressed_tensors_problem,
                       encode_block, record_compression, save_compressed)
 
 __all__ = ["FORMATS", "LAYOUT_KEY", "EncodedBlock", "Format", "FormatError", "LayerSpec", "SavedModel", "StoragePlan",
            "check_storable", "compressed_config", "compressed_tensors_problem", "decode_tensors", "decompress",
-           "encode_block", "load", "read_compressed", "record_compression", "save_compressed"]
+           "encode_block", "load", "read_compressed", "read_layout", "record_compression", "save_compressed"]

@@ -96,7 +96,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _read_layout(path: Path) -> tuple[dict, dict[str, LayerSpec]]:
+def read_layout(path: Path) -> tuple[dict, dict[str, LayerSpec]]:
     """config.json without the compression keys (a plain dense model's config), and the layer specs."""
     config = _read_config(path)
     layout = config.pop(LAYOUT_KEY, None)
@@ -142,7 +142,7 @@ def read_compressed(path, verify: bool | None = None) -> CompressedDirectory:
     """Read and validate a compressed directory (SecateursError if it is not one); its shards'
     checksums are verified first (`verify` False, or SECATEURS_VERIFY=0, skips that)."""
     path = Path(path)
-    config, specs = _read_layout(path)
+    config, specs = read_layout(path)
     verify_checksums(path, verify)
     dense = _read_weights(path)
     layers = _split_layers(specs, dense)
@@ -202,7 +202,7 @@ def decompress(path, output, verify: bool | None = None) -> Path:
     from safetensors.torch import save_file
 
     path, output = Path(path), Path(output)
-    _read_layout(path)  # a plain directory, a GGUF file or a missing path: one line before any work
+    read_layout(path)  # a plain directory, a GGUF file or a missing path: one line before any work
     verify_checksums(path, verify)
     weight_map = index_shards(path)
     with atomic_directory(output) as staging:
@@ -212,7 +212,7 @@ def decompress(path, output, verify: bool | None = None) -> Path:
                       metadata={"format": "pt"})
             config = directory.config
         else:
-            config, specs = _read_layout(path)
+            config, specs = read_layout(path)
             index_file = _decompress_shards(path, specs, weight_map, staging)
             (staging / INDEX_FILE).write_text(json.dumps(index_file, indent=2, sort_keys=True) + "\n")
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

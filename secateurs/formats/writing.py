@@ -44,8 +44,12 @@ class SavedModel:
     formats: dict[str, str] = field(default_factory=dict)  # compressed layer -> format name
     bytes_by_format: dict[str, int] = field(default_factory=dict)  # tensor bytes; "dense" for the rest
     file_bytes: int = 0  # model.safetensors, header included
-    compressed_tensors: bool = False  # config.json has a compressed-tensors quantization_config
-    compressed_tensors_problem: str | None = None  # why not, where it has none
+    compressed_tensors_problem: str | None = "nothing written yet"  # why compressed-tensors cannot read it
+
+    @property
+    def compressed_tensors(self) -> bool:
+        """config.json has a compressed-tensors quantization_config."""
+        return self.compressed_tensors_problem is None
 
 
 def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> dict:
@@ -269,7 +273,6 @@ def save_compressed(model, plan_or_grids, output_dir, tokenizer=None, extra_file
             saved.file_bytes = (staging / WEIGHTS_FILE).stat().st_size
         source.describe(staging)
         record_compression(staging, specs, nonzeros, plan.act_order)
-        saved.compressed_tensors = compressed_tensors_problem(specs) is None
         saved.compressed_tensors_problem = compressed_tensors_problem(specs)
         saved.formats = {layer: spec.format for layer, spec in specs.items()}
         for filename, text in (extra_files or {}).items():
