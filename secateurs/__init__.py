@@ -53,7 +53,6 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
             def exec_module(module):
                 execute(module)
-                sys.modules[name] = module
                 _register_with_transformers()
 
             spec.loader.exec_module = exec_module

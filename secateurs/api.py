@@ -56,7 +56,7 @@ def oneshot(model, recipe="sparsegpt-50", calibration=AUSTEN_CALIBRATION, output
             loaded = LoadedModel(model, tokenizer, "<in memory>")
         else:
             loaded = load_any(model)
-        ids = _calibration(loaded.tokenizer, loaded.model, calibration, samples, seqlen, seed)
+        ids = _calibration(lambda: loaded.tokenizer, loaded.model, calibration, samples, seqlen, seed)
         report = compress_model(loaded.model, recipe, ids, device=device, true_sequential=true_sequential,
                                 progress=progress, chunk_size=chunk_size)
         return OneshotResult(report, None, loaded.model)
@@ -76,14 +76,15 @@ def oneshot(model, recipe="sparsegpt-50", calibration=AUSTEN_CALIBRATION, output
         return OneshotResult(report, Path(output_dir), None if stream else job.model)
 
 
-def _calibration(tokenizer, model, calibration, samples, seqlen, seed) -> torch.Tensor:
-    """Token ids for the engine, checked against the model's context before any work."""
+def _calibration(tokenizer_of, model, calibration, samples, seqlen, seed) -> torch.Tensor:
+    """Token ids for the engine, checked against the model's context before any work;
+    `tokenizer_of()` is asked only when the calibration is text (a streamed model loads it then)."""
     limit = context_length(model.config)
     if limit is not None and seqlen > limit and not isinstance(calibration, torch.Tensor):
         raise SecateursError(f"seqlen {seqlen} exceeds the model's context of {limit} positions")
     if isinstance(calibration, torch.Tensor) and calibration.ndim == 2:
         return calibration_from(None, calibration, samples, seqlen, seed)
-    tokenizer = tokenizer() if callable(tokenizer) and not hasattr(tokenizer, "encode") else tokenizer
+    tokenizer = tokenizer_of()
     if tokenizer is None:
         raise SecateursError("calibration given as text needs the model's tokenizer (pass tokenizer=...)")
     return calibration_from(tokenizer, calibration, samples, seqlen, seed)
@@ -92,8 +93,8 @@ def _calibration(tokenizer, model, calibration, samples, seqlen, seed) -> torch.
 def load_any(spec, verify: bool | None = None) -> LoadedModel:
     """A model with its tokenizer from an embedded name, a directory (compressed or plain), a .gguf
     file or a hub id; compressed layers become secateurs.runtime modules."""
-    path = Path(str(spec)).expanduser()
-    if path.is_dir() and is_compressed_directory(path):
+    path = _compressed_directory(spec)
+    if path is not None:
         from transformers import AutoTokenizer
 
         from secateurs.models import quiet_loading
@@ -108,9 +109,16 @@ def load(path, verify: bool | None = None) -> nn.Module:
     """A model directory as a model: a compressed one with secateurs.runtime modules for its
     compressed layers (every tensor validated), a plain one as transformers loads it. Checksums
     written beside the shards are verified first (`verify=False` or SECATEURS_VERIFY=0 skips)."""
-    if Path(str(path)).expanduser().is_dir() and is_compressed_directory(Path(str(path)).expanduser()):
-        return load_compressed(Path(str(path)).expanduser(), verify).eval()
+    compressed = _compressed_directory(path)
+    if compressed is not None:
+        return load_compressed(compressed, verify).eval()
     return load_model(path, verify=verify).model
+
+
+def _compressed_directory(spec) -> Path | None:
+    """`spec` as a path when it names a compressed directory (models.load_model takes the rest)."""
+    path = Path(str(spec)).expanduser()
+    return path if path.is_dir() and is_compressed_directory(path) else None
 
 
 __all__ = ["OneshotResult", "load", "load_any", "oneshot", "open_model"]

@@ -28,6 +28,7 @@ INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKSUMS_FILE = "checksums.sha256"
+COMPRESSION_KEY = "secateurs_compression"  # config.json's record of compressed layers (secateurs.formats)
 VERIFY_ENV = "SECATEURS_VERIFY"  # "0" skips checksum verification on load
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -212,6 +213,15 @@ def weight_files(folder: Path) -> list[Path]:
     return shards
 
 
+def dominant_float_dtype(layouts: Iterable[tuple[torch.Size, torch.dtype]]) -> torch.dtype | None:
+    """The floating dtype holding the most bytes among (shape, dtype) pairs; None without floats."""
+    counts: dict[torch.dtype, int] = {}
+    for shape, dtype in layouts:
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + shape.numel() * dtype.itemsize
+    return max(counts, key=counts.get) if counts else None
+
+
 class SafetensorsFolder:
     """The tensors of a model directory (one safetensors file, or shards with an index), read on
     demand; every read opens the shards it needs and closes them again (pread, no memory map)."""
@@ -245,14 +255,10 @@ class SafetensorsFolder:
 
     def float_dtype(self) -> torch.dtype:
         """The floating dtype the weights are stored in (the most common one, by bytes)."""
-        counts: dict[torch.dtype, int] = {}
-        for name in self.files:
-            shape, dtype = self.layout(name)
-            if dtype.is_floating_point:
-                counts[dtype] = counts.get(dtype, 0) + shape.numel() * dtype.itemsize
-        if not counts:
+        dtype = dominant_float_dtype(map(self.layout, self.files))
+        if dtype is None:
             raise SecateursError(f"{self.folder}: no floating-point weights")
-        return max(counts, key=counts.get)
+        return dtype
 
     def fingerprint(self, sampled_reads: int = 16) -> str:
         """Every header, and evenly spaced 64 KiB samples of every shard's bytes (hashing whole shards
@@ -270,15 +276,21 @@ class SafetensorsFolder:
 
 # --- writing where the user asked ---------------------------------------------------------------
 
+def existing_parent(output: Path) -> Path:
+    """The nearest existing folder above `output` (where it will be created)."""
+    where = Path(output).absolute().parent
+    while not where.exists():
+        where = where.parent
+    return where
+
+
 def check_writable(output: Path) -> None:
     """One line, before any work, when `output` cannot be created: its nearest existing parent is not
     a writable directory (read-only filesystem, permissions), or `output` is a file."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise SecateursError(f"output {output} is a file, not a directory")
-    where = output.absolute().parent
-    while not where.exists():
-        where = where.parent
+    where = existing_parent(output)
     if not where.is_dir():
         raise SecateursError(f"cannot write {output}: {where} is not a directory")
     probe = temporary_sibling(where / "probe")

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.io import CONFIG_FILE, SafetensorsFolder, atomic_directory, apply_umask, verify_checksums, write_checksums
+from secateurs.io import (COMPRESSION_KEY, CONFIG_FILE, SafetensorsFolder, apply_umask, atomic_directory, verify_checksums,
+                          write_checksums)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,6 @@ EMBEDDED = {
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2": "smollm2-135m", "default": DEFAULT_MODEL, "gemma3": "gemma3-270m"}
 GGUF_MAGIC = b"GGUF"
-COMPRESSION_KEY = "secateurs_compression"  # config.json key of a compressed directory (secateurs.formats)
 HUB_HOST, HUB_TIMEOUT_S = "huggingface.co", 2.0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from secateurs.io import CONFIG_FILE, write_json
+from secateurs.io import CONFIG_FILE, dominant_float_dtype, write_json
 from secateurs.structure import find_blocks
 
 SAMPLED_VALUES = 4096  # values per tensor hashed into an in-memory model's fingerprint
@@ -63,11 +63,7 @@ class BlockSource:
 
     def float_dtype(self) -> torch.dtype:
         """The floating dtype most of the written weights have (by bytes)."""
-        counts: dict[torch.dtype, int] = {}
-        for shape, dtype in self.layout().values():
-            if dtype.is_floating_point:
-                counts[dtype] = counts.get(dtype, 0) + shape.numel() * dtype.itemsize
-        return max(counts, key=counts.get) if counts else torch.float32
+        return dominant_float_dtype(self.layout().values()) or torch.float32
 
     def output_bytes(self) -> int:
         return sum(shape.numel() * dtype.itemsize for shape, dtype in self.layout().values())

@@ -21,13 +21,14 @@ from torch import Tensor, nn
 
 from secateurs.algorithms.quant import quantize_codes
 from secateurs.errors import FormatError
+from secateurs.io import COMPRESSION_KEY
 from secateurs.formats.parts import (BitmaskLayout, DenseLayout, FloatValues, Int8Codes, NMLayout, PackedCodes,
                                      SparsityLayout, ValueCodec)
 from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear
 from secateurs.runtime.layouts import dequantize, group_columns
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the runtime modules compute in
-LAYOUT_KEY = "secateurs_compression"  # config.json: {version, layers: {layer: LayerSpec.as_json()}}
+LAYOUT_KEY = COMPRESSION_KEY  # config.json: {version, layers: {layer: LayerSpec.as_json()}}
 LAYOUT_VERSION = 1
 
 

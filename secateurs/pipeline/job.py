@@ -19,7 +19,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.formats import check_storable
-from secateurs.io import OutputLock, check_writable, is_disk_full
+from secateurs.io import OutputLock, check_writable, existing_parent, is_disk_full
 from secateurs.models import LoadedModel, context_length, load_model
 from secateurs.pipeline.distributed import ProcessGroup, check_device
 from secateurs.pipeline.engine import CompressionReport, Engine, validate
@@ -65,9 +65,7 @@ def activation_bytes(source: BlockSource, calibration: torch.Tensor) -> int:
 
 
 def check_disk_space(output: Path, needed: int) -> None:
-    where = output.absolute().parent
-    while not where.exists():
-        where = where.parent
+    where = existing_parent(output)
     free = shutil.disk_usage(where).free
     if needed > free:
         raise SecateursError(f"not enough disk space for {output}: it needs about {needed / 2**30:.2f} GiB, "
