@@ -2,10 +2,11 @@
 
 transformers picks a quantizer by config.json's `quantization_config.quant_method`. Directories
 whose layers compressed-tensors cannot read say "secateurs" there; those it can read say
-"compressed-tensors" (for vLLM and compressed-tensors' own readers). We register a "secateurs"
-quantizer with transformers' public hooks, and, where the compressed-tensors package is not
-installed (transformers cannot use its own quantizer then), let ours answer for
-"compressed-tensors" directories too, but only those secateurs wrote.
+"compressed-tensors" (for vLLM and compressed-tensors' own readers), and those whose every layer
+is one vq shape say "aqlm" (for the aqlm package). We register a "secateurs" quantizer with
+transformers' public hooks, and, where the compressed-tensors or aqlm package is not installed
+(transformers cannot use its own quantizer then), let ours answer for those directories too, but
+only those secateurs wrote.
 
 The quantizer swaps each compressed Linear for a placeholder before the weights load (so no
 weight is reported missing, and the layers' stored tensors are expected), then builds the
@@ -22,6 +23,7 @@ from torch import nn
 
 from secateurs.formats.directory import read_compressed
 from secateurs.formats.registry import FORMATS, LAYOUT_KEY, LayerSpec
+from secateurs.formats.writing import AQLM_METHOD
 
 QUANT_METHOD = "secateurs"
 
@@ -99,8 +101,9 @@ def register() -> None:
 
     auto.register_quantization_config(QUANT_METHOD)(SecateursConfig)
     auto.register_quantizer(QUANT_METHOD)(SecateursQuantizer)
-    if importlib.util.find_spec("compressed_tensors") is None:
-        # transformers' own compressed-tensors quantizer cannot run without the package: answer for
-        # the directories we wrote (a directory from elsewhere fails in _process_model_before_weight_loading).
-        auto.AUTO_QUANTIZATION_CONFIG_MAPPING["compressed-tensors"] = SecateursConfig
-        auto.AUTO_QUANTIZER_MAPPING["compressed-tensors"] = SecateursQuantizer
+    for method, package in (("compressed-tensors", "compressed_tensors"), (AQLM_METHOD, "aqlm")):
+        if importlib.util.find_spec(package) is None:
+            # transformers' own quantizer for these cannot run without the package: answer for the
+            # directories we wrote (one from elsewhere fails in _process_model_before_weight_loading).
+            auto.AUTO_QUANTIZATION_CONFIG_MAPPING[method] = SecateursConfig
+            auto.AUTO_QUANTIZER_MAPPING[method] = SecateursQuantizer

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from secateurs.algorithms.quant import quantize_codes
 from secateurs.errors import FormatError
 from secateurs.io import COMPRESSION_KEY
+from secateurs.formats.vector import VQFormat
 from secateurs.formats.parts import (BitmaskLayout, DenseLayout, FloatValues, Int8Codes, NMLayout, PackedCodes,
                                      SparsityLayout, ValueCodec)
 from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear
@@ -46,6 +47,7 @@ class LayerSpec:
     bits: int | None = None  # quantized formats
     group_size: int | None = None  # None: one group per row
     symmetric: bool = True  # zero = 2**(bits-1) everywhere: not stored
+    codebooks: int | None = None  # vq: M codebooks of 2**bits codewords of group_size values
 
     @property
     def groups(self) -> int:
@@ -73,7 +75,7 @@ class LayerSpec:
             fail(f"format {data.get('format')!r} is not one of {sorted(FORMATS)}")
         if data.get("dtype") not in DTYPES:
             fail(f"dtype {data.get('dtype')!r} is not one of {sorted(DTYPES)}")
-        for key in ("rows", "cols", "n", "m", "bits", "group_size"):
+        for key in ("rows", "cols", "n", "m", "bits", "group_size", "codebooks"):
             value = data.get(key)
             if value is not None and (type(value) is not int or not 0 < value < 2**31):
                 fail(f"{key} must be a positive integer, got {value!r}")
@@ -112,6 +114,8 @@ class Format:
         return self.ct_sparsity, self.ct_quantization
 
     def spec_problem(self, spec: LayerSpec) -> str | None:
+        if spec.codebooks is not None:
+            return f"codebooks belong to format vq, not {self.name}"
         problem = self.layout.spec_problem(spec)
         if problem:
             return problem
@@ -256,6 +260,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("pack-quantized", DENSE, PACKED, ct_quantization="pack-quantized"),
     Format("bitmask-int8", BITMASK, INT8, ct_sparsity="sparse-bitmask", ct_quantization="naive-quantized"),
     Format("bitmask-packed", BITMASK, PACKED),
+    VQFormat(),
 )}
 
 

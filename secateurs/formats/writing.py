@@ -15,20 +15,26 @@ from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
 from secateurs.formats.registry import DTYPES, FORMATS, LAYOUT_KEY, LAYOUT_VERSION, LayerSpec, grid_codes, tensor_bytes
-from secateurs.io import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, atomic_directory, shard_name, write_checksums, write_json
+from secateurs.io import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, atomic_directory, read_header, shard_name, weight_files,
+                          write_checksums, write_json)
 from secateurs.sources import BlockSource, InMemoryModel
 from secateurs.structure import is_transposed, linear_layers
+
+
+AQLM_METHOD = "aqlm"  # quant_method of directories whose every compressed layer is one vq shape
 
 
 @dataclass
 class StoragePlan:
     """What the stored formats need to know of a compression, as plain data: each quantized layer's
-    grid (scale, zero), the layers pruned N:M with their (n, m), and the layers whose GPTQ sweep ran
-    in activation order (static groups; recorded for compressed-tensors' config)."""
+    grid (scale, zero), the layers pruned N:M with their (n, m), the layers whose GPTQ sweep ran
+    in activation order (static groups; recorded for compressed-tensors' config), and each vector-
+    quantized layer's codes [rows, cols / g, M], float16 codebooks [M, 2**B, g] and scales [rows]."""
 
     grids: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     nm: dict[str, tuple[int, int]] = field(default_factory=dict)
     act_order: set[str] = field(default_factory=set)
+    vq: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # (codes, codebooks, scales)
 
     @classmethod
     def of(cls, plan_or_grids) -> StoragePlan:
@@ -69,14 +75,24 @@ def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> di
     return {"bits": bits, "group_size": group_size, "symmetric": bool((zero == 2 ** (bits - 1)).all())}
 
 
-def _choose(layer: str, weight: Tensor, transposed: bool, grid, nm) -> tuple[LayerSpec, dict[str, Tensor]] | None:
+def _choose(layer: str, weight: Tensor, transposed: bool, grid, nm, code=None) -> tuple[LayerSpec, dict[str, Tensor]] | None:
     """The smallest exact format for one layer's stored weight [out, in], or None where its dense
-    weight is smallest."""
+    weight is smallest; `code` (codes, codebooks, scales) stores a vector-quantized layer as vq."""
     if weight.dtype not in DTYPES.values():
         raise SecateursError(f"layer {layer}: dtype {weight.dtype} has no compressed format "
                              f"({', '.join(DTYPES)}); write it with --dtype float32 or bfloat16, or --dense")
     dtype = next(name for name, value in DTYPES.items() if value == weight.dtype)
     base = {"rows": weight.shape[0], "cols": weight.shape[1], "dtype": dtype, "transposed": transposed}
+    if code is not None:
+        codes, codebooks, _ = code
+        vq = FORMATS["vq"]
+        spec = LayerSpec(format="vq", **base, bits=(codebooks.shape[1] - 1).bit_length(), group_size=codebooks.shape[2],
+                         codebooks=codebooks.shape[0])
+        problem = vq.spec_problem(spec)
+        if problem or codes.shape != (spec.rows, spec.cols // spec.group_size, spec.codebooks):
+            raise SecateursError(f"layer {layer}: its codebooks do not fit its [{spec.rows}, {spec.cols}] weight "
+                                 f"({problem or f'codes of shape {tuple(codes.shape)}'})")
+        return _exact(layer, weight, (spec, vq.encode_codes(*code, spec)))
     if grid is not None:
         base |= _quant_fields(weight, grid, layer)
         names = ("int8", "bitmask-int8") if base["bits"] == 8 else ("pack-quantized", "bitmask-packed")
@@ -98,10 +114,15 @@ def _choose(layer: str, weight: Tensor, transposed: bool, grid, nm) -> tuple[Lay
             candidate, size = (spec, tensors), tensor_bytes(tensors)
         if best_bytes is None or size < best_bytes:
             best, best_bytes = candidate, size
-    if best is not None and not torch.equal(FORMATS[best[0].format].decode(best[1], best[0]), weight):
-        raise SecateursError(f"layer {layer}: the weights are not exactly representable in format {best[0].format} "
-                             f"(quantized weights off their grid, or NaN)")
-    return best
+    return best if best is None else _exact(layer, weight, best)
+
+
+def _exact(layer: str, weight: Tensor, chosen: tuple[LayerSpec, dict[str, Tensor]]) -> tuple[LayerSpec, dict[str, Tensor]]:
+    spec, tensors = chosen
+    if not torch.equal(FORMATS[spec.format].decode(tensors, spec), weight):
+        raise SecateursError(f"layer {layer}: the weights are not exactly representable in format {spec.format} "
+                             f"(quantized weights off their grid or codebooks, or NaN)")
+    return chosen
 
 
 def check_storable(dtype: torch.dtype) -> None:
@@ -181,7 +202,7 @@ def encode_block(block: nn.Module, prefix: str, stored: dict[str, Tensor], plan:
         weight = stored[f"{layer}.weight"]
         transposed = is_transposed(module)
         chosen = _choose(layer, weight.t().contiguous() if transposed else weight, transposed, plan.grids.get(layer),
-                         plan.nm.get(layer))
+                         plan.nm.get(layer), plan.vq.get(layer))
         if chosen is None:
             continue
         spec, tensors = chosen
@@ -202,15 +223,34 @@ def compressed_config(config: dict, specs: dict[str, LayerSpec], nonzeros: dict[
     config.pop("quantization_config", None)
     # transformers picks its loader by quant_method: compressed-tensors' where it can read every
     # layer, else ours (formats/hf_loading.py, registered by `import secateurs`).
-    config["quantization_config"] = _compressed_tensors_config(specs, nonzeros, act_order) or {"quant_method": "secateurs"}
+    config["quantization_config"] = (_compressed_tensors_config(specs, nonzeros, act_order) or _aqlm_config(specs)
+                                     or {"quant_method": "secateurs"})
     config[LAYOUT_KEY] = {"version": LAYOUT_VERSION, "layers": {layer: spec.as_json() for layer, spec in specs.items()}}
     return config
 
 
+def _aqlm_config(specs: dict[str, LayerSpec]) -> dict | None:
+    """aqlm's quantization_config (transformers' AqlmConfig) where every compressed layer is vq
+    with one codebook shape; `linear_weights_not_to_quantize` is filled in by record_compression."""
+    shapes = {(spec.format, spec.codebooks, spec.bits, spec.group_size) for spec in specs.values()}
+    if len(shapes) != 1 or next(iter(shapes))[0] != "vq":
+        return None
+    _, books, bits, group_size = shapes.pop()
+    return {"quant_method": AQLM_METHOD, "in_group_size": group_size, "out_group_size": 1, "num_codebooks": books,
+            "nbits_per_codebook": bits, "linear_weights_not_to_quantize": []}
+
+
 def record_compression(folder: Path, specs: dict[str, LayerSpec], nonzeros: dict[str, int], act_order: set[str]) -> None:
     """Rewrite the config.json of `folder` (written by the source) as compressed_config says."""
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    write_json(folder / CONFIG_FILE, compressed_config(config, specs, nonzeros, act_order))
+    config = compressed_config(json.loads((folder / CONFIG_FILE).read_text()), specs, nonzeros, act_order)
+    if config["quantization_config"]["quant_method"] == AQLM_METHOD:
+        # aqlm replaces every nn.Linear not listed here: list the 2-D weights of the others (the
+        # embeddings too, harmlessly).
+        stored = {name: meta for path in weight_files(folder) for name, meta in read_header(path).items()}
+        config["quantization_config"]["linear_weights_not_to_quantize"] = sorted(
+            name for name, meta in stored.items() if name.endswith(".weight") and len(meta.get("shape", ())) == 2
+            and name.removesuffix(".weight") not in specs)
+    write_json(folder / CONFIG_FILE, config)
 
 
 def save_compressed(model, plan_or_grids, output_dir, tokenizer=None, extra_files: dict[str, str] | None = None,

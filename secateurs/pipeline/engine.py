@@ -56,11 +56,13 @@ class CompressionReport:
     calibration: dict = field(default_factory=dict)
     # Quantization grids per layer (scale, zero), for the compressed formats; not serialized here.
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # Vector-quantized layers' (codes, codebooks, scales), for the vq format; not serialized here.
+    vq: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     parsed_recipe: Recipe | None = field(default=None, repr=False)  # `recipe` as the engine ran it
 
     def storage_plan(self, prefix: str = "") -> StoragePlan:
         """What the stored formats need of the layers whose names start with `prefix` (default all):
-        the grids, the N:M layers, the act-order layers."""
+        the grids, the codebooks, the N:M layers, the act-order layers."""
         recipe = self.parsed_recipe or load_recipe(self.recipe)
         nm, act_order = {}, set()
         for layer in self.layers:
@@ -71,7 +73,8 @@ class CompressionReport:
                 nm[layer.name] = prune.nm
             if quant and quant.act_order:
                 act_order.add(layer.name)
-        return StoragePlan({name: grid for name, grid in self.grids.items() if name.startswith(prefix)}, nm, act_order)
+        return StoragePlan({name: grid for name, grid in self.grids.items() if name.startswith(prefix)}, nm, act_order,
+                           {name: code for name, code in self.vq.items() if name.startswith(prefix)})
 
     def as_dict(self) -> dict:
         layers = [asdict(layer) for layer in self.layers]
@@ -96,6 +99,7 @@ class ResumeState:
     next_block: int
     layers: list[LayerReport]
     grids: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    vq: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     block_sparsity: list[float | None] | None
     hidden: Iterable[torch.Tensor]  # this process's inputs of `next_block`, chunk by chunk
 
@@ -228,7 +232,7 @@ class Engine:
             inputs = self.inputs = capture_block_inputs(self.model, self.blocks, self.group.shard(calibration), chunk_size)
         start, self.block_sparsity = 0, None
         if resume is not None:
-            start, report.layers, report.grids = resume.next_block, resume.layers, resume.grids
+            start, report.layers, report.grids, report.vq = resume.next_block, resume.layers, resume.grids, resume.vq
             inputs.hidden, self.block_sparsity = resume.hidden, resume.block_sparsity
         inputs.hidden = keep_chunks(inputs.hidden, self.offload_dir)
         if self.block_sparsity is None:
@@ -282,10 +286,13 @@ class Engine:
                                                 f"{self.prefix}.{index}.{owner}", self.block_sparsity[index], report)
         for name, module in layers.items():
             full = f"{self.prefix}.{index}.{name}"
-            entry, grid = self.group.share(owners[name], module.weight.data, (mine.get(name), report.grids.get(full)))
+            entry, grid, code = self.group.share(owners[name], module.weight.data,
+                                                 (mine.get(name), report.grids.get(full), report.vq.get(full)))
             report.layers.append(entry)
             if grid is not None:
                 report.grids[full] = grid
+            if code is not None:
+                report.vq[full] = code
 
     def _compress_one(self, index, name, module, stats: HessianAccumulator | None, input_group: str, sparsity, report) -> LayerReport:
         full = f"{self.prefix}.{index}.{name}"
@@ -299,6 +306,8 @@ class Engine:
         set_weight(module, result.weight)
         if result.scale is not None:
             report.grids[full] = (result.scale.cpu(), result.zero.cpu())
+        if result.vq is not None:
+            report.vq[full] = tuple(t.cpu() for t in result.vq)
         return LayerReport(full, list(weight.shape), "+".join(s.method for s in (prune, quant) if s),
                            result.loss, result.sparsity, quant.bits if quant else None,
                            quant.group_size if quant else None, result.seconds, result.damp, input_group)

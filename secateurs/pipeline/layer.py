@@ -38,6 +38,7 @@ class LayerResult:
     scale: torch.Tensor | None = None  # quantization grid, see docs/formats.md
     zero: torch.Tensor | None = None
     damp: float = 0.0
+    vq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (codes, codebooks, scales), see formats
 
 
 def compress_layer(
@@ -53,6 +54,8 @@ def compress_layer(
     also when only column norms were gathered (Wanda without GPTQ)."""
     started = time.perf_counter()
     W = weight.float()
+    if quant is not None and quant.method == "vq":
+        return _vector_quantize(W, hessian, quant, weight.dtype, started)
     spec = quant.quant_spec() if quant else None
     gptq_spec = spec if quant and quant.method == "gptq" else None  # RTN never uses the Hessian
     target = prune.sparsity if sparsity is None and prune else sparsity
@@ -90,3 +93,14 @@ def compress_layer(
         loss = 0.5 * float(((delta @ hessian) * delta).sum())
     sparsity_achieved = float((new == 0).sum()) / new.numel()
     return LayerResult(new.to(weight.dtype), loss, sparsity_achieved, time.perf_counter() - started, scale, zero, damp)
+
+
+def _vector_quantize(W: torch.Tensor, hessian: torch.Tensor, stage: Stage, dtype: torch.dtype, started: float) -> LayerResult:
+    """Codebooks and scales rounded to float16, the precision the files keep them in, so the weight
+    returned is exactly what the stored codes decode to."""
+    result = alg.vq(W, hessian, stage.vq_spec(), beam=stage.beam, rounds=stage.rounds, adam_steps=stage.adam_steps,
+                    tol=stage.tolerance, round_to=torch.float16)
+    codes, codebooks, scales = result.codes, result.codebooks.to(torch.float16), result.scales.to(torch.float16)
+    weight = alg.vq_reconstruct(codes, codebooks.float(), scales.float())  # as the format decodes it
+    return LayerResult(weight.to(dtype), result.loss, float((weight == 0).sum()) / W.numel(),
+                       time.perf_counter() - started, vq=(codes, codebooks, scales))

@@ -2,7 +2,7 @@
 
     manifest.json                      fingerprint of the run and how many blocks are done
     model-00003-of-00033.safetensors   block 2 exactly as it will be in the output
-    records/block-00002.safetensors    its layer reports and formats (in the metadata), its grids
+    records/block-00002.safetensors    its layer reports and formats (in the metadata), grids, codebooks
     activations/rank0-after-00002/     this process's inputs of block 3, one file per chunk
     offload/rank0/                     working activations, when they are offloaded
 
@@ -42,6 +42,8 @@ from secateurs.pipeline.engine import CompressionReport, LayerReport, ResumeStat
 from secateurs.sources import BlockSource
 
 MANIFEST = "manifest.json"
+GRID_PARTS = ("scale", "zero")  # a record's tensors per quantized layer: <layer>.scale, <layer>.zero
+VQ_PARTS = ("codes", "codebooks", "scales")  # and per vector-quantized layer
 WORKING = ("records", "activations", "offload")
 
 
@@ -122,21 +124,23 @@ class PartialRun:
         if done == 0:
             return None
         self.blocks_done = done
-        layers, grids = [], {}
+        layers, grids, codes = [], {}, {}
         total = len(source.blocks) + 1
         for index in range(done):
             shard = self.folder / shard_name(index + 1, total)
             with safe_open(self._record(index), "pt") as handle:
                 metadata = handle.metadata()
                 layers += [LayerReport(**entry) for entry in json.loads(metadata["layers"])]
-                names = {key.rsplit(".", 1)[0] for key in handle.keys()}
-                grids |= {name: (handle.get_tensor(f"{name}.scale"), handle.get_tensor(f"{name}.zero")) for name in names}
+                keys = set(handle.keys())
+                for name in {key.rsplit(".", 1)[0] for key in keys}:
+                    parts = GRID_PARTS if f"{name}.{GRID_PARTS[0]}" in keys else VQ_PARTS
+                    (grids if parts is GRID_PARTS else codes)[name] = tuple(handle.get_tensor(f"{name}.{part}") for part in parts)
             specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in json.loads(metadata["specs"]).items()}
             self.specs |= specs
             self.nonzeros |= json.loads(metadata["nonzeros"])
             self.checksums[shard.name] = metadata["sha256"]
             source.restore(index, functools.partial(_read_dense, shard, specs))
-        return ResumeState(done, layers, grids, manifest["block_sparsity"], load_chunks(self._activations(done - 1)))
+        return ResumeState(done, layers, grids, codes, manifest["block_sparsity"], load_chunks(self._activations(done - 1)))
 
     def _remove_stale(self, done: int, blocks: int) -> None:
         """Files a killed run wrote past its last manifest: half-written files, later blocks."""
@@ -169,8 +173,9 @@ class PartialRun:
             self.nonzeros |= nonzeros
             self.checksums[shard.name] = digest
             layers = [asdict(layer) for layer in report.layers if layer.name.startswith(prefix)]
-            grids = {f"{name}.{part}": tensor.contiguous() for name, pair in report.grids.items()
-                     if name.startswith(prefix) for part, tensor in zip(("scale", "zero"), pair)}
+            grids = {f"{name}.{part}": tensor.contiguous()
+                     for found, parts in ((report.grids, GRID_PARTS), (report.vq, VQ_PARTS))
+                     for name, stored in found.items() if name.startswith(prefix) for part, tensor in zip(parts, stored)}
             (self.folder / "records").mkdir(exist_ok=True)
             write_safetensors(self._record(index), grids, {
                 "layers": json.dumps(layers), "specs": json.dumps({layer: spec.as_json() for layer, spec in specs.items()}),

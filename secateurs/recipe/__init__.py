@@ -1,7 +1,8 @@
 """Compression recipes: an ordered list of stages, from YAML, a preset name, or Python.
 
-At most one pruning stage (magnitude, wanda, sparsegpt) and one quantization stage (gptq, rtn)
-apply to each layer. A pruning stage followed by a quantization stage runs as one joint step per
+At most one pruning stage (magnitude, wanda, sparsegpt) and one quantization stage (gptq, rtn, vq)
+apply to each layer; vq (vector quantization) replaces every weight by codewords, so it takes no
+pruning stage beside it. A pruning stage followed by a quantization stage runs as one joint step per
 layer: SparseGPT quantizes each kept weight in the same column sweep; a Wanda or magnitude mask is
 kept fixed while GPTQ quantizes the surviving weights (pruned weights stay exactly zero); RTN rounds
 the pruned weights to nearest, without second-order updates.
@@ -45,6 +46,9 @@ class Recipe:
             if len(chosen) > 1:
                 raise RecipeError(f"at most one {kind} stage per recipe, got {chosen}")
         methods = [s.method for s in self.stages]
+        if "vq" in methods and any(m in PRUNE_METHODS for m in methods):
+            raise RecipeError("vq codes every weight of a layer (a pruned 0 becomes a sum of codewords): "
+                              "combine it with no pruning stage")
         quant = next((m for m in methods if m in QUANT_METHODS), None)
         if quant and any(m in PRUNE_METHODS for m in methods[methods.index(quant):]):
             prune = next(m for m in methods if m in PRUNE_METHODS)
@@ -126,6 +130,8 @@ PRESETS = {
     "gptq-w3g64": [{"gptq": {"bits": 3, "group_size": 64}}],
     "gptq-w8": [{"gptq": {"bits": 8}}],
     "rtn-w4g64": [{"rtn": {"bits": 4, "group_size": 64}}],
+    "vq-2x8": [{"vq": {"codebooks": 2, "bits": 8, "group_size": 8}}],
+    "vq-3x8": [{"vq": {"codebooks": 3, "bits": 8, "group_size": 8}}],
 }
 DEFAULT_RECIPE = "sparsegpt-50"
 

@@ -1,4 +1,4 @@
-"""One stage of a recipe: a pruning (magnitude, wanda, sparsegpt) or quantization (gptq, rtn)
+"""One stage of a recipe: a pruning (magnitude, wanda, sparsegpt) or quantization (gptq, rtn, vq)
 method with its options, each value typed and checked, every error one line naming the key."""
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 
 from secateurs.algorithms import QuantSpec
+from secateurs.algorithms.vq import VQSpec
 from secateurs.errors import SecateursError
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("gptq", "rtn")
+QUANT_METHODS = ("gptq", "rtn", "vq")
+# vq codes groups of 8 inputs with two 256-word codebooks (about 2 bits per weight) unless told
+VQ_DEFAULTS = {"bits": 8, "group_size": 8}
 DEFAULT_IGNORE = ("lm_head", "embed")
 
 
@@ -37,6 +40,12 @@ class Stage:
     mse_clip: bool = False
     block_size: int = 128
     percdamp: float = 0.01
+    # vq (algorithms.vq): `codebooks` of 2**bits codewords of group_size inputs, per-row scales
+    codebooks: int = 2
+    beam: int = 1  # hypotheses per row in the code search
+    rounds: int = 10  # alternations of code search and codebook steps (fewer if converged)
+    adam_steps: int = 20  # codebook and scale steps per alternation
+    tolerance: float = 1e-3  # stop alternating below this relative improvement
     targets: tuple[str, ...] = (".*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
@@ -52,7 +61,7 @@ class Stage:
     @property
     def needs_hessian(self) -> bool:
         """Wanda needs only the inputs' column norms; the OBS sweeps need the whole Hessian."""
-        return self.method in ("sparsegpt", "gptq")
+        return self.method in ("sparsegpt", "gptq", "vq")
 
     @property
     def nm(self) -> tuple[int, int]:
@@ -65,6 +74,9 @@ class Stage:
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.symmetric, self.group_size, bool(self.act_order), self.mse_clip)
 
+    def vq_spec(self) -> VQSpec:
+        return VQSpec(self.codebooks, self.bits, self.group_size)
+
     def applies_to(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.targets) and not any(re.search(p, name) for p in self.ignore)
 
@@ -76,6 +88,7 @@ STAGE_KEYS = {
                   "percdamp", "targets", "ignore"},
     "gptq": {"bits", "group_size", "symmetric", "act_order", "mse_clip", "block_size", "percdamp", "targets", "ignore"},
     "rtn": {"bits", "group_size", "symmetric", "mse_clip", "targets", "ignore"},
+    "vq": {"codebooks", "bits", "group_size", "beam", "rounds", "adam_steps", "tolerance", "targets", "ignore"},
 }
 
 
@@ -114,6 +127,11 @@ _TYPES = {
     "owl_threshold": (_is_number, "a number"),
     "bits": (is_int, "an integer"),
     "block_size": (is_int, "an integer"),
+    "codebooks": (is_int, "an integer"),
+    "beam": (is_int, "an integer"),
+    "rounds": (is_int, "an integer"),
+    "adam_steps": (is_int, "an integer"),
+    "tolerance": (_is_number, "a number"),
     "group_size": (lambda v: v is None or is_int(v), "an integer or null"),
     "per_row": (_is_bool, "true or false"),
     "symmetric": (_is_bool, "true or false"),
@@ -162,6 +180,17 @@ def _check_stage(stage: Stage, label: str | None = None, names: dict | None = No
             raise RecipeError(f"{key('owl_lambda')} must be in [0, 1), got {show(stage.owl_lambda)}")
         if not 0 < stage.owl_threshold < math.inf:
             raise RecipeError(f"{key('owl_threshold')} must be a positive number, got {show(stage.owl_threshold)}")
+    elif stage.method == "vq":
+        try:
+            stage.vq_spec()
+        except ValueError as exc:  # "codebooks must be ...": name the key as the user wrote it
+            name, _, rest = str(exc).partition(" ")
+            raise RecipeError(f"{key(name)} {rest}") from None
+        for name, low, high in (("beam", 1, 64), ("rounds", 0, 1000), ("adam_steps", 0, 10000)):
+            if not low <= getattr(stage, name) <= high:
+                raise RecipeError(f"{key(name)} must be in {low}..{high}, got {show(getattr(stage, name))}")
+        if not 0 <= stage.tolerance < 1:
+            raise RecipeError(f"{key('tolerance')} must be in [0, 1), got {show(stage.tolerance)}")
     else:
         try:
             stage.quant_spec()
@@ -206,6 +235,8 @@ def stage_from_dict(method: str, options: dict | None, label: str | None = None,
     for name in ("targets", "ignore"):
         if name in options:
             options[name] = _patterns(options[name], f"{label}.{names.get(name, name)}")
+    if method == "vq":
+        options = VQ_DEFAULTS | options
     if options.get("group_size") == -1 and is_int(options["group_size"]):
         options["group_size"] = None  # -1 is QuantSpec's other spelling of one group per row
     stage = _check_stage(Stage(method=method, **options), label, names)

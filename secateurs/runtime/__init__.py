@@ -4,11 +4,11 @@ The native library is compiled by `pip install` (again: `python -m secateurs.run
 
 from .decode import DecodeError, DecodeModel, DecodeUnsupported
 from .kernels import (KernelPathError, bitmask_mm, dense_mm, kernel_path, last_kernel_path, nm_mm, quant_mm,
-                      supported_paths)
-from .modules import BitmaskLinear, CompressedLinear, NMLinear, QuantLinear, SparseQuantLinear
+                      supported_paths, vq_mm)
+from .modules import BitmaskLinear, CompressedLinear, NMLinear, QuantLinear, SparseQuantLinear, VQLinear
 
 __all__ = [
     "BitmaskLinear", "CompressedLinear", "DecodeError", "DecodeModel", "DecodeUnsupported", "KernelPathError",
-    "NMLinear", "QuantLinear", "SparseQuantLinear",
-    "bitmask_mm", "dense_mm", "kernel_path", "last_kernel_path", "nm_mm", "quant_mm", "supported_paths",
+    "NMLinear", "QuantLinear", "SparseQuantLinear", "VQLinear",
+    "bitmask_mm", "dense_mm", "kernel_path", "last_kernel_path", "nm_mm", "quant_mm", "supported_paths", "vq_mm",
 ]

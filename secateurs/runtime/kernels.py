@@ -59,6 +59,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
+    library.secateurs_vq_mm.argtypes = head + [i64, i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_obs_span.argtypes = [i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     library.secateurs_causal_attention.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
                                                    ctypes.c_float]
@@ -302,6 +303,27 @@ def dense_mm(x: Tensor, weight: Tensor, row_scale: Tensor | None = None) -> Tens
         return _dense_matmul(x, dense if row_scale is None else dense * row_scale[:, None])
 
     return _run("secateurs_dense_mm", x, rows, in_features, weight, _DTYPE_IDS[weight.dtype], row_scale,
+                fallback=fallback)
+
+
+def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor) -> Tensor:
+    """Vector-quantized weight (layouts.vq_to_dense): codes [rows, in / g, M], uint8 for up to
+    256 codewords, else int16 holding the code's 16 bits; codebooks float32 [M, K, g]; scale
+    float32 [rows]. Each group's weights are rebuilt from its codewords and multiplied into x."""
+    _check_tensor("codebooks", codebooks, (torch.float32,), (None, None, None))
+    books, words, group_size = codebooks.shape
+    _require(1 <= books <= 16 and 1 <= words <= 65536 and group_size >= 1,
+             f"need 1..16 codebooks of 1..65536 codewords, got {books} x {words}")
+    _check_tensor("codes", codes, (torch.uint8,) if words <= 256 else (torch.int16,), (None, None, books))
+    rows, in_features = codes.shape[0], codes.shape[1] * group_size
+    _check_activations(x, in_features)
+    _check_tensor("scale", scale, (torch.float32,), (rows,))
+
+    def fallback() -> Tensor:
+        unsigned = codes.to(torch.int32) % 65536 if codes.dtype == torch.int16 else codes
+        return _dense_matmul(x, layouts.vq_to_dense(unsigned, codebooks, scale))
+
+    return _run("secateurs_vq_mm", x, rows, in_features, group_size, books, words, codes, codebooks, scale,
                 fallback=fallback)
 
 

@@ -167,3 +167,25 @@ def check_quant(qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, cols: i
     for name, tensor in (("scale", scale), ("zero", zero)):
         _require(tensor.dtype == torch.float32 and tensor.shape == (qweight.shape[0], groups),
                  f"{name} must be float32 [{qweight.shape[0]}, {groups}], got {tensor.dtype} {tuple(tensor.shape)}")
+
+
+def vq_to_dense(codes: Tensor, codebooks: Tensor, scale: Tensor) -> Tensor:
+    """float32 [rows, groups * g] of a vector-quantized weight: row i's group j is
+    scale[i] * sum_m codebooks[m, codes[i, j, m]] (codes [rows, groups, M], integers in [0, K);
+    codebooks [M, K, g]; scale [rows]), the codewords summed in codebook order."""
+    codebooks, scale = codebooks.to(torch.float32), scale.to(torch.float32)
+    total = codebooks[0][codes[..., 0].long()]
+    for m in range(1, codebooks.shape[0]):
+        total += codebooks[m][codes[..., m].long()]
+    return (scale[:, None, None] * total).flatten(1)
+
+
+def check_vq(codes: Tensor, codebooks: Tensor, scale: Tensor) -> None:
+    _require(codes.dim() == 3 and not codes.is_floating_point(), "codes must be an integer tensor [rows, groups, M]")
+    _require(codebooks.dim() == 3 and codebooks.shape[0] == codes.shape[2],
+             f"codebooks must be [M = {codes.shape[2]}, K, g], got {tuple(codebooks.shape)}")
+    _require(1 <= codebooks.shape[1] <= 65536, f"a codebook holds 1..65536 codewords, got {codebooks.shape[1]}")
+    _require(scale.shape == (codes.shape[0],), f"scale must be [{codes.shape[0]}], got {tuple(scale.shape)}")
+    if codes.numel():
+        _require(int(codes.min()) >= 0 and int(codes.max()) < codebooks.shape[1],
+                 f"codes must lie in [0, {codebooks.shape[1]})")

@@ -44,6 +44,7 @@ class CompressedLinear(nn.Module):
 
     # Buffers that must stay float32 when the module is cast (model.to(torch.bfloat16)).
     _float32_buffers: tuple[str, ...] = ()
+    kernel_max_batch = KERNEL_MAX_BATCH
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -64,7 +65,7 @@ class CompressedLinear(nn.Module):
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        use_kernel = (flat.shape[0] <= KERNEL_MAX_BATCH and x.dtype in (torch.float32, torch.bfloat16)
+        use_kernel = (flat.shape[0] <= self.kernel_max_batch and x.dtype in (torch.float32, torch.bfloat16)
                       and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))
         if use_kernel:
             y = self._compressed_matmul(flat.contiguous())
@@ -278,3 +279,37 @@ class QuantLinear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
+
+
+class VQLinear(CompressedLinear):
+    """Vector-quantized weight (additive codebooks, formats/vector.py): row i's group j of
+    group_size inputs is scale[i] * sum_m codebooks[m, codes[i, j, m]]. codes integers in [0, K)
+    [out, in / g, M]; codebooks [M, K, g]; scale [out]. Kept as the kernel reads them: codes uint8
+    (K <= 256) or their low 16 bits in int16; codebooks and scale float32."""
+
+    _float32_buffers = ("codebooks", "scale")
+
+    def __init__(self, codes: Tensor, codebooks: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+        layouts.check_vq(codes, codebooks, scale)
+        rows, groups, _ = codes.shape
+        self.group_size = codebooks.shape[2]
+        super().__init__(groups * self.group_size, rows, bias)
+        stored = codes.to(torch.uint8) if codebooks.shape[1] <= 256 else codes.to(torch.int32).to(torch.int16)
+        self.register_buffer("codes", stored.contiguous())
+        self.register_buffer("codebooks", codebooks.to(torch.float32).contiguous())
+        self.register_buffer("scale", scale.to(torch.float32).contiguous())
+
+    def unpacked_codes(self) -> Tensor:
+        """int32 [out, in / g, M] in [0, K)."""
+        codes = self.codes.to(torch.int32)
+        return codes % 65536 if self.codes.dtype == torch.int16 else codes
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        return _kernel("vq_mm")(x, self.codes, self.codebooks, self.scale)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return _cast(layouts.vq_to_dense(self.unpacked_codes(), self.codebooks, self.scale), dtype)
+
+    def extra_repr(self) -> str:
+        books, words, _ = self.codebooks.shape
+        return f"{super().extra_repr()}, codebooks={books}x{words}, group_size={self.group_size}"

@@ -26,6 +26,11 @@ def quant_mm(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int,
     return kernels.quant_mm(x, qweight, scale, zero, bits, in_features, group_size)
 
 
+@torch.library.custom_op("secateurs::vq_mm", mutates_args=())
+def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor) -> Tensor:
+    return kernels.vq_mm(x, codes, codebooks, scale)
+
+
 def _output_like(x: Tensor, rows: int) -> Tensor:
     return x.new_empty(x.shape[0], rows)
 
@@ -43,3 +48,8 @@ def _(x, values, indices, n, m):
 @quant_mm.register_fake
 def _(x, qweight, scale, zero, bits, in_features, group_size=None):
     return _output_like(x, qweight.shape[0])
+
+
+@vq_mm.register_fake
+def _(x, codes, codebooks, scale):
+    return _output_like(x, codes.shape[0])

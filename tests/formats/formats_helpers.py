@@ -9,6 +9,7 @@ import transformers as tf
 from secateurs.algorithms import QuantSpec, magnitude_mask, round_to_nearest
 from secateurs.structure import find_blocks, get_weight, linear_layers, set_weight
 from secateurs.formats import StoragePlan
+from secateurs.runtime.layouts import vq_to_dense
 from secateurs.sources import unique_state
 
 VOCAB = 64
@@ -49,17 +50,19 @@ KINDS = {
     "int6-asym": (None, None, 6, False, None),
     "sparse-int8": (0.5, None, 8, True, None),
     "sparse-int4-g": (0.7, None, 4, True, 16),
+    "vq": None,  # two codebooks of 16 float16 codewords of 4 values, float16 row scales (vq_layer)
 }
 EXPECTED_FORMAT = {
     "bitmask": "bitmask", "bitmask70": "bitmask", "nm": "nm", "nm48": "nm", "int8": "int8", "int8-asym-g": "int8",
     "int4-g": "pack-quantized", "int3-asym-g": "pack-quantized", "int2": "pack-quantized",
-    "int6-asym": "pack-quantized", "sparse-int8": "bitmask-int8", "sparse-int4-g": "bitmask-packed",
+    "int6-asym": "pack-quantized", "sparse-int8": "bitmask-int8", "sparse-int4-g": "bitmask-packed", "vq": "vq",
 }
 
 
 # One layer of each format (every layer with a bitmask has 100 columns: padding bits).
 MIXED = {"q_proj": "int3-asym-g", "k_proj": "nm", "v_proj": "int8-asym-g", "o_proj": "int4-g",
-         "gate_proj": "sparse-int8", "up_proj": "sparse-int4-g", "down_proj": "bitmask70"}
+         "gate_proj": "sparse-int8", "up_proj": "sparse-int4-g", "layers.0.mlp.down_proj": "bitmask70",
+         "layers.1.mlp.down_proj": "vq"}
 
 
 def compress(model, kinds: str | dict[str, str]):
@@ -67,10 +70,14 @@ def compress(model, kinds: str | dict[str, str]):
     (pruned exactly 0, quantized exactly on the grid): `kinds` is one kind for every layer, or
     {layer name suffix: kind}. Returns what save_compressed takes: a StoragePlan naming the N:M
     layers with the quantization grids, or the grids alone."""
-    grids, nm_layers = {}, {}
+    grids, nm_layers, codes = {}, {}, {}
     for name, module in layers(model).items():
         kind = kinds if isinstance(kinds, str) else next((k for end, k in kinds.items() if name.endswith(end)), None)
         if kind is None:
+            continue
+        if kind == "vq":
+            codes[name], weight = vq_layer(*get_weight(module).shape, seed=len(codes))
+            set_weight(module, weight.to(get_weight(module).dtype))
             continue
         sparsity, nm, bits, symmetric, wanted_group = KINDS[kind]
         weight = get_weight(module).float()
@@ -87,9 +94,18 @@ def compress(model, kinds: str | dict[str, str]):
             weight = torch.where(weight == 0, 0.0, result.weight)  # pruned stay pruned
             grids[name] = (result.scale, result.zero)
         set_weight(module, weight)
-    if not nm_layers:
+    if not nm_layers and not codes:
         return grids
-    return StoragePlan(grids, nm_layers)
+    return StoragePlan(grids, nm_layers, vq=codes)
+
+
+def vq_layer(rows: int, cols: int, seed: int = 0):
+    """Random (codes, float16 codebooks, float16 scales) and the float32 weight they code."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (rows, cols // 4, 2), generator=generator, dtype=torch.int32)
+    codebooks = (torch.randn(2, 16, 4, generator=generator) * 0.1).half()
+    scales = (torch.rand(rows, generator=generator) + 0.5).half()
+    return (codes, codebooks, scales), vq_to_dense(codes, codebooks, scales)
 
 
 def dense_weights(model) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ def check_round_trip(model, plan, folder):
     return saved
 
 
-BF16_KINDS = ("bitmask", "nm", "int8-asym-g", "int4-g", "sparse-int8", "sparse-int4-g")  # one per format
+BF16_KINDS = ("bitmask", "nm", "int8-asym-g", "int4-g", "sparse-int8", "sparse-int4-g", "vq")  # one per format
 
 
 @pytest.mark.parametrize(("kind", "dtype"), [(kind, "fp32") for kind in KINDS] + [(kind, "bf16") for kind in BF16_KINDS])
@@ -77,6 +77,8 @@ def expected_bytes(spec: LayerSpec, nonzeros: int) -> int:
     def words(count):
         return 4 * math.ceil(count * spec.bits / 32)
 
+    if spec.format == "vq":  # int8 codes (up to 256 codewords), float16 codebooks and row scales
+        return rows * cols // spec.group_size * spec.codebooks + 2 * spec.codebooks * 2**spec.bits * spec.group_size + 2 * rows
     if FORMATS[spec.format].quantized:
         zero = 0 if spec.symmetric else (rows * groups if spec.bits == 8 else words(rows) * groups)
         grid = 4 * rows * groups + zero

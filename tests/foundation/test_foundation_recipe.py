@@ -30,12 +30,18 @@ PRESET_DIGESTS = {
     "gptq-w3g64": "81fe7cad88a6fdc8",
     "gptq-w8": "63ce7d28fd69b0c6",
     "rtn-w4g64": "2e277a69fffd4ebc",
+    "vq-2x8": "f39f550304d160d1",
+    "vq-3x8": "d26d6d8de577c826",
 }
 _SPARSEGPT = {"mask": "unstructured", "sparsity_profile": "uniform", "owl_lambda": 0.08, "owl_threshold": 5.0,
               "block_size": 128, "percdamp": 0.01, "targets": [".*"], "ignore": ["lm_head", "embed"]}
 _GPTQ = {"symmetric": True, "act_order": True, "mse_clip": False, "block_size": 128, "percdamp": 0.01,
          "targets": [".*"], "ignore": ["lm_head", "embed"]}
+_VQ = {"bits": 8, "group_size": 8, "beam": 1, "rounds": 10, "adam_steps": 20, "tolerance": 0.001,
+       "targets": [".*"], "ignore": ["lm_head", "embed"]}
 PRESET_DICTS = {
+    "vq-2x8": [{"vq": _VQ | {"codebooks": 2}}],
+    "vq-3x8": [{"vq": _VQ | {"codebooks": 3}}],
     "sparsegpt-50": [{"sparsegpt": _SPARSEGPT | {"sparsity": 0.5}}],
     "sparsegpt-60": [{"sparsegpt": _SPARSEGPT | {"sparsity": 0.6}}],
     "sparsegpt-70": [{"sparsegpt": _SPARSEGPT | {"sparsity": 0.7}}],
@@ -113,7 +119,7 @@ def test_presets_keep_their_dict_and_digest(name):
     ([{"gptq": {"bits": 9}}], "gptq.bits must be an int in 2..8, got 9"),
     ([{"sparsegpt": {"sparsity": 0.5, "bogus": 1, 3: 4, None: 5}}], "sparsegpt: unknown key(s) ['bogus', 3, None]"),
     ([{"sparsegpt": {"sparsity": 0.7, "mask": "2:4"}}], "sparsegpt.sparsity 0.7 contradicts sparsegpt.mask 2:4"),
-    ([{7: {"sparsity": 0.5}}], "unknown stage 7; known: magnitude, wanda, sparsegpt, gptq, rtn, SparseGPTModifier"),
+    ([{7: {"sparsity": 0.5}}], "unknown stage 7; known: magnitude, wanda, sparsegpt, gptq, rtn, vq, SparseGPTModifier"),
 ])
 def test_values_must_have_their_own_types(recipe, message):
     assert message in refused(recipe)

@@ -48,17 +48,28 @@ def blocks_done(output):
     return json.loads((output.with_name(output.name + ".partial") / "manifest.json").read_text())["blocks_done"]
 
 
-def test_sigkill_mid_block_then_resume_is_bit_identical(tmp_path, tiny_dir, calib_file):
-    assert main(compress_args(tiny_dir, calib_file, tmp_path / "reference", "--stream")) == 0
-    killed = cli_subprocess(compress_args(tiny_dir, calib_file, tmp_path / "out", "--stream"),
+VQ_RECIPE = "stages: [{vq: {codebooks: 2, bits: 4, group_size: 8, rounds: 2, adam_steps: 3}}]\n"
+
+
+@pytest.mark.parametrize("recipe", ["sparsegpt-50", "vq"])
+def test_sigkill_mid_block_then_resume_is_bit_identical(tmp_path, tiny_dir, calib_file, recipe):
+    if recipe == "vq":  # the finished blocks' codebooks come back from the partial folder's records
+        (tmp_path / "vq.yaml").write_text(VQ_RECIPE)
+        recipe = str(tmp_path / "vq.yaml")
+    options = ["--stream", "--recipe", recipe]
+    assert main(compress_args(tiny_dir, calib_file, tmp_path / "reference", *options)) == 0
+    killed = cli_subprocess(compress_args(tiny_dir, calib_file, tmp_path / "out", *options),
                             FAIL_AT_CALL.format(failure="import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "out").exists() and blocks_done(tmp_path / "out") == 2
-    assert main(compress_args(tiny_dir, calib_file, tmp_path / "out", "--stream", "--resume")) == 0
+    assert main(compress_args(tiny_dir, calib_file, tmp_path / "out", *options, "--resume")) == 0
     assert_identical(tmp_path / "reference", tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".yaml") == ["out", "reference"]
     report = json.loads((tmp_path / "out" / "compression.json").read_text())
-    assert len(report["layers"]) == 28 and report["totals"]["sparsity"] == 0.5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(report["layers"]) == 28 and len(config["secateurs_compression"]["layers"]) == 28
+    if recipe == "sparsegpt-50":
+        assert report["totals"]["sparsity"] == 0.5
 
 
 def test_resume_refuses_other_settings_then_continues(tmp_path, tiny_dir, calib_file, capsys, monkeypatch):

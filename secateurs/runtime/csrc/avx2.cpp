@@ -154,6 +154,9 @@ struct Simd {
     return expand_madd16(bits, values, q, count);
   }
 
+  static F load_halves(const float* low, const float* high) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(low)), _mm_loadu_ps(high), 1);
+  }
   static F lookup2(const float* window, I idx) {
     const F low = _mm256_permutevar8x32_ps(load(window), idx);
     const F high = _mm256_permutevar8x32_ps(load(window + 8), idx);

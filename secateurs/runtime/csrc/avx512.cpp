@@ -81,6 +81,11 @@ struct Simd {
     return join(low, high);
   }
 
+  static F load_halves(const float* low, const float* high) {
+    const __m512d joined = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low))),
+                                              _mm256_castps_pd(_mm256_loadu_ps(high)), 1);  // AVX-512F only
+    return _mm512_castpd_ps(joined);
+  }
   static F lookup2(const float* window, I idx) {
     return _mm512_permutex2var_ps(load(window), idx, load(window + 16));
   }

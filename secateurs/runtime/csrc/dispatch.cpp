@@ -222,4 +222,21 @@ SECATEURS_EXPORT int secateurs_dense_mm(int path, int threads, const void* x, in
   });
 }
 
+SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows, int64_t cols,
+                    int64_t group_size, int64_t codebooks, int64_t codewords, const void* codes,
+                    const float* codebook_values, const float* scale, void* y) {
+  const bool ok = valid_activation_type(x_type) && batch > 0 && rows >= 0 && group_size > 0 && cols % group_size == 0 &&
+                  codebooks >= 1 && codebooks <= 16 && codewords >= 1 && codewords <= 65536;
+  return guarded(path, ok, [&](const KernelTable& table) {
+    Buffer rows_buffer = activation_rows(x, x_type, batch, cols, 0);
+    const Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    const bool narrow = codewords <= 256;
+    const VQArgs args{xa, rows, cols, group_size, codebooks, codewords, codebook_values,
+                      narrow ? static_cast<const uint8_t*>(codes) : nullptr,
+                      narrow ? nullptr : static_cast<const uint16_t*>(codes), scale, nullptr};
+    const int64_t row_bytes = cols / group_size * codebooks * (narrow ? 1 : 2);
+    run_rows(table.vq, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
+  });
+}
+
 }  // extern "C"

@@ -137,6 +137,20 @@ struct DenseArgs {
   float* y;                // [batch][rows]
 };
 
+// Vector-quantized weight (formats/vector.py): row r's input group j is
+// scale[r] * sum_m C_m[code(r, j, m)], C_m a codebook of `codewords` vectors of group_size values.
+// The row kernel rebuilds each group's weights from its codewords (the codebooks, 16 KB for
+// 2 x 256 words of 8 floats, stay in L1) and multiplies them into every activation row.
+struct VQArgs {
+  Activations x;  // padded fp32 rows
+  int64_t rows, cols, group_size, codebooks, codewords;
+  const float* codebook_values;  // [M][codewords][group_size]
+  const uint8_t* codes8;         // [rows][cols / group_size][M] when codewords <= 256, else nullptr
+  const uint16_t* codes16;       // the same, 16 bits per code, when codewords > 256
+  const float* scale;            // [rows]
+  float* y;
+};
+
 // One query head against cached keys / values (decode.cpp), positions [first, first + count):
 // out = softmax(s) V with s_t = scale * q . k_t. The keys are stored in blocks of kKeyBlock
 // positions, transposed within a block: k_t[d] = keys[(t / kKeyBlock * head_dim + d) * kKeyBlock
@@ -163,6 +177,7 @@ struct KernelTable {
   RowKernel<NMArgs> nm;
   RowKernel<QuantArgs> quant;
   RowKernel<DenseArgs> dense;
+  RowKernel<VQArgs> vq;
   void (*attention)(const AttentionArgs&);
   // gate[i] = activation(gate[i]) * up[i] for i < n (a GatedActivation), the gated MLP's middle.
   void (*gated_activation)(int activation, const float* up, float* gate, int64_t n);

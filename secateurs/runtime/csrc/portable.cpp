@@ -101,6 +101,9 @@ struct Simd {
 
   static void in_register(F&) {}
 
+  static F load_halves(const float* low, const float* high) {
+    return map([&](int i) { return i < W / 2 ? low[i] : high[i - W / 2]; });
+  }
   static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }
 
   template <class Code>

@@ -691,8 +691,163 @@ void attention_head(const AttentionArgs& a) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Vector-quantized rows (VQArgs): per input group the codewords of its codes are summed into
+// the group's weights, then multiplied into each activation row. A group spans whole vectors
+// (group_size a multiple of W) or half of one (two groups per vector: 8-value groups under
+// AVX-512); other sizes run scalar. kChains independent accumulators per activation row hide the
+// FMA latency at batch 1.
+
+template <class Code>
+inline const float* codeword(const VQArgs& a, const Code* codes, int64_t group, int64_t m) {
+  return a.codebook_values + (m * a.codewords + codes[group * a.codebooks + m]) * a.group_size;
+}
+
+template <class Code>
+inline F group_weights(const VQArgs& a, const Code* codes, int64_t group, int64_t offset) {
+  F w = Simd::load(codeword(a, codes, group, 0) + offset);
+  for (int64_t m = 1; m < a.codebooks; ++m) w = Simd::add(w, Simd::load(codeword(a, codes, group, m) + offset));
+  return w;
+}
+
+template <class Code>
+inline F pair_weights(const VQArgs& a, const Code* codes, int64_t group) {
+  F w = Simd::load_halves(codeword(a, codes, group, 0), codeword(a, codes, group + 1, 0));
+  for (int64_t m = 1; m < a.codebooks; ++m)
+    w = Simd::add(w, Simd::load_halves(codeword(a, codes, group, m), codeword(a, codes, group + 1, m)));
+  return w;
+}
+
+template <class Code, int kBatch>
+void vq_row_batch(const VQArgs& a, const Code* codes, int64_t r, int64_t first_batch) {
+  constexpr int kChains = kBatch >= 4 ? 1 : 4 / kBatch;
+  const int64_t g = a.group_size, groups = a.cols / g;
+  const float* x[kBatch];
+  for (int b = 0; b < kBatch; ++b) x[b] = a.x.rows + (first_batch + b) * a.x.row_stride;
+  F acc[kBatch][kChains];
+  for (auto& row : acc)
+    for (F& v : row) v = Simd::zero();
+  float tail[kBatch] = {};
+  int64_t done = 0;  // groups summed by the vector loops
+  if (g % W == 0) {
+    for (int64_t j = 0; j < groups; ++j)
+      for (int64_t t = 0; t < g; t += W) {
+        const F w = group_weights(a, codes, j, t);
+        const int chain = static_cast<int>(((j * g + t) / W) % kChains);
+        for (int b = 0; b < kBatch; ++b) acc[b][chain] = Simd::fma(w, Simd::load(x[b] + j * g + t), acc[b][chain]);
+      }
+    done = groups;
+  } else if (2 * g == W) {
+    for (; done + 2 <= groups; done += 2) {
+      const F w = pair_weights(a, codes, done);
+      const int chain = static_cast<int>((done / 2) % kChains);
+      for (int b = 0; b < kBatch; ++b) acc[b][chain] = Simd::fma(w, Simd::load(x[b] + done * g), acc[b][chain]);
+    }
+  }
+  for (int64_t j = done; j < groups; ++j)
+    for (int64_t t = 0; t < g; ++t) {
+      float w = 0.0f;
+      for (int64_t m = 0; m < a.codebooks; ++m) w += codeword(a, codes, j, m)[t];
+      for (int b = 0; b < kBatch; ++b) tail[b] += w * x[b][j * g + t];
+    }
+  for (int b = 0; b < kBatch; ++b) {
+    F sum = acc[b][0];
+    for (int c = 1; c < kChains; ++c) sum = Simd::add(sum, acc[b][c]);
+    a.y[(first_batch + b) * a.rows + r] = a.scale[r] * (Simd::hsum(sum) + tail[b]);
+  }
+}
+
+// The common case, 8-value groups of 8-bit codes from kBooks codebooks, with every index known
+// at compile time: one vector holds 8 / W groups' weights (one group under AVX2, two under AVX-512).
+template <int kBooks, int kBatch>
+void vq_row_g8(const VQArgs& a, const uint8_t* codes, int64_t r, int64_t first_batch) {
+  constexpr int kGroups = W / 8, kChains = kBatch >= 4 ? 1 : 4 / kBatch;
+  const int64_t groups = a.cols / 8, step = kGroups * kChains;
+  const float* book[kBooks];
+  for (int m = 0; m < kBooks; ++m) book[m] = a.codebook_values + m * a.codewords * 8;
+  const float* x[kBatch];
+  for (int b = 0; b < kBatch; ++b) x[b] = a.x.rows + (first_batch + b) * a.x.row_stride;
+  F acc[kBatch][kChains];
+  for (auto& row : acc)
+    for (F& v : row) v = Simd::zero();
+  const auto weights = [&](int64_t j) {
+    F w;
+    for (int m = 0; m < kBooks; ++m) {
+      F part;
+      if constexpr (kGroups == 2)
+        part = Simd::load_halves(book[m] + codes[j * kBooks + m] * 8, book[m] + codes[(j + 1) * kBooks + m] * 8);
+      else
+        part = Simd::load(book[m] + codes[j * kBooks + m] * 8);
+      w = m ? Simd::add(w, part) : part;
+    }
+    return w;
+  };
+  int64_t j = 0;
+  for (; j + step <= groups; j += step)
+    for (int c = 0; c < kChains; ++c) {
+      const F w = weights(j + c * kGroups);
+      for (int b = 0; b < kBatch; ++b) acc[b][c] = Simd::fma(w, Simd::load(x[b] + (j + c * kGroups) * 8), acc[b][c]);
+    }
+  for (; j + kGroups <= groups; j += kGroups) {
+    const F w = weights(j);
+    for (int b = 0; b < kBatch; ++b) acc[b][0] = Simd::fma(w, Simd::load(x[b] + j * 8), acc[b][0]);
+  }
+  for (int b = 0; b < kBatch; ++b) {
+    F sum = acc[b][0];
+    for (int c = 1; c < kChains; ++c) sum = Simd::add(sum, acc[b][c]);
+    float total = Simd::hsum(sum);
+    for (int64_t k = j; k < groups; ++k)  // an odd last group under AVX-512
+      for (int t = 0; t < 8; ++t) {
+        float w = 0.0f;
+        for (int m = 0; m < kBooks; ++m) w += book[m][codes[k * kBooks + m] * 8 + t];
+        total += w * x[b][k * 8 + t];
+      }
+    a.y[(first_batch + b) * a.rows + r] = a.scale[r] * total;
+  }
+}
+
+template <int kBooks>
+void vq_rows_g8(const VQArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t per_row = a.cols / 8 * kBooks;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint8_t* codes = a.codes8 + r * per_row;
+    int64_t b = 0;
+    for (; b + 4 <= a.x.batch; b += 4) vq_row_g8<kBooks, 4>(a, codes, r, b);
+    if (b + 2 <= a.x.batch) vq_row_g8<kBooks, 2>(a, codes, r, b), b += 2;
+    if (b < a.x.batch) vq_row_g8<kBooks, 1>(a, codes, r, b);
+  }
+}
+
+template <class Code>
+void vq_rows_typed(const VQArgs& a, const Code* all_codes, int64_t row_begin, int64_t row_end) {
+  const int64_t per_row = a.cols / a.group_size * a.codebooks;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const Code* codes = all_codes + r * per_row;
+    int64_t b = 0;
+    for (; b + 4 <= a.x.batch; b += 4) vq_row_batch<Code, 4>(a, codes, r, b);
+    if (b + 2 <= a.x.batch) vq_row_batch<Code, 2>(a, codes, r, b), b += 2;
+    if (b < a.x.batch) vq_row_batch<Code, 1>(a, codes, r, b);
+  }
+}
+
+void vq_rows(const VQArgs& a, int64_t row_begin, int64_t row_end, float*) {
+  if (a.codes8 && a.group_size == 8 && a.codebooks <= 4) {
+    switch (a.codebooks) {
+      case 1: return vq_rows_g8<1>(a, row_begin, row_end);
+      case 2: return vq_rows_g8<2>(a, row_begin, row_end);
+      case 3: return vq_rows_g8<3>(a, row_begin, row_end);
+      default: return vq_rows_g8<4>(a, row_begin, row_end);
+    }
+  }
+  if (a.codes8)
+    vq_rows_typed(a, a.codes8, row_begin, row_end);
+  else
+    vq_rows_typed(a, a.codes16, row_begin, row_end);
+}
+
 }  // namespace
 
-const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, attention_head, gated_activation};
+const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, vq_rows, attention_head,
+                         gated_activation};
 
 }  // namespace secateurs
