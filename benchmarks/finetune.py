@@ -19,9 +19,7 @@ one-shot model of each variant and the fine-tuned dense teacher are cached there
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import platform
 import sys
 import time
@@ -76,7 +74,6 @@ def evaluate(model, evaluation, eval_tokens: int) -> float:
 
 def oneshot(variant: str, work: Path, eval_tokens: int):
     """The variant's one-shot model (cached as a model directory) with its perplexity and plan."""
-    import torch
 
     from secateurs.models import load_model, save_model
     from secateurs.pipeline.engine import compress_model
