@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
 
-from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, per_row_int8
+from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, VQLinear, per_row_int8
 
 
 class DecodeUnsupported(SecateursError):
@@ -28,7 +28,7 @@ DEFAULT_MAX_LENGTH = 2048
 PREFILL_CHUNK = 64  # tokens per batched pass of a prefill (the buffers are sized for it)
 
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-KIND_DENSE, KIND_BITMASK, KIND_NM, KIND_QUANT = 0, 1, 2, 3
+KIND_DENSE, KIND_BITMASK, KIND_NM, KIND_QUANT, KIND_VQ = 0, 1, 2, 3, 4
 ACTIVATION_IDS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
 STATUS_UNSUPPORTED_PATH, STATUS_INVALID_ARGUMENT, STATUS_OUT_OF_MEMORY = 1, 2, 3
 
@@ -42,7 +42,7 @@ class LinearStruct(ctypes.Structure):
     _fields_ = [("kind", I64), ("value_type", I64), ("rows", I64), ("cols", I64), ("values", PTR),
                 ("mask", PTR), ("row_offsets", PTR), ("row_scale", PTR), ("indices", PTR), ("n", I64),
                 ("m", I64), ("bits", I64), ("group_size", I64), ("scale", PTR), ("zero", PTR),
-                ("bias", PTR)]
+                ("bias", PTR), ("codebooks", I64), ("codewords", I64), ("codebook_values", PTR)]
 
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -135,6 +135,13 @@ class PlanBuilder:
             spec.kind, spec.values = KIND_QUANT, self.keep(module.qweight)
             spec.bits, spec.group_size = module.bits, group_size
             spec.scale, spec.zero = self.floats(module.scale), self.floats(module.zero)
+        elif isinstance(module, VQLinear):
+            books, words, group_size = module.codebooks.shape
+            expect(tuple(module.codes.shape) == (rows, cols // group_size, books) and module.scale.shape == (rows,),
+                   name, "vector-quantized layout has the wrong shape")
+            spec.kind, spec.values, spec.row_scale = KIND_VQ, self.keep(module.codes), self.floats(module.scale)
+            spec.codebooks, spec.codewords, spec.group_size = books, words, group_size
+            spec.codebook_values = self.floats(module.codebooks)
         elif type(module) is nn.Linear:
             weight = module.weight.detach()
             if weight.dtype not in (torch.float32, torch.bfloat16):

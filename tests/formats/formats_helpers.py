@@ -75,8 +75,9 @@ def compress(model, kinds: str | dict[str, str]):
         kind = kinds if isinstance(kinds, str) else next((k for end, k in kinds.items() if name.endswith(end)), None)
         if kind is None:
             continue
-        if kind == "vq":
-            codes[name], weight = vq_layer(*get_weight(module).shape, seed=len(codes))
+        if kind.startswith("vq"):  # "vq", or "vq-<bits>-<group>"
+            bits, group = (int(part) for part in kind.split("-")[1:]) if "-" in kind else (4, 4)
+            codes[name], weight = vq_layer(*get_weight(module).shape, seed=len(codes), bits=bits, group=group)
             set_weight(module, weight.to(get_weight(module).dtype))
             continue
         sparsity, nm, bits, symmetric, wanted_group = KINDS[kind]
@@ -99,11 +100,12 @@ def compress(model, kinds: str | dict[str, str]):
     return StoragePlan(grids, nm_layers, vq=codes)
 
 
-def vq_layer(rows: int, cols: int, seed: int = 0):
-    """Random (codes, float16 codebooks, float16 scales) and the float32 weight they code."""
+def vq_layer(rows: int, cols: int, seed: int = 0, bits: int = 4, group: int = 4):
+    """Random (codes, float16 codebooks, float16 scales) of two codebooks of 2**bits words of
+    `group` values, and the float32 weight they code."""
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (rows, cols // 4, 2), generator=generator, dtype=torch.int32)
-    codebooks = (torch.randn(2, 16, 4, generator=generator) * 0.1).half()
+    codes = torch.randint(0, 2**bits, (rows, cols // group, 2), generator=generator, dtype=torch.int32)
+    codebooks = (torch.randn(2, 2**bits, group, generator=generator) * 0.1).half()
     scales = (torch.rand(rows, generator=generator) + 0.5).half()
     return (codes, codebooks, scales), vq_to_dense(codes, codebooks, scales)
 

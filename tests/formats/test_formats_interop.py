@@ -43,3 +43,31 @@ def test_compressed_tensors_decompresses_our_files_exactly(venv, interop_venvs, 
     result = subprocess.run([str(python), str(SCRIPT), *arguments], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("ok ") == len(CASES[venv]), result.stdout
+
+
+@pytest.mark.interop
+def test_aqlm_loads_our_vq_files(interop_venvs, tmp_path):
+    """transformers with the aqlm package (its QuantizedLinear: the numba kernel for 256-word
+    codebooks, dequantization otherwise) loads our vq directories to our logits."""
+    from safetensors.torch import save_file
+
+    import secateurs
+
+    python = interop_venvs / "venv-aqlm" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"{python} missing: run scripts/interop_venvs.sh")
+    arguments = []
+    for kind in ("vq", "vq-8-8"):  # 2 x 16 words of 4 values; 2 x 256 words of 8
+        model = tiny(intermediate=112)
+        folder = tmp_path / kind
+        saved = save_compressed(model, compress(model, kind), folder)
+        assert set(saved.formats.values()) == {"vq"}
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            logits = secateurs.load(folder)(ids).logits
+        save_file({"ids": ids, "logits": logits, "layers": torch.tensor(len(saved.formats))}, tmp_path / f"{kind}.safetensors")
+        arguments += [str(folder), str(tmp_path / f"{kind}.safetensors"), "1e-4"]
+    result = subprocess.run([str(python), str(Path(__file__).with_name("aqlm_forward.py")), *arguments],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count("ok ") == 2, result.stdout

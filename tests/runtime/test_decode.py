@@ -12,7 +12,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LM
 
 from conftest import assert_matches_reference, forced_path
 from secateurs.cli import main
-from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, kernels
+from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, VQLinear, kernels
 from secateurs.runtime.decode import PREFILL_CHUNK, DecodeError, DecodeModel, DecodeUnsupported
 
 VOCAB = 97
@@ -188,6 +188,16 @@ def _two_of_four(weight: torch.Tensor) -> torch.Tensor:
     return (groups * keep).view_as(weight)
 
 
+def _vector_quantized(weight: torch.Tensor, bias, books: int = 2, words: int = 256) -> VQLinear:
+    """Random codes into codebooks of the weight's spread (groups of 8 inputs where they fit, else 4)."""
+    rows, cols = weight.shape
+    group = 8 if cols % 8 == 0 else 4
+    generator = torch.Generator().manual_seed(rows * 1000 + cols)
+    codes = torch.randint(0, words, (rows, cols // group, books), generator=generator)
+    codebooks = torch.randn(books, words, group, generator=generator) * float(weight.std()) / books**0.5
+    return VQLinear(codes, codebooks, torch.rand(rows, generator=generator) + 0.5, bias)
+
+
 COMPRESSORS = {
     "bitmask": lambda w, b: BitmaskLinear.from_dense(_pruned(w, 0.7), b),
     "bitmask-bf16": lambda w, b: BitmaskLinear.from_dense(_pruned(w, 0.5), b, format="bf16"),
@@ -195,8 +205,10 @@ COMPRESSORS = {
     "nm": lambda w, b: NMLinear.from_dense(_two_of_four(w), b),
     "int8": lambda w, b: QuantLinear.from_dense(w, b, format="int8"),
     "int4-g16": lambda w, b: QuantLinear.from_dense(w, b, format="int4", group_size=16),
+    "vq": _vector_quantized,
 }
 EXTRA_COMPRESSORS = {
+    "vq-3x1024": lambda w, b: _vector_quantized(w, b, books=3, words=1024),  # 16-bit codes
     "int4": lambda w, b: QuantLinear.from_dense(w, b, format="int4"),
     "int4-g12": lambda w, b: QuantLinear.from_dense(w, b, format="int4", group_size=12),
 }
@@ -287,7 +299,7 @@ def test_forced_kernel_paths_agree(path):
     if path not in kernels.supported_paths():
         pytest.skip(f"{path} kernels cannot run here")
     model = gemma(seed=3)
-    compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "bitmask"])
+    compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "vq", "vq-3x1024"])
     ids = prompt(13, seed=12)
     reference = hf_logits(model, ids)[-1]
     with forced_path(path):

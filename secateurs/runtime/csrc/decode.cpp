@@ -25,7 +25,7 @@ namespace secateurs {
 
 // --- the plan's description, mirrored by ctypes structures in decode.py (8-byte fields only) ---
 
-enum LinearKind : int64_t { kDense = 0, kBitmask = 1, kNM = 2, kQuant = 3 };
+enum LinearKind : int64_t { kDense = 0, kBitmask = 1, kNM = 2, kQuant = 3, kVQ = 4 };
 
 struct LinearSpec {
   int64_t kind;        // LinearKind
@@ -41,6 +41,10 @@ struct LinearSpec {
   const float* scale;           // quantized [rows, cols / group_size]
   const float* zero;            // quantized, same shape
   const float* bias;            // [rows] or nullptr
+  // vector-quantized (VQArgs): values are the codes [rows, cols / group_size, codebooks], uint8 for
+  // up to 256 codewords, else 16 bits; row_scale the per-row scale
+  int64_t codebooks, codewords;
+  const float* codebook_values;  // [codebooks][codewords][group_size]
 };
 
 struct LayerSpec {
@@ -158,6 +162,11 @@ void check_linear(const LinearSpec& l, int64_t rows, int64_t cols, const char* n
     case kQuant:
       if ((l.bits != 4 && l.bits != 8) || l.group_size <= 0 || cols % l.group_size != 0 || !l.scale || !l.zero)
         fail("bad quantized layout", name, layer);
+      break;
+    case kVQ:
+      if (l.group_size <= 0 || cols % l.group_size != 0 || l.codebooks < 1 || l.codebooks > 16 || l.codewords < 1 ||
+          l.codewords > 65536 || !l.codebook_values || !l.row_scale)
+        fail("bad vector-quantized layout", name, layer);
       break;
     default: fail("unknown layer kind", name, layer);
   }
@@ -407,6 +416,16 @@ class Plan {
         const NMArgs args{xa, rows, cols, l.n, l.m, l.values, static_cast<int>(l.value_type), l.indices, y};
         const int64_t row_bytes = cols / l.m * l.n * (value_bytes(l.value_type) + 1);
         run(table_->nm, args, [&](int64_t r) { return r * row_bytes; });
+        break;
+      }
+      case kVQ: {
+        const Activations xa = activation_rows(x, batch, cols, 0);
+        const bool narrow = l.codewords <= 256;
+        const VQArgs args{xa, rows, cols, l.group_size, l.codebooks, l.codewords, l.codebook_values,
+                          narrow ? static_cast<const uint8_t*>(l.values) : nullptr,
+                          narrow ? nullptr : static_cast<const uint16_t*>(l.values), l.row_scale, y};
+        const int64_t row_bytes = cols / l.group_size * l.codebooks * (narrow ? 1 : 2);
+        run(table_->vq, args, [&](int64_t r) { return r * row_bytes; });
         break;
       }
       default: {
