@@ -405,3 +405,8 @@ def verify_checksums(folder: Path, verify: bool | None = None) -> None:
         if file_sha256(path) != digest:
             raise FormatError(f"{path}: damaged (its sha256 differs from {CHECKSUMS_FILE}; "
                               f"{VERIFY_ENV}=0 loads it anyway)")
+
+
+def cache_dir() -> Path:
+    """Where secateurs keeps converted models, task data and benchmark state ($SECATEURS_CACHE)."""
+    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.io import (COMPRESSION_KEY, CONFIG_FILE, SafetensorsFolder, apply_umask, atomic_directory, verify_checksums,
-                          write_checksums)
+from secateurs.io import (COMPRESSION_KEY, CONFIG_FILE, SafetensorsFolder, apply_umask, atomic_directory, cache_dir,
+                          verify_checksums, write_checksums)
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,6 @@ def context_length(config) -> int | None:
             return value
     text = getattr(config, "get_text_config", None)
     return context_length(text()) if text is not None and text() is not config else None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
 
 
 def _package_dir(module: str, package: str) -> Path:

@@ -1,6 +1,7 @@
 """Pruning interleaved with training: progressive one-shot stages (prune, fine-tune, prune more on
-the fine-tuned weights, fine-tune: Agarwalla et al. 2024) and gradual magnitude pruning on the
-cubic schedule during training (Zhu & Gupta 2017), both on the one Trainer.
+the fine-tuned weights, fine-tune: Agarwalla et al. 2024), and gradual pruning on the cubic schedule
+during training, by magnitude (Zhu & Gupta 2017) or by the Optimal BERT Surgeon (Kurtic et al. 2022),
+all on the one Trainer.
 
 The one-shot engine is handed in (`compress`, e.g. secateurs.pipeline.engine.compress_model) rather
 than imported: training sits beside the pipeline, not above it."""
@@ -13,10 +14,12 @@ from pathlib import Path
 import torch
 
 from secateurs.algorithms.magnitude import magnitude_mask
+from secateurs.algorithms.obert import FisherInverseBuilder, obert_prune
+from secateurs.training.losses import LossWeights
 from secateurs.training.masks import MaskSet, masks_from_zeros
 from secateurs.training.qat import weight_parameter
 from secateurs.training.schedules import cubic_sparsity
-from secateurs.training.trainer import TrainConfig, Trainer, TrainResult
+from secateurs.training.trainer import TrainConfig, Trainer, TrainResult, to_device
 
 
 @dataclass
@@ -48,10 +51,10 @@ def progressive_prune(model, compress, recipes: list, calibration: torch.Tensor,
     return results
 
 
-class GradualMagnitude:
-    """A Trainer `on_step` callback: every `every` steps between `start` and `end`, prune each masked
-    layer by magnitude to the cubic schedule's sparsity (within each layer; N:M layers keep their
-    pattern). Pruned weights never come back: a weight already at 0 has the lowest magnitude."""
+class GradualPruning:
+    """A Trainer `on_step` callback: every `every` steps from `start` to `end`, prune the masked
+    layers to the cubic schedule's sparsity s_t = s_f + (s_i - s_f)(1 - t/T)^3 (`prune`, by a
+    subclass), then zero the pruned weights' optimizer moments. Pruned weights never come back."""
 
     def __init__(self, masks: MaskSet, initial: float, final: float, start: int, end: int, every: int = 1):
         if not 0 <= initial <= final < 1 or not 0 <= start < end or every < 1:
@@ -62,14 +65,79 @@ class GradualMagnitude:
     def target(self, step: int) -> float:
         return cubic_sparsity(max(0, step - self.start), self.end - self.start, self.initial, self.final)
 
-    @torch.no_grad()
     def __call__(self, trainer: Trainer, step: int) -> None:
         if step < self.start or step > self.end or (step - self.start) % self.every:
             return
-        sparsity = self.target(step)
+        self.prune(trainer, step, self.target(step))
+        self.masks.zero_moments(trainer.optimizer)
+        self.masks.apply()
+
+    def prune(self, trainer: Trainer, step: int, sparsity: float) -> None:
+        raise NotImplementedError
+
+
+class GradualMagnitude(GradualPruning):
+    """Gradual magnitude pruning (GMP): each layer by the magnitude of its weights, to the target
+    within the layer (N:M layers keep their pattern); a weight already at 0 has the lowest magnitude."""
+
+    @torch.no_grad()
+    def prune(self, trainer: Trainer, step: int, sparsity: float) -> None:
         for name, keep in self.masks.keep.items():
             weight = weight_parameter(self.masks.layers[name]).detach() * keep
             new_keep = magnitude_mask(weight, sparsity) & keep
             self.masks.set(name, new_keep)
-        self.masks.zero_moments(trainer.optimizer)
-        self.masks.apply()
+
+
+# Gradient samples for the Fisher are drawn from the training data far past any training position,
+# at an offset fixed by the step, so they do not move the trainer's data order (resume stays exact).
+FISHER_POSITION = 1 << 40
+
+
+class GradualOBert(GradualPruning):
+    """Gradual oBERT: at each pruning step, `grads` gradients of the task loss (cross-entropy, eval
+    mode: no dropout) on mini-batches of `grad_batch` examples build each masked layer's
+    block-diagonal inverse Fisher (blocks of `block_size`, dampening `damp`), then every layer is
+    pruned at once to the target with OBS updates of the kept weights (algorithms.obert_prune:
+    `scope` global or per layer, units of `unit` consecutive weights, `recomputations` increments)."""
+
+    def __init__(self, masks: MaskSet, initial: float, final: float, start: int, end: int, every: int = 1,
+                 grads: int = 64, grad_batch: int = 1, block_size: int = 50, damp: float = 1e-7, unit: int = 1,
+                 scope: str = "global", recomputations: int = 1):
+        super().__init__(masks, initial, final, start, end, every)
+        if grads < 1 or grad_batch < 1:
+            raise ValueError("gradual oBERT needs grads >= 1 and grad_batch >= 1")
+        self.grads, self.grad_batch, self.block_size, self.damp = grads, grad_batch, block_size, damp
+        self.unit, self.scope, self.recomputations = unit, scope, recomputations
+
+    def fishers(self, trainer: Trainer, step: int) -> list:
+        parameters = self.masks.parameters()
+        builders = [FisherInverseBuilder(weight.numel(), self.grads, self.block_size, self.damp, device=weight.device)
+                    for weight, _ in parameters]
+        model, was_training = trainer.model, trainer.model.training
+        model.eval()
+        task_loss = LossWeights(ce=1.0, kl=0.0, squarehead=0.0)
+        try:
+            for sample in range(self.grads):
+                position = FISHER_POSITION + (step * self.grads + sample) * self.grad_batch
+                batch = to_device(trainer.data.batch(position, self.grad_batch), trainer.device)
+                model.zero_grad(set_to_none=True)
+                loss, _ = trainer.data.loss(task_loss, model, None, batch, trainer.autocast)
+                loss.backward()
+                for builder, (weight, keep) in zip(builders, parameters):
+                    builder.add((weight.grad * keep).detach().flatten())
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return [builder.result() for builder in builders]
+
+    def prune(self, trainer: Trainer, step: int, sparsity: float) -> None:
+        fishers = self.fishers(trainer, step)
+        names = list(self.masks.keep)
+        parameters = self.masks.parameters()
+        result = obert_prune([weight.detach() for weight, _ in parameters], fishers, sparsity,
+                             keeps=[keep for _, keep in parameters], unit=self.unit, scope=self.scope,
+                             recomputations=self.recomputations, in_place=True)
+        with torch.no_grad():
+            for name, (weight, _), new_weight, keep in zip(names, parameters, result.weights, result.masks):
+                weight.copy_(new_weight)
+                self.masks.set(name, keep)

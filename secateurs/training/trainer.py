@@ -3,8 +3,9 @@ pruning (through a step callback) and quantization-aware recovery (through fake-
 
 AdamW with warmup and linear/cosine decay, gradient accumulation and clipping, optional bf16
 autocast and gradient checkpointing; the teacher runs without gradients. Data is one token stream
-packed into windows of `seqlen`, visited in a seeded order per epoch, so the data position is a
-single integer. Checkpoints (every `checkpoint_every` steps, atomically) hold the weights, the
+packed into windows of `seqlen` (language modelling), or any object with the same interface (e.g.
+training.classification.ClassificationData: labelled texts for an encoder), visited in a seeded
+order per epoch, so the data position is a single integer; the data object also owns the loss. Checkpoints (every `checkpoint_every` steps, atomically) hold the weights, the
 optimizer moments, the masks, the RNG states, the data position and the loss history; resuming from
 one continues bit-identically to a run that was never interrupted (same threads, same device).
 Under torchrun (a process group initialized by the caller, gloo on CPU or NCCL on GPU) each process
@@ -92,7 +93,10 @@ class TrainConfig:
 
 class PackedWindows:
     """A token stream cut into windows of `seqlen`; epoch e visits them in the order of a
-    permutation seeded by (seed, e). The position (windows consumed) is all the state there is."""
+    permutation seeded by (seed, e). The position (windows consumed) is all the state there is.
+
+    The trainer's data interface: `batch(position, size)`, `check(model, teacher)` and
+    `loss(weights, model, teacher, batch, autocast) -> (loss, parts)`."""
 
     def __init__(self, token_ids: torch.Tensor, seqlen: int, seed: int = 0):
         token_ids = torch.as_tensor(token_ids).flatten().to(torch.long)
@@ -112,13 +116,30 @@ class PackedWindows:
             self._order = (epoch, torch.randperm(len(self), generator=generator))
         return self._order[1]
 
+    def indices(self, position: int, size: int) -> list[int]:
+        """Which examples positions position .. position + size - 1 of the endless seeded sequence are."""
+        return [int(self.order(index // len(self))[index % len(self)]) for index in range(position, position + size)]
+
     def batch(self, position: int, size: int) -> torch.Tensor:
         """Windows position .. position + size - 1 of the endless seeded sequence: [size, seqlen]."""
-        rows = []
-        for index in range(position, position + size):
-            epoch, offset = divmod(index, len(self))
-            rows.append(self.windows[self.order(epoch)[offset]])
-        return torch.stack(rows)
+        return self.windows[self.indices(position, size)]
+
+    def check(self, model: nn.Module, teacher: nn.Module | None) -> None:
+        if teacher is not None and vocab_size(teacher) != vocab_size(model):
+            raise SecateursError(f"the teacher's vocabulary has {vocab_size(teacher)} tokens, the model's "
+                                 f"{vocab_size(model)}: they must share one tokenizer")
+        if int(self.windows.min()) < 0 or int(self.windows.max()) >= vocab_size(model):
+            raise SecateursError(f"the training token ids fall outside the model's vocabulary of {vocab_size(model)}")
+
+    def loss(self, weights: LossWeights, model: nn.Module, teacher: nn.Module | None, inputs: torch.Tensor, autocast):
+        hidden = weights.squarehead > 0
+        teacher_out = None
+        if teacher is not None and weights.needs_teacher:
+            with torch.no_grad(), autocast():
+                teacher_out = teacher(inputs, output_hidden_states=hidden, use_cache=False)
+        with autocast():
+            student_out = model(inputs, output_hidden_states=hidden, use_cache=False)
+        return combined_loss(weights, student_out, inputs, None, teacher_out)
 
 
 @dataclass
@@ -134,6 +155,13 @@ class TrainResult:
         return asdict(self)
 
 
+def to_device(batch, device: torch.device):
+    """A batch (a tensor or a dict of tensors) on `device`."""
+    if isinstance(batch, dict):
+        return {key: value.to(device) for key, value in batch.items()}
+    return batch.to(device)
+
+
 def vocab_size(model: nn.Module) -> int:
     embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None:
@@ -142,26 +170,22 @@ def vocab_size(model: nn.Module) -> int:
 
 
 class Trainer:
-    """Train `model` on `token_ids` (1-D) with `config`; `teacher` for KL/SquareHead, `masks` to keep
-    pruned weights at zero, `output_dir` for checkpoints and the loss curve. `on_step(trainer, step)`
-    runs after every optimizer step (gradual pruning tightens the masks there)."""
+    """Train `model` on `data` (1-D token ids, or a data object such as ClassificationData) with
+    `config`; `teacher` for KL/SquareHead, `masks` to keep pruned weights at zero, `output_dir` for
+    checkpoints and the loss curve. `on_step(trainer, step)` runs after every optimizer step (gradual
+    pruning tightens the masks there)."""
 
-    def __init__(self, model: nn.Module, token_ids: torch.Tensor, config: TrainConfig, teacher: nn.Module | None = None,
+    def __init__(self, model: nn.Module, data, config: TrainConfig, teacher: nn.Module | None = None,
                  masks: MaskSet | None = None, output_dir: str | Path | None = None, device: str | torch.device = "cpu",
                  progress: bool = True, on_step=None, description: str = "finetune"):
         config.validate()
         self.device = torch.device(device)
         if config.losses.needs_teacher and teacher is None:
             raise SecateursError("the KL and SquareHead losses need a teacher model")
-        if teacher is not None and vocab_size(teacher) != vocab_size(model):
-            raise SecateursError(f"the teacher's vocabulary has {vocab_size(teacher)} tokens, the model's "
-                                 f"{vocab_size(model)}: they must share one tokenizer")
-        token_ids = torch.as_tensor(token_ids)
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab_size(model)):
-            raise SecateursError(f"the training token ids fall outside the model's vocabulary of {vocab_size(model)}")
         if config.bf16 and self.device.type == "cpu" and not torch.backends.mkldnn.is_available():
             raise SecateursError("bf16 autocast on this CPU needs oneDNN (torch.backends.mkldnn)")
-        self.data = PackedWindows(token_ids, config.seqlen, config.seed)
+        self.data = data if hasattr(data, "loss") else PackedWindows(data, config.seqlen, config.seed)
+        self.data.check(model, teacher)
         self.model, self.teacher, self.masks, self.config = model, teacher, masks, config
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.progress, self.on_step, self.description = progress, on_step, description
@@ -250,19 +274,11 @@ class Trainer:
 
     # ---- the loop ----
 
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _micro_step(self, inputs: torch.Tensor) -> dict[str, float]:
-        weights = self.config.losses
-        hidden = weights.squarehead > 0
-        teacher_out = None
-        if self.teacher is not None and weights.needs_teacher:
-            with torch.no_grad(), self._autocast():
-                teacher_out = self.teacher(inputs, output_hidden_states=hidden, use_cache=False)
-        with self._autocast():
-            student_out = self.model(inputs, output_hidden_states=hidden, use_cache=False)
-        loss, parts = combined_loss(weights, student_out, inputs, None, teacher_out)
+    def _micro_step(self, inputs) -> dict[str, float]:
+        loss, parts = self.data.loss(self.config.losses, self.model, self.teacher, inputs, self.autocast)
         (loss / self.config.grad_accum).backward()
         return parts
 
@@ -298,7 +314,7 @@ class Trainer:
                 sums: dict[str, float] = {}
                 for _ in range(config.grad_accum):
                     first = self.position + self.rank * config.batch_size
-                    inputs = self.data.batch(first, config.batch_size).to(self.device)
+                    inputs = to_device(self.data.batch(first, config.batch_size), self.device)
                     self.position += config.batch_size * self.world
                     for key, value in self._micro_step(inputs).items():
                         sums[key] = sums.get(key, 0.0) + value / config.grad_accum

@@ -1,0 +1,90 @@
+"""Labelled text for sequence classification: the Amazon fine-food reviews of Debian's
+r-cran-modeldata (`small_fine_foods`: 4,000 train / 1,000 test reviews scored "great" or "other"),
+read from the R package's lazy-load database without R, and a user's own csv / jsonl files.
+
+The Debian package is found installed (/usr/lib/R/site-library/modeldata) or unpacked in the cache
+(`apt-get download r-cran-modeldata` and `dpkg-deb -x` into $SECATEURS_CACHE/debian/, which `./run
+setup` does; installing it with apt would pull in R itself)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from secateurs.data.rdata import RDataError, data_frame, read_object
+from secateurs.errors import SecateursError
+from secateurs.io import cache_dir
+
+MODELDATA = Path("usr/lib/R/site-library/modeldata/data")
+FINE_FOODS_SPLITS = {"train": "training_data", "test": "testing_data"}
+FINE_FOODS_LABELS = ("other", "great")  # label ids 0, 1
+
+
+@dataclass
+class LabelledTexts:
+    texts: list[str]
+    labels: list[int]
+    label_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[LabelledTexts, LabelledTexts]:
+        """(rest, held out): a seeded `fraction` held out, e.g. a validation slice of train."""
+        import random
+
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        cut = round(len(order) * fraction)
+        held, rest = sorted(order[:cut]), sorted(order[cut:])
+
+        def pick(indices):
+            return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
+
+        return pick(rest), pick(held)
+
+
+def modeldata_dir() -> Path:
+    for root in (Path("/"), cache_dir() / "debian" / "r-cran-modeldata"):
+        if (root / MODELDATA / "Rdata.rdx").is_file():
+            return root / MODELDATA
+    raise SecateursError("the fine-food reviews need Debian's r-cran-modeldata: run ./run setup, or "
+                         f"`apt-get download r-cran-modeldata` and `dpkg-deb -x` it into {cache_dir() / 'debian' / 'r-cran-modeldata'}")
+
+
+def fine_foods(split: str) -> LabelledTexts:
+    """`small_fine_foods` train (4,000) or test (1,000): review text, label 1 for "great"."""
+    if split not in FINE_FOODS_SPLITS:
+        raise SecateursError(f"fine_foods split must be one of {', '.join(FINE_FOODS_SPLITS)}, got {split!r}")
+    try:
+        table = data_frame(read_object(modeldata_dir(), FINE_FOODS_SPLITS[split]))
+    except RDataError as exc:
+        raise SecateursError(f"r-cran-modeldata: {exc}") from None
+    labels = [FINE_FOODS_LABELS.index(score) for score in table["score"]]
+    return LabelledTexts([text or "" for text in table["review"]], labels, FINE_FOODS_LABELS)
+
+
+def labelled_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
+    """A csv (header row) or jsonl file with a text and a label column; labels are names or ints,
+    numbered in sorted order of their names."""
+    path = Path(path)
+    if not path.is_file():
+        raise SecateursError(f"labelled data file not found: {path}")
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        else:
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+    except (ValueError, UnicodeDecodeError, csv.Error) as exc:
+        raise SecateursError(f"{path}: not a readable {'jsonl' if path.suffix == '.jsonl' else 'csv'} file ({exc})") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or text_column not in row or label_column not in row:
+            raise SecateursError(f"{path}: row {number} lacks a {text_column!r} or {label_column!r} column")
+    if not rows:
+        raise SecateursError(f"{path}: no rows")
+    names = tuple(sorted({str(row[label_column]) for row in rows}))
+    return LabelledTexts([str(row[text_column]) for row in rows], [names.index(str(row[label_column])) for row in rows],
+                         names)
