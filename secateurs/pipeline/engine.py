@@ -25,6 +25,7 @@ from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.pipeline.activations import discard_chunks, keep_chunks
 from secateurs.pipeline.attention import native_causal_attention
+from secateurs.pipeline.block_tuning import tune_vq_block
 from secateurs.pipeline.capture import capture_block_inputs, run_block
 from secateurs.structure import find_blocks, get_weight, in_features, linear_layers, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
@@ -59,6 +60,8 @@ class CompressionReport:
     # Vector-quantized layers' (codes, codebooks, scales), for the vq format; not serialized here.
     vq: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     parsed_recipe: Recipe | None = field(default=None, repr=False)  # `recipe` as the engine ran it
+    # Per block tuned after coding (vq block_steps): its output error relative to the dense block.
+    blocks: list[dict] = field(default_factory=list)
 
     def storage_plan(self, prefix: str = "") -> StoragePlan:
         """What the stored formats need of the layers whose names start with `prefix` (default all):
@@ -89,7 +92,7 @@ class CompressionReport:
                 "sparsity": sum(layer["sparsity"] * layer["shape"][0] * layer["shape"][1] for layer in layers) / weights,
             },
             "layers": layers,
-        }
+        } | ({"blocks": self.blocks} if self.blocks else {})
 
 
 @dataclass
@@ -251,10 +254,15 @@ class Engine:
                 # group's statistics are gathered after the groups before it were compressed.
                 steps = ([{n: layers[n] for n in group} for group in self._gather(block, layers, inputs, index, False, 1).groups()]
                          if self.recipe.true_sequential else [layers])
+                tuning = self._block_tuning(index, layers)
+                targets = None if tuning is None else [run_block(block, h, k, self.device).float()
+                                                       for h, k in zip(inputs.hidden, inputs.kwargs[index])]
                 for step in steps:
                     hessians = any(stage.needs_hessian for stage in self._stages(index, step))
                     stats = self._gather(block, step, inputs, index, hessians=hessians)
                     self._compress_step(index, step, stats, report, bar)
+                if tuning is not None:
+                    self._tune_block(index, block, layers, tuning, inputs, targets, report, bar)
             if any(calibrated[index + 1 :]):
                 self._advance(block, inputs, index)
             else:  # no later block reads these outputs
@@ -268,6 +276,25 @@ class Engine:
         self.inputs = None
         report.seconds = time.perf_counter() - started
         return report
+
+    def _block_tuning(self, index: int, layers: dict[str, nn.Module]):
+        """The vq stage that asks for block fine-tuning of this block's layers (None: no tuning)."""
+        stage = next((s for s in self._stages(index, layers) if s.method == "vq" and s.block_steps), None)
+        if stage is not None and self.group.world_size > 1:
+            raise SecateursError("vq.block_steps: block fine-tuning runs in one process, not under torchrun")
+        return stage
+
+    def _tune_block(self, index, block, layers, stage, inputs, targets, report, bar) -> None:
+        bar.set_postfix_str("tuning codebooks")
+        coded = {name: module for name, module in layers.items() if f"{self.prefix}.{index}.{name}" in report.vq}
+        codes = {name: report.vq[f"{self.prefix}.{index}.{name}"] for name in coded}
+        chunks = list(zip(inputs.hidden, inputs.kwargs[index]))
+        tuned, before, after = tune_vq_block(block, coded, codes, chunks, targets, stage.block_steps, stage.block_lr,
+                                             self.device)
+        for name, code in tuned.items():
+            report.vq[f"{self.prefix}.{index}.{name}"] = tuple(t.cpu() for t in code)
+        report.blocks.append({"block": index, "output_error_before": before, "output_error_after": after,
+                              "steps": stage.block_steps})
 
     def _compress_step(self, index, layers: dict[str, nn.Module], stats: StatisticsHooks | None, report, bar) -> None:
         """Compress `layers`, in order (`stats` None: their stages need none); with several processes

@@ -46,6 +46,8 @@ class Stage:
     rounds: int = 10  # alternations of code search and codebook steps (fewer if converged)
     adam_steps: int = 20  # codebook and scale steps per alternation
     tolerance: float = 1e-3  # stop alternating below this relative improvement
+    block_steps: int = 0  # Adam steps on a block's codebooks and scales against its dense outputs (0: off)
+    block_lr: float = 1e-4
     targets: tuple[str, ...] = (".*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
@@ -88,7 +90,8 @@ STAGE_KEYS = {
                   "percdamp", "targets", "ignore"},
     "gptq": {"bits", "group_size", "symmetric", "act_order", "mse_clip", "block_size", "percdamp", "targets", "ignore"},
     "rtn": {"bits", "group_size", "symmetric", "mse_clip", "targets", "ignore"},
-    "vq": {"codebooks", "bits", "group_size", "beam", "rounds", "adam_steps", "tolerance", "targets", "ignore"},
+    "vq": {"codebooks", "bits", "group_size", "beam", "rounds", "adam_steps", "tolerance", "block_steps", "block_lr",
+           "targets", "ignore"},
 }
 
 
@@ -132,6 +135,8 @@ _TYPES = {
     "rounds": (is_int, "an integer"),
     "adam_steps": (is_int, "an integer"),
     "tolerance": (_is_number, "a number"),
+    "block_steps": (is_int, "an integer"),
+    "block_lr": (_is_number, "a number"),
     "group_size": (lambda v: v is None or is_int(v), "an integer or null"),
     "per_row": (_is_bool, "true or false"),
     "symmetric": (_is_bool, "true or false"),
@@ -186,11 +191,13 @@ def _check_stage(stage: Stage, label: str | None = None, names: dict | None = No
         except ValueError as exc:  # "codebooks must be ...": name the key as the user wrote it
             name, _, rest = str(exc).partition(" ")
             raise RecipeError(f"{key(name)} {rest}") from None
-        for name, low, high in (("beam", 1, 64), ("rounds", 0, 1000), ("adam_steps", 0, 10000)):
+        for name, low, high in (("beam", 1, 64), ("rounds", 0, 1000), ("adam_steps", 0, 10000), ("block_steps", 0, 100000)):
             if not low <= getattr(stage, name) <= high:
                 raise RecipeError(f"{key(name)} must be in {low}..{high}, got {show(getattr(stage, name))}")
         if not 0 <= stage.tolerance < 1:
             raise RecipeError(f"{key('tolerance')} must be in [0, 1), got {show(stage.tolerance)}")
+        if not 0 < stage.block_lr < 1:
+            raise RecipeError(f"{key('block_lr')} must be in (0, 1), got {show(stage.block_lr)}")
     else:
         try:
             stage.quant_spec()

@@ -30,14 +30,14 @@ PRESET_DIGESTS = {
     "gptq-w3g64": "81fe7cad88a6fdc8",
     "gptq-w8": "63ce7d28fd69b0c6",
     "rtn-w4g64": "2e277a69fffd4ebc",
-    "vq-2x8": "f39f550304d160d1",
-    "vq-3x8": "d26d6d8de577c826",
+    "vq-2x8": "48d729b2ae0c3981",
+    "vq-3x8": "1a344de8ef9efab4",
 }
 _SPARSEGPT = {"mask": "unstructured", "sparsity_profile": "uniform", "owl_lambda": 0.08, "owl_threshold": 5.0,
               "block_size": 128, "percdamp": 0.01, "targets": [".*"], "ignore": ["lm_head", "embed"]}
 _GPTQ = {"symmetric": True, "act_order": True, "mse_clip": False, "block_size": 128, "percdamp": 0.01,
          "targets": [".*"], "ignore": ["lm_head", "embed"]}
-_VQ = {"bits": 8, "group_size": 8, "beam": 1, "rounds": 10, "adam_steps": 20, "tolerance": 0.001,
+_VQ = {"bits": 8, "group_size": 8, "beam": 1, "rounds": 10, "adam_steps": 20, "tolerance": 0.001, "block_steps": 0, "block_lr": 0.0001,
        "targets": [".*"], "ignore": ["lm_head", "embed"]}
 PRESET_DICTS = {
     "vq-2x8": [{"vq": _VQ | {"codebooks": 2}}],

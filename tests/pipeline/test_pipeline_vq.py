@@ -93,3 +93,17 @@ def test_vq_recipe_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(SecateursError, match="group_size 7 does not divide"):
         secateurs.oneshot(str(model_dir), [{"vq": {"group_size": 7}}], calibration(), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_block_fine_tuning_lowers_each_blocks_output_error(tmp_path):
+    model_dir = save_tiny(tmp_path / "dense")
+    recipe = [{"vq": RECIPE[0]["vq"] | {"block_steps": 30, "block_lr": 1e-3}}]
+    result = secateurs.oneshot(str(model_dir), recipe, calibration(), tmp_path / "out", progress=False)
+    blocks = json.loads((tmp_path / "out" / "compression.json").read_text())["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1, 2, 3]
+    assert all(b["output_error_after"] <= b["output_error_before"] for b in blocks)
+    assert any(b["output_error_after"] < 0.9 * b["output_error_before"] for b in blocks)
+    loaded = secateurs.load(tmp_path / "out")  # the file holds exactly the tuned codebooks
+    for name, module in loaded.named_modules():
+        if isinstance(module, VQLinear):
+            assert torch.equal(module.to_dense(), result.model.get_submodule(name).weight), name
