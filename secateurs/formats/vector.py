@@ -83,7 +83,7 @@ class VQFormat:
                 fail(suffix, f"has dtype {tensors[suffix].dtype}, expected {dtype}")
             if tuple(tensors[suffix].shape) != shape:
                 fail(suffix, f"has shape {tuple(tensors[suffix].shape)}, expected {shape}")
-        codes = tensors["codes"]
+        codes = tensors["codes"].to(torch.int32)  # compared with 2**(B-1) = 128 an int8 tensor would wrap
         if bool(((codes < -(2 ** (spec.bits - 1))) | (codes >= 2 ** (spec.bits - 1))).any()):
             fail("codes", f"holds a code outside the {2**spec.bits} words of a codebook")
         for suffix in ("codebooks", "scales"):

@@ -247,9 +247,14 @@ def record_compression(folder: Path, specs: dict[str, LayerSpec], nonzeros: dict
         # aqlm replaces every nn.Linear not listed here: list the 2-D weights of the others (the
         # embeddings too, harmlessly).
         stored = {name: meta for path in weight_files(folder) for name, meta in read_header(path).items()}
+        keep = {name for name, meta in stored.items() if name.endswith(".weight") and len(meta.get("shape", ())) == 2
+                and name.removesuffix(".weight") not in specs}
+        if config.get("tie_word_embeddings", False):
+            keep.add("lm_head.weight")  # tied to the embeddings, so not stored, but an nn.Linear all the same
+        # Weight paths, as aqlm's checkpoints list them, and the module names, which transformers 5
+        # matches against (a ".weight" path matches no module there).
         config["quantization_config"]["linear_weights_not_to_quantize"] = sorted(
-            name for name, meta in stored.items() if name.endswith(".weight") and len(meta.get("shape", ())) == 2
-            and name.removesuffix(".weight") not in specs)
+            keep | {name.removesuffix(".weight") for name in keep})
     write_json(folder / CONFIG_FILE, config)
 
 

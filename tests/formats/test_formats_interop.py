@@ -4,6 +4,7 @@ the library's own code and must get our dense weights exactly.
 compressed-tensors 0.14.0 is the last release with the sparse compressors (sparse-bitmask,
 sparse-24-bitmask) and needs transformers < 5; 0.20.0 reads pack-quantized and naive-quantized."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def test_aqlm_loads_our_vq_files(interop_venvs, tmp_path):
             logits = secateurs.load(folder)(ids).logits
         save_file({"ids": ids, "logits": logits, "layers": torch.tensor(len(saved.formats))}, tmp_path / f"{kind}.safetensors")
         arguments += [str(folder), str(tmp_path / f"{kind}.safetensors"), "1e-4"]
+    # aqlm's numba CPU kernel sums into each output from a parallel loop over input groups (a data
+    # race with more than one thread): run it on one thread
+    environment = os.environ | {"NUMBA_NUM_THREADS": "1"}
     result = subprocess.run([str(python), str(Path(__file__).with_name("aqlm_forward.py")), *arguments],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert result.stdout.count("ok ") == 2, result.stdout
