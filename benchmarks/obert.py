@@ -83,7 +83,8 @@ def teacher(seed: int):
     from secateurs.training.losses import LossWeights
     from secateurs.training.trainer import TrainConfig, Trainer
 
-    model, tokenizer = load_classifier(ENCODER, 2, seed=seed)
+    loaded = load_classifier(ENCODER, 2, seed=seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
     data, scored = datasets(tokenizer, seed)
     folder = cache() / f"teacher-seed{seed}"
     weights = folder / "model.safetensors"

@@ -267,18 +267,26 @@ def encoder_directory(spec: str | os.PathLike) -> Path:
     return target
 
 
-def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0):
-    """(model, tokenizer): a sequence classifier on an encoder; a head the checkpoint lacks is
-    initialized from `seed` (so a run is reproducible)."""
+@dataclass
+class LoadedClassifier:
+    model: object  # a transformers AutoModelForSequenceClassification, float32, in eval mode
+    tokenizer: object
+    new_head: bool  # the checkpoint had no classification head: it was initialized here
+
+
+def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> LoadedClassifier:
+    """A sequence classifier on an encoder; a head the checkpoint lacks is initialized from `seed`
+    (so a run is reproducible), and said so in `new_head`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = encoder_directory(spec)
     torch.manual_seed(seed)
     with quiet_loading():
-        model = hf_step(str(folder), "not a sequence classifier", lambda: AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, dtype=torch.float32))
+        model, info = hf_step(str(folder), "not a sequence classifier", lambda: AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, dtype=torch.float32, output_loading_info=True))
     tokenizer = hf_step(str(folder), "unreadable tokenizer", lambda: AutoTokenizer.from_pretrained(folder))
-    return model.eval(), tokenizer
+    new_head = any(key.startswith(("classifier.", "score.")) for key in info["missing_keys"])
+    return LoadedClassifier(model.eval(), tokenizer, new_head)
 
 
 def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from secateurs.allocator import reexec_with_malloc_settings
 from secateurs.cli.compression import (cmd_compress, cmd_decompress, cmd_demo, cmd_eval, cmd_finetune, cmd_prepare,
-                                       cmd_report)
+                                       cmd_prune_encoder, cmd_report)
 from secateurs.cli.generation import cmd_bench_decode, cmd_generate
 from secateurs.cli.output import VERBOSITY
 from secateurs.errors import SecateursError
@@ -117,6 +117,28 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dense", action="store_true", help="train every weight (the dense teacher run)")
     tune.add_argument("--device", default=None, help="cpu or cuda")
     tune.set_defaults(run=cmd_finetune)
+
+    encoder = commands.add_parser("prune-encoder", help="prune a fine-tuned encoder classifier gradually with "
+                                  "distillation (oBERT or gradual magnitude)")
+    encoder.add_argument("--model", required=True, help="a sequence-classifier directory, or all-minilm-l6-v2 "
+                         "(no head yet: with --teacher-epochs)")
+    encoder.add_argument("--data", required=True, help="fine-foods (r-cran-modeldata) or a csv/jsonl with text,label columns")
+    encoder.add_argument("--output", required=True, help="directory to write (bitmask layers; transformers loads it "
+                         "after `import secateurs`)")
+    encoder.add_argument("--sparsity", type=float, default=0.9)
+    encoder.add_argument("--method", default="obert", help="obert or gmp (gradual magnitude)")
+    encoder.add_argument("--epochs", type=float, default=2.0)
+    encoder.add_argument("--teacher-epochs", type=float, default=0.0, help="fine-tune the dense teacher first")
+    encoder.add_argument("--seqlen", type=int, default=128)
+    encoder.add_argument("--batch", type=int, default=16)
+    encoder.add_argument("--lr", type=float, default=5e-5)
+    encoder.add_argument("--hardness", type=float, default=1.0, help="distillation weight h: (1-h) CE + h KL")
+    encoder.add_argument("--temperature", type=float, default=2.0)
+    encoder.add_argument("--grads", type=int, default=64, help="oBERT: gradients per pruning step")
+    encoder.add_argument("--prune-every", type=int, default=10, help="steps between pruning steps")
+    encoder.add_argument("--seed", type=int, default=0)
+    encoder.add_argument("--resume", action="store_true")
+    encoder.set_defaults(run=cmd_prune_encoder)
 
     report = commands.add_parser("report", help="result files (benchmarks/results/*.json, compression.json) as one page")
     report.add_argument("results", nargs="+", help="JSON result files or model directories with a compression.json")

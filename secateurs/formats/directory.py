@@ -150,15 +150,21 @@ def read_compressed(path, verify: bool | None = None) -> CompressedDirectory:
 
 
 def _build_model(directory: CompressedDirectory) -> nn.Module:
-    """The architecture from config.json, weights left uninitialized (they are all loaded next)."""
+    """The architecture from config.json (the class its `architectures` names, e.g. a sequence
+    classifier; a causal LM otherwise), weights left uninitialized (they are all loaded next)."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     config = dict(directory.config)
+    named = getattr(transformers, (config.get("architectures") or [""])[0] or "", None)
     try:
         hf_config = AutoConfig.for_model(config.pop("model_type", None), **config)
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=directory.dtype)
+            if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+                model = named._from_config(hf_config, dtype=directory.dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=directory.dtype)
         model.tie_weights()  # skipped with the weight initialization
         return model.eval()
     except Exception as exc:  # transformers raises many types on a bad config; name the file instead

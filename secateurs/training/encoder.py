@@ -1,0 +1,93 @@
+"""Prune a fine-tuned encoder classifier gradually with distillation: what `secateurs prune-encoder`
+calls (oBERT, Kurtic et al. 2022, or gradual magnitude for comparison).
+
+The model as given (any AutoModelForSequenceClassification directory; an encoder without a head,
+such as the embedded all-minilm-l6-v2, after `teacher_epochs` of dense fine-tuning) is the teacher; a copy is trained on the labelled texts while
+the cubic schedule takes its block linear layers from 0 to `sparsity` over the first `prune_fraction`
+of the steps, then trained on at that sparsity. The result is written as a compressed directory
+(bitmask layers), scored beside the teacher on a held-out slice of the data. Checkpoints go to
+`<output>.training/` (resume continues exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from secateurs.data.reviews import LabelledTexts, fine_foods, labelled_file
+from secateurs.errors import SecateursError
+from secateurs.formats import save_compressed
+from secateurs.models import load_classifier
+from secateurs.training.classification import ClassificationData, ClassifierScore, evaluate_classifier, tokenize
+from secateurs.training.losses import LossWeights
+from secateurs.training.masks import open_masks
+from secateurs.training.progressive import GradualMagnitude, GradualOBert
+from secateurs.training.trainer import TrainConfig, Trainer, TrainResult
+
+METHODS = ("obert", "gmp")
+TRAINING_SUFFIX = ".training"
+
+
+@dataclass
+class EncoderPruningResult:
+    output: Path
+    teacher: ClassifierScore  # on the held-out slice
+    pruned: ClassifierScore
+    sparsity: float  # of the block linear layers, exact
+    training: TrainResult
+
+
+def labelled_data(spec: str | Path) -> LabelledTexts:
+    """"fine-foods" (r-cran-modeldata's training reviews) or a csv / jsonl file with text,label columns."""
+    return fine_foods("train") if str(spec) == "fine-foods" else labelled_file(spec)
+
+
+def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *, sparsity: float = 0.9,
+                  method: str = "obert", epochs: float = 2.0, seqlen: int = 128, batch_size: int = 16, lr: float = 5e-5,
+                  hardness: float = 1.0, temperature: float = 2.0, prune_fraction: float = 2 / 3, prune_every: int = 10,
+                  grads: int = 64, block_size: int = 50, validation: float = 0.1, teacher_epochs: float = 0.0,
+                  seed: int = 0, resume: bool = False, progress: bool = True) -> EncoderPruningResult:
+    if method not in METHODS:
+        raise SecateursError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not 0 < sparsity < 1 or not 0 < prune_fraction <= 1 or not 0 < validation < 1 or not 0 <= hardness <= 1:
+        raise SecateursError("need 0 < sparsity < 1, 0 < prune_fraction <= 1, 0 < validation < 1, 0 <= hardness <= 1")
+    if epochs <= 0 or prune_every < 1 or seqlen < 2 or batch_size < 1:
+        raise SecateursError("need epochs > 0, prune_every >= 1, seqlen >= 2, batch_size >= 1")
+    texts = labelled_data(data)
+    train, held_out = texts.split(validation, seed=seed)
+    loaded = load_classifier(model, len(texts.label_names), seed=seed)
+    if loaded.new_head and teacher_epochs <= 0:
+        raise SecateursError(f"{model} has no classification head: pass teacher_epochs (--teacher-epochs) to fine-tune "
+                             f"the dense teacher first, or give a fine-tuned classifier")
+    student, tokenizer = loaded.model, loaded.tokenizer
+    examples = ClassificationData.from_texts(tokenizer, train.texts, train.labels, seqlen, seed=seed)
+    output = Path(output_dir)
+    training_dir = output.with_name(output.name + TRAINING_SUFFIX)
+    if teacher_epochs > 0:  # the dense teacher: cross-entropy, the same batches and learning rate
+        config = TrainConfig(lr=lr, steps=max(1, round(len(examples) * teacher_epochs / batch_size)),
+                             batch_size=batch_size, seqlen=seqlen, seed=seed, losses=LossWeights(1, 0, 0))
+        Trainer(student, examples, config, output_dir=training_dir / "teacher", progress=progress,
+                description="dense teacher").train(resume=resume)
+    teacher = copy.deepcopy(student).eval()
+    steps = max(1, round(len(examples) * epochs / batch_size))
+    end = max(prune_every, int(steps * prune_fraction) // prune_every * prune_every)
+    masks = open_masks(student)
+    pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=prune_every, grads=grads, block_size=block_size)
+              if method == "obert" else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=prune_every))
+    losses = LossWeights(ce=1 - hardness, kl=hardness, squarehead=0.0, temperature=temperature)
+    config = TrainConfig(lr=lr, steps=steps, batch_size=batch_size, seqlen=seqlen, seed=seed, losses=losses,
+                         checkpoint_every=max(1, steps // 10))
+    trainer = Trainer(student, examples, config, teacher=teacher if hardness > 0 else None, masks=masks,
+                      output_dir=training_dir / "pruning", on_step=pruner, progress=progress,
+                      description=f"{method} to {sparsity:g}")
+    result = trainer.train(resume=resume)
+    masks.apply()
+    masks.check()
+    encoded = tokenize(tokenizer, held_out.texts, seqlen)
+    labels = torch.tensor(held_out.labels)
+    scores = [evaluate_classifier(m, encoded["input_ids"], encoded["attention_mask"], labels) for m in (teacher, student)]
+    save_compressed(student, None, output, tokenizer)
+    return EncoderPruningResult(output, scores[0], scores[1], masks.sparsity(), result)

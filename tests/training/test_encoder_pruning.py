@@ -1,0 +1,71 @@
+"""`secateurs prune-encoder`: a fine-tuned classifier directory and a labelled csv in, a sparse
+compressed directory out that secateurs.load reads back to the trained student's logits."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+import secateurs
+from secateurs.cli import main
+from secateurs.training.encoder import prune_encoder
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 40)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                      cls_token="[CLS]", sep_token="[SEP]")
+
+
+@pytest.fixture(scope="module")
+def classifier_and_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=32, num_labels=2)
+    tf.BertForSequenceClassification(config).save_pretrained(folder / "model")
+    word_tokenizer().save_pretrained(folder / "model")
+    generator = torch.Generator().manual_seed(1)
+    rows = ["text,label"]
+    for _ in range(60):
+        words = [f"w{int(i)}" for i in torch.randint(4, 40, (6,), generator=generator)]
+        label = "good" if "w7" in words or len(rows) % 2 else "bad"
+        rows.append(f"{' '.join(words + (['w7'] if label == 'good' else []))},{label}")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("method", ["obert", "gmp"])
+def test_prune_encoder_writes_a_sparse_model_that_loads_back(classifier_and_data, tmp_path, method):
+    folder = classifier_and_data
+    result = prune_encoder(folder / "model", folder / "train.csv", tmp_path / "out", sparsity=0.6, method=method,
+                           epochs=3, seqlen=10, batch_size=8, prune_every=2, grads=4, block_size=8, progress=False)
+    assert result.sparsity == pytest.approx(0.6, abs=0.01) and result.pruned.n == 6
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {entry["format"] for entry in config["secateurs_compression"]["layers"].values()} == {"bitmask"}
+    loaded = secateurs.load(tmp_path / "out")
+    assert type(loaded).__name__ == "BertForSequenceClassification"
+    ids = torch.randint(4, 40, (3, 10))
+    reference = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")  # our quantizer
+    assert torch.allclose(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+
+
+def test_cli_prune_encoder_and_its_errors(classifier_and_data, tmp_path, capsys):
+    folder = classifier_and_data
+
+    def args(data=folder / "train.csv", *extra):
+        return ["prune-encoder", "--model", str(folder / "model"), "--data", str(data), "--output", str(tmp_path / "out"),
+                "--sparsity", "0.5", "--epochs", "1", "--seqlen", "10", "--batch", "8", "--prune-every", "2",
+                "--grads", "4", "--quiet", *extra]
+
+    assert main(args()) == 0
+    assert "pruned" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
+    assert main(args(folder / "train.csv", "--method", "random")) == 2
+    assert "method must be one of" in capsys.readouterr().err
+    assert main(args(tmp_path / "absent.csv")) == 2
+    assert "not found" in capsys.readouterr().err
