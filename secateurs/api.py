@@ -18,6 +18,7 @@ from secateurs.models import LoadedModel, context_length, hf_step, is_compressed
 from secateurs.pipeline.distributed import check_device, init_from_environment
 from secateurs.pipeline.engine import CompressionReport, compress_model
 from secateurs.pipeline.job import CompressionJob, open_model
+from secateurs.recipe import ProgressiveRecipe, load_recipe
 
 
 @dataclass
@@ -48,6 +49,14 @@ def oneshot(model, recipe="sparsegpt-50", calibration=AUSTEN_CALIBRATION, output
         `offload_activations` keeps the calibration activations on disk. Under torchrun every process
         calls this; the work is shared and the main process writes.
     """
+    recipe = load_recipe(recipe)
+    if isinstance(recipe, ProgressiveRecipe):
+        if stream or offload_activations:
+            raise SecateursError("a recipe with finetune stages runs in memory: stream and offload_activations do not apply")
+        check_device(device)
+        loaded = LoadedModel(model, tokenizer, "<in memory>") if isinstance(model, nn.Module) else load_any(model)
+        ids = _calibration(lambda: loaded.tokenizer, loaded.model, calibration, samples, seqlen, seed)
+        return _progressive(loaded, recipe, ids, output_dir, save_compressed, overwrite, resume, device, progress)
     if output_dir is None:
         if stream or resume or offload_activations:
             raise SecateursError("stream, resume and offload_activations need an output_dir")
@@ -74,6 +83,60 @@ def oneshot(model, recipe="sparsegpt-50", calibration=AUSTEN_CALIBRATION, output
         report = job.run(recipe, ids, {k: str(v) if isinstance(v, os.PathLike) else v for k, v in record.items()},
                          true_sequential=true_sequential, progress=progress, chunk_size=chunk_size)
         return OneshotResult(report, Path(output_dir), None if stream else job.model)
+
+
+def _progressive(loaded: LoadedModel, recipe: ProgressiveRecipe, ids: torch.Tensor, output_dir, save_compressed: bool,
+                 overwrite: bool, resume: bool, device: str | None, progress: bool) -> OneshotResult:
+    """Each phase compressed by the engine on the current weights (recalibrated), then fine-tuned
+    with its zeros held and the original model as the teacher; the result written at the end.
+    Training checkpoints go to `<output_dir>.training/` (resume continues them; the compression
+    phases are deterministic and run again)."""
+    import copy
+
+    from secateurs.data.corpus import load_text, tokenize
+    from secateurs.formats import StoragePlan
+    from secateurs.formats import save_compressed as write_compressed
+    from secateurs.models import save_model
+    from secateurs.training.losses import LossWeights
+    from secateurs.training.progressive import progressive_prune
+    from secateurs.training.trainer import TrainConfig
+
+    output = None if output_dir is None else Path(output_dir)
+    if output is not None and output.exists() and not (overwrite or resume):
+        raise SecateursError(f"output {output} exists (pass overwrite=True / --overwrite to replace it)")
+    stages = [finetune for _, finetune in recipe.phases if finetune is not None]
+    if len({stage.data for stage in stages}) > 1:
+        raise SecateursError("the finetune stages of one recipe train on one text: give them the same data")
+    configs = [None if f is None else TrainConfig(
+        lr=f.lr, weight_decay=f.weight_decay, warmup_steps=f.warmup, schedule=f.schedule, steps=f.steps, tokens=f.tokens,
+        batch_size=f.batch, grad_accum=f.grad_accum, seqlen=f.seqlen, seed=f.seed,
+        losses=LossWeights.named(f.loss, f.temperature)) for _, f in recipe.phases]
+    token_ids = tokenize(loaded.tokenizer, load_text(stages[0].data))
+    teacher = copy.deepcopy(loaded.model).eval() if any(c is not None and c.losses.needs_teacher for c in configs) else None
+    results = progressive_prune(loaded.model, _compress_on(device), [r for r, _ in recipe.phases], ids, token_ids, configs,
+                                teacher=teacher, progress=progress, resume=resume,
+                                output_dir=None if output is None else output.with_name(output.name + ".training"))
+    report = results[-1].compression
+    if output is not None:
+        plan = StoragePlan()
+        for result in results:  # zeros and N:M from every phase, grids from the quantization phase
+            stage_plan = result.compression.storage_plan()
+            plan.nm |= stage_plan.nm
+            plan.grids |= stage_plan.grids
+            plan.vq |= stage_plan.vq
+            plan.act_order |= stage_plan.act_order
+        if save_compressed:
+            write_compressed(loaded.model, plan, output, loaded.tokenizer, store_dtype=loaded.stored_dtype)
+        else:
+            save_model(loaded.model, loaded.tokenizer, output)
+    return OneshotResult(report, output, loaded.model)
+
+
+def _compress_on(device):
+    def compress(model, recipe, calibration, progress=True):
+        return compress_model(model, recipe, calibration, device=device, progress=progress)
+
+    return compress
 
 
 def _calibration(tokenizer_of, model, calibration, samples, seqlen, seed) -> torch.Tensor:

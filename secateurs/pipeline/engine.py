@@ -150,6 +150,8 @@ class Engine:
                  group: ProcessGroup | None = None):
         self.model = model
         self.recipe = load_recipe(recipe)
+        if not isinstance(self.recipe, Recipe):  # finetune stages need the trainer: the front door runs them
+            raise SecateursError("a recipe with finetune stages runs through secateurs.oneshot or `secateurs compress`")
         if true_sequential is not None:
             self.recipe = dataclasses.replace(self.recipe, true_sequential=true_sequential)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -75,6 +75,9 @@ def compress_layer(
             else:  # GPTQ on the surviving weights, the mask held fixed
                 sweep = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp,
                                       quant=gptq_spec, fixed_mask=mask)
+    elif gptq_spec is not None and quant.keep_zeros and bool((W == 0).any()):  # earlier pruning held
+        sweep = alg.sparsegpt(W, hessian, 0.0, block_size=quant.block_size, percdamp=quant.percdamp, quant=gptq_spec,
+                              fixed_mask=W != 0)
     elif gptq_spec is not None:
         sweep = alg.gptq(W, hessian, gptq_spec, quant.block_size, quant.percdamp)
     if sweep is not None:

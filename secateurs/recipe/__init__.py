@@ -22,11 +22,11 @@ from pathlib import Path
 import yaml
 
 from secateurs.recipe.llmcompressor import is_llmcompressor, modifier_entries, stage_from_entry
-from secateurs.recipe.stages import (DEFAULT_IGNORE, PRUNE_METHODS, QUANT_METHODS, STAGE_KEYS, RecipeError, Stage,
-                                     show, sorted_keys, stage_from_dict)
+from secateurs.recipe.stages import (DEFAULT_IGNORE, PRUNE_METHODS, QUANT_METHODS, STAGE_KEYS, FinetuneStage, RecipeError,
+                                     Stage, finetune_from_dict, show, sorted_keys, stage_from_dict)
 
-__all__ = ["DEFAULT_IGNORE", "PRESETS", "PRUNE_METHODS", "QUANT_METHODS", "Recipe", "RecipeError", "Stage",
-           "load_recipe", "recipe_from_dict", "stage_from_dict"]
+__all__ = ["DEFAULT_IGNORE", "PRESETS", "PRUNE_METHODS", "QUANT_METHODS", "FinetuneStage", "ProgressiveRecipe", "Recipe",
+           "RecipeError", "Stage", "load_recipe", "recipe_from_dict", "stage_from_dict"]
 
 @dataclass(frozen=True)
 class Recipe:
@@ -90,10 +90,52 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ProgressiveRecipe:
+    """Compression interleaved with training (Agarwalla et al. 2024): each phase is a one-shot
+    Recipe run on the current weights, then (optionally, not after the last) a fine-tuning with
+    the zeros held. Written in YAML as one list of stages with `finetune: {...}` entries between."""
+
+    phases: tuple[tuple[Recipe, FinetuneStage | None], ...]
+    name: str = "custom"
+
+    def as_dict(self) -> dict:
+        stages = []
+        for recipe, finetune in self.phases:
+            stages += recipe.as_dict()["stages"] + ([{"finetune": finetune.as_dict()}] if finetune else [])
+        return {"name": self.name, "stages": stages}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _phases(entries: list, true_sequential, name: str) -> ProgressiveRecipe:
+    phases, group = [], []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict) and len(entry) == 1 and next(iter(entry)) == "finetune":
+            if not group:
+                raise RecipeError(f"stages[{index}]: a finetune stage follows a compression stage (nothing to fine-tune yet)")
+            recipe = Recipe(tuple(group), true_sequential, name)
+            if any(s.method in QUANT_METHODS for s in recipe.stages):
+                raise RecipeError(f"stages[{index}]: fine-tuning after quantization would move the weights off "
+                                  f"their grid: quantize last, or use `secateurs finetune --qat`")
+            phases.append((recipe, finetune_from_dict(entry["finetune"], f"stages[{index}].finetune")))
+            group = []
+        else:
+            group.append(stage_from_entry(entry, f"stages[{index}]"))
+    if group:
+        if phases and any(s.method == "vq" for s in group):
+            raise RecipeError("vq after pruning phases would code the pruned zeros as codewords: vq takes no pruning")
+        if phases:  # quantizing what earlier phases pruned: their zeros stay zeros
+            group = [dataclasses.replace(s, keep_zeros=True) if s.method in QUANT_METHODS else s for s in group]
+        phases.append((Recipe(tuple(group), true_sequential, name), None))
+    return ProgressiveRecipe(tuple(phases), name)
+
+
 _RECIPE_KEYS = ("stages", "true_sequential", "name")
 
 
-def recipe_from_dict(data, name: str = "custom") -> Recipe:
+def recipe_from_dict(data, name: str = "custom") -> Recipe | ProgressiveRecipe:
     """From `[{method: {...}}, ...]`, `{stages: [...], true_sequential: bool, name: str}` or an
     llm-compressor recipe (its modifiers, flat or in stages)."""
     if isinstance(data, list):
@@ -108,6 +150,8 @@ def recipe_from_dict(data, name: str = "custom") -> Recipe:
     stages = data.get("stages")
     if not isinstance(stages, list):
         raise RecipeError(f"stages must be a list of stages, e.g. [{{sparsegpt: {{sparsity: 0.5}}}}], got {show(stages)}")
+    if any(isinstance(entry, dict) and "finetune" in entry for entry in stages):
+        return _phases(stages, data.get("true_sequential", False), data.get("name", name))
     return Recipe(tuple(stage_from_entry(entry, f"stages[{index}]") for index, entry in enumerate(stages)),
                   data.get("true_sequential", False), data.get("name", name))
 
@@ -166,9 +210,10 @@ def _read_yaml(spec: str):
         raise RecipeError(f"{path}: not valid YAML ({type(exc).__name__}: {problem})") from None
 
 
-def load_recipe(spec: str | Path | Recipe | list | dict) -> Recipe:
-    """A Recipe from a preset name, a YAML file path, or a Python list/dict."""
-    if isinstance(spec, Recipe):
+def load_recipe(spec: str | Path | Recipe | ProgressiveRecipe | list | dict) -> Recipe | ProgressiveRecipe:
+    """A Recipe (a ProgressiveRecipe where `finetune` stages sit between the compression stages)
+    from a preset name, a YAML file path, or a Python list/dict."""
+    if isinstance(spec, (Recipe, ProgressiveRecipe)):
         return spec
     if isinstance(spec, (list, dict)):
         return recipe_from_dict(spec)

@@ -50,6 +50,9 @@ class Stage:
     block_lr: float = 1e-4
     targets: tuple[str, ...] = (".*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
+    # gptq / rtn: weights already exactly 0 stay 0 (GPTQ with that mask fixed). Set by progressive
+    # recipes for a quantization phase after pruning phases; not a recipe key.
+    keep_zeros: bool = False
 
     @property
     def prunes(self) -> bool:
@@ -251,3 +254,65 @@ def stage_from_dict(method: str, options: dict | None, label: str | None = None,
     return dataclasses.replace(stage, sparsity=0.0) if stage.prunes and stage.nm[1] else stage
 
 
+
+
+# --- fine-tuning between compression stages (progressive pruning) --------------------------------
+
+FINETUNE_LOSSES = ("ce", "kl", "squarehead", "ce+kl")
+
+
+@dataclass(frozen=True)
+class FinetuneStage:
+    """`finetune: {...}` between compression stages: train with the zeros held (training/), the
+    model's own uncompressed copy as the teacher. Exactly one of `tokens` and `steps`."""
+
+    loss: str = "squarehead"  # CE 1 + SquareHead 1, the paper's default
+    temperature: float = 1.0
+    lr: float = 5e-5
+    warmup: int = 0
+    schedule: str = "linear"
+    tokens: int | None = None
+    steps: int | None = None
+    batch: int = 4
+    grad_accum: int = 1
+    seqlen: int = 512
+    weight_decay: float = 0.0
+    data: str = "austen-calib"
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FINETUNE_TYPES = {
+    "loss": (lambda v: v in FINETUNE_LOSSES, f"one of {', '.join(FINETUNE_LOSSES)}"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "warmup": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "schedule": (lambda v: v in ("constant", "linear", "cosine"), "constant, linear or cosine"),
+    "tokens": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer"),
+    "steps": (lambda v: v is None or (is_int(v) and v > 0), "a positive integer"),
+    "batch": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "grad_accum": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "seqlen": (lambda v: is_int(v) and v > 1, "an integer > 1"),
+    "data": (lambda v: isinstance(v, str) and v != "", "a text spec such as austen-calib or a file"),
+    "seed": (is_int, "an integer"),
+}
+
+
+def finetune_from_dict(options, label: str = "finetune") -> FinetuneStage:
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise RecipeError(f"{label}: its options must be a mapping such as {{tokens: 250000}}, got {show(options)}")
+    unknown = set(options) - set(_FINETUNE_TYPES)
+    if unknown:
+        raise RecipeError(f"{label}: unknown key(s) {sorted_keys(unknown)}; allowed: {sorted(_FINETUNE_TYPES)}")
+    for name, value in options.items():
+        accepts, wanted = _FINETUNE_TYPES[name]
+        if not accepts(value):
+            raise RecipeError(f"{label}.{name} must be {wanted}, got {show(value)}")
+    if ("tokens" in options) == ("steps" in options):
+        raise RecipeError(f"{label}: give the training length as tokens or as steps (exactly one)")
+    return FinetuneStage(**options)

@@ -26,7 +26,7 @@ from secateurs.training.trainer import TrainConfig, Trainer, TrainResult, to_dev
 class StageResult:
     recipe: object
     compression: object  # what `compress` returned (the engine's CompressionReport)
-    training: TrainResult
+    training: TrainResult | None  # None for a phase without training
 
 
 def progressive_prune(model, compress, recipes: list, calibration: torch.Tensor, token_ids: torch.Tensor,
@@ -34,15 +34,20 @@ def progressive_prune(model, compress, recipes: list, calibration: torch.Tensor,
                       progress: bool = True, resume: bool = False) -> list[StageResult]:
     """For each (recipe, config): `compress(model, recipe, calibration, progress=...)` in place, its
     statistics gathered on the current (fine-tuned) weights, returning a report with
-    `storage_plan()`; then fine-tune with the new zeros (and N:M patterns) held fixed."""
+    `storage_plan()`; then fine-tune with the new zeros (and N:M patterns) held fixed (a config of
+    None: no training after that phase)."""
     if len(recipes) != len(configs):
         raise ValueError("progressive_prune needs one training configuration per pruning recipe")
     for config in configs:
-        config.validate()
+        if config is not None:
+            config.validate()
     results = []
     for index, (recipe, config) in enumerate(zip(recipes, configs)):
         model.eval()
         report = compress(model, recipe, calibration, progress=progress)
+        if config is None:  # a last phase without training (e.g. quantization after the pruning phases)
+            results.append(StageResult(recipe, report, None))
+            continue
         masks = masks_from_zeros(model, nm=report.storage_plan().nm or None)
         stage_dir = Path(output_dir) / f"stage-{index + 1}" if output_dir is not None else None
         trainer = Trainer(model, token_ids, config, teacher=teacher, masks=masks, output_dir=stage_dir,
