@@ -107,14 +107,53 @@ def scalar_rows() -> list[dict]:
     return list(unique.values())
 
 
+def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3) -> list[dict]:
+    """Decode tokens/s of the VQ models and, as the baseline measured in the same run, the dense
+    model, on our C++ decode path (int8 embeddings; 32-token prompt of Persuasion, 128 new tokens,
+    median of `repeat`). Run on a quiet machine: `uptime` goes into every row."""
+    import os
+    import statistics
+
+    import torch
+
+    import secateurs
+    from secateurs.eval.speed import bench_prompt, time_decode_path
+    from secateurs.models import load_model
+    from secateurs.runtime.decode import DecodeModel
+
+    dense = load_model(PROTOCOL["model"])
+    models = {("dense", "fp32"): dense.model}
+    models |= {("vq", config): secateurs.load(output_dir(config, rounds)) for config in configs
+               if (output_dir(config, rounds) / "config.json").is_file()}
+    prompt = bench_prompt(dense.tokenizer, 32)
+    rows = []
+    for (method, config), model in models.items():
+        decoder = DecodeModel.from_model(model, embeddings="int8", max_length=32 + 128)
+        for count in threads:
+            decoder.set_threads(count)
+            torch.set_num_threads(count)
+            decoder.generate(prompt[:8], 8, eos=None)
+            speeds = [time_decode_path(decoder, prompt, 128)["decode_tokens_per_second"] for _ in range(repeat)]
+            rows.append({"model": PROTOCOL["model"], "engine": "secateurs", "method": method, "config": config,
+                         "kind": "decode", "decode_tok_s": statistics.median(speeds), "threads": count,
+                         "kernel_path": decoder.kernel_path, "cpu": cpu_name(), "uptime": os.getloadavg()})
+            print(f"[vq] decode {method} {config} threads {count}: {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| engine | method | config | bits/weight | block fine-tune | ppl | compress s | peak RSS MB |",
              "|---|---|---|---:|---|---:|---:|---:|"]
-    for row in sorted(rows, key=lambda r: (r["bits_per_weight"], r["method"])):
+    for row in sorted((r for r in rows if r.get("kind") != "decode"), key=lambda r: (r["bits_per_weight"], r["method"])):
         seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f}"
         rss = "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}"
         lines.append(f"| {row['engine']} | {row['method']} | {row['config']} | {row['bits_per_weight']:.3f} | "
                      f"{'yes' if row['block_finetune'] else 'no'} | {row['ppl']:.2f} | {seconds} | {rss} |")
+    decode = [r for r in rows if r.get("kind") == "decode"]
+    if decode:
+        lines += ["", "| decode path | config | threads | tok/s | kernel path | load average |", "|---|---|---:|---:|---|---|"]
+        lines += [f"| {r['method']} | {r['config']} | {r['threads']} | {r['decode_tok_s']:.1f} | {r['kernel_path']} | "
+                  f"{', '.join(f'{v:.2f}' for v in r['uptime'])} |" for r in decode]
     return "\n".join(lines) + "\n"
 
 
@@ -126,7 +165,7 @@ def plot(rows: list[dict]) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for method, marker in (("vq", "o"), ("gptq", "s"), ("rtn", "^")):
-        points = sorted((r["bits_per_weight"], r["ppl"]) for r in rows if r["method"] == method)
+        points = sorted((r["bits_per_weight"], r["ppl"]) for r in rows if r["method"] == method and r.get("kind") != "decode")
         if points:
             axis.plot(*zip(*points), marker=marker, label=method)
     dense = next((r["dense_ppl"] for r in json.loads(QUALITY_JSON.read_text()) if r.get("dense_ppl")), None)
@@ -143,14 +182,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=["2x8g8"])
     parser.add_argument("--rounds", type=int, default=4, help="alternations of code search and codebook steps")
+    parser.add_argument("--decode", action="store_true", help="time the decode path (a quiet machine only)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.rounds)))
         return
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
+    if args.decode:
+        rows = [r for r in rows if r.get("kind") != "decode"] + decode_rows(args.only, args.rounds)
     for config in args.only:
-        if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds for r in rows):
+        if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
+               for r in rows):
             continue
         print(f"[vq] {config}, {args.rounds} rounds", flush=True)
         result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds)])
