@@ -5,7 +5,7 @@ returns y in x's dtype and accumulates in fp32. Shapes, dtypes, devices and cont
 here (ValueError) so that nothing malformed reaches C++; the layout *contents* (popcounts,
 indices) are trusted and checked once by the modules that own them.
 
-The instruction-set path: SECATEURS_KERNEL_PATH=avx512|avx2|portable forces one (KernelPathError
+The instruction-set path: SECATEURS_KERNEL_PATH=avx512vbmi2|avx512|avx2|portable forces one (KernelPathError
 if this CPU or build lacks it), =torch forces the pure-torch fallback, unset picks the best the CPU
 supports. The variable is read once, at the first kernel call, and kept for the process;
 `reset_kernel_path_override()` makes the next call read it again and `forced_kernel_path(path)`
@@ -32,9 +32,9 @@ from torch import Tensor
 from . import layouts
 
 ENV_VAR = "SECATEURS_KERNEL_PATH"
-NATIVE_PATHS = ("avx512", "avx2", "portable")  # best first
+NATIVE_PATHS = ("avx512vbmi2", "avx512", "avx2", "portable")  # best first
 TORCH_PATH = "torch"
-_PATH_IDS = {"portable": 0, "avx2": 1, "avx512": 2}
+_PATH_IDS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vbmi2": 3}
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 _STATUS_UNSUPPORTED_PATH, _STATUS_INVALID_ARGUMENT, _STATUS_OUT_OF_MEMORY = 1, 2, 3

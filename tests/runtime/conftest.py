@@ -10,7 +10,7 @@ if str(REPO_ROOT) not in sys.path:  # plain `pytest` from anywhere, without inst
 
 from secateurs.runtime import kernels  # noqa: E402
 
-ALL_PATHS = ("portable", "avx2", "avx512", "torch")
+ALL_PATHS = ("portable", "avx2", "avx512", "avx512vbmi2", "torch")
 
 
 # `with forced_path(path):` runs as with SECATEURS_KERNEL_PATH=path (also inside hypothesis tests).

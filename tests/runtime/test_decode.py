@@ -294,7 +294,7 @@ def test_embeddings_formats(arch, embeddings):
 
 # --- kernel paths and threads ------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ("avx512", "avx2", "portable"))
+@pytest.mark.parametrize("path", ("avx512vbmi2", "avx512", "avx2", "portable"))
 def test_forced_kernel_paths_agree(path):
     if path not in kernels.supported_paths():
         pytest.skip(f"{path} kernels cannot run here")

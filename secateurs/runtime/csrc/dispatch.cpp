@@ -18,6 +18,9 @@ bool cpu_supports(int path) {
     case kPortable: return true;
     case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
     case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+    case kAvx512Vbmi2:
+      return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512vbmi2");
   }
   return false;
 }
@@ -26,6 +29,7 @@ const KernelTable& kernels_for(int path) {
   switch (path) {
     case kAvx2: return avx2_kernels();
     case kAvx512: return avx512_kernels();
+    case kAvx512Vbmi2: return avx512vbmi2_kernels();
     default: return portable_kernels();
   }
 }

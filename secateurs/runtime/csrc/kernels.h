@@ -217,12 +217,13 @@ int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
   return low;
 }
 
-enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi2 = 3 };
 enum Status : int { kOk = 0, kUnsupportedPath = 1, kInvalidArgument = 2, kOutOfMemory = 3 };
 
 const KernelTable& portable_kernels();
 const KernelTable& avx2_kernels();
 const KernelTable& avx512_kernels();
+const KernelTable& avx512vbmi2_kernels();
 
 // Whether this CPU runs `path` (a Path), and its kernels (dispatch.cpp).
 bool cpu_supports(int path);

@@ -1,0 +1,93 @@
+// The AVX-512F Simd wrapper (row_kernels.h) of the avx512 path, shared by the avx512vbmi2 path,
+// which overrides its int8 expansion. Include after the unit's `#pragma GCC target` and
+// avx2_int16.h; defines secateurs::{anonymous}::Simd512.
+#pragma once
+
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace secateurs {
+namespace {
+
+struct Simd512 {
+  static constexpr int W = 16;
+  using F = __m512;
+  using I = __m512i;
+
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+
+  static I load_i32(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I load_u8(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I add_i32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
+  static I high_nibbles(I v) { return _mm512_srli_epi32(v, 4); }
+  static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I round_to_int(F v) { return _mm512_cvtps_epi32(v); }
+  static F pow2(I n) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23)); }
+
+  static F as_float(I v) { return _mm512_castsi512_ps(v); }
+
+  static F load_values(const float* p) { return load(p); }
+  static F load_values(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_values(const uint16_t* p) {
+    const I widened = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
+  }
+
+  static F compress(unsigned bits, F v) { return _mm512_maskz_compress_ps(static_cast<__mmask16>(bits), v); }
+  // vexpandps: fp32 reads only the kept values; bf16 / int8 convert W values first.
+  static F expand(unsigned bits, const float* p) { return _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(bits), p); }
+  template <class T>
+  static F expand(unsigned bits, const T* p) { return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load_values(p)); }
+  template <class T>
+  static int expand_pair(unsigned bits, const T* p, F& low, F& high) {
+    const unsigned low_bits = bits & ((1u << W) - 1);
+    low = expand(low_bits, p);
+    high = expand(bits >> W, p + __builtin_popcount(low_bits));
+    return __builtin_popcount(bits);
+  }
+  template <class T>
+  static float expand_unit(T) { return 1.0f; }
+
+  static void in_register(F& v) { asm("" : "+v"(v)); }
+
+  // The int16 kernels on two 256-bit halves (avx2_int16.h).
+  static I join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
+  template <class Code>
+  static I madd(const Code* codes, const int16_t* q) { return join(madd16(codes, q), madd16(codes + 16, q + 16)); }
+  static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
+    int high_count;
+    const __m256i low = expand_madd16(bits & 0xffffu, values, q, count);
+    const __m256i high = expand_madd16(bits >> 16, values + count, q + 16, high_count);
+    count += high_count;
+    return join(low, high);
+  }
+
+  static F load_halves(const float* low, const float* high) {
+    const __m512d joined = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low))),
+                                              _mm256_castps_pd(_mm256_loadu_ps(high)), 1);  // AVX-512F only
+    return _mm512_castpd_ps(joined);
+  }
+  static F lookup2(const float* window, I idx) {
+    return _mm512_permutex2var_ps(load(window), idx, load(window + 16));
+  }
+};
+
+}  // namespace
+}  // namespace secateurs
