@@ -146,6 +146,11 @@ def progressive(model, teacher, tokenizer, args, masks, out: Path, loss: str, ro
     return second
 
 
+def rows_dir(work: Path, budget: dict) -> Path:
+    """Checkpoints of the rows of one budget (a checkpoint of another budget would be refused)."""
+    return work / "rows" / quality._hash(budget)
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -170,7 +175,8 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     if variant == "dense":
         loaded = load_model(MODEL)
         _, evaluation = quality._calibration_and_eval(loaded.tokenizer)
-        result = train_row(loaded.model, None, loaded.tokenizer, args, None, work / "rows" / "dense-ce", loss, args.seed)
+        result = train_row(loaded.model, None, loaded.tokenizer, args, None, rows_dir(work, budget) / "dense-ce", loss,
+                           args.seed)
         save_model(loaded.model, loaded.tokenizer, teacher_dir)
         ppl = evaluate(loaded.model, evaluation, eval_tokens)
         dense_ppl = load_rows_dense(eval_tokens, work)
@@ -188,7 +194,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
             row |= {"tokens": 0, "ppl": ppl_oneshot, "sparsity": masks.check()["sparsity"], "tokens_per_s": None}
         else:
             teacher = load_model(teacher_dir).model
-            out = work / "rows" / row_key(variant, loss, qat).replace("/", "-")
+            out = rows_dir(work, budget) / row_key(variant, loss, qat).replace("/", "-")
             layers = block_linear_layers(model)
             if qat:
                 attach_fake_quant(layers, grids)
@@ -286,7 +292,7 @@ def plot(rows: list[dict], work) -> None:
     bars.legend()
     import csv
 
-    for folder in sorted((Path(work) / "rows").glob("*")):
+    for folder in sorted(rows_dir(Path(work), rows[0]["budget"]).glob("*") if rows else []):
         if (folder / "loss.csv").is_file():
             with open(folder / "loss.csv") as handle:
                 history = list(csv.DictReader(handle))
