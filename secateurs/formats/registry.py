@@ -25,7 +25,7 @@ from secateurs.io import COMPRESSION_KEY
 from secateurs.formats.vector import VQFormat
 from secateurs.formats.parts import (BitmaskLayout, DenseLayout, FloatValues, Int8Codes, NMLayout, PackedCodes,
                                      SparsityLayout, ValueCodec)
-from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear
+from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseInt4Linear, SparseQuantLinear, kernel_path
 from secateurs.runtime.layouts import dequantize, group_columns
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the runtime modules compute in
@@ -238,11 +238,21 @@ class Format:
                 # compressed-tensors' signed codes are exactly SparseQuantLinear's w = scale[r] * v.
                 return SparseQuantLinear(tensors["bitmask"], tensors["compressed"], offsets,
                                          tensors["weight_scale"][:, 0].contiguous(), spec.cols, bias)
-        # Other quantized layouts run on the dense int4 / int8 kernel: 2- and 3-bit codes fit int4,
-        # 5- to 7-bit codes int8, and pruned weights are their group's zero point.
         scale, zero = self.grid(tensors, spec)
         codes = self.dense_codes(tensors, spec, keep, zero)
+        if keep is not None and sparse_int4_pays(spec):
+            return SparseInt4Linear.from_codes(codes, keep, scale, zero, spec.group_size, bias)
+        # Other quantized layouts run on the dense int4 / int8 kernel: 2- and 3-bit codes fit int4,
+        # 5- to 7-bit codes int8, and pruned weights are their group's zero point.
         return QuantLinear.from_codes(codes, scale, zero, bias, "int4" if spec.bits <= 4 else "int8", spec.group_size)
+
+
+def sparse_int4_pays(spec: LayerSpec) -> bool:
+    """Whether a bitmask layer of up to 4-bit codes runs on the sparse int4 kernel: where the CPU
+    expands bytes under a mask (the avx512vbmi2 path); on the others its scalar walk is slower than
+    the dense int4 kernel, which then runs it (pruned weights at their group's zero point)."""
+    return (spec.bits <= 4 and spec.cols % 64 == 0 and (spec.group_size is None or spec.group_size % 64 == 0)
+            and kernel_path() == "avx512vbmi2")
 
 
 def grid_codes(weight: Tensor, grid: tuple[Tensor, Tensor], group_size: int | None, bits: int) -> Tensor:

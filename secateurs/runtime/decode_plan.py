@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
 
-from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, VQLinear, per_row_int8
+from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseInt4Linear, SparseQuantLinear, VQLinear, per_row_int8
 
 
 class DecodeUnsupported(SecateursError):
@@ -28,7 +28,7 @@ DEFAULT_MAX_LENGTH = 2048
 PREFILL_CHUNK = 64  # tokens per batched pass of a prefill (the buffers are sized for it)
 
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-KIND_DENSE, KIND_BITMASK, KIND_NM, KIND_QUANT, KIND_VQ = 0, 1, 2, 3, 4
+KIND_DENSE, KIND_BITMASK, KIND_NM, KIND_QUANT, KIND_VQ, KIND_SPARSE_INT4 = 0, 1, 2, 3, 4, 5
 ACTIVATION_IDS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
 STATUS_UNSUPPORTED_PATH, STATUS_INVALID_ARGUMENT, STATUS_OUT_OF_MEMORY = 1, 2, 3
 
@@ -134,6 +134,13 @@ class PlanBuilder:
                     and tuple(module.zero.shape) == (rows, groups), name, "quantized layout has the wrong shape")
             spec.kind, spec.values = KIND_QUANT, self.keep(module.qweight)
             spec.bits, spec.group_size = module.bits, group_size
+            spec.scale, spec.zero = self.floats(module.scale), self.floats(module.zero)
+        elif isinstance(module, SparseInt4Linear):
+            group_size = module.group_size or cols
+            expect(tuple(module.bitmask.shape) == (rows, cols // 8) and tuple(module.row_offsets.shape) == (rows + 1,)
+                   and tuple(module.scale.shape) == (rows, cols // group_size), name, "sparse int4 layout has the wrong shape")
+            spec.kind, spec.values, spec.mask = KIND_SPARSE_INT4, self.keep(module.packed), self.keep(module.bitmask)
+            spec.row_offsets, spec.group_size = self.keep(module.row_offsets), group_size
             spec.scale, spec.zero = self.floats(module.scale), self.floats(module.zero)
         elif isinstance(module, VQLinear):
             books, words, group_size = module.codebooks.shape

@@ -60,6 +60,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
     library.secateurs_vq_mm.argtypes = head + [i64, i64, i64, ptr, ptr, ptr, ptr]
+    library.secateurs_sparse_int4_mm.argtypes = head + [i64, ptr, ptr, ptr, ptr, ptr, ptr]
     library.secateurs_obs_span.argtypes = [i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     library.secateurs_causal_attention.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
                                                    ctypes.c_float]
@@ -325,6 +326,32 @@ def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor) -> Tensor:
 
     return _run("secateurs_vq_mm", x, rows, in_features, group_size, books, words, codes, codebooks, scale,
                 fallback=fallback)
+
+
+def sparse_int4_mm(x: Tensor, bitmask: Tensor, packed: Tensor, row_offsets: Tensor, scale: Tensor, zero: Tensor,
+                   in_features: int, group_size: int | None = None) -> Tensor:
+    """Bitmask-sparse 4-bit codes (layouts.sparse_int4_pack), w = scale * (code - zero) per (row,
+    group of a multiple of 64 columns) at kept positions, 0 elsewhere; one activation row."""
+    _check_activations(x, in_features)
+    _require(x.shape[0] == 1, f"the sparse int4 kernel takes one activation row, got {x.shape[0]}")
+    _require(in_features % 64 == 0, f"the sparse int4 layout needs in_features % 64 == 0, got {in_features}")
+    _check_tensor("bitmask", bitmask, (torch.uint8,), (None, in_features // 8))
+    rows = bitmask.shape[0]
+    group_size = layouts.normalize_group_size(group_size, in_features)
+    _require(group_size is None or group_size % 64 == 0, f"group_size must be a multiple of 64, got {group_size}")
+    groups = in_features // group_size if group_size else 1
+    _check_tensor("packed", packed, (torch.uint8,), (None,))
+    _check_tensor("row_offsets", row_offsets, (torch.int64,), (rows + 1,))
+    _check_tensor("scale", scale, (torch.float32,), (rows, groups))
+    _check_tensor("zero", zero, (torch.float32,), (rows, groups))
+    _require(int(row_offsets[-1]) + 32 <= packed.numel(), "packed codes need 32 spare bytes past the last row")
+
+    def fallback() -> Tensor:
+        codes, keep = layouts.sparse_int4_unpack(bitmask, packed, row_offsets, in_features)
+        return _dense_matmul(x, layouts.dequantize(codes, scale, zero, group_size) * keep)
+
+    return _run("secateurs_sparse_int4_mm", x, rows, in_features, group_size or 0, bitmask, packed, row_offsets, scale,
+                zero, fallback=fallback)
 
 
 def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, keep: Tensor | None,

@@ -189,3 +189,39 @@ def check_vq(codes: Tensor, codebooks: Tensor, scale: Tensor) -> None:
     if codes.numel():
         _require(int(codes.min()) >= 0 and int(codes.max()) < codebooks.shape[1],
                  f"codes must lie in [0, {codebooks.shape[1]})")
+
+
+def sparse_int4_pack(codes: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(bitmask uint8 [rows, cols / 8], packed codes uint8, row_offsets int64 [rows + 1]) of 4-bit
+    codes [rows, cols] kept where `keep`: per row and 64-column block, the kept codes in column
+    order as nibbles (low first), padded to an even count (the kernels' layout; cols % 64 == 0).
+    The packed tensor has 32 spare zero bytes at its end (the kernels' loads may reach there)."""
+    rows, cols = codes.shape
+    _require(cols % 64 == 0, f"the sparse int4 layout needs columns in multiples of 64, got {cols}")
+    _require(codes.numel() == 0 or (int(codes.max()) < 16 and int(codes.min()) >= 0), "codes must lie in [0, 15]")
+    blocks = keep.view(rows, cols // 64, 64)
+    counts = blocks.sum(-1)
+    padded = (counts + 1) // 2 * 2  # nibbles per block, even
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), padded.flatten().cumsum(0)])
+    nibbles = torch.zeros(int(starts[-1]) + 64, dtype=torch.uint8)
+    # position of each kept code among its block's kept codes, then in the whole nibble stream
+    rank = blocks.to(torch.int64).cumsum(-1) - 1
+    stream = starts[:-1].view(rows, cols // 64, 1) + rank
+    nibbles[stream[blocks]] = codes.view(rows, cols // 64, 64)[blocks].to(torch.uint8)
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    row_offsets = torch.cat([starts[:-1].view(rows, -1)[:, 0], starts[-1:]]) // 2
+    return pack_bitmask(keep), packed.contiguous(), row_offsets.contiguous()
+
+
+def sparse_int4_unpack(bitmask: Tensor, packed: Tensor, row_offsets: Tensor, cols: int) -> tuple[Tensor, Tensor]:
+    """(codes uint8 [rows, cols], 0 where pruned; keep bool) of sparse_int4_pack's layout."""
+    keep = unpack_bitmask(bitmask, cols)
+    rows = keep.shape[0]
+    blocks = keep.view(rows, cols // 64, 64)
+    padded = (blocks.sum(-1) + 1) // 2 * 2
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), padded.flatten().cumsum(0)])
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=1).flatten()
+    stream = starts[:-1].view(rows, cols // 64, 1) + blocks.to(torch.int64).cumsum(-1) - 1
+    codes = torch.zeros(rows, cols // 64, 64, dtype=torch.uint8)
+    codes[blocks] = nibbles[stream[blocks]]
+    return codes.view(rows, cols), keep

@@ -313,3 +313,41 @@ class VQLinear(CompressedLinear):
     def extra_repr(self) -> str:
         books, words, _ = self.codebooks.shape
         return f"{super().extra_repr()}, codebooks={books}x{words}, group_size={self.group_size}"
+
+
+class SparseInt4Linear(CompressedLinear):
+    """Bitmask-sparse 4-bit weight (the `bitmask-packed` format with codes of up to 4 bits): w =
+    scale * (code - zero) per (row, group of a multiple of 64 columns) at kept positions, exactly 0
+    elsewhere. Kept as layouts.sparse_int4_pack lays it out: the mask, then each 64-column block's
+    kept codes as nibbles. One activation row runs the sparse kernel (fastest where the CPU can
+    expand bytes under a mask: the avx512vbmi2 path); more rows, a dense matmul."""
+
+    _float32_buffers = ("scale", "zero")
+    kernel_max_batch = 1
+
+    def __init__(self, bitmask: Tensor, packed: Tensor, row_offsets: Tensor, scale: Tensor, zero: Tensor,
+                 in_features: int, group_size: int | None = None, bias: Tensor | None = None) -> None:
+        super().__init__(in_features, bitmask.shape[0], bias)
+        self.group_size = layouts.normalize_group_size(group_size, in_features)
+        for name, tensor in (("bitmask", bitmask), ("packed", packed), ("row_offsets", row_offsets), ("scale", scale),
+                             ("zero", zero)):
+            self.register_buffer(name, tensor.contiguous())
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, keep: Tensor, scale: Tensor, zero: Tensor, group_size: int | None = None,
+                   bias: Tensor | None = None) -> SparseInt4Linear:
+        """codes [out, in] in [0, 15] (ignored where not kept), keep bool [out, in], scale / zero
+        float32 [out, groups]."""
+        bitmask, packed, offsets = layouts.sparse_int4_pack(torch.where(keep, codes, 0).to(torch.uint8), keep)
+        return cls(bitmask, packed, offsets, scale.float(), zero.float(), codes.shape[1], group_size, bias)
+
+    def _compressed_matmul(self, x: Tensor) -> Tensor:
+        return _kernel("sparse_int4_mm")(x, self.bitmask, self.packed, self.row_offsets, self.scale, self.zero,
+                                        self.in_features, self.group_size)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        codes, keep = layouts.sparse_int4_unpack(self.bitmask, self.packed, self.row_offsets, self.in_features)
+        return _cast(layouts.dequantize(codes, self.scale, self.zero, self.group_size) * keep, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"

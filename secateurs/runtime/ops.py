@@ -31,6 +31,12 @@ def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor) -> Tensor:
     return kernels.vq_mm(x, codes, codebooks, scale)
 
 
+@torch.library.custom_op("secateurs::sparse_int4_mm", mutates_args=())
+def sparse_int4_mm(x: Tensor, bitmask: Tensor, packed: Tensor, row_offsets: Tensor, scale: Tensor, zero: Tensor,
+                   in_features: int, group_size: Optional[int] = None) -> Tensor:
+    return kernels.sparse_int4_mm(x, bitmask, packed, row_offsets, scale, zero, in_features, group_size)
+
+
 def _output_like(x: Tensor, rows: int) -> Tensor:
     return x.new_empty(x.shape[0], rows)
 
@@ -53,3 +59,8 @@ def _(x, qweight, scale, zero, bits, in_features, group_size=None):
 @vq_mm.register_fake
 def _(x, codes, codebooks, scale):
     return _output_like(x, codes.shape[0])
+
+
+@sparse_int4_mm.register_fake
+def _(x, bitmask, packed, row_offsets, scale, zero, in_features, group_size=None):
+    return _output_like(x, bitmask.shape[0])

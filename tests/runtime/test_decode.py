@@ -12,7 +12,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LM
 
 from conftest import assert_matches_reference, forced_path
 from secateurs.cli import main
-from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseQuantLinear, VQLinear, kernels
+from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseInt4Linear, SparseQuantLinear, VQLinear, kernels
+from secateurs.runtime import layouts
 from secateurs.runtime.decode import PREFILL_CHUNK, DecodeError, DecodeModel, DecodeUnsupported
 
 VOCAB = 97
@@ -198,6 +199,16 @@ def _vector_quantized(weight: torch.Tensor, bias, books: int = 2, words: int = 2
     return VQLinear(codes, codebooks, torch.rand(rows, generator=generator) + 0.5, bias)
 
 
+def _sparse_int4(weight: torch.Tensor, bias) -> torch.nn.Module:
+    """70% pruned, 4-bit codes per group of 64 (per row where the width is not a multiple of 64)."""
+    rows, cols = weight.shape
+    if cols % 64:
+        return QuantLinear.from_dense(weight, bias, format="int4")
+    keep = _pruned(weight, 0.7) != 0
+    codes, scale, zero = layouts.quantize_rtn(weight, 4, 64)
+    return SparseInt4Linear.from_codes(codes, keep, scale, zero, 64, bias)
+
+
 COMPRESSORS = {
     "bitmask": lambda w, b: BitmaskLinear.from_dense(_pruned(w, 0.7), b),
     "bitmask-bf16": lambda w, b: BitmaskLinear.from_dense(_pruned(w, 0.5), b, format="bf16"),
@@ -209,6 +220,7 @@ COMPRESSORS = {
 }
 EXTRA_COMPRESSORS = {
     "vq-3x1024": lambda w, b: _vector_quantized(w, b, books=3, words=1024),  # 16-bit codes
+    "sparse-int4": lambda w, b: _sparse_int4(w, b),
     "int4": lambda w, b: QuantLinear.from_dense(w, b, format="int4"),
     "int4-g12": lambda w, b: QuantLinear.from_dense(w, b, format="int4", group_size=12),
 }
@@ -299,7 +311,7 @@ def test_forced_kernel_paths_agree(path):
     if path not in kernels.supported_paths():
         pytest.skip(f"{path} kernels cannot run here")
     model = gemma(seed=3)
-    compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "vq", "vq-3x1024"])
+    compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "vq", "vq-3x1024", "sparse-int4"])
     ids = prompt(13, seed=12)
     reference = hf_logits(model, ids)[-1]
     with forced_path(path):
@@ -527,3 +539,20 @@ def test_cli_bench_decode(saved_llama, capsys):
     row = report["rows"][0]
     assert report["embeddings"] == "int8" and row["threads"] == 1
     assert all(math.isfinite(row[key]) and row[key] > 0 for key in ("decode_tokens_per_second", "prefill_tokens_per_second"))
+
+
+@pytest.mark.parametrize("path", ("avx512vbmi2", "avx2"))
+def test_sparse_int4_layers_match_hf(path):
+    """Every block layer bitmask-sparse 4-bit (64-wide inputs): prefill (row by row) and steps."""
+    if path not in kernels.supported_paths():
+        pytest.skip(f"{path} kernels cannot run here")
+    model = llama(seed=4, hidden=192, intermediate=128)
+    compress(model, "sparse-int4")
+    layer = model.model.layers[0]
+    assert all(isinstance(m, SparseInt4Linear) for m in (layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+    ids = prompt(12, seed=5)
+    reference = hf_logits(model, ids)
+    with forced_path(path):
+        decoder = DecodeModel.from_model(model, max_length=40)
+        assert_logits_close(decoder.forward(ids), reference[-1], INT16_ACTIVATIONS_TOLERANCE)
+        assert_logits_close(decoder.forward(ids[-1:], len(ids) - 1), reference[-1], INT16_ACTIVATIONS_TOLERANCE)

@@ -154,6 +154,7 @@ struct Simd {
     return expand_madd16(bits, values, q, count);
   }
 
+  static constexpr bool kExpandBytes = false;  // no byte expand under a mask
   static F load_halves(const float* low, const float* high) {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(low)), _mm_loadu_ps(high), 1);
   }

@@ -79,6 +79,7 @@ struct Simd512 {
     return join(low, high);
   }
 
+  static constexpr bool kExpandBytes = false;  // AVX-512F has no byte expand (VBMI2 has)
   static F load_halves(const float* low, const float* high) {
     const __m512d joined = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low))),
                                               _mm256_castps_pd(_mm256_loadu_ps(high)), 1);  // AVX-512F only

@@ -25,7 +25,7 @@ namespace secateurs {
 
 // --- the plan's description, mirrored by ctypes structures in decode.py (8-byte fields only) ---
 
-enum LinearKind : int64_t { kDense = 0, kBitmask = 1, kNM = 2, kQuant = 3, kVQ = 4 };
+enum LinearKind : int64_t { kDense = 0, kBitmask = 1, kNM = 2, kQuant = 3, kVQ = 4, kSparseInt4 = 5 };
 
 struct LinearSpec {
   int64_t kind;        // LinearKind
@@ -45,6 +45,8 @@ struct LinearSpec {
   // up to 256 codewords, else 16 bits; row_scale the per-row scale
   int64_t codebooks, codewords;
   const float* codebook_values;  // [codebooks][codewords][group_size]
+  // bitmask-sparse 4-bit (SparseInt4Args): values are the packed codes, mask and row_offsets (bytes)
+  // as for bitmask, scale and zero as for quantized, group_size a multiple of 64 (or cols)
 };
 
 struct LayerSpec {
@@ -162,6 +164,11 @@ void check_linear(const LinearSpec& l, int64_t rows, int64_t cols, const char* n
     case kQuant:
       if ((l.bits != 4 && l.bits != 8) || l.group_size <= 0 || cols % l.group_size != 0 || !l.scale || !l.zero)
         fail("bad quantized layout", name, layer);
+      break;
+    case kSparseInt4:
+      if (cols % 64 != 0 || l.group_size <= 0 || l.group_size % 64 != 0 || cols % l.group_size != 0 || !l.mask ||
+          !l.row_offsets || !l.scale || !l.zero)
+        fail("bad sparse int4 layout", name, layer);
       break;
     case kVQ:
       if (l.group_size <= 0 || cols % l.group_size != 0 || l.codebooks < 1 || l.codebooks > 16 || l.codewords < 1 ||
@@ -416,6 +423,16 @@ class Plan {
         const NMArgs args{xa, rows, cols, l.n, l.m, l.values, static_cast<int>(l.value_type), l.indices, y};
         const int64_t row_bytes = cols / l.m * l.n * (value_bytes(l.value_type) + 1);
         run(table_->nm, args, [&](int64_t r) { return r * row_bytes; });
+        break;
+      }
+      case kSparseInt4: {  // a one-row kernel: a prefill chunk runs it row by row
+        for (int64_t b = 0; b < batch; ++b) {
+          Activations xa = activation_rows(x + b * cols, 1, cols, 0);
+          attach_int16(xa, cols, int16_row_.get());
+          const SparseInt4Args args{xa, rows, cols, l.group_size, cols / l.group_size, l.mask,
+                                    static_cast<const uint8_t*>(l.values), l.row_offsets, l.scale, l.zero, y + b * rows};
+          run(table_->sparse_int4, args, [&](int64_t r) { return l.row_offsets[r] + r * (cols / 8); });
+        }
         break;
       }
       case kVQ: {

@@ -243,4 +243,20 @@ SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x
   });
 }
 
+SECATEURS_EXPORT int secateurs_sparse_int4_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows,
+                            int64_t cols, int64_t group_size, const uint8_t* mask, const uint8_t* codes,
+                            const int64_t* row_offsets, const float* scale, const float* zero, void* y) {
+  if (group_size <= 0) group_size = cols;  // per channel
+  const bool ok = valid_activation_type(x_type) && batch == 1 && rows >= 0 && cols > 0 && cols % 64 == 0 &&
+                  cols % group_size == 0 && group_size % 64 == 0;
+  return guarded(path, ok, [&](const KernelTable& table) {
+    Buffer rows_buffer = activation_rows(x, x_type, batch, cols, 0);
+    Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
+    const Buffer int16_row = attach_int16_if(true, xa, cols);
+    const SparseInt4Args args{xa, rows, cols, group_size, cols / group_size, mask, codes, row_offsets, scale, zero, nullptr};
+    run_rows(table.sparse_int4, args, table.simd_width, threads, y, x_type,
+             [&](int64_t r) { return row_offsets[r] + r * (cols / 8); });
+  });
+}
+
 }  // extern "C"

@@ -151,6 +151,22 @@ struct VQArgs {
   float* y;
 };
 
+// Bitmask-sparse 4-bit codes (the `bitmask-packed` format in memory), cols a multiple of 64: per
+// row and 64-column block, the block's kept codes as nibbles in column order (low nibble first),
+// padded to an even count; row_offsets[r] is the row's first byte. w = scale[g] * (code - zero[g])
+// at kept positions (groups of whole blocks, or one group per row), 0 elsewhere. Batch 1, on int16
+// activations where x is finite (else on fp32 x, scalar).
+struct SparseInt4Args {
+  Activations x;
+  int64_t rows, cols, group_size, n_groups;
+  const uint8_t* mask;  // [rows][cols / 8]
+  const uint8_t* codes;
+  const int64_t* row_offsets;  // [rows + 1] bytes
+  const float* scale;          // [rows][n_groups]
+  const float* zero;           // [rows][n_groups], integers
+  float* y;
+};
+
 // One query head against cached keys / values (decode.cpp), positions [first, first + count):
 // out = softmax(s) V with s_t = scale * q . k_t. The keys are stored in blocks of kKeyBlock
 // positions, transposed within a block: k_t[d] = keys[(t / kKeyBlock * head_dim + d) * kKeyBlock
@@ -178,6 +194,7 @@ struct KernelTable {
   RowKernel<QuantArgs> quant;
   RowKernel<DenseArgs> dense;
   RowKernel<VQArgs> vq;
+  RowKernel<SparseInt4Args> sparse_int4;
   void (*attention)(const AttentionArgs&);
   // gate[i] = activation(gate[i]) * up[i] for i < n (a GatedActivation), the gated MLP's middle.
   void (*gated_activation)(int activation, const float* up, float* gate, int64_t n);

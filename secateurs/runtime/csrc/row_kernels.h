@@ -845,9 +845,77 @@ void vq_rows(const VQArgs& a, int64_t row_begin, int64_t row_end, float*) {
     vq_rows_typed(a, a.codes16, row_begin, row_end);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bitmask-sparse 4-bit codes (SparseInt4Args), batch 1: one 64-column int16 activation block at a
+// time, its kept codes expanded to their columns (Simd::sparse_int4_madd where the ISA can expand
+// bytes under a mask, else a scalar walk over the mask bits), the block sum in int32 times the
+// block's activation scale and its group's weight scale.
+
+inline int32_t sparse_int4_block_scalar(uint64_t bits, const uint8_t* codes, const int16_t* q, int32_t zero) {
+  int32_t sum = 0;
+  for (int k = 0; bits; bits &= bits - 1, ++k)
+    sum += (((codes[k / 2] >> (k % 2 * 4)) & 15) - zero) * q[__builtin_ctzll(bits)];
+  return sum;
+}
+
+inline uint64_t block_bits(const uint8_t* mask) {
+  uint64_t bits;
+  std::memcpy(&bits, mask, sizeof bits);
+  return bits;
+}
+
+// A template so that the discarded branch for an ISA without sparse_int4_madd is never compiled.
+template <class S>
+void sparse_int4_rows_on(const SparseInt4Args& a, int64_t row_begin, int64_t row_end) {
+  const int64_t blocks = a.cols / 64, mask_stride = a.cols / 8;
+  const int64_t per_group = a.n_groups == 1 ? blocks : a.group_size / 64;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint8_t* mask = a.mask + r * mask_stride;
+    const uint8_t* codes = a.codes + a.row_offsets[r];
+    const float* scale = a.scale + r * a.n_groups;
+    const float* zero = a.zero + r * a.n_groups;
+    if (!a.x.int16) {  // fp32 activations (a NaN or infinity in x): one kept weight at a time
+      float total = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t g = b / per_group;
+        uint64_t bits = block_bits(mask + b * 8);
+        const int kept = __builtin_popcountll(bits);
+        for (int k = 0; bits; bits &= bits - 1, ++k)
+          total += scale[g] * (static_cast<float>((codes[k / 2] >> (k % 2 * 4)) & 15) - zero[g]) *
+                   a.x.rows[b * 64 + __builtin_ctzll(bits)];
+        codes += (kept + 1) / 2;
+      }
+      a.y[r] = total;
+      continue;
+    }
+    const auto scale_of = [&](int64_t b) { return scale[b / per_group] * a.x.int16_scale[b]; };
+    if constexpr (S::kExpandBytes) {
+      a.y[r] = sum_scaled_blocks(blocks, scale_of, [&](int64_t b) {
+        const uint64_t bits = block_bits(mask + b * 8);
+        const I sum = S::sparse_int4_madd(bits, codes, a.x.int16 + b * 64, static_cast<int>(zero[b / per_group]));
+        codes += (__builtin_popcountll(bits) + 1) / 2;
+        return sum;
+      });
+    } else {
+      float total = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint64_t bits = block_bits(mask + b * 8);
+        total += scale_of(b) * static_cast<float>(sparse_int4_block_scalar(bits, codes, a.x.int16 + b * 64,
+                                                                            static_cast<int32_t>(zero[b / per_group])));
+        codes += (__builtin_popcountll(bits) + 1) / 2;
+      }
+      a.y[r] = total;
+    }
+  }
+}
+
+void sparse_int4_rows(const SparseInt4Args& a, int64_t row_begin, int64_t row_end, float*) {
+  sparse_int4_rows_on<Simd>(a, row_begin, row_end);
+}
+
 }  // namespace
 
-const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, vq_rows, attention_head,
+const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, vq_rows, sparse_int4_rows, attention_head,
                          gated_activation};
 
 }  // namespace secateurs
