@@ -64,6 +64,7 @@ class Variant:
 
 
 INT8 = {"gptq": {"bits": 8}}  # per-channel symmetric int8 (GPTQ, act-order)
+INT4 = {"gptq": {"bits": 4, "group_size": 64}}
 VARIANTS = {
     "dense-fp32": Variant(None, "fp32", "fp32", 0.0),
     "dense-bf16": Variant(None, "bf16", "bf16", 0.0),
@@ -73,6 +74,11 @@ VARIANTS = {
     "sparse50-int8": Variant([{"sparsegpt": {"sparsity": 0.5}}, INT8], "bitmask int8", "int8", 0.5),
     "sparse70-int8": Variant([{"sparsegpt": {"sparsity": 0.7}}, INT8], "bitmask int8", "int8", 0.7),
     "2of4": Variant([{"sparsegpt": {"mask": "2:4"}}], "2:4 fp32", "fp32", 0.5),
+    # 4-bit groups of 64 (GPTQ); the sparse ones load as SparseInt4Linear where the avx512vbmi2
+    # kernels run, as dense int4 elsewhere (docs/kernels.md)
+    "int4": Variant([INT4], "int4 g64", "int8", 0.0),
+    "sparse50-int4": Variant([{"sparsegpt": {"sparsity": 0.5}}, INT4], "bitmask int4 g64", "int8", 0.5),
+    "sparse70-int4": Variant([{"sparsegpt": {"sparsity": 0.7}}, INT4], "bitmask int4 g64", "int8", 0.7),
 }
 EAGER = {"eager-fp32": "fp32", "eager-bf16": "bf16"}
 
@@ -271,11 +277,15 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
             values = [run[key] for run in runs[name] if key in run]
             return statistics.median(values) if values else None
 
-        base = {"model": model_name, "threads": count}
+        from secateurs.runtime import kernels
+
+        base = {"model": model_name, "threads": count, "isa": kernels.kernel_path(), "cpu": _cpu_name(),
+                "load_average": os.getloadavg()}
         for name in names:
             variant = VARIANTS[name]
             rows.append(base | {
                 "engine": "secateurs", "variant": name, "weights": variant.weights, "embeddings": variant.embeddings,
+                "head": variant.embeddings,
                 "sparsity": variant.sparsity, "decode_tok_s": median(name, "decode_tokens_per_second"),
                 "prefill_tok_s": median(name, "prefill_tokens_per_second"), "ppl": metas[name]["ppl"],
                 "weight_mb": _weight_mb(decoders[name]), "kernel_ms_per_token": median(name, "kernel_ms_per_token"),
