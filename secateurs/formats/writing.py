@@ -141,8 +141,9 @@ def compressed_tensors_problem(specs: dict[str, LayerSpec]) -> str | None:
     if unreadable:
         spec = specs[unreadable[0]]
         shown = f"{spec.format} {spec.n}:{spec.m}" if spec.format == "nm" else spec.format
-        return (f"{len(unreadable)} layer(s), e.g. {unreadable[0]}, are stored as {shown}, "
-                f"which only secateurs reads")
+        readers = "which compressed-tensors cannot read (the aqlm package can)" if spec.format == "vq" else \
+            "which only secateurs reads"
+        return f"{len(unreadable)} layer(s), e.g. {unreadable[0]}, are stored as {shown}, {readers}"
     if len({sparsity for sparsity, _ in names.values() if sparsity}) > 1:
         return "the layers mix two sparse formats, which compressed-tensors cannot read in one model"
     return None
