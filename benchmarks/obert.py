@@ -115,6 +115,7 @@ def sparsity_of(model) -> float:
 
 def oneshot(method: str, sparsity: float, seed: int) -> dict:
     from secateurs.algorithms.magnitude import magnitude_mask
+    from secateurs.training.losses import LossWeights
     from secateurs.training.masks import block_linear_layers, open_masks
     from secateurs.training.progressive import GradualOBert
     from secateurs.training.trainer import TrainConfig, Trainer
@@ -128,8 +129,8 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
                 module.weight.mul_(magnitude_mask(module.weight, sparsity))
     elif method == "obert":  # one pruning step of the gradual pruner, from 0 straight to s
         masks = open_masks(model)
-        trainer = Trainer(model, data, TrainConfig(steps=1, batch_size=BATCH, seqlen=SEQLEN, seed=seed), masks=masks,
-                          progress=False)
+        trainer = Trainer(model, data, TrainConfig(steps=1, batch_size=BATCH, seqlen=SEQLEN, seed=seed,
+                                                   losses=LossWeights(1, 0, 0)), masks=masks, progress=False)
         GradualOBert(masks, sparsity, sparsity, 0, 1, grads=256).prune(trainer, 0, sparsity)
         masks.apply()
     else:  # sparsegpt, through the engine on 128 training reviews
