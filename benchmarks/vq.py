@@ -82,10 +82,13 @@ def worker(config: str, rounds: int) -> dict:
         secateurs.oneshot(PROTOCOL["model"], recipe(config, rounds), calibration, target,
                           resume=target.with_name(target.name + ".partial").is_dir())
     seconds = time.perf_counter() - started
+    resumed = seconds < 60  # compressed earlier (a finished or resumed run): its own time is in compression.json
     model = secateurs.load(target)
     ppl = perplexity(model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
     report = json.loads((target / "compression.json").read_text())
+    seconds = report["totals"]["seconds"] if resumed else seconds
     return {"bits_per_weight": bits, "ppl": ppl.ppl, "eval_tokens": ppl.tokens_evaluated, "seconds": seconds,
+            "peak_rss_note": "of the scoring process only" if resumed else "compression and scoring",
             "compression_seconds": report["totals"]["seconds"], "threads": torch.get_num_threads(),
             "layer_loss": report["totals"]["loss"]}
 
