@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from secateurs.algorithms.vq import vq_reconstruct
 from secateurs.errors import FormatError
 from secateurs.runtime import VQLinear
+from secateurs.runtime.layouts import vq_to_dense
 
 VALUE_DTYPE = torch.float16
 
@@ -96,7 +96,7 @@ class VQFormat:
                 tensors["scales"].float().flatten())
 
     def decode(self, tensors: dict[str, Tensor], spec) -> Tensor:
-        return vq_reconstruct(*self.parts(tensors, spec)).to(spec.torch_dtype)
+        return vq_to_dense(*self.parts(tensors, spec)).to(spec.torch_dtype)
 
     def module(self, tensors: dict[str, Tensor], spec, bias: Tensor | None) -> nn.Module:
         return VQLinear(*self.parts(tensors, spec), bias)

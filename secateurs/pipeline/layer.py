@@ -15,6 +15,7 @@ from secateurs import algorithms as alg
 from secateurs.algorithms import obs
 from secateurs.recipe import Stage
 from secateurs.runtime import kernels
+from secateurs.runtime.layouts import vq_to_dense
 
 
 
@@ -104,6 +105,6 @@ def _vector_quantize(W: torch.Tensor, hessian: torch.Tensor, stage: Stage, dtype
     result = alg.vq(W, hessian, stage.vq_spec(), beam=stage.beam, rounds=stage.rounds, adam_steps=stage.adam_steps,
                     tol=stage.tolerance, round_to=torch.float16)
     codes, codebooks, scales = result.codes, result.codebooks.to(torch.float16), result.scales.to(torch.float16)
-    weight = alg.vq_reconstruct(codes, codebooks.float(), scales.float())  # as the format decodes it
+    weight = vq_to_dense(codes, codebooks, scales)  # exactly as the vq format and VQLinear decode it
     return LayerResult(weight.to(dtype), result.loss, float((weight == 0).sum()) / W.numel(),
                        time.perf_counter() - started, vq=(codes, codebooks, scales))
