@@ -851,10 +851,13 @@ void vq_rows(const VQArgs& a, int64_t row_begin, int64_t row_end, float*) {
 // bytes under a mask, else a scalar walk over the mask bits), the block sum in int32 times the
 // block's activation scale and its group's weight scale.
 
+// The k-th kept code of a block (low nibble first).
+inline int kept_code(const uint8_t* codes, int k) { return (codes[k / 2] >> (k % 2 * 4)) & 15; }
+
 inline int32_t sparse_int4_block_scalar(uint64_t bits, const uint8_t* codes, const int16_t* q, int32_t zero) {
   int32_t sum = 0;
   for (int k = 0; bits; bits &= bits - 1, ++k)
-    sum += (((codes[k / 2] >> (k % 2 * 4)) & 15) - zero) * q[__builtin_ctzll(bits)];
+    sum += (kept_code(codes, k) - zero) * q[__builtin_ctzll(bits)];
   return sum;
 }
 
@@ -881,7 +884,7 @@ void sparse_int4_rows_on(const SparseInt4Args& a, int64_t row_begin, int64_t row
         uint64_t bits = block_bits(mask + b * 8);
         const int kept = __builtin_popcountll(bits);
         for (int k = 0; bits; bits &= bits - 1, ++k)
-          total += scale[g] * (static_cast<float>((codes[k / 2] >> (k % 2 * 4)) & 15) - zero[g]) *
+          total += scale[g] * (static_cast<float>(kept_code(codes, k)) - zero[g]) *
                    a.x.rows[b * 64 + __builtin_ctzll(bits)];
         codes += (kept + 1) / 2;
       }
