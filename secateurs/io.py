@@ -105,6 +105,21 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return file_sha256(path)
 
 
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (no pickle); FormatError naming the file when it is missing or
+    unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise FormatError(f"{file}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated or garbled header
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(f"{file}: not a readable safetensors file ({detail})") from None
+
+
 @contextmanager
 def atomic_directory(target: Path):
     """Yield a temporary sibling of `target` to fill; on success it replaces `target` in one rename

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from secateurs.errors import FormatError, SecateursError
 from secateurs.formats.registry import FORMATS, LAYOUT_KEY, LAYOUT_VERSION, LayerSpec, tensor_bytes
 from secateurs.io import (CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, atomic_directory, index_shards,
-                          verify_checksums, write_checksums)
+                          read_safetensors, verify_checksums, write_checksums)
 from secateurs.sources import unique_state
 
 GGUF_MAGIC = b"GGUF"
@@ -62,22 +62,9 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _read_tensors(file: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(file)
-    except FileNotFoundError:
-        raise FormatError(f"{file}: missing") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated or garbled header
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FormatError(f"{file}: not a readable safetensors file ({detail})") from None
-
-
 def _read_shard(shard: Path, weight_map: dict[str, Path]) -> dict[str, Tensor]:
     """The tensors of one shard, each checked to be where the index puts it."""
-    tensors = _read_tensors(shard)
+    tensors = read_safetensors(shard)
     for name in tensors:
         if weight_map.get(name) != shard:
             where = weight_map[name].name if name in weight_map else None
@@ -89,7 +76,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of a directory: its model.safetensors, or the shards its index names."""
     weight_map = index_shards(path)
     if weight_map is None:
-        return _read_tensors(path / WEIGHTS_FILE)
+        return read_safetensors(path / WEIGHTS_FILE)
     tensors = {}
     for shard in sorted(set(weight_map.values())):
         tensors |= _read_shard(shard, weight_map)

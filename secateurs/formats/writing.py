@@ -75,7 +75,7 @@ def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> di
     return {"bits": bits, "group_size": group_size, "symmetric": bool((zero == 2 ** (bits - 1)).all())}
 
 
-def _choose(layer: str, weight: Tensor, transposed: bool, grid, nm, code=None) -> tuple[LayerSpec, dict[str, Tensor]] | None:
+def choose_format(layer: str, weight: Tensor, transposed: bool, grid, nm, code=None) -> tuple[LayerSpec, dict[str, Tensor]] | None:
     """The smallest exact format for one layer's stored weight [out, in], or None where its dense
     weight is smallest; `code` (codes, codebooks, scales) stores a vector-quantized layer as vq."""
     if weight.dtype not in DTYPES.values():
@@ -202,7 +202,7 @@ def encode_block(block: nn.Module, prefix: str, stored: dict[str, Tensor], plan:
         layer = prefix + name
         weight = stored[f"{layer}.weight"]
         transposed = is_transposed(module)
-        chosen = _choose(layer, weight.t().contiguous() if transposed else weight, transposed, plan.grids.get(layer),
+        chosen = choose_format(layer, weight.t().contiguous() if transposed else weight, transposed, plan.grids.get(layer),
                          plan.nm.get(layer), plan.vq.get(layer))
         if chosen is None:
             continue

@@ -1,0 +1,219 @@
+"""Conv2d as a matrix product, the layer-wise engine on tiny diffusers UNets, and the module file."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel, UNet2DModel
+from torch import nn
+
+from secateurs.algorithms import gptq, round_to_nearest
+from secateurs.algorithms.conv import conv_patches, conv_to_matrix, matrix_to_conv
+from secateurs.algorithms.quant import QuantSpec
+from secateurs.errors import FormatError, SecateursError
+from secateurs.formats.module_file import read_compressed_module, save_compressed_module
+from secateurs.pipeline.layerwise import compress_layerwise, layer_inputs, select_layers, split_runs
+from secateurs.recipe import load_recipe
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, num_class_embeds=3, attention_head_dim=8).eval()
+
+
+def unet_calls(count=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [((torch.randn(4, 1, 8, 8, generator=generator), torch.randint(0, 1000, (4,), generator=generator)),
+             {"class_labels": torch.randint(0, 3, (4,), generator=generator)}) for _ in range(count)]
+
+
+def outputs(model, calls):
+    with torch.no_grad():
+        return torch.cat([model(*args, **kwargs).sample for args, kwargs in calls])
+
+
+# --- the convolution as a matrix product ------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [((3, 3), 1, 1, 1), ((3, 2), 2, (1, 0), 1), ((3, 3), 1, 2, 2),
+                                                            ((1, 1), 1, 0, 1)])
+def test_conv_matrix_times_patches_is_the_convolution(kernel, stride, padding, dilation):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+    weight = torch.randn(7, 5, *kernel, dtype=torch.float64)
+    expected = F.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation)
+    patches = conv_patches(x, kernel, stride, padding, dilation)
+    product = patches @ conv_to_matrix(weight).T  # [batch * positions, out]
+    got = product.reshape(2, *expected.shape[2:], 7).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(matrix_to_conv(conv_to_matrix(weight), weight.shape), weight)
+
+
+def test_conv_columns_group_input_channels_of_one_kernel_position():
+    weight = torch.arange(2 * 8 * 3 * 3).reshape(2, 8, 3, 3)
+    matrix = conv_to_matrix(weight)
+    # columns 0..7: the 8 input channels at kernel position (0, 0); columns 8..15: position (0, 1)
+    assert torch.equal(matrix[:, :8], weight[:, :, 0, 0])
+    assert torch.equal(matrix[:, 8:16], weight[:, :, 0, 1])
+
+
+@pytest.mark.parametrize("padding_mode,padding", [("zeros", 1), ("reflect", 1), ("circular", (1, 2)), ("zeros", "same")])
+def test_conv_hessian_from_unfolding_equals_the_sum_over_patches(padding_mode, padding):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, padding=padding, padding_mode=padding_mode, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    rows = layer_inputs(conv, x)
+    # brute force: every output position's receptive field, read from the padded input pixel by pixel
+    if padding == "same":
+        padded = F.pad(x, [1, 1, 1, 1])
+    else:
+        ph, pw = (padding, padding) if isinstance(padding, int) else padding
+        padded = F.pad(x, [pw, pw, ph, ph], mode="constant" if padding_mode == "zeros" else padding_mode)
+    expected = torch.zeros(27, 27, dtype=torch.float64)
+    count = 0
+    for b in range(2):
+        for i in range(padded.shape[2] - 2):
+            for j in range(padded.shape[3] - 2):
+                column = padded[b, :, i:i + 3, j:j + 3].permute(1, 2, 0).reshape(-1)  # position major, channel minor
+                expected += torch.outer(column, column)
+                count += 1
+    assert rows.shape[0] == count
+    torch.testing.assert_close(rows.T @ rows, expected)
+    # and the patches reproduce the module's own output
+    expected_output = conv(x).detach()
+    got = rows @ conv_to_matrix(conv.weight.detach()).T + conv.bias.detach()
+    torch.testing.assert_close(got.reshape(2, *expected_output.shape[2:], 4).permute(0, 3, 1, 2), expected_output)
+
+
+# --- the engine -------------------------------------------------------------------------------------
+
+def test_select_layers_targets_convolutions_and_attention_and_says_why_not():
+    model = tiny_unet()
+    chosen, skipped = select_layers(model, load_recipe("vq-2x8"), min_weights=0)
+    assert "conv_in" in skipped and "in_channels 1" in skipped["conv_in"]
+    assert any(isinstance(m, nn.Conv2d) for m in chosen.values())
+    assert any("attentions" in name and isinstance(m, nn.Linear) for name, m in chosen.items())
+    assert not any("embedding" in name for name in chosen)  # the recipe's default ignore list
+    chosen_big, skipped_big = select_layers(model, load_recipe("gptq-w8"), min_weights=2000)
+    assert all(m.weight.numel() >= 2000 for m in chosen_big.values())
+    assert any("< 2000" in why for why in skipped_big.values())
+
+
+def test_split_runs_covers_the_order_in_weight_balanced_runs():
+    model = tiny_unet()
+    layers, _ = select_layers(model, load_recipe("gptq-w8"))
+    order = list(layers)
+    for groups in (1, 2, 3, len(order)):
+        runs = split_runs(order, layers, groups)
+        assert [name for run in runs for name in run] == order
+        assert len(runs) == groups
+
+
+@pytest.mark.parametrize("stage", [{"rtn": {"bits": 4, "group_size": 8}}, {"gptq": {"bits": 3}},
+                                   {"vq": {"codebooks": 1, "bits": 4, "group_size": 8, "rounds": 2, "adam_steps": 5}}])
+def test_compressed_unet_saves_and_reloads_to_the_same_outputs(tmp_path, stage):
+    model, calls = tiny_unet(), unet_calls()
+    dense = outputs(model, calls)
+    report = compress_layerwise(model, load_recipe([stage]), calls, groups=2, progress=False)
+    assert report.layers and report.groups == 2
+    compressed = outputs(model, calls)
+    assert not torch.equal(compressed, dense)
+    saved = save_compressed_module(model, report.plan, tmp_path / "out", {"kind": "test"})
+    assert set(saved.formats) == set(report.layers)
+    description, state, specs = read_compressed_module(tmp_path / "out")
+    assert description == {"kind": "test"}
+    reloaded = tiny_unet(seed=5)
+    reloaded.load_state_dict(state)
+    for name, tensor in model.state_dict().items():  # bit-exact weights
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    # outputs equal up to float summation order (oneDNN's convolution path depends on alignment)
+    torch.testing.assert_close(outputs(reloaded, calls), compressed, rtol=1e-6, atol=1e-6)
+    conv = next(name for name in report.layers if reloaded.get_submodule(name).weight.dim() == 4)
+    assert torch.equal(reloaded.get_submodule(conv).weight, model.get_submodule(conv).weight)
+    assert specs[conv].cols == model.get_submodule(conv).weight[0].numel()
+
+
+def test_gptq_on_a_conv_hessian_beats_round_to_nearest():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(4, 8, 10, 10, dtype=torch.float64).cumsum(1)  # correlated channels
+    rows = layer_inputs(conv, x)
+    H = 2 * rows.T @ rows / rows.shape[0]
+    W = conv_to_matrix(conv.weight.detach())
+    spec = QuantSpec(bits=3, group_size=None)
+    error = lambda w: float(((W - w) @ H * (W - w)).sum())  # noqa: E731
+    assert error(gptq(W, H, spec).weight) < error(round_to_nearest(W, spec).weight)
+
+
+def test_sequential_runs_see_the_compressed_predecessors():
+    calls = unet_calls()
+    one, many = tiny_unet(), tiny_unet()
+    recipe = load_recipe([{"gptq": {"bits": 4, "group_size": 8}}])
+    compress_layerwise(one, recipe, calls, groups=1, progress=False)
+    compress_layerwise(many, recipe, calls, groups=4, progress=False)
+    first = "down_blocks.0.resnets.0.conv1"  # in the first run either way: calibrated on the same inputs
+    assert torch.equal(one.get_submodule(first).weight, many.get_submodule(first).weight)
+    assert not torch.equal(one.get_submodule("conv_out").weight, many.get_submodule("conv_out").weight)
+
+
+def test_a_killed_job_resumes_bit_identically(tmp_path):
+    calls, recipe = unet_calls(), load_recipe([{"gptq": {"bits": 4, "group_size": 8}}])
+    whole = tiny_unet()
+    compress_layerwise(whole, recipe, calls, groups=3, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    seen, total = [], len(select_layers(tiny_unet(), recipe)[0])
+
+    def kill_in_second_run(name, record):  # in the last run, before its last layer
+        seen.append(name)
+        if len(seen) == total - 1:
+            raise Killed
+
+    killed = tiny_unet()
+    with pytest.raises(Killed):
+        compress_layerwise(killed, recipe, calls, groups=3, work_dir=tmp_path / "work", progress=False,
+                           on_layer=kill_in_second_run)
+    manifest = json.loads((tmp_path / "work" / "manifest.json").read_text())
+    assert manifest["runs_done"] == 2
+    resumed = tiny_unet()
+    report = compress_layerwise(resumed, recipe, calls, groups=3, work_dir=tmp_path / "work", progress=False)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert set(report.plan.grids) == set(report.layers)
+    with pytest.raises(SecateursError, match="another job"):
+        compress_layerwise(tiny_unet(), load_recipe([{"rtn": {"bits": 4, "group_size": 8}}]), calls, groups=3, work_dir=tmp_path / "work",
+                           progress=False)
+
+
+def test_conditional_unet_cross_attention_is_compressed():
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4,
+                                 cross_attention_dim=16, attention_head_dim=8).eval()
+    generator = torch.Generator().manual_seed(0)
+    calls = [((torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 700])),
+              {"encoder_hidden_states": torch.randn(2, 5, 16, generator=generator)})]
+    report = compress_layerwise(model, load_recipe([{"gptq": {"bits": 4, "group_size": 8}}]), calls, groups=2, progress=False)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in report.layers  # reads the condition
+    assert "down_blocks.0.resnets.0.conv1" in report.layers
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    with pytest.raises(SecateursError, match="calibration"):
+        compress_layerwise(tiny_unet(), load_recipe([{"gptq": {"bits": 4, "group_size": 8}}]), [], progress=False)
+    model = tiny_unet()
+    report = compress_layerwise(model, load_recipe([{"rtn": {"bits": 4, "group_size": 8}}]), unet_calls(1), progress=False)
+    save_compressed_module(model, report.plan, tmp_path / "out", {})
+    manifest = json.loads((tmp_path / "out" / "compression.json").read_text())
+    layer = next(iter(manifest["conv_shapes"]))
+    manifest["conv_shapes"][layer] = [1, 2, 3, 4]
+    (tmp_path / "out" / "compression.json").write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="conv_shapes"):
+        read_compressed_module(tmp_path / "out", verify=False)
+    with pytest.raises(SecateursError, match="no compression.json"):
+        read_compressed_module(tmp_path)
