@@ -53,7 +53,8 @@ def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, desc
     for name, module in layers.items():
         weight = state[f"{name}.weight"]
         matrix = conv_to_matrix(weight) if weight.dim() == 4 else weight
-        chosen = choose_format(name, matrix, False, plan.grids.get(name), plan.nm.get(name), plan.vq.get(name))
+        chosen = choose_format(name, matrix, False, plan.grids.get(name), plan.nm.get(name), plan.vq.get(name),
+                               plan.pack_vq_codes)
         if chosen is None:
             continue
         spec, tensors = chosen

@@ -271,6 +271,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("bitmask-int8", BITMASK, INT8, ct_sparsity="sparse-bitmask", ct_quantization="naive-quantized"),
     Format("bitmask-packed", BITMASK, PACKED),
     VQFormat(),
+    VQFormat(packed=True),
 )}
 
 

@@ -35,6 +35,9 @@ class StoragePlan:
     nm: dict[str, tuple[int, int]] = field(default_factory=dict)
     act_order: set[str] = field(default_factory=set)
     vq: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # (codes, codebooks, scales)
+    # Codes of codebooks under 2**8 words bit-packed (vq-packed) instead of a byte each (vq, which
+    # the aqlm package reads): the smaller file where aqlm compatibility does not matter.
+    pack_vq_codes: bool = False
 
     @classmethod
     def of(cls, plan_or_grids) -> StoragePlan:
@@ -75,9 +78,11 @@ def _quant_fields(weight: Tensor, grid: tuple[Tensor, Tensor], layer: str) -> di
     return {"bits": bits, "group_size": group_size, "symmetric": bool((zero == 2 ** (bits - 1)).all())}
 
 
-def choose_format(layer: str, weight: Tensor, transposed: bool, grid, nm, code=None) -> tuple[LayerSpec, dict[str, Tensor]] | None:
+def choose_format(layer: str, weight: Tensor, transposed: bool, grid, nm, code=None,
+                  pack_vq_codes: bool = False) -> tuple[LayerSpec, dict[str, Tensor]] | None:
     """The smallest exact format for one layer's stored weight [out, in], or None where its dense
-    weight is smallest; `code` (codes, codebooks, scales) stores a vector-quantized layer as vq."""
+    weight is smallest; `code` (codes, codebooks, scales) stores a vector-quantized layer as vq (or
+    vq-packed, with `pack_vq_codes`, when its codes have fewer than 8 bits)."""
     if weight.dtype not in DTYPES.values():
         raise SecateursError(f"layer {layer}: dtype {weight.dtype} has no compressed format "
                              f"({', '.join(DTYPES)}); write it with --dtype float32 or bfloat16, or --dense")
@@ -85,9 +90,9 @@ def choose_format(layer: str, weight: Tensor, transposed: bool, grid, nm, code=N
     base = {"rows": weight.shape[0], "cols": weight.shape[1], "dtype": dtype, "transposed": transposed}
     if code is not None:
         codes, codebooks, _ = code
-        vq = FORMATS["vq"]
-        spec = LayerSpec(format="vq", **base, bits=(codebooks.shape[1] - 1).bit_length(), group_size=codebooks.shape[2],
-                         codebooks=codebooks.shape[0])
+        bits = (codebooks.shape[1] - 1).bit_length()
+        vq = FORMATS["vq-packed" if pack_vq_codes and bits < 8 else "vq"]
+        spec = LayerSpec(format=vq.name, **base, bits=bits, group_size=codebooks.shape[2], codebooks=codebooks.shape[0])
         problem = vq.spec_problem(spec)
         if problem or codes.shape != (spec.rows, spec.cols // spec.group_size, spec.codebooks):
             raise SecateursError(f"layer {layer}: its codebooks do not fit its [{spec.rows}, {spec.cols}] weight "
@@ -203,7 +208,7 @@ def encode_block(block: nn.Module, prefix: str, stored: dict[str, Tensor], plan:
         weight = stored[f"{layer}.weight"]
         transposed = is_transposed(module)
         chosen = choose_format(layer, weight.t().contiguous() if transposed else weight, transposed, plan.grids.get(layer),
-                         plan.nm.get(layer), plan.vq.get(layer))
+                               plan.nm.get(layer), plan.vq.get(layer), plan.pack_vq_codes)
         if chosen is None:
             continue
         spec, tensors = chosen

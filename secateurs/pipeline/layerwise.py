@@ -48,7 +48,9 @@ CalibrationCall = tuple[tuple, dict]
 class LayerwiseReport:
     layers: dict[str, dict] = field(default_factory=dict)  # layer -> {shape, loss, seconds, format hints}
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> why it stays dense
-    plan: StoragePlan = field(default_factory=StoragePlan)  # what the formats need to store the layers
+    # what the formats need to store the layers; a module file is no aqlm checkpoint, so codes of
+    # small codebooks are bit-packed
+    plan: StoragePlan = field(default_factory=lambda: StoragePlan(pack_vq_codes=True))
     seconds: float = 0.0
     calibration_seconds: float = 0.0
     groups: int = 0

@@ -38,7 +38,7 @@ def storage_plan_of(path: str | Path) -> StoragePlan:
     directory = read_compressed(path)
     plan = StoragePlan()
     for layer, spec in directory.specs.items():
-        if spec.format == "vq":
+        if spec.format in ("vq", "vq-packed"):
             raise SecateursError(f"{path}: layer {layer} is vector-quantized; fine-tuning keeps masks and scalar "
                                  f"grids, not codebooks: fine-tune the model before vq")
         if spec.n and spec.m:

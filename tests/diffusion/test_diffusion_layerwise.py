@@ -13,7 +13,7 @@ from secateurs.algorithms.conv import conv_patches, conv_to_matrix, matrix_to_co
 from secateurs.algorithms.quant import QuantSpec
 from secateurs.errors import FormatError, SecateursError
 from secateurs.formats.module_file import read_compressed_module, save_compressed_module
-from secateurs.pipeline.layerwise import compress_layerwise, layer_inputs, select_layers, split_runs
+from secateurs.pipeline.layerwise import compress_layerwise, layer_inputs, layer_matrix, select_layers, split_runs
 from secateurs.recipe import load_recipe
 
 
@@ -133,6 +133,30 @@ def test_compressed_unet_saves_and_reloads_to_the_same_outputs(tmp_path, stage):
     conv = next(name for name in report.layers if reloaded.get_submodule(name).weight.dim() == 4)
     assert torch.equal(reloaded.get_submodule(conv).weight, model.get_submodule(conv).weight)
     assert specs[conv].cols == model.get_submodule(conv).weight[0].numel()
+    if "vq" in stage:  # 4-bit codes, two to a byte (padded to 32-bit words per row)
+        assert {spec.format for spec in specs.values()} == {"vq-packed"}
+        from safetensors.torch import load_file
+        stored = load_file(tmp_path / "out" / "model.safetensors")
+        for name, spec in specs.items():
+            assert stored[f"{name}.codes"].numel() * 4 == spec.rows * -(-spec.cols // 8 * 4 // 32) * 4
+
+
+def test_vq_packed_codes_are_validated(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_unet()
+    recipe = load_recipe([{"vq": {"codebooks": 1, "bits": 3, "group_size": 8, "rounds": 1, "adam_steps": 2}}])
+    report = compress_layerwise(model, recipe, unet_calls(1), groups=1, progress=False)
+    save_compressed_module(model, report.plan, tmp_path / "out", {})
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    width = {name: layer_matrix(model.get_submodule(name)).shape[1] for name in report.layers}
+    layer = next(name for name in report.layers if width[name] // 8 * 3 % 32)  # a row whose last word has padding
+    codes = tensors[f"{layer}.codes"].clone()
+    codes[0, -1] = -1  # every padding bit set
+    tensors[f"{layer}.codes"] = codes
+    save_file(tensors, tmp_path / "out" / "model.safetensors")
+    with pytest.raises(FormatError, match="padding"):
+        read_compressed_module(tmp_path / "out", verify=False)
 
 
 def test_gptq_on_a_conv_hessian_beats_round_to_nearest():

@@ -51,18 +51,21 @@ KINDS = {
     "sparse-int8": (0.5, None, 8, True, None),
     "sparse-int4-g": (0.7, None, 4, True, 16),
     "vq": None,  # two codebooks of 16 float16 codewords of 4 values, float16 row scales (vq_layer)
+    "vqpacked": None,  # two codebooks of 8 words, their 3-bit codes bit-packed (StoragePlan.pack_vq_codes)
 }
 EXPECTED_FORMAT = {
     "bitmask": "bitmask", "bitmask70": "bitmask", "nm": "nm", "nm48": "nm", "int8": "int8", "int8-asym-g": "int8",
     "int4-g": "pack-quantized", "int3-asym-g": "pack-quantized", "int2": "pack-quantized",
     "int6-asym": "pack-quantized", "sparse-int8": "bitmask-int8", "sparse-int4-g": "bitmask-packed", "vq": "vq",
+    "vqpacked": "vq-packed",
 }
 
 
 # One layer of each format (every layer with a bitmask has 100 columns: padding bits).
-MIXED = {"q_proj": "int3-asym-g", "k_proj": "nm", "v_proj": "int8-asym-g", "o_proj": "int4-g",
-         "gate_proj": "sparse-int8", "up_proj": "sparse-int4-g", "layers.0.mlp.down_proj": "bitmask70",
-         "layers.1.mlp.down_proj": "vq"}
+# With codes packed, only 8-bit codebooks stay in aqlm's byte layout (vq).
+MIXED = {"q_proj": "int3-asym-g", "k_proj": "nm", "v_proj": "int8-asym-g", "layers.0.self_attn.o_proj": "int4-g",
+         "layers.1.self_attn.o_proj": "vqpacked", "gate_proj": "sparse-int8", "up_proj": "sparse-int4-g",
+         "layers.0.mlp.down_proj": "bitmask70", "layers.1.mlp.down_proj": "vq-8-4"}
 
 
 def compress(model, kinds: str | dict[str, str]):
@@ -75,8 +78,9 @@ def compress(model, kinds: str | dict[str, str]):
         kind = kinds if isinstance(kinds, str) else next((k for end, k in kinds.items() if name.endswith(end)), None)
         if kind is None:
             continue
-        if kind.startswith("vq"):  # "vq", or "vq-<bits>-<group>"
-            bits, group = (int(part) for part in kind.split("-")[1:]) if "-" in kind else (4, 4)
+        if kind.startswith("vq"):  # "vq", "vqpacked" or "vq-<bits>-<group>"
+            bits, group = (int(part) for part in kind.split("-")[1:]) if "-" in kind else (
+                (3, 4) if kind == "vqpacked" else (4, 4))
             codes[name], weight = vq_layer(*get_weight(module).shape, seed=len(codes), bits=bits, group=group)
             set_weight(module, weight.to(get_weight(module).dtype))
             continue
@@ -97,7 +101,8 @@ def compress(model, kinds: str | dict[str, str]):
         set_weight(module, weight)
     if not nm_layers and not codes:
         return grids
-    return StoragePlan(grids, nm_layers, vq=codes)
+    packed = "vqpacked" in ([kinds] if isinstance(kinds, str) else kinds.values())
+    return StoragePlan(grids, nm_layers, vq=codes, pack_vq_codes=packed)
 
 
 def vq_layer(rows: int, cols: int, seed: int = 0, bits: int = 4, group: int = 4):

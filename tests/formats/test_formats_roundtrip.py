@@ -77,8 +77,10 @@ def expected_bytes(spec: LayerSpec, nonzeros: int) -> int:
     def words(count):
         return 4 * math.ceil(count * spec.bits / 32)
 
-    if spec.format == "vq":  # int8 codes (up to 256 codewords), float16 codebooks and row scales
-        return rows * cols // spec.group_size * spec.codebooks + 2 * spec.codebooks * 2**spec.bits * spec.group_size + 2 * rows
+    if spec.format.startswith("vq"):  # int8 or bit-packed codes, float16 codebooks and row scales
+        codes_per_row = cols // spec.group_size * spec.codebooks
+        codes = rows * (words(codes_per_row) if spec.format == "vq-packed" else codes_per_row)
+        return codes + 2 * spec.codebooks * 2**spec.bits * spec.group_size + 2 * rows
     if FORMATS[spec.format].quantized:
         zero = 0 if spec.symmetric else (rows * groups if spec.bits == 8 else words(rows) * groups)
         grid = 4 * rows * groups + zero
