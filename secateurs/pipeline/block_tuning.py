@@ -1,43 +1,61 @@
-"""Block-level fine-tuning of vector-quantized layers (AQLM's "fine-tuning of the codebooks within a
-block"): once every layer of a block is coded, the codes stay fixed and the codebooks and scales of
-all its vq layers are trained together with Adam so that the block's outputs on the calibration
-inputs match the dense block's, loss = sum ||y - y_dense||^2 / sum ||y_dense||^2 over the chunks.
+"""Fine-tuning of vector-quantized layers with their codes fixed: the codebooks and scales of all vq
+layers of a module are trained together with Adam so that its outputs on the calibration inputs
+match the dense ones, loss = sum ||y - y_dense||^2 / sum ||y_dense||^2. For a transformer block that
+is AQLM's "fine-tuning of the codebooks within a block" (tune_vq_block); for a whole denoiser it is
+the diffusion seed's fine-tuning of codebooks and scales on the teacher's outputs (tune_vq_codebooks
+with the model and the teacher's outputs along its trajectories).
 
-The result is rounded to float16 again (what the vq format stores) and kept only if it lowers that
+The result is rounded to float16 again (what the vq formats store) and kept only if it lowers that
 loss, so a run with tuning is never worse on the calibration set than one without.
 """
 
 from __future__ import annotations
 
 import torch
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from secateurs.algorithms.conv import matrix_to_conv
 from secateurs.pipeline.capture import run_block
 from secateurs.runtime.layouts import vq_to_dense
-from secateurs.structure import is_transposed, set_weight
+from secateurs.structure import is_transposed
+
+
+def stored_weight(module: nn.Module, matrix: Tensor, shape: torch.Size | None = None) -> Tensor:
+    """A weight [out, in] as the module keeps it (`shape`, default its weight's): [in, out] for GPT-2's
+    Conv1D, [out, in, kh, kw] for a Conv2d (columns ordered as algorithms/conv.py orders them)."""
+    if isinstance(module, nn.Conv2d):
+        return matrix_to_conv(matrix, module.weight.shape if shape is None else shape)
+    return matrix.t() if is_transposed(module) else matrix
 
 
 class _CodedWeight(nn.Module):
     """The weight of a vq layer as a function of trainable codebooks and scales (codes fixed)."""
 
-    def __init__(self, codes: Tensor, codebooks: Tensor, scales: Tensor, dtype: torch.dtype, transposed: bool):
+    def __init__(self, module: nn.Module, codes: Tensor, codebooks: Tensor, scales: Tensor):
         super().__init__()
         self.register_buffer("codes", codes)
         self.codebooks = nn.Parameter(codebooks.float().clone())
         self.scales = nn.Parameter(scales.float().clone())
-        self.dtype, self.transposed = dtype, transposed
+        # read now: once parametrized, module.weight is this module's own output
+        self.dtype, self.shape = module.weight.dtype, module.weight.shape
+        self.layout = lambda matrix: stored_weight(module, matrix, self.shape)
 
     def forward(self, _original: Tensor) -> Tensor:
-        weight = vq_to_dense(self.codes, self.codebooks, self.scales).to(self.dtype)
-        return weight.t() if self.transposed else weight  # GPT-2's Conv1D stores [in, out]
+        return self.layout(vq_to_dense(self.codes, self.codebooks, self.scales).to(self.dtype))
 
 
-def _relative_error(block, chunks, targets, device) -> float:
+def _set_codes(module: nn.Module, codes: tuple) -> None:
+    module.weight.data.copy_(stored_weight(module, vq_to_dense(*codes).to(module.weight.dtype)))
+
+
+def _relative_error(forward: Callable[[int], Tensor], targets: list[Tensor]) -> float:
     error = total = 0.0
     with torch.no_grad():
-        for (hidden, kwargs), target in zip(chunks, targets):
-            out = run_block(block, hidden, kwargs, device).float()
+        for index, target in enumerate(targets):
+            out = forward(index).float()
             error += float((out - target).square().sum())
             total += float(target.square().sum())
     return error / max(total, torch.finfo(torch.float32).tiny)
@@ -45,29 +63,38 @@ def _relative_error(block, chunks, targets, device) -> float:
 
 def tune_vq_block(block: nn.Module, layers: dict[str, nn.Module], codes: dict[str, tuple], chunks: list,
                   targets: list[Tensor], steps: int, lr: float, device) -> tuple[dict[str, tuple], float, float]:
-    """Train the codebooks and scales of `layers` (name -> module, `codes[name]` = (codes, float16
-    codebooks, float16 scales)) for `steps` Adam steps, one calibration chunk per step in turn.
-    Returns (the new codes of each layer, float16, the same codes where tuning did not help;
-    relative output error before; after)."""
-    before = _relative_error(block, chunks, targets, device)
+    """tune_vq_codebooks on one transformer block, its calibration chunks (hidden, kwargs) in turn."""
+    return tune_vq_codebooks(block, layers, codes, lambda i: run_block(block, *chunks[i], device), targets, steps, lr)
+
+
+def tune_vq_codebooks(root: nn.Module, layers: dict[str, nn.Module], codes: dict[str, tuple],
+                      forward: Callable[[int], Tensor], targets: list[Tensor], steps: int, lr: float,
+                      on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, tuple], float, float]:
+    """Train the codebooks and scales of `layers` (name -> module of `root`, `codes[name]` = (codes,
+    float16 codebooks, float16 scales)) for `steps` Adam steps; step k computes `forward(i)` (root's
+    output on calibration input i = k mod len(targets)) against `targets[i]`. Every other parameter of
+    `root` is frozen meanwhile. Returns (the new codes of each layer, float16, the same codes where
+    tuning did not help; relative output error before; after)."""
+    before = _relative_error(forward, targets)
     for name, module in layers.items():
-        parametrize.register_parametrization(module, "weight", _CodedWeight(*codes[name], module.weight.dtype,
-                                                                            is_transposed(module)))
+        parametrize.register_parametrization(module, "weight", _CodedWeight(module, *codes[name]))
     coded = {name: module.parametrizations.weight[0] for name, module in layers.items()}
     parameters = [p for c in coded.values() for p in (c.codebooks, c.scales)]
-    frozen = [p for p in block.parameters() if p.requires_grad and all(p is not q for q in parameters)]
+    frozen = [p for p in root.parameters() if p.requires_grad and all(p is not q for q in parameters)]
     for p in frozen:
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     try:
         with torch.enable_grad():
             for step in range(steps):
-                (hidden, kwargs), target = chunks[step % len(chunks)], targets[step % len(targets)]
-                out = run_block(block, hidden, kwargs, device).float()
+                target = targets[step % len(targets)]
+                out = forward(step % len(targets)).float()
                 loss = (out - target).square().sum() / target.square().sum().clamp(min=torch.finfo(torch.float32).tiny)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if on_step:
+                    on_step(step, float(loss))
         tuned = {name: (c.codes, c.codebooks.detach().to(torch.float16), c.scales.detach().to(torch.float16))
                  for name, c in coded.items()}
     finally:
@@ -76,10 +103,10 @@ def tune_vq_block(block: nn.Module, layers: dict[str, nn.Module], codes: dict[st
         for module in layers.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     for name, module in layers.items():  # the rounded values, exactly as the file decodes them
-        set_weight(module, vq_to_dense(tuned[name][0], tuned[name][1], tuned[name][2]).to(module.weight.dtype))
-    after = _relative_error(block, chunks, targets, device)
+        _set_codes(module, tuned[name])
+    after = _relative_error(forward, targets)
     if after >= before:
         for name, module in layers.items():
-            set_weight(module, vq_to_dense(*codes[name]).to(module.weight.dtype))
+            _set_codes(module, codes[name])
         return codes, before, before
     return tuned, before, after

@@ -11,6 +11,11 @@ Then each layer of the run is compressed by pipeline/layer.py, exactly as a lang
 Linear is. groups = 1 calibrates every layer on the dense model in one pass (fastest, the inputs
 of no compressed layer); groups = the number of layers is fully sequential (one pass per layer).
 
+With `tune_steps`, the codebooks and scales of every vector-quantized layer are then trained together,
+codes fixed, so that the model's outputs on the calibration inputs match the dense model's (the
+diffusion seed's fine-tuning on the teacher's outputs along its trajectories; pipeline/block_tuning.py,
+kept only where it lowers the calibration error).
+
 With a `work_dir`, each finished run is written there (weights, grids, codebooks, reports) and a
 killed job given the same `work_dir` continues after the last finished run, bit-identically.
 """
@@ -36,6 +41,7 @@ from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.formats.module_file import compressible
 from secateurs.io import read_safetensors, write_json, write_safetensors
+from secateurs.pipeline.block_tuning import tune_vq_codebooks
 from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator
 from secateurs.recipe import Recipe
@@ -54,6 +60,7 @@ class LayerwiseReport:
     seconds: float = 0.0
     calibration_seconds: float = 0.0
     groups: int = 0
+    tuning: dict | None = None  # {steps, error_before, error_after}: relative output error on the calibration set
 
 
 def layer_matrix(module: nn.Module) -> torch.Tensor:
@@ -135,6 +142,17 @@ def run_call(model: nn.Module, call: CalibrationCall):
     return model(*args, **kwargs)
 
 
+def output_tensor(result) -> torch.Tensor:
+    """The tensor a model returned: itself, a diffusers output's `.sample`, or a tuple's first item."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if hasattr(result, "sample"):
+        return result.sample
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
+        return result[0]
+    raise SecateursError(f"cannot find the output tensor in a {type(result).__name__}")
+
+
 def split_runs(order: list[str], layers: dict[str, nn.Module], groups: int) -> list[list[str]]:
     """Cut the ordered layers into min(groups, len(order)) consecutive, non-empty runs of about equal
     weight count: run k ends at the first layer where the running total reaches k/groups of it."""
@@ -180,7 +198,7 @@ class _RunHooks:
 
 def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[CalibrationCall], *, groups: int = 4,
                        min_weights: int = 0, patches_per_call: int | None = None, work_dir=None, progress: bool = True,
-                       hessian_dtype: torch.dtype = torch.float32,
+                       hessian_dtype: torch.dtype = torch.float32, tune_steps: int = 0, tune_lr: float = 1e-4,
                        on_layer: Callable[[str, dict], None] | None = None) -> LayerwiseReport:
     """Compress `model` in place with `recipe` (its per-layer stages; vq, gptq, rtn, sparsegpt, wanda,
     magnitude), calibrated on `calibration` (calls of the model); returns what was done and the
@@ -194,6 +212,10 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
     layers, report.skipped = select_layers(model, recipe, min_weights)
     if not layers:
         raise SecateursError("the recipe matches no Linear or Conv2d layer of this model")
+    teacher = None
+    if tune_steps and any(stage.method == "vq" for stage in recipe.stages):  # the dense outputs, before any change
+        with torch.no_grad():
+            teacher = [output_tensor(run_call(model, call)).float() for call in calibration]
     order, repeated = call_order(model, layers, calibration[0])
     for name in set(layers) - set(order):
         report.skipped[name] = "not called by the model's forward"
@@ -236,8 +258,28 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
             if store:
                 store.save(index, run, layers, report)
     bar.close()
+    if teacher is not None and report.plan.vq:
+        report.tuning = _tune(model, {name: layers[name] for name in report.plan.vq}, calibration, teacher, report.plan,
+                              tune_steps, tune_lr, progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _tune(model, coded, calibration, teacher, plan: StoragePlan, steps: int, lr: float, progress: bool) -> dict:
+    bar = tqdm(total=steps, desc="tune codebooks", unit="step", disable=not progress)
+
+    def forward(index):
+        return output_tensor(run_call(model, calibration[index]))
+
+    def on_step(step, loss):
+        bar.set_postfix(loss=f"{loss:.3g}")
+        bar.update(1)
+
+    tuned, before, after = tune_vq_codebooks(model, coded, {name: plan.vq[name] for name in coded}, forward, teacher,
+                                             steps, lr, on_step)
+    bar.close()
+    plan.vq.update(tuned)
+    return {"steps": steps, "lr": lr, "error_before": before, "error_after": after}
 
 
 def _compress_one(name: str, module: nn.Module, recipe: Recipe, accumulator: HessianAccumulator | None,

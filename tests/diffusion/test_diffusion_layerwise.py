@@ -241,3 +241,26 @@ def test_bad_input_is_one_clear_error(tmp_path):
         read_compressed_module(tmp_path / "out", verify=False)
     with pytest.raises(SecateursError, match="no compression.json"):
         read_compressed_module(tmp_path)
+
+
+def test_codebook_tuning_on_the_teacher_outputs_lowers_the_error_and_is_what_the_file_holds(tmp_path):
+    calls = unet_calls(2)
+    teacher = outputs(tiny_unet(), calls)
+    recipe = load_recipe([{"vq": {"codebooks": 1, "bits": 3, "group_size": 8, "rounds": 1, "adam_steps": 2}}])
+    untuned = tiny_unet()
+    compress_layerwise(untuned, recipe, calls, groups=2, progress=False)
+    model = tiny_unet()
+    report = compress_layerwise(model, recipe, calls, groups=2, tune_steps=40, tune_lr=3e-3, progress=False)
+    tuning = report.tuning
+    assert tuning["steps"] == 40 and tuning["error_after"] < tuning["error_before"]
+
+    def error(m):
+        got = outputs(m, calls)
+        return float((got - teacher).square().sum() / teacher.square().sum())
+
+    assert error(model) == pytest.approx(tuning["error_after"], rel=1e-4)
+    assert error(untuned) == pytest.approx(tuning["error_before"], rel=1e-4)
+    save_compressed_module(model, report.plan, tmp_path / "out", {})
+    _, state, _ = read_compressed_module(tmp_path / "out")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
