@@ -94,7 +94,7 @@ def tune_vq_codebooks(root: nn.Module, layers: dict[str, nn.Module], codes: dict
                 loss.backward()
                 optimizer.step()
                 if on_step:
-                    on_step(step, float(loss))
+                    on_step(step, loss.item())
         tuned = {name: (c.codes, c.codebooks.detach().to(torch.float16), c.scales.detach().to(torch.float16))
                  for name, c in coded.items()}
     finally:
