@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,18 @@ import torch
 from torch import nn
 
 from secateurs.data.corpus import AUSTEN_CALIBRATION, calibration_from
+from secateurs.denoisers import build_denoiser, load_denoiser
 from secateurs.errors import SecateursError
+from secateurs.formats import SavedModel
 from secateurs.formats import load as load_compressed
+from secateurs.formats.module_file import read_compressed_module, save_compressed_module
+from secateurs.io import read_safetensors
 from secateurs.models import LoadedModel, context_length, hf_step, is_compressed_directory, load_model
+from secateurs.onnx_graph import write_onnx_with_weights
 from secateurs.pipeline.distributed import check_device, init_from_environment
 from secateurs.pipeline.engine import CompressionReport, compress_model
 from secateurs.pipeline.job import CompressionJob, open_model
+from secateurs.pipeline.layerwise import LayerwiseReport, compress_layerwise
 from secateurs.recipe import ProgressiveRecipe, load_recipe
 
 
@@ -184,4 +191,84 @@ def _compressed_directory(spec) -> Path | None:
     return path if path.is_dir() and is_compressed_directory(path) else None
 
 
-__all__ = ["OneshotResult", "load", "load_any", "oneshot", "open_model"]
+# --- diffusion denoisers -------------------------------------------------------------------------------
+
+@dataclass
+class DenoiserResult:
+    report: LayerwiseReport
+    output_dir: Path | None
+    model: nn.Module  # compressed in memory
+    saved: SavedModel | None
+
+
+def compress_denoiser(model, recipe, calibration, output_dir=None, *, groups: int = 4, min_weights: int = 0,
+                      patches_per_call: int | None = None, tune_steps: int = 0, tune_lr: float = 1e-4,
+                      resume: bool = False, overwrite: bool = False, onnx: bool | None = None,
+                      progress: bool = True) -> DenoiserResult:
+    """Compress a diffusion denoiser's Linear and Conv2d layers with `recipe` (gptq, rtn, vq, sparsegpt,
+    wanda, magnitude stages; presets such as "vq-3x8" or "gptq-w4g128"), layer by layer
+    (pipeline/layerwise.py).
+
+    model: a diffusers model directory (UNet2DModel, UNet2DConditionModel, ...), a .onnx file, or an
+        nn.Module. calibration: the model's inputs, a list of (args, kwargs) calls, or a safetensors
+        file of tensors named `<call>.<input>` (`0.sample`, `0.timestep`, `0.encoder_hidden_states`,
+        ...; for ONNX the graph's input names), recorded along real sampling trajectories.
+    output_dir: a compressed module directory (formats/module_file.py); for an ONNX model it also
+        holds `model.onnx`, the graph with the dequantized weights, which onnxruntime runs (`onnx`
+        False skips it). A killed run continues from `<output_dir>.partial/` with `resume`.
+    """
+    loaded = load_denoiser(model)
+    calls = calibration if isinstance(calibration, (list, tuple)) else calibration_calls(calibration, loaded.input_names)
+    output = Path(output_dir) if output_dir is not None else None
+    work = None
+    if output is not None:
+        if output.exists() and not (overwrite or resume):
+            raise SecateursError(f"{output} exists (pass overwrite=True / --overwrite to replace it)")
+        work = output.with_name(output.name + ".partial")
+        if work.exists() and not resume:
+            raise SecateursError(f"{work} holds an interrupted run: pass resume=True / --resume to continue it, "
+                                 f"or remove it")
+    report = compress_layerwise(loaded.module, load_recipe(recipe), calls, groups=groups, min_weights=min_weights,
+                                patches_per_call=patches_per_call, work_dir=work, progress=progress,
+                                tune_steps=tune_steps, tune_lr=tune_lr)
+    saved = None
+    if output is not None:
+        write_onnx = loaded.description["kind"] == "onnx" and onnx is not False
+        extra = (lambda folder: write_onnx_with_weights(loaded.description["source"], loaded.module,
+                                                        folder / "model.onnx")) if write_onnx else None
+        saved = save_compressed_module(loaded.module, report.plan, output, loaded.description, extra)
+        shutil.rmtree(work, ignore_errors=True)
+    return DenoiserResult(report, output, loaded.module, saved)
+
+
+def load_compressed_denoiser(path, verify: bool | None = None) -> nn.Module:
+    """A directory written by compress_denoiser as the model it describes, its compressed layers
+    decoded to their exact dequantized weights."""
+    description, state, _ = read_compressed_module(path, verify)
+    module = build_denoiser(description)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SecateursError(f"{path}: its tensors do not fit the model it describes "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return module.eval()
+
+
+def calibration_calls(path, input_names: tuple[str, ...]) -> list[tuple[tuple, dict]]:
+    """The calls of a calibration file: tensors `<call>.<input>`, one keyword argument each."""
+    tensors = read_safetensors(Path(path))
+    calls: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        index, _, argument = name.partition(".")
+        if not index.isdigit() or not argument:
+            raise SecateursError(f"{path}: tensor {name!r} is not named <call>.<input> (e.g. 0.sample)")
+        if input_names and argument not in input_names:
+            raise SecateursError(f"{path}: tensor {name!r}: the model takes no input {argument!r} "
+                                 f"(it takes {', '.join(input_names)})")
+        calls.setdefault(int(index), {})[argument] = tensor
+    if not calls:
+        raise SecateursError(f"{path}: holds no calibration tensors")
+    return [((), calls[index]) for index in sorted(calls)]
+
+
+__all__ = ["DenoiserResult", "OneshotResult", "calibration_calls", "compress_denoiser", "load", "load_any",
+           "load_compressed_denoiser", "oneshot", "open_model"]

@@ -13,8 +13,8 @@ import traceback
 from pathlib import Path
 
 from secateurs.allocator import reexec_with_malloc_settings
-from secateurs.cli.compression import (cmd_compress, cmd_decompress, cmd_demo, cmd_eval, cmd_finetune, cmd_prepare,
-                                       cmd_prune_encoder, cmd_report)
+from secateurs.cli.compression import (cmd_compress, cmd_compress_denoiser, cmd_decompress, cmd_demo, cmd_eval,
+                                       cmd_finetune, cmd_prepare, cmd_prune_encoder, cmd_report)
 from secateurs.cli.generation import cmd_bench_decode, cmd_generate
 from secateurs.cli.output import VERBOSITY
 from secateurs.errors import SecateursError
@@ -139,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--seed", type=int, default=0)
     encoder.add_argument("--resume", action="store_true")
     encoder.set_defaults(run=cmd_prune_encoder)
+
+    denoiser = commands.add_parser("compress-denoiser", help="compress a diffusion UNet (diffusers directory or "
+                                   ".onnx) layer by layer: VQ, GPTQ, RTN on its Linear and Conv2d layers")
+    denoiser.add_argument("--model", required=True, help="a diffusers model directory (e.g. a pipeline's unet/) or a .onnx file")
+    denoiser.add_argument("--recipe", required=True, help="preset (vq-3x8, gptq-w4g128, ...) or YAML file")
+    denoiser.add_argument("--calibration", required=True,
+                          help="safetensors file of the model's inputs along sampling trajectories, tensors named "
+                          "<call>.<input> (0.sample, 0.timestep, 0.encoder_hidden_states, ...)")
+    denoiser.add_argument("--output", required=True, help="directory to write (compressed safetensors; model.onnx too "
+                          "for an ONNX model)")
+    denoiser.add_argument("--groups", type=int, default=4,
+                          help="runs of layers, each calibrated through the model with the earlier runs compressed")
+    denoiser.add_argument("--min-weights", type=int, default=0, help="layers with fewer weights stay as they are")
+    denoiser.add_argument("--patches", type=int, default=None,
+                          help="rows sampled per call and layer for the Hessians (default: every patch)")
+    denoiser.add_argument("--tune-steps", type=int, default=0,
+                          help="vq: Adam steps on all codebooks and scales against the dense outputs")
+    denoiser.add_argument("--tune-lr", type=float, default=1e-4)
+    denoiser.add_argument("--overwrite", action="store_true")
+    denoiser.add_argument("--resume", action="store_true", help="continue the run interrupted in <output>.partial/")
+    denoiser.set_defaults(run=cmd_compress_denoiser)
 
     report = commands.add_parser("report", help="result files (benchmarks/results/*.json, compression.json) as one page")
     report.add_argument("results", nargs="+", help="JSON result files or model directories with a compression.json")

@@ -111,6 +111,26 @@ def cmd_prune_encoder(args) -> None:
           f"wrote {result.output}")
 
 
+def cmd_compress_denoiser(args) -> None:
+    from secateurs.api import compress_denoiser
+    from secateurs.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    result = compress_denoiser(args.model, recipe, args.calibration, args.output, groups=args.groups,
+                               min_weights=args.min_weights, patches_per_call=args.patches, tune_steps=args.tune_steps,
+                               tune_lr=args.tune_lr, resume=args.resume, overwrite=args.overwrite,
+                               progress=not VERBOSITY["quiet"])
+    report, saved = result.report, result.saved
+    compressed = sum(size for name, size in saved.bytes_by_format.items() if name != "dense")
+    weights = sum(result.model.get_submodule(name).weight.numel() for name in report.layers)
+    print(f"compressed {len(report.layers)} layers ({weights:,} weights) in {report.seconds:.0f} s: "
+          f"{8 * compressed / weights:.2f} bits per weight; {len(report.skipped)} left as they were; "
+          f"wrote {saved.path} ({saved.file_bytes / 2**20:.1f} MiB)")
+    if report.tuning:
+        print(f"codebook tuning: relative output error {report.tuning['error_before']:.4g} -> "
+              f"{report.tuning['error_after']:.4g}")
+
+
 def cmd_report(args) -> None:
     from secateurs.eval.report import write_report
 

@@ -15,6 +15,7 @@ every layer against its spec and decodes the state dict in the module's own shap
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,10 +40,12 @@ def compressible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
-def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, description: dict) -> SavedModel:
+def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, description: dict,
+                           extra: Callable[[Path], None] | None = None) -> SavedModel:
     """Write `model`'s state with the layers `plan` names (grids, codebooks) in compressed formats.
     The weights must be exactly what the plan encodes (the engine leaves them so); a layer whose
-    dense float weight is smaller stays dense. `description` is stored as the manifest's "model"."""
+    dense float weight is smaller stays dense. `description` is stored as the manifest's "model";
+    `extra(folder)` may add files to the directory before it is put in place."""
     output = Path(output_dir)
     layers = {name: m for name, m in model.named_modules() if compressible(m)}
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
@@ -71,6 +74,8 @@ def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, desc
     with atomic_directory(output) as staging:
         write_safetensors(staging / WEIGHTS_FILE, stored | state)
         write_json(staging / MANIFEST_FILE, manifest)
+        if extra is not None:
+            extra(staging)
         write_checksums(staging)
     saved.file_bytes = (output / WEIGHTS_FILE).stat().st_size
     saved.compressed_tensors_problem = "a module file, not a transformers directory"
