@@ -264,3 +264,26 @@ def test_codebook_tuning_on_the_teacher_outputs_lowers_the_error_and_is_what_the
     _, state, _ = read_compressed_module(tmp_path / "out")
     for name, tensor in model.state_dict().items():
         assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("stage", [{"gptq": {"bits": 4, "group_size": 16}},
+                                   {"vq": {"codebooks": 2, "bits": 4, "group_size": 8, "rounds": 2, "adam_steps": 3}}])
+def test_a_conv2d_compressed_and_reloaded_computes_with_its_dequantized_weight(tmp_path, stage):
+    from secateurs.formats import FORMATS
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect")).eval()
+    x = torch.randn(2, 16, 7, 7)
+    report = compress_layerwise(model, load_recipe([stage]), [((x,), {})], groups=1, progress=False)
+    save_compressed_module(model, report.plan, tmp_path / "out", {})
+    _, state, specs = read_compressed_module(tmp_path / "out")
+    from safetensors.torch import load_file
+    stored = {key.split(".", 1)[1]: value for key, value in load_file(tmp_path / "out" / "model.safetensors").items()
+              if key.startswith("0.") and key != "0.bias"}
+    decoded = FORMATS[specs["0"].format].decode(stored, specs["0"])  # the matrix the file holds
+    reloaded = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, padding_mode="reflect")).eval()
+    reloaded.load_state_dict(state)
+    expected = F.conv2d(F.pad(x, [1, 1, 1, 1], mode="reflect"), matrix_to_conv(decoded, (8, 16, 3, 3)), state["0.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
