@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError
-from secateurs.io import CONFIG_FILE, file_sha256
+from secateurs.io import CONFIG_FILE, file_sha256, read_json_object
 
 
 @dataclass
@@ -85,11 +85,8 @@ def _onnx(path: Path, sha256: str) -> LoadedDenoiser:
 
 
 def _diffusers_config(path: Path) -> dict:
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SecateursError(f"{path / CONFIG_FILE}: unreadable ({exc})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+    config = read_json_object(path / CONFIG_FILE, f"{path}: no {CONFIG_FILE}")
+    if not isinstance(config.get("_class_name"), str):
         raise SecateursError(f"{path / CONFIG_FILE}: not a diffusers model config (no _class_name)")
     return config
 

@@ -92,6 +92,20 @@ def write_text(path: Path, text: str) -> None:
     replace_atomically(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
+def read_json_object(path: Path, missing: str) -> dict:
+    """The JSON object in file `path`: SecateursError(`missing`) when there is no such file,
+    FormatError naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SecateursError(missing) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return data
+
+
 def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

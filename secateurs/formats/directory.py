@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from secateurs.errors import FormatError, SecateursError
 from secateurs.formats.registry import FORMATS, LAYOUT_KEY, LAYOUT_VERSION, LayerSpec, tensor_bytes
 from secateurs.io import (CHECKSUMS_FILE, CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, atomic_directory, index_shards,
-                          read_safetensors, verify_checksums, write_checksums)
+                          read_json_object, read_safetensors, verify_checksums, write_checksums)
 from secateurs.sources import unique_state
 
 GGUF_MAGIC = b"GGUF"
@@ -51,15 +51,7 @@ def refuse_non_directory(path: Path) -> None:
 
 def _read_config(path: Path) -> dict:
     refuse_non_directory(path)
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise SecateursError(f"{path}: not a model directory (no {CONFIG_FILE})") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{path / CONFIG_FILE}: unreadable ({exc})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path / CONFIG_FILE}: not a JSON object")
-    return config
+    return read_json_object(path / CONFIG_FILE, f"{path}: not a model directory (no {CONFIG_FILE})")
 
 
 def _read_shard(shard: Path, weight_map: dict[str, Path]) -> dict[str, Tensor]:

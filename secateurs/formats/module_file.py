@@ -14,7 +14,6 @@ every layer against its spec and decodes the state dict in the module's own shap
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 
 from secateurs.algorithms.conv import conv_to_matrix, matrix_to_conv
 from secateurs.errors import FormatError, SecateursError
-from secateurs.io import (WEIGHTS_FILE, atomic_directory, read_safetensors, verify_checksums, write_checksums, write_json,
+from secateurs.io import (WEIGHTS_FILE, atomic_directory, read_json_object, read_safetensors, verify_checksums, write_checksums, write_json,
                           write_safetensors)
 
 from .directory import decode_tensors, refuse_non_directory
@@ -87,13 +86,8 @@ def read_compressed_module(path, verify: bool | None = None) -> tuple[dict, dict
     specs) of a directory written by save_compressed_module; FormatError on anything inconsistent."""
     path = Path(path)
     refuse_non_directory(path)
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        raise SecateursError(f"{path}: not a compressed module directory (no {MANIFEST_FILE})") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{path / MANIFEST_FILE}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION \
+    manifest = read_json_object(path / MANIFEST_FILE, f"{path}: not a compressed module directory (no {MANIFEST_FILE})")
+    if manifest.get("version") != MANIFEST_VERSION \
             or not isinstance(manifest.get("layers"), dict) or not isinstance(manifest.get("conv_shapes"), dict):
         raise FormatError(f"{path / MANIFEST_FILE}: expected {{version: {MANIFEST_VERSION}, layers, conv_shapes, model}}")
     specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in manifest["layers"].items()}
