@@ -66,8 +66,8 @@ METHODS = {
     "vq-1x8g4": ("vq", {"codebooks": 1, "bits": 8, "group_size": 4}),
     "vq-1x6g4": ("vq", {"codebooks": 1, "bits": 6, "group_size": 4}),
     # the same codes, then every codebook and scale trained on the dense model's outputs (codes fixed)
+    "vq-2x6g4-tuned": ("vq", {"codebooks": 2, "bits": 6, "group_size": 4}),
     "vq-2x5g4-tuned": ("vq", {"codebooks": 2, "bits": 5, "group_size": 4}),
-    "vq-1x6g4-tuned": ("vq", {"codebooks": 1, "bits": 6, "group_size": 4}),
 }
 TUNE = {"fmnist": {"tune_steps": 300, "tune_lr": 1e-4}, "terrain": {"tune_steps": 60, "tune_lr": 1e-4}}
 VQ_GROUP = 4  # the quantized layer set is the one every VQ row can code
@@ -380,8 +380,11 @@ def main() -> None:
                     ["--calibration", str(args.calibration)] if args.calibration else [])
                 row, rss = _run_child(command)
                 row["peak_rss_mb"] = round(rss)
-                rows = [r for r in rows if not (r["model"] == row["model"] and r["config"] == method)] + [row]
+                # re-read: another model's rows may have been written meanwhile by a parallel run
+                rows = [r for r in load_rows() if not (r["model"] == row["model"] and r["config"] == method)] + [row]
+                rows.sort(key=lambda r: (r["model"], list(METHODS).index(r["config"])))
                 write_report(rows)
+    rows = load_rows()
     write_report(rows)
 
 
