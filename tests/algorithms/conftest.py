@@ -52,12 +52,3 @@ def loss_of():
 @pytest.fixture
 def error_of():
     return recon_error
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These problems are tiny: thread start-up costs more than it saves on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

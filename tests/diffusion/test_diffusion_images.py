@@ -17,14 +17,6 @@ from secateurs.eval.images import ddim_sample, frechet_distance, save_image_grid
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fmnist_module():
     """benchmarks/fmnist.py, loaded from its file (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location("fmnist_benchmark_models", BENCHMARKS / "fmnist.py")

@@ -18,13 +18,3 @@ def calib_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "calibration.txt"
     path.write_text(word_text(400))
     return path
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: results comparable with the single-threaded subprocesses, and no
-    oversubscription of a shared machine (tiny matrices gain nothing from threads)."""
-    from pipeline_helpers import threads
-
-    with threads(1):
-        yield

@@ -1,6 +1,5 @@
 """Tiny saved models and CLI runs for the pipeline tests (no downloads)."""
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -62,17 +61,6 @@ def assert_identical(a: Path, b: Path) -> None:
     assert left.keys() == right.keys()
     for name in left:
         assert left[name].dtype == right[name].dtype and torch.equal(left[name], right[name]), name
-
-
-@contextlib.contextmanager
-def threads(count: int):
-    """Fixed intra-op threads: float results must not depend on the machine's core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cli_subprocess(args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
