@@ -43,10 +43,21 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+# How the engine's VQ starts its codes (algorithms.vq's `init`): "sweep" (error feedback, the default
+# since vq_sweep.py) or "kmeans" (nearest codewords: every row measured before it, whose rows carry no
+# "init" key).
+CODE_INIT = "sweep"
+
+
+def row_init(row: dict) -> str:
+    return row.get("init", "kmeans")
+
+
 def output_dir(config: str, rounds: int) -> Path:
     from secateurs.models import cache_dir
 
-    return cache_dir() / "vq-bench" / f"{PROTOCOL['model']}-vq-{config}-r{rounds}"
+    suffix = "" if CODE_INIT == "kmeans" else f"-{CODE_INIT}"
+    return cache_dir() / "vq-bench" / f"{PROTOCOL['model']}-vq-{config}-r{rounds}{suffix}"
 
 
 def recipe(config: str, rounds: int) -> list:
@@ -145,12 +156,14 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| engine | method | config | bits/weight | block fine-tune | ppl | compress s | peak RSS MB |",
-             "|---|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| engine | method | config | codes start | rounds | bits/weight | block fine-tune | ppl | compress s | peak RSS MB |",
+             "|---|---|---|---|---:|---:|---|---:|---:|---:|"]
     for row in sorted((r for r in rows if r.get("kind") != "decode"), key=lambda r: (r["bits_per_weight"], r["method"])):
         seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f}"
         rss = "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}"
-        lines.append(f"| {row['engine']} | {row['method']} | {row['config']} | {row['bits_per_weight']:.3f} | "
+        start = row_init(row) if row["method"] == "vq" else ""
+        lines.append(f"| {row['engine']} | {row['method']} | {row['config']} | {start} | {row.get('rounds', '')} | "
+                     f"{row['bits_per_weight']:.3f} | "
                      f"{'yes' if row['block_finetune'] else 'no'} | {row['ppl']:.2f} | {seconds} | {rss} |")
     decode = [r for r in rows if r.get("kind") == "decode"]
     if decode:
@@ -196,12 +209,12 @@ def main() -> None:
         rows = [r for r in rows if r.get("kind") != "decode"] + decode_rows(args.only, args.rounds)
     for config in args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
-               for r in rows):
+               and row_init(r) == CODE_INIT for r in rows):
             continue
         print(f"[vq] {config}, {args.rounds} rounds", flush=True)
         result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds)])
         rows.append({"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
-                     "rounds": args.rounds, "block_finetune": False, "decode_tok_s": None, "cpu": cpu_name(),
+                     "rounds": args.rounds, "init": CODE_INIT, "block_finetune": False, "decode_tok_s": None, "cpu": cpu_name(),
                      "peak_rss_mb": rss} | result)
         write_json(JSON_PATH, [r for r in rows if r.get("source") != "quality.json"] + scalar_rows())
     rows = [r for r in rows if r.get("source") != "quality.json"] + scalar_rows()
