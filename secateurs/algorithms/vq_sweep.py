@@ -29,9 +29,25 @@ EXHAUSTIVE_COMBINATIONS = 4096
 COORDINATE_PASSES = 3
 
 
-def error_feedback_codes(W: Tensor, H: Tensor, codebooks: Tensor, scales: Tensor, percdamp: float = 0.01) -> Tensor:
+def error_feedback_codes(W: Tensor, H: Tensor, codebooks: Tensor, scales: Tensor, percdamp: float = 0.01,
+                         act_order: bool = False) -> Tensor:
     """int64 codes [rows, cols / g, M] for W [rows, cols] given codebooks [M, 2**B, g] and row scales
-    [rows], by the sweep above (H damped by percdamp * mean(diag H) to factor it)."""
+    [rows], by the sweep above (H damped by percdamp * mean(diag H) to factor it). With `act_order`
+    the groups are swept by decreasing sum of diag(H) over their columns (GPTQ's activation order,
+    at the granularity of whole groups, so the stored layout is unchanged): the most activated
+    groups are coded while the most columns can still compensate them."""
+    books, words, g = codebooks.shape
+    if not act_order:
+        return _sweep(W, H, codebooks, scales, percdamp)
+    order = H.diagonal().reshape(-1, g).sum(1).argsort(descending=True)
+    columns = (order[:, None] * g + torch.arange(g)).flatten()
+    swept = _sweep(W[:, columns], H[columns][:, columns], codebooks, scales, percdamp)
+    codes = torch.empty_like(swept)
+    codes[:, order] = swept
+    return codes
+
+
+def _sweep(W: Tensor, H: Tensor, codebooks: Tensor, scales: Tensor, percdamp: float) -> Tensor:
     rows, cols = W.shape
     books, words, g = codebooks.shape
     prepared = prepare_hessian(H, W, percdamp)
