@@ -64,6 +64,7 @@ METHODS = {
     "rtn-w4": ("rtn", {"bits": 4}),
     "gptq-w4": ("gptq", {"bits": 4}),
     "gptq-w3": ("gptq", {"bits": 3}),
+    "gptq-w2": ("gptq", {"bits": 2}),
     "vq-2x6g4": ("vq", {"codebooks": 2, "bits": 6, "group_size": 4}),
     "vq-2x5g4": ("vq", {"codebooks": 2, "bits": 5, "group_size": 4}),
     "vq-1x8g4": ("vq", {"codebooks": 1, "bits": 8, "group_size": 4}),
