@@ -257,17 +257,25 @@ def write_report(args, budget: dict) -> None:
                   "with other jobs); a later session raises --tokens and reruns the same command.", ""]
     lines += ["| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | sparsity | train s | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for variant, loss, qat in ROW_ORDER:
         row = find(rows, variant, loss, qat, budget)
         if row is None:
             lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | |")
             continue
         rec = row.get("recovery") if variant != "dense" else None
-        lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | {row['tokens']:,} | {row['ppl_oneshot']:.2f} | "
+        oneshot = row["ppl_oneshot"]
+        final = find(rows, "sparsegpt-70", "none", False, budget) if variant.startswith("progressive") else None
+        if final is not None:  # judged against the one-shot model of its final sparsity, not its 50% start
+            oneshot = final["ppl"]
+            rec = (oneshot - row["ppl"]) / (oneshot - row["ppl_dense_ft"])
+            notes.append(f"{variant}: the one-shot column is SparseGPT 70% (its final sparsity); it started from "
+                         f"SparseGPT 50% at {row['ppl_oneshot']:.2f}.")
+        lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | {row['tokens']:,} | {oneshot:.2f} | "
                      f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | {row['sparsity']:.4f} | "
                      f"{row.get('train_seconds', 0):.0f} | {row['tokens_per_s'] or 0:.1f} |")
-    lines += ["", "Rows not yet run are resumed by running the same command again (finished rows are cached, a "
-              "killed row continues from its checkpoint).", ""]
+    lines += ["", *notes, "", "Rows not yet run are resumed by running the same command again (finished rows are cached, "
+              "a killed row continues from its checkpoint).", ""]
     from secateurs.io import write_text
 
     write_text(MD_PATH, "\n".join(lines) + "\n")
