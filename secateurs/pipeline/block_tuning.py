@@ -47,11 +47,13 @@ class _CodedWeight(nn.Module):
         return self.layout(vq_to_dense(self.codes, self.codebooks, self.scales).to(self.dtype))
 
 
-def _set_codes(module: nn.Module, codes: tuple) -> None:
+def set_vq_weight(module: nn.Module, codes: tuple) -> None:
+    """Give `module` the weight (codes, codebooks, scales) decode to."""
     module.weight.data.copy_(stored_weight(module, vq_to_dense(*codes).to(module.weight.dtype)))
 
 
-def _relative_error(forward: Callable[[int], Tensor], targets: list[Tensor]) -> float:
+def relative_error(forward: Callable[[int], Tensor], targets: list[Tensor]) -> float:
+    """sum ||forward(i) - targets[i]||^2 / sum ||targets[i]||^2."""
     error = total = 0.0
     with torch.no_grad():
         for index, target in enumerate(targets):
@@ -75,7 +77,7 @@ def tune_vq_codebooks(root: nn.Module, layers: dict[str, nn.Module], codes: dict
     output on calibration input i = k mod len(targets)) against `targets[i]`. Every other parameter of
     `root` is frozen meanwhile. Returns (the new codes of each layer, float16, the same codes where
     tuning did not help; relative output error before; after)."""
-    before = _relative_error(forward, targets)
+    before = relative_error(forward, targets)
     for name, module in layers.items():
         parametrize.register_parametrization(module, "weight", _CodedWeight(module, *codes[name]))
     coded = {name: module.parametrizations.weight[0] for name, module in layers.items()}
@@ -103,10 +105,10 @@ def tune_vq_codebooks(root: nn.Module, layers: dict[str, nn.Module], codes: dict
         for module in layers.values():
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     for name, module in layers.items():  # the rounded values, exactly as the file decodes them
-        _set_codes(module, tuned[name])
-    after = _relative_error(forward, targets)
-    if after >= before:
+        set_vq_weight(module, tuned[name])
+    after = relative_error(forward, targets)
+    if not after < before:  # NaN included: a diverged tuning is never kept
         for name, module in layers.items():
-            _set_codes(module, codes[name])
+            set_vq_weight(module, codes[name])
         return codes, before, before
     return tuned, before, after

@@ -41,7 +41,7 @@ from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.formats.module_file import compressible
 from secateurs.io import read_safetensors, write_json, write_safetensors
-from secateurs.pipeline.block_tuning import tune_vq_codebooks
+from secateurs.pipeline.block_tuning import relative_error, set_vq_weight, tune_vq_codebooks
 from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator
 from secateurs.recipe import Recipe
@@ -266,20 +266,33 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
 
 
 def _tune(model, coded, calibration, teacher, plan: StoragePlan, steps: int, lr: float, progress: bool) -> dict:
+    """Tune on all but every fourth calibration call and keep the result only if the held-out calls'
+    error falls too: ~90k codebook values fit 32 terrain inputs' noise (calibration error 0.0065 ->
+    0.0025 while unseen inputs lost 1.8 dB). Fewer than 4 calls: no hold-out."""
+    held = list(range(3, len(calibration), 4)) if len(calibration) >= 4 else []
+    train = [i for i in range(len(calibration)) if i not in held]
     bar = tqdm(total=steps, desc="tune codebooks", unit="step", disable=not progress)
 
-    def forward(index):
-        return output_tensor(run_call(model, calibration[index]))
+    def forward_on(indices):
+        return lambda k: output_tensor(run_call(model, calibration[indices[k]]))
 
     def on_step(step, loss):
         bar.set_postfix(loss=f"{loss:.3g}")
         bar.update(1)
 
-    tuned, before, after = tune_vq_codebooks(model, coded, {name: plan.vq[name] for name in coded}, forward, teacher,
+    untuned = {name: plan.vq[name] for name in coded}
+    held_before = relative_error(forward_on(held), [teacher[i] for i in held]) if held else None
+    tuned, before, after = tune_vq_codebooks(model, coded, untuned, forward_on(train), [teacher[i] for i in train],
                                              steps, lr, on_step)
     bar.close()
+    held_after = relative_error(forward_on(held), [teacher[i] for i in held]) if held else None
+    if held and not held_after < held_before:  # overfitted (or diverged on) the calls it saw: untuned again
+        for name, module in coded.items():
+            set_vq_weight(module, untuned[name])
+        tuned, after = untuned, before
     plan.vq.update(tuned)
-    return {"steps": steps, "lr": lr, "error_before": before, "error_after": after}
+    return {"steps": steps, "lr": lr, "error_before": before, "error_after": after, "held_out_calls": len(held),
+            "held_out_before": held_before, "held_out_after": held_after, "kept": tuned is not untuned}
 
 
 def _compress_one(name: str, module: nn.Module, recipe: Recipe, accumulator: HessianAccumulator | None,

@@ -287,3 +287,20 @@ def test_a_conv2d_compressed_and_reloaded_computes_with_its_dequantized_weight(t
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_codebook_tuning_is_kept_only_if_held_out_calls_improve():
+    calls = unet_calls(4, seed=3)
+    recipe = load_recipe([{"vq": {"codebooks": 1, "bits": 3, "group_size": 8, "rounds": 1, "adam_steps": 2}}])
+    untuned = tiny_unet()
+    compress_layerwise(untuned, recipe, calls, groups=2, progress=False)
+    for lr in (3e-3, 10.0):  # a sane step, and one that wrecks the codebooks on the calls it never saw
+        model = tiny_unet()
+        tuning = compress_layerwise(model, recipe, calls, groups=2, tune_steps=20, tune_lr=lr, progress=False).tuning
+        assert tuning["held_out_calls"] == 1
+        if tuning["kept"]:
+            assert tuning["held_out_after"] < tuning["held_out_before"]
+        else:
+            for name, tensor in untuned.state_dict().items():
+                assert torch.equal(model.state_dict()[name], tensor), name
+    assert not tuning["kept"]
