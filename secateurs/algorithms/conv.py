@@ -23,6 +23,11 @@ def conv_to_matrix(weight: Tensor) -> Tensor:
     return weight.permute(0, 2, 3, 1).reshape(out, -1)
 
 
+def as_matrix(weight: Tensor) -> Tensor:
+    """A layer's weight as the algorithms see it: [out, in] unchanged, a conv weight by conv_to_matrix."""
+    return conv_to_matrix(weight) if weight.dim() == 4 else weight
+
+
 def matrix_to_conv(matrix: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """Inverse of conv_to_matrix for a weight of `shape` [out, in, kh, kw]."""
     out, channels, kh, kw = shape

@@ -155,13 +155,13 @@ def vq(
 
     codes, codebooks, scales = _initialize(W, H, spec, "random" if init == "random" else "kmeans", kmeans_iters,
                                            generator)
+    row_losses = _row_losses(W - vq_reconstruct(codes, codebooks, scales), H, row_block)
     if init == "sweep":
         swept = error_feedback_codes(W, H, codebooks, scales).to(codes.dtype)
-        # kept only where it is better (it is, by far, on correlated inputs; a tie on white ones)
-        if vq_loss(W, vq_reconstruct(swept, codebooks, scales), H, row_block) < \
-                vq_loss(W, vq_reconstruct(codes, codebooks, scales), H, row_block):
-            codes = swept
-    row_losses = _row_losses(W - vq_reconstruct(codes, codebooks, scales), H, row_block)
+        swept_losses = _row_losses(W - vq_reconstruct(swept, codebooks, scales), H, row_block)
+        # kept if the layer's loss is lower (by far on correlated inputs; about a tie on white ones)
+        if swept_losses.sum() < row_losses.sum():
+            codes, row_losses = swept, swept_losses
     losses = [row_losses.sum().item()]
     done = 0
     for done in range(1, rounds + 1):

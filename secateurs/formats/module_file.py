@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from secateurs.algorithms.conv import conv_to_matrix, matrix_to_conv
+from secateurs.algorithms.conv import as_matrix, matrix_to_conv
 from secateurs.errors import FormatError, SecateursError
 from secateurs.io import (WEIGHTS_FILE, atomic_directory, read_json_object, read_safetensors, verify_checksums, write_checksums, write_json,
                           write_safetensors)
@@ -54,8 +54,7 @@ def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, desc
     specs, conv_shapes, stored, saved = {}, {}, {}, SavedModel(output)
     for name, module in layers.items():
         weight = state[f"{name}.weight"]
-        matrix = conv_to_matrix(weight) if weight.dim() == 4 else weight
-        chosen = choose_format(name, matrix, False, plan.grids.get(name), plan.nm.get(name), plan.vq.get(name),
+        chosen = choose_format(name, as_matrix(weight), False, plan.grids.get(name), plan.nm.get(name), plan.vq.get(name),
                                plan.pack_vq_codes)
         if chosen is None:
             continue

@@ -35,13 +35,13 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.algorithms.conv import conv_patches, conv_to_matrix, matrix_to_conv
+from secateurs.algorithms.conv import as_matrix, conv_patches
 from secateurs.algorithms.vq import vq_bits
 from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.formats.module_file import compressible
 from secateurs.io import read_safetensors, write_json, write_safetensors
-from secateurs.pipeline.block_tuning import relative_error, set_vq_weight, tune_vq_codebooks
+from secateurs.pipeline.block_tuning import relative_error, set_vq_weight, stored_weight, tune_vq_codebooks
 from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator
 from secateurs.recipe import Recipe
@@ -65,8 +65,7 @@ class LayerwiseReport:
 
 def layer_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as the algorithms see it: [out, in] for a Linear, [out, kh*kw*in] for a Conv2d."""
-    weight = module.weight.detach()
-    return conv_to_matrix(weight) if weight.dim() == 4 else weight
+    return as_matrix(module.weight.detach())
 
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -305,9 +304,7 @@ def _compress_one(name: str, module: nn.Module, recipe: Recipe, accumulator: Hes
         if accumulator.full:
             hessian = accumulator.hessian()
     result = compress_layer(matrix, hessian, norms, prune, quant)
-    weight = result.weight
-    module.weight.data = (matrix_to_conv(weight, module.weight.shape) if module.weight.dim() == 4 else weight).to(
-        module.weight.dtype)
+    module.weight.data = stored_weight(module, result.weight).to(module.weight.dtype)
     record = {"shape": list(module.weight.shape), "loss": result.loss, "seconds": result.seconds,
               "sparsity": result.sparsity}
     if result.vq is not None:
