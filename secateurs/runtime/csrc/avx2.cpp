@@ -154,7 +154,11 @@ struct Simd {
     return expand_madd16(bits, values, q, count);
   }
 
-  static constexpr bool kExpandBytes = false;  // no byte expand under a mask
+  static constexpr int kSparseInt4 = kSparseInt4Spread;
+  static void spread_int4(const uint8_t* codes, int zero, int8_t* out) { spread_int4_block(codes, zero, out); }
+  static I spread_int4_madd(uint64_t bits, const int8_t* spread, const int16_t* q) {
+    return spread_int4_madd16(bits, spread, q);
+  }
   static F load_halves(const float* low, const float* high) {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(low)), _mm_loadu_ps(high), 1);
   }

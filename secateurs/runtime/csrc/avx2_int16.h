@@ -54,5 +54,34 @@ inline __m256i expand_madd16(unsigned bits, const int8_t* values, const int16_t*
   return _mm256_madd_epi16(expanded, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
 }
 
+// Bitmask-sparse 4-bit codes (SparseInt4Args) in two passes over a row, because expanding
+// straight from a just-stored buffer stalls on store forwarding (the 16-byte loads at a running
+// offset straddle the stores): first every 64-column block's packed nibbles (up to 32 bytes,
+// loaded whole: the layout keeps 32 spare bytes past the last row) are spread one code per byte in
+// column order, minus the zero point (|code - zero| <= 15 fits int8), into 64 bytes of a row
+// buffer; then each block's bytes are expanded 16 columns at a time by expand_madd16, so a pruned
+// column contributes 0 whatever the zero point.
+inline void spread_int4_block(const uint8_t* codes, int zero, int8_t* out) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m256i nibble = _mm256_set1_epi8(15), z = _mm256_set1_epi8(static_cast<char>(zero));
+  const __m256i low = _mm256_sub_epi8(_mm256_and_si256(raw, nibble), z);
+  const __m256i high = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble), z);
+  // Per 128-bit half: interleaved (low, high) of its bytes 0-7, then of bytes 8-15.
+  const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(first, second, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32), _mm256_permute2x128_si256(first, second, 0x31));
+}
+
+// The block's int32 lane sums of (code - zero) * q; reads up to 24 bytes past the block's 64.
+inline __m256i spread_int4_madd16(uint64_t bits, const int8_t* spread, const int16_t* q) {
+  int count;
+  __m256i sum = expand_madd16(static_cast<unsigned>(bits & 0xffff), spread, q, count);
+  for (int step = 1; step < 4; ++step) {
+    spread += count;
+    sum = _mm256_add_epi32(sum, expand_madd16(static_cast<unsigned>(bits >> (16 * step) & 0xffff), spread, q + 16 * step, count));
+  }
+  return sum;
+}
+
 }  // namespace
 }  // namespace secateurs

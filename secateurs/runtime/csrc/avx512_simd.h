@@ -79,7 +79,12 @@ struct Simd512 {
     return join(low, high);
   }
 
-  static constexpr bool kExpandBytes = false;  // AVX-512F has no byte expand (VBMI2 has)
+  // AVX-512F has no byte expand (VBMI2 has): the AVX2 two passes, summed in the low half.
+  static constexpr int kSparseInt4 = kSparseInt4Spread;
+  static void spread_int4(const uint8_t* codes, int zero, int8_t* out) { spread_int4_block(codes, zero, out); }
+  static I spread_int4_madd(uint64_t bits, const int8_t* spread, const int16_t* q) {
+    return _mm512_zextsi256_si512(spread_int4_madd16(bits, spread, q));
+  }
   static F load_halves(const float* low, const float* high) {
     const __m512d joined = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(low))),
                                               _mm256_castps_pd(_mm256_loadu_ps(high)), 1);  // AVX-512F only

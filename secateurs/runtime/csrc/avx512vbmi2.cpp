@@ -16,6 +16,7 @@ namespace secateurs {
 namespace {
 
 struct Simd : Simd512 {
+  static constexpr int kSparseInt4 = kSparseInt4Expand;
   static I madd(const int8_t* codes, const int16_t* q) {
     return _mm512_madd_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))),
                              _mm512_loadu_si512(q));
@@ -24,7 +25,6 @@ struct Simd : Simd512 {
     return _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes))),
                              _mm512_loadu_si512(q));
   }
-  static constexpr bool kExpandBytes = true;
 
   // A 64-column block of bitmask-sparse 4-bit codes: its (kept + 1) / 2 bytes loaded (masked: no
   // read past them), each byte's two nibbles spread into two bytes (still in column order), one

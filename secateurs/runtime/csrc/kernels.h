@@ -167,6 +167,11 @@ struct SparseInt4Args {
   float* y;
 };
 
+// How an ISA's row kernel takes a block of SparseInt4Args (its Simd::kSparseInt4): a masked byte
+// expand of the packed codes (Simd::sparse_int4_madd, VBMI2), codes spread one per byte in a first
+// pass and expanded by table in a second (Simd::spread_int4_madd), or a scalar walk over the bits.
+enum SparseInt4Method : int { kSparseInt4Scalar = 0, kSparseInt4Spread = 1, kSparseInt4Expand = 2 };
+
 // One query head against cached keys / values (decode.cpp), positions [first, first + count):
 // out = softmax(s) V with s_t = scale * q . k_t. The keys are stored in blocks of kKeyBlock
 // positions, transposed within a block: k_t[d] = keys[(t / kKeyBlock * head_dim + d) * kKeyBlock

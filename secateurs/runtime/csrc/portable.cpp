@@ -101,7 +101,7 @@ struct Simd {
 
   static void in_register(F&) {}
 
-  static constexpr bool kExpandBytes = false;  // no byte expand under a mask
+  static constexpr int kSparseInt4 = kSparseInt4Scalar;
   static F load_halves(const float* low, const float* high) {
     return map([&](int i) { return i < W / 2 ? low[i] : high[i - W / 2]; });
   }

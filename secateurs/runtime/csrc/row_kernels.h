@@ -847,9 +847,9 @@ void vq_rows(const VQArgs& a, int64_t row_begin, int64_t row_end, float*) {
 
 // ---------------------------------------------------------------------------------------------
 // Bitmask-sparse 4-bit codes (SparseInt4Args), batch 1: one 64-column int16 activation block at a
-// time, its kept codes expanded to their columns (Simd::sparse_int4_madd where the ISA can expand
-// bytes under a mask, else a scalar walk over the mask bits), the block sum in int32 times the
-// block's activation scale and its group's weight scale.
+// time, its kept codes expanded to their columns (Simd::sparse_int4_madd: one masked byte expand
+// with VBMI2, a pshufb table per 8 columns on AVX2; portable: a scalar walk over the mask bits),
+// the block sum in int32 times the block's activation scale and its group's weight scale.
 
 // The k-th kept code of a block (low nibble first).
 inline int kept_code(const uint8_t* codes, int k) { return (codes[k / 2] >> (k % 2 * 4)) & 15; }
@@ -867,11 +867,13 @@ inline uint64_t block_bits(const uint8_t* mask) {
   return bits;
 }
 
-// A template so that the discarded branch for an ISA without sparse_int4_madd is never compiled.
+// A template so that the discarded branches for an ISA's other methods are never compiled.
 template <class S>
-void sparse_int4_rows_on(const SparseInt4Args& a, int64_t row_begin, int64_t row_end) {
+void sparse_int4_rows_on(const SparseInt4Args& a, int64_t row_begin, int64_t row_end, float* scratch) {
   const int64_t blocks = a.cols / 64, mask_stride = a.cols / 8;
   const int64_t per_group = a.n_groups == 1 ? blocks : a.group_size / 64;
+  int8_t* spread = reinterpret_cast<int8_t*>(scratch);  // kSparseInt4Spread: 64 bytes per block + 32
+  if constexpr (S::kSparseInt4 == kSparseInt4Spread) std::memset(spread + a.cols, 0, 32);
   for (int64_t r = row_begin; r < row_end; ++r) {
     const uint8_t* mask = a.mask + r * mask_stride;
     const uint8_t* codes = a.codes + a.row_offsets[r];
@@ -892,19 +894,29 @@ void sparse_int4_rows_on(const SparseInt4Args& a, int64_t row_begin, int64_t row
       continue;
     }
     const auto scale_of = [&](int64_t b) { return scale[b / per_group] * a.x.int16_scale[b]; };
-    if constexpr (S::kExpandBytes) {
+    const auto zero_of = [&](int64_t b) { return static_cast<int>(zero[b / per_group]); };
+    if constexpr (S::kSparseInt4 == kSparseInt4Expand) {
       a.y[r] = sum_scaled_blocks(blocks, scale_of, [&](int64_t b) {
+        __builtin_prefetch(codes + kStreamPrefetchBytes);
         const uint64_t bits = block_bits(mask + b * 8);
-        const I sum = S::sparse_int4_madd(bits, codes, a.x.int16 + b * 64, static_cast<int>(zero[b / per_group]));
+        const I sum = S::sparse_int4_madd(bits, codes, a.x.int16 + b * 64, zero_of(b));
         codes += (__builtin_popcountll(bits) + 1) / 2;
         return sum;
+      });
+    } else if constexpr (S::kSparseInt4 == kSparseInt4Spread) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        __builtin_prefetch(codes + kStreamPrefetchBytes);
+        S::spread_int4(codes, zero_of(b), spread + b * 64);
+        codes += (__builtin_popcountll(block_bits(mask + b * 8)) + 1) / 2;
+      }
+      a.y[r] = sum_scaled_blocks(blocks, scale_of, [&](int64_t b) {
+        return S::spread_int4_madd(block_bits(mask + b * 8), spread + b * 64, a.x.int16 + b * 64);
       });
     } else {
       float total = 0.0f;
       for (int64_t b = 0; b < blocks; ++b) {
         const uint64_t bits = block_bits(mask + b * 8);
-        total += scale_of(b) * static_cast<float>(sparse_int4_block_scalar(bits, codes, a.x.int16 + b * 64,
-                                                                            static_cast<int32_t>(zero[b / per_group])));
+        total += scale_of(b) * static_cast<float>(sparse_int4_block_scalar(bits, codes, a.x.int16 + b * 64, zero_of(b)));
         codes += (__builtin_popcountll(bits) + 1) / 2;
       }
       a.y[r] = total;
@@ -912,8 +924,8 @@ void sparse_int4_rows_on(const SparseInt4Args& a, int64_t row_begin, int64_t row
   }
 }
 
-void sparse_int4_rows(const SparseInt4Args& a, int64_t row_begin, int64_t row_end, float*) {
-  sparse_int4_rows_on<Simd>(a, row_begin, row_end);
+void sparse_int4_rows(const SparseInt4Args& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  sparse_int4_rows_on<Simd>(a, row_begin, row_end, scratch);
 }
 
 }  // namespace
