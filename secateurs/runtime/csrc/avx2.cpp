@@ -153,6 +153,11 @@ struct Simd {
   static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
     return expand_madd16(bits, values, q, count);
   }
+  // One int4 deinterleave block (16 columns, 8 bytes): low nibbles, then high ones.
+  static I madd_int4(const uint8_t* bytes, const int16_t* q) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+    return madd16_codes(_mm_unpacklo_epi64(low_nibbles16(raw), high_nibbles16(raw)), q);
+  }
 
   static constexpr int kSparseInt4 = kSparseInt4Spread;
   static void spread_int4(const uint8_t* codes, int zero, int8_t* out) { spread_int4_block(codes, zero, out); }

@@ -20,6 +20,15 @@ inline __m256i madd16(const uint8_t* codes, const int16_t* q) {
                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
 }
 
+// 4-bit codes on int16 activations (QuantArgs' int4 layout: activations deinterleaved in blocks,
+// so a run of bytes' low nibbles meets one contiguous half of a block and their high nibbles the
+// other): the low / high nibbles of 16 bytes, and 16 of them times 16 int16 as madd16.
+inline __m128i low_nibbles16(__m128i bytes) { return _mm_and_si128(bytes, _mm_set1_epi8(15)); }
+inline __m128i high_nibbles16(__m128i bytes) { return _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15)); }
+inline __m256i madd16_codes(__m128i codes, const int16_t* q) {
+  return _mm256_madd_epi16(_mm256_cvtepu8_epi16(codes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+}
+
 // For each mask byte, the vpshufb control putting its `rank`-th kept value (of 16 loaded int8
 // values) into the high byte of int16 lane i when bit i is set; 0x80 (a zero byte) elsewhere.
 struct Int16ExpandTable {

@@ -71,6 +71,12 @@ struct Simd512 {
   static I join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
   template <class Code>
   static I madd(const Code* codes, const int16_t* q) { return join(madd16(codes, q), madd16(codes + 16, q + 16)); }
+  // One int4 deinterleave block (32 columns, 16 bytes): the low nibbles meet its first 16
+  // activations, the high ones its last 16.
+  static I madd_int4(const uint8_t* bytes, const int16_t* q) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+    return join(madd16_codes(low_nibbles16(raw), q), madd16_codes(high_nibbles16(raw), q + 16));
+  }
   static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
     int high_count;
     const __m256i low = expand_madd16(bits & 0xffffu, values, q, count);

@@ -448,7 +448,7 @@ class Plan {
       default: {
         const int64_t n_groups = cols / l.group_size, int4_block = 2 * w;
         Activations xa = activation_rows(x, batch, cols, l.bits == 4 ? int4_block : 0);
-        if (quant_takes_int16(l.bits, batch, n_groups, l.group_size)) attach_int16(xa, cols, int16_row_.get());
+        if (quant_takes_int16(l.bits, batch, cols, n_groups, l.group_size)) attach_int16(xa, cols, int16_row_.get());
         activation_group_sums(xa, n_groups, l.group_size, [&](int64_t b, int64_t j) { return x[b * cols + j]; },
                               group_sums_.get());
         const QuantArgs args{xa, rows, cols, l.bits, l.group_size, n_groups, int4_block,

@@ -202,7 +202,7 @@ SECATEURS_EXPORT int secateurs_quant_mm(int path, int threads, const void* x, in
     const int64_t n_groups = cols / group_size, int4_block = 2 * table.simd_width;
     Buffer rows_buffer = activation_rows(x, x_type, batch, cols, bits == 4 ? int4_block : 0);
     Activations xa{batch, rows_buffer.get(), padded_stride(cols), nullptr, 0};
-    const Buffer int16_row = attach_int16_if(quant_takes_int16(bits, batch, n_groups, group_size), xa, cols);
+    const Buffer int16_row = attach_int16_if(quant_takes_int16(bits, batch, cols, n_groups, group_size), xa, cols);
     Buffer group_sums = zeroed_floats(batch * n_groups);
     activation_group_sums(xa, n_groups, group_size, [&](int64_t b, int64_t j) { return activation(x, x_type, b * cols + j); },
                           group_sums.get());

@@ -76,9 +76,12 @@ inline bool attach_int16(Activations& x, int64_t cols, float* buffer) {
   return true;
 }
 
-// Whether a quantized layer runs on int16 activations: 8-bit codes at batch 1, groups made of whole blocks.
-inline bool quant_takes_int16(int64_t bits, int64_t batch, int64_t n_groups, int64_t group_size) {
-  return bits == 8 && batch == 1 && (n_groups == 1 || group_size % kInt16Block == 0);
+// Whether a quantized layer runs on int16 activations: 8-bit codes, or 4-bit codes on whole blocks
+// (their deinterleave blocks, QuantArgs, then stay inside an int16 block), at batch 1, groups made
+// of whole blocks.
+inline bool quant_takes_int16(int64_t bits, int64_t batch, int64_t cols, int64_t n_groups, int64_t group_size) {
+  const bool codes_fit = bits == 8 || (bits == 4 && cols % kInt16Block == 0);
+  return codes_fit && batch == 1 && (n_groups == 1 || group_size % kInt16Block == 0);
 }
 
 // sums[b][g]: the sum of activation row b over group g, which the group's zero point multiplies;

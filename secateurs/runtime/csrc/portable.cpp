@@ -111,6 +111,12 @@ struct Simd {
   static I madd(const Code* codes, const int16_t* q) {
     return map_i32([&](int i) { return int32_t{codes[2 * i]} * q[2 * i] + int32_t{codes[2 * i + 1]} * q[2 * i + 1]; });
   }
+  // One int4 deinterleave block (2W columns, W bytes): low nibbles, then high ones.
+  static I madd_int4(const uint8_t* bytes, const int16_t* q) {
+    uint8_t codes[2 * W];
+    for (int i = 0; i < W; ++i) codes[i] = bytes[i] & 15, codes[W + i] = bytes[i] >> 4;
+    return madd(codes, q);
+  }
   static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
     int8_t codes[2 * W] = {};
     count = 0;

@@ -90,6 +90,19 @@ float int16_dot(const Code* w, const int16_t* q, const ScaleOf& scale_of, int64_
   return tail ? total + static_cast<float>(tail) * scale_of(blocks) : total;
 }
 
+// 4-bit codes, W bytes per 2W columns (QuantArgs' int4 layout); cols a multiple of kInt16Block.
+template <class ScaleOf>
+float int4_int16_dot(const uint8_t* bytes, const int16_t* q, const ScaleOf& scale_of, int64_t cols) {
+  constexpr int64_t kSteps = kInt16Block / (2 * W);
+  return sum_scaled_blocks(cols / kInt16Block, scale_of, [&](int64_t block) {
+    const uint8_t* block_bytes = bytes + block * kInt16Block / 2;
+    const int16_t* block_q = q + block * kInt16Block;
+    I sum = Simd::madd_int4(block_bytes, block_q);
+    for (int64_t s = 1; s < kSteps; ++s) sum = Simd::add_i32(sum, Simd::madd_int4(block_bytes + s * W, block_q + s * 2 * W));
+    return sum;
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sparse rows times a batch of activations (batch > 1): the kept weights of a row are decoded
 // once into (offset of their x column in a tile, fp32 value) pairs, then every kept weight is
@@ -443,9 +456,8 @@ void quant_row_batch(const QuantArgs& a, int64_t r, int64_t first_batch) {
   }
 }
 
-// 8-bit codes at batch 1 on int16 activations (groups of whole blocks, or one group per row):
-// each block's scale is its group's times its activations'; x_group_sums are those of the
-// quantized x.
+// 8- or 4-bit codes at batch 1 on int16 activations (quant_takes_int16): each block's scale is its
+// group's times its activations'; x_group_sums are those of the quantized x.
 void quant_row_int16(const QuantArgs& a, int64_t r) {
   const float* group_scale = a.scale + r * a.n_groups;
   const float* x_scale = a.x.int16_scale;
@@ -453,7 +465,9 @@ void quant_row_int16(const QuantArgs& a, int64_t r) {
   const auto scale_of = [&](int64_t b) { return group_scale[b / blocks_per_group] * x_scale[b]; };
   float zero_term = 0.0f;
   for (int64_t g = 0; g < a.n_groups; ++g) zero_term += group_scale[g] * a.zero[r * a.n_groups + g] * a.x_group_sums[g];
-  a.y[r] = int16_dot(a.qweight + r * a.cols, a.x.int16, scale_of, a.cols) - zero_term;
+  const float dot = a.bits == 8 ? int16_dot(a.qweight + r * a.cols, a.x.int16, scale_of, a.cols)
+                                : int4_int16_dot(a.qweight + r * (a.cols / 2), a.x.int16, scale_of, a.cols);
+  a.y[r] = dot - zero_term;
 }
 
 template <int kBits>
@@ -461,7 +475,7 @@ void quant_rows_bits(const QuantArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t row_bytes = QuantCodes<kBits>::row_bytes(a.cols);
   for (int64_t r = row_begin; r < row_end; ++r) {
     if (r + kPrefetchRows < a.rows) prefetch(a.qweight + (r + kPrefetchRows) * row_bytes, row_bytes);
-    if (kBits == 8 && a.x.int16) {
+    if (a.x.int16) {
       quant_row_int16(a, r);
       continue;
     }
