@@ -28,8 +28,10 @@ so a llama.cpp-quantized GGUF is evaluated exactly like any other model:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,10 +45,19 @@ class LlamaCppMissing(RuntimeError):
     """The llama.cpp build (or a GGUF) that scripts/llama_cpp.sh makes is not in the cache."""
 
 
+def cpu_key() -> str:
+    """Hash of this CPU's SIMD flags, as scripts/llama_cpp.sh computes it: its build is native to
+    the CPU it ran on, so each CPU kind has its own."""
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    simd = sorted(f for f in flags if re.match(r"(avx|fma|f16c|bmi|amx|sse|ssse|vnni)", f))
+    return hashlib.sha256("".join(f + "," for f in simd).encode()).hexdigest()[:10]
+
+
 def root() -> Path:
-    """Where scripts/llama_cpp.sh puts this version's build, GGUFs and manifest."""
+    """Where scripts/llama_cpp.sh puts this version's build, GGUFs and manifest for this CPU."""
     cache = Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateurs"))
-    return cache / "llama.cpp" / VERSION
+    return cache / "llama.cpp" / VERSION / cpu_key()
 
 
 def tool(name: str = "llama-bench") -> Path:

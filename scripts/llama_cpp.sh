@@ -18,7 +18,11 @@
 #          original GGUF instead (fix_vocab below); tensors stay as converted.
 #
 # Idempotent: each step is skipped when its output already exists; a failed step leaves no output.
-#   SECATEURS_CACHE   cache root (default ~/.cache/secateurs); ROOT=$SECATEURS_CACHE/llama.cpp/<version>
+#   SECATEURS_CACHE   cache root (default ~/.cache/secateurs);
+#                     ROOT=$SECATEURS_CACHE/llama.cpp/<version>/<cpu key>: the build uses GGML_NATIVE, so a
+#                     binary built on one CPU may not run on another (a Zen 5 build dies on Zen 3) and
+#                     one built on an older CPU leaves a newer one's instructions unused; the key is a
+#                     hash of the CPU's SIMD flags (benchmarks/llama_cpp.py computes the same)
 #   PYTHON            interpreter used for `pip download` / the cmake fallback venv (default python3)
 #   SECATEURS_PYTHON  interpreter with secateurs, torch and transformers (default: the repo's .venv)
 #   JOBS              parallel build jobs (default 2)
@@ -34,7 +38,11 @@ CMAKE_WHEEL="cmake==3.31.6"   # only when no usable cmake (>= 3.14) is on PATH
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${SECATEURS_CACHE:-$HOME/.cache/secateurs}"
 BASE="$CACHE/llama.cpp"
-ROOT="$BASE/$VERSION"
+cpu_key() {  # keep in step with benchmarks/llama_cpp.py: cpu_key()
+    grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2 | tr ' ' '\n' | grep -E '^(avx|fma|f16c|bmi|amx|sse|ssse|vnni)' \
+        | LC_ALL=C sort | tr '\n' ',' | sha256sum | cut -c1-10
+}
+ROOT="$BASE/$VERSION/$(cpu_key)"
 PYTHON="${PYTHON:-python3}"
 SECATEURS_PYTHON="${SECATEURS_PYTHON:-$REPO/.venv/bin/python}"
 JOBS="${JOBS:-2}"
