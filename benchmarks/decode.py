@@ -258,6 +258,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
 
     from secateurs.eval.speed import bench_prompt, time_decode_path, time_hf_generate
 
+    started = time.strftime("%Y-%m-%d %H:%M")
     bench = Workbench(model_name)
     names = with_heads([n for n in VARIANTS if not only or n in only], heads)
     eager = [n for n in EAGER if not only or n in only]
@@ -308,7 +309,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
         from secateurs.runtime import kernels
 
         base = {"model": model_name, "threads": count, "isa": kernels.kernel_path(), "cpu": _cpu_name(),
-                "load_average": os.getloadavg()}
+                "load_average": os.getloadavg(), "run": started}
         for name in names:
             variant = variant_of(name)
             rows.append(base | {
@@ -361,10 +362,15 @@ def _context_key(model: str, isa: str) -> str:
     return f"{model} [{isa}]"
 
 
+def _row_key(row: dict) -> tuple:
+    return row["model"], row["isa"], row["engine"], row["variant"], row["threads"]
+
+
 def write_results(rows: list[dict], context: dict) -> None:
-    """Write this run's rows, keeping the earlier results of (model, kernel path) pairs this run
-    did not measure: one table per instruction set, each (model, ISA) from one run, whose context
-    (CPU, load, repeat, code) is recorded."""
+    """Write this run's rows, keeping the earlier rows it did not measure again (other models,
+    kernel paths or variants): one table per instruction set. Every row names its run (`run`, a
+    timestamp) and ratios are only taken between rows of one run; each (model, ISA)'s context
+    (CPU, load, repeat, code) is its latest run's."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     contexts = {_context_key(row["model"], row["isa"]): context for row in rows}
     previous = RESULTS / "decode.json"
@@ -374,8 +380,10 @@ def write_results(rows: list[dict], context: dict) -> None:
         for row in earlier["rows"]:  # rows written before ISA tags: their model's context has the path
             if "isa" not in row:
                 old = old_contexts.get(row["model"], {})
-                row |= {"isa": old.get("kernel_path", "untagged"), "cpu": old.get("cpu"), "head": row["embeddings"]}
-        kept = [row for row in earlier["rows"] if _context_key(row["model"], row["isa"]) not in contexts]
+                row |= {"isa": old.get("kernel_path", "untagged"), "cpu": old.get("cpu"), "head": row["embeddings"],
+                        "run": f"before ISA tags, code {old.get('code')}"}
+        measured = {_row_key(row) for row in rows}
+        kept = [row for row in earlier["rows"] if _row_key(row) not in measured]
         for row in kept:
             key = _context_key(row["model"], row["isa"])
             contexts.setdefault(key, old_contexts.get(key) or old_contexts.get(row["model"], {}))
@@ -390,8 +398,9 @@ def write_results(rows: list[dict], context: dict) -> None:
         lines += [f"## {isa}", ""]
         for model in dict.fromkeys(r["model"] for r in mine):
             c = contexts.get(_context_key(model, isa), {})
+            runs = ", ".join(dict.fromkeys(str(r.get("run")) for r in mine if r["model"] == model))
             lines.append(f"- {model}: median of {c.get('repeat')} rounds, {c.get('cpu')}, load average before its "
-                         f"run {c.get('load_before')}, code {c.get('code')}.")
+                         f"latest run {c.get('load_before')}, code {c.get('code')}; rows from runs {runs}.")
         lines += ["", "| model | engine | variant | weights | head | threads | decode tok/s | prefill tok/s | "
                   "ms/token kernel + other | ppl | weight MB |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in mine:
@@ -404,12 +413,14 @@ def write_results(rows: list[dict], context: dict) -> None:
         lines += ["", "| model | threads | ratio of decode tok/s | measured | target |", "|---|---:|---|---:|---|"]
         for model in dict.fromkeys(r["model"] for r in mine):
             for threads in dict.fromkeys(r["threads"] for r in mine):
-                for label, numerator, denominator, target in TARGETS:
-                    a = _decode_speed(mine, model, isa, threads, *numerator)
-                    b = _decode_speed(mine, model, isa, threads, *denominator)
-                    if a and b:
-                        verdict = "" if target is None else f"≥ {target} {'met' if a / b >= target else 'NOT met'}"
-                        lines.append(f"| {model} | {threads} | {label} | {a / b:.2f}x | {verdict} |")
+                for run in dict.fromkeys(r.get("run") for r in mine):
+                    same_run = [r for r in mine if r.get("run") == run]
+                    for label, numerator, denominator, target in TARGETS:
+                        a = _decode_speed(same_run, model, isa, threads, *numerator)
+                        b = _decode_speed(same_run, model, isa, threads, *denominator)
+                        if a and b:
+                            verdict = "" if target is None else f"≥ {target} {'met' if a / b >= target else 'NOT met'}"
+                            lines.append(f"| {model} | {threads} | {label} (run {run}) | {a / b:.2f}x | {verdict} |")
         lines.append("")
     text = "\n".join(lines)
     (RESULTS / "decode.md").write_text(text)
