@@ -476,7 +476,7 @@ def main() -> None:
     for model in args.models:
         if args.prepare_only:
             bench = Workbench(model)
-            for name in with_heads([n for n in VARIANTS if not args.only or n in args.only], args.heads):
+            for name in with_heads([n for n in args.only or VARIANTS if n in VARIANTS], args.heads):  # --only's order
                 print(name, bench.prepare(name), flush=True)
             continue
         rows += run_model(model, args.threads, args.repeat, args.only, not args.no_llama_cpp, args.heads)
