@@ -82,6 +82,7 @@ VARIANTS = {
 }
 EAGER = {"eager-fp32": "fp32", "eager-bf16": "bf16"}
 HEADS = ("fp32", "bf16", "int8")
+LLAMA_TYPES = ("F32", "F16", "Q8_0", "Q4_1", "Q4_K_M")  # the rest (importance-matrix i-quants) are vq.py's
 
 
 def variant_of(name: str) -> Variant:
@@ -269,7 +270,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
     ggufs = []
     if with_llama:
         if llama_cpp.available():
-            ggufs = [e for e in llama_cpp.cached_ggufs() if e["model"] == model_name]
+            ggufs = [e for e in llama_cpp.cached_ggufs() if e["model"] == model_name and e["type"] in LLAMA_TYPES]
         else:
             print(f"[decode] llama.cpp is not built: {llama_cpp.BUILD_HINT}; its rows are left out", flush=True)
     # The F32 GGUF holds our dense fp32 weights and the shipped GGUF is what they are dequantized

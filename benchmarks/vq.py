@@ -10,9 +10,17 @@ counted over the quantized linear layers: codes + float16 codebooks + float16 sc
 (algorithms.vq_bits); codes + float32 group scales for the GPTQ/RTN rows (symmetric: no zero points),
 which are quality.json's rows of the same protocol.
 
+llama.cpp rows (`--llama-cpp`): the i-quants and low-bit k-quants scripts/llama_cpp.sh makes of the
+same float32 model with an importance matrix from the same 64 calibration windows (IQ2_XS, IQ3_XXS,
+Q2_K, Q3_K_S, Q4_K_S), scored by our perplexity code on the GGUF dequantized (gguf-py dequantizes
+i-quants), bits per weight measured from the GGUF's tensor bytes over the same linear layers we
+count (llama.cpp's 256-wide super-blocks do not fit SmolLM2's 576-wide rows, so those tensors fall
+back to other types: each row lists the types it holds). With `--decode`, llama-bench times them in
+the same run as our decode path (the decode benchmark's protocol: 32-token prompt, 128 new tokens).
+
 Rows are cached in benchmarks/results/vq.json; a rerun fills in missing rows (`--only CONFIG`).
 
-    nice .venv/bin/python benchmarks/vq.py [--only 2x8g8 ...] [--rounds N]
+    nice .venv/bin/python benchmarks/vq.py [--only 2x8g8 ...] [--rounds N] [--llama-cpp] [--decode]
 """
 
 from __future__ import annotations
@@ -104,6 +112,63 @@ def worker(config: str, rounds: int) -> dict:
             "layer_loss": report["totals"]["loss"]}
 
 
+LLAMA_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_S")
+LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def llama_ggufs() -> list[dict]:
+    """The importance-matrix GGUFs of the protocol's model that scripts/llama_cpp.sh made."""
+    import llama_cpp
+
+    if not llama_cpp.available():
+        print(f"[vq] llama.cpp is not built: {llama_cpp.BUILD_HINT}", flush=True)
+        return []
+    return [e for e in llama_cpp.cached_ggufs(include_original=False)
+            if e["model"] == PROTOCOL["model"] and e["type"] in LLAMA_TYPES and e.get("imatrix")]
+
+
+def gguf_linear_bits(path: str) -> tuple[float, dict[str, int]]:
+    """(bits per weight, tensors per stored type) over the decoder blocks' linear layers of a GGUF,
+    from the bytes each tensor takes in the file."""
+    from gguf import GGUFReader
+
+    tensors = [t for t in GGUFReader(path).tensors
+               if t.name.startswith("blk.") and t.name.split(".")[-2] in LINEAR_TENSORS]
+    types: dict[str, int] = {}
+    for tensor in tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return sum(int(t.n_bytes) * 8 for t in tensors) / sum(int(t.n_elements) for t in tensors), types
+
+
+def llama_worker(path: str) -> dict:
+    """Our perplexity of a GGUF, dequantized to float32."""
+    import llama_cpp
+
+    from secateurs.eval.perplexity import perplexity
+
+    loaded = llama_cpp.gguf_perplexity_model(path)
+    _, evaluation = _calibration_and_eval(loaded.tokenizer)
+    started = time.perf_counter()
+    ppl = perplexity(loaded.model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
+    return {"ppl": ppl.ppl, "eval_tokens": ppl.tokens_evaluated, "eval_seconds": time.perf_counter() - started}
+
+
+def llama_rows(rows: list[dict]) -> list[dict]:
+    """rows plus a quality row for every importance-matrix GGUF not scored yet."""
+    for entry in llama_ggufs():
+        if any(r["engine"] == "llama.cpp" and r["method"] == entry["type"] and r.get("kind") != "decode" for r in rows):
+            continue
+        print(f"[vq] llama.cpp {entry['type']}: perplexity of the dequantized GGUF", flush=True)
+        bits, types = gguf_linear_bits(entry["path"])
+        result, rss = _run_child([sys.executable, __file__, "--llama-worker", entry["path"]])
+        rows.append({"model": PROTOCOL["model"], "engine": "llama.cpp", "method": entry["type"], "config": "imatrix",
+                     "bits_per_weight": bits, "linear_types": types, "block_finetune": False, "seconds": None,
+                     "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss, "gguf_mb": entry["size_mb"],
+                     "made_by": entry.get("made_by")} | result)
+        write_json(JSON_PATH, [r for r in rows if r.get("source") != "quality.json"] + scalar_rows())
+    return rows
+
+
 def scalar_rows() -> list[dict]:
     """quality.json's GPTQ and RTN rows (ours), with their bits per weight counted as stored."""
     rows = []
@@ -121,10 +186,11 @@ def scalar_rows() -> list[dict]:
     return list(unique.values())
 
 
-def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3) -> list[dict]:
+def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3, with_llama: bool = False) -> list[dict]:
     """Decode tokens/s of the VQ models and, as the baseline measured in the same run, the dense
     model, on our C++ decode path (int8 embeddings; 32-token prompt of Persuasion, 128 new tokens,
-    median of `repeat`). Run on a quiet machine: `uptime` goes into every row."""
+    median of `repeat`), and with_llama llama-bench on the importance-matrix GGUFs and Q4_1 (after
+    32 tokens of context, like ours). Run on a quiet machine: `uptime` goes into every row."""
     import os
     import statistics
 
@@ -152,6 +218,20 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3
                          "kind": "decode", "decode_tok_s": statistics.median(speeds), "threads": count,
                          "kernel_path": decoder.kernel_path, "cpu": cpu_name(), "uptime": os.getloadavg()})
             print(f"[vq] decode {method} {config} threads {count}: {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+    if with_llama:
+        import llama_cpp
+
+        for entry in llama_ggufs() + [e for e in llama_cpp.cached_ggufs() if e["model"] == PROTOCOL["model"]
+                                      and e["type"] == "Q4_1" and e.get("origin") != "original"]:
+            for count in threads:
+                speeds = [llama_cpp.run_llama_bench(entry["path"], count, 32, 128, repeat=1, depth=32)["decode_tok_s"]
+                          for _ in range(repeat)]
+                rows.append({"model": PROTOCOL["model"], "engine": "llama.cpp", "method": entry["type"],
+                             "config": "imatrix" if entry.get("imatrix") else "", "kind": "decode",
+                             "decode_tok_s": statistics.median(speeds), "threads": count, "kernel_path": "llama.cpp",
+                             "cpu": cpu_name(), "uptime": os.getloadavg()})
+                print(f"[vq] decode llama.cpp {entry['type']} threads {count}: {rows[-1]['decode_tok_s']:.1f} tok/s",
+                      flush=True)
     return rows
 
 
@@ -162,14 +242,18 @@ def markdown(rows: list[dict]) -> str:
         seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f}"
         rss = "" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}"
         start = row_init(row) if row["method"] == "vq" else ""
-        lines.append(f"| {row['engine']} | {row['method']} | {row['config']} | {start} | {row.get('rounds', '')} | "
+        config = row["config"] + (" (" + ", ".join(f"{k} x{v}" for k, v in row["linear_types"].items()) + ")"
+                                  if row.get("linear_types") else "")
+        lines.append(f"| {row['engine']} | {row['method']} | {config} | {start} | {row.get('rounds', '')} | "
                      f"{row['bits_per_weight']:.3f} | "
                      f"{'yes' if row['block_finetune'] else 'no'} | {row['ppl']:.2f} | {seconds} | {rss} |")
     decode = [r for r in rows if r.get("kind") == "decode"]
     if decode:
-        lines += ["", "| decode path | config | threads | tok/s | kernel path | load average |", "|---|---|---:|---:|---|---|"]
-        lines += [f"| {r['method']} | {r['config']} | {r['threads']} | {r['decode_tok_s']:.1f} | {r['kernel_path']} | "
-                  f"{', '.join(f'{v:.2f}' for v in r['uptime'])} |" for r in decode]
+        lines += ["", "| engine | decode path | config | threads | tok/s | kernel path | CPU | load average |",
+                  "|---|---|---|---:|---:|---|---|---|"]
+        lines += [f"| {r['engine']} | {r['method']} | {r['config']} | {r['threads']} | {r['decode_tok_s']:.1f} | "
+                  f"{r['kernel_path']} | {r.get('cpu') or ''} | {', '.join(f'{v:.2f}' for v in r['uptime'])} |"
+                  for r in decode]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +268,12 @@ def plot(rows: list[dict]) -> None:
         points = sorted((r["bits_per_weight"], r["ppl"]) for r in rows if r["method"] == method and r.get("kind") != "decode")
         if points:
             axis.plot(*zip(*points), marker=marker, label=method)
+    llama = sorted((r["bits_per_weight"], r["ppl"], r["method"]) for r in rows
+                   if r["engine"] == "llama.cpp" and r.get("kind") != "decode")
+    if llama:
+        axis.plot([b for b, _, _ in llama], [p for _, p, _ in llama], "x", color="black", label="llama.cpp (imatrix)")
+        for bits, ppl, name in llama:
+            axis.annotate(name, (bits, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
     dense = next((r["dense_ppl"] for r in json.loads(QUALITY_JSON.read_text()) if r.get("dense_ppl")), None)
     if dense:
         axis.axhline(dense, color="grey", linestyle="--", label=f"dense {dense:.1f}")
@@ -199,14 +289,22 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=["2x8g8"])
     parser.add_argument("--rounds", type=int, default=4, help="alternations of code search and codebook steps")
     parser.add_argument("--decode", action="store_true", help="time the decode path (a quiet machine only)")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="add llama.cpp's importance-matrix GGUFs (scripts/llama_cpp.sh makes them)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.rounds)))
         return
+    if args.llama_worker:
+        print(json.dumps(llama_worker(args.llama_worker)))
+        return
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
+    if args.llama_cpp:
+        rows = llama_rows(rows)
     if args.decode:
-        rows = [r for r in rows if r.get("kind") != "decode"] + decode_rows(args.only, args.rounds)
+        rows = [r for r in rows if r.get("kind") != "decode"] + decode_rows(args.only, args.rounds, with_llama=args.llama_cpp)
     for config in args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
                and row_init(r) == CODE_INIT for r in rows):

@@ -47,7 +47,7 @@ PYTHON="${PYTHON:-python3}"
 SECATEURS_PYTHON="${SECATEURS_PYTHON:-$REPO/.venv/bin/python}"
 JOBS="${JOBS:-2}"
 MODELS="${LLAMA_CPP_MODELS:-smollm2-135m gemma3-270m}"
-TOOLS=(llama-bench llama-quantize llama-perplexity llama-simple)
+TOOLS=(llama-bench llama-quantize llama-perplexity llama-simple llama-imatrix)
 SRC="$ROOT/src"
 BUILD="$ROOT/build"
 BIN="$ROOT/bin"
@@ -235,14 +235,50 @@ with open(log, "a") as handle:
 EOF
 }
 
-# quantize <source gguf> <type> <out file>
+# quantize <source gguf> <type> <out file> [importance matrix]
 quantize() {
-    local source="$1" type="$2" out="$3"
+    local source="$1" type="$2" out="$3" imatrix="${4:-}" extra=()
     if [[ -f "$out" ]]; then log "gguf: $out exists"; return; fi
-    log "gguf: llama-quantize $type -> $out"
-    run "$BIN/llama-quantize" "$source" "$out.partial" "$type" "$JOBS" >"$out.log" 2>&1 \
+    [[ -n "$imatrix" ]] && extra=(--imatrix "$imatrix")
+    log "gguf: llama-quantize ${extra[*]} $type -> $out"
+    run "$BIN/llama-quantize" "${extra[@]}" "$source" "$out.partial" "$type" "$JOBS" >"$out.log" 2>&1 \
         || { tail -30 "$out.log" >&2; rm -f "$out.partial"; return 1; }
     mv "$out.partial" "$out"
+}
+
+# The vector-quantization benchmark's llama.cpp rows (benchmarks/vq.py): i-quants and low-bit
+# k-quants of <name>-f32.gguf made with an importance matrix that llama-imatrix computes on the
+# same 64 calibration windows of 512 tokens our compression uses (benchmarks/quality.py's
+# protocol, written out as text; llama.cpp re-tokenizes it with the same vocabulary).
+IMATRIX_TYPES=(IQ2_XS IQ3_XXS Q2_K Q3_K_S Q4_K_S)
+imatrix_quants() {
+    local name="$1" text="$GGUF_DIR/$1-calibration.txt" imatrix="$GGUF_DIR/$1-imatrix.dat" type lower
+    if [[ ! -f "$text" ]]; then
+        log "gguf: $name: writing the calibration windows as text -> $text"
+        (cd "$REPO/benchmarks" && "$SECATEURS_PYTHON" - "$text.partial" <<'EOF'
+import sys
+
+import quality
+from secateurs.models import load_model
+
+loaded = load_model(quality.PROTOCOL["model"])
+windows, _ = quality._calibration_and_eval(loaded.tokenizer)
+with open(sys.argv[1], "w") as out:
+    for window in windows:
+        out.write(loaded.tokenizer.decode(window.flatten().tolist()) + "\n")
+EOF
+        ) && mv "$text.partial" "$text" || { rm -f "$text.partial"; return 1; }
+    fi
+    if [[ ! -f "$imatrix" ]]; then
+        log "gguf: $name: llama-imatrix on $text -> $imatrix"
+        run "$BIN/llama-imatrix" -m "$GGUF_DIR/$name-f32.gguf" -f "$text" -o "$imatrix.partial" -c 512 \
+            --chunks 64 -t "$JOBS" >"$imatrix.log" 2>&1 || { tail -30 "$imatrix.log" >&2; rm -f "$imatrix.partial"*; return 1; }
+        mv "$imatrix.partial" "$imatrix"
+    fi
+    for type in "${IMATRIX_TYPES[@]}"; do
+        lower=$(echo "$type" | tr '[:upper:]' '[:lower:]')
+        quantize "$GGUF_DIR/$name-f32.gguf" "$type" "$GGUF_DIR/$name-$lower.gguf" "$imatrix" || return 1
+    done
 }
 
 converter_deps() {
@@ -296,6 +332,7 @@ make_ggufs() {
         fi
         if [[ "$name" == smollm2-135m ]]; then
             quantize "$GGUF_DIR/$name-f32.gguf" Q4_1 "$GGUF_DIR/$name-q4_1.gguf"
+            imatrix_quants "$name" || log "gguf: $name: importance-matrix quantization failed (see $GGUF_DIR/*.log)"
         fi
     done
     write_manifest
@@ -304,11 +341,12 @@ make_ggufs() {
 
 write_manifest() {
     log "gguf: writing $ROOT/manifest.json"
-    (cd "$REPO" && "$SECATEURS_PYTHON" - "$ROOT" "$VERSION" <<'EOF'
+    (cd "$REPO" && "$SECATEURS_PYTHON" - "$ROOT" "$VERSION" "${IMATRIX_TYPES[*]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
 root, version = Path(sys.argv[1]), sys.argv[2]
+IMATRIX_TYPES = set(sys.argv[3].split())
 try:
     from secateurs.models import EMBEDDED, embedded_gguf
 except ImportError:
@@ -316,9 +354,11 @@ except ImportError:
 ggufs = []
 for path in sorted((root / "gguf").glob("*.gguf")):
     model, _, kind = path.stem.rpartition("-")
+    imatrix = kind.upper() in IMATRIX_TYPES
+    made_by = ("convert_hf_to_gguf.py" if kind in ("f32", "f16") else f"llama-quantize from {model}-f32.gguf"
+               + (f" with the importance matrix {model}-imatrix.dat" if imatrix else ""))
     ggufs.append({"model": model, "type": kind.upper(), "origin": "llama.cpp", "path": str(path),
-                  "size_mb": round(path.stat().st_size / 2**20, 2), "made_by": "convert_hf_to_gguf.py"
-                  if kind in ("f32", "f16") else f"llama-quantize from {model}-f32.gguf"})
+                  "size_mb": round(path.stat().st_size / 2**20, 2), "made_by": made_by, "imatrix": imatrix})
 # The original GGUFs the embedded models ship in their PyPI packages, for reference.
 for name in EMBEDDED:
     try:
