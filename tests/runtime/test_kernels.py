@@ -51,6 +51,26 @@ def test_bitmask_matches_reference(kernel_path, value_dtype, batch):
                 assert_matches_reference(y, x, dense, int8=value_dtype == torch.int8)
 
 
+@pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16, torch.int8))
+def test_bitmask_many_tiles_matches_reference(kernel_path, value_dtype, two_threads):
+    """Wide layers at batches of more activation tiles than one L2 sweep take the decode-once path
+    (kernels: bitmask_rows_many_tiles): rows split between threads, a partial last tile."""
+    generator = torch.Generator().manual_seed(3)
+    rows, cols, batch = 37, 2500, 70
+    for density in (0.0, 0.1, 0.6):
+        weight = sparse_weight(rows, cols, density, generator)
+        row_scale = None
+        if value_dtype == torch.int8:
+            weight = (weight * 40).round().clamp(-127, 127)
+            row_scale = torch.rand(rows, generator=generator) + 0.5
+        layout = layouts.bitmask_from_dense(weight.to(value_dtype))
+        dense = weight.to(value_dtype).to(torch.float32) * (1 if row_scale is None else row_scale[:, None])
+        x = activations(batch, cols, torch.float32, generator)
+        y = kernels.bitmask_mm(x, *layout, cols, row_scale)
+        assert kernels.last_kernel_path() == kernel_path
+        assert_matches_reference(y, x, dense)
+
+
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 300), batch=st.integers(1, 70),
        density=st.floats(0, 1), seed=st.integers(0, 2**31))

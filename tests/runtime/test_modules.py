@@ -171,3 +171,24 @@ def test_module_forward_reports_kernel_path(kernel_path):
     with torch.no_grad():
         module(torch.randn(4, IN))
     assert kernels.last_kernel_path() == kernel_path
+
+
+@pytest.mark.parametrize("density,kernel_above_max_batch", ((0.1, True), (0.6, False)))
+def test_very_sparse_bitmask_layers_keep_their_kernel_at_large_batches(density, kernel_above_max_batch):
+    """Above KERNEL_MAX_BATCH tokens a bitmask layer at most SPARSE_GEMM_MAX_DENSITY dense stays on
+    its kernel (work per kept weight), a denser one takes the dense matmul."""
+    generator = torch.Generator().manual_seed(17)
+    weight = pruned_weight(generator, density=density)
+    x = torch.randn(KERNEL_MAX_BATCH + 30, IN, generator=generator)
+    for module in (BitmaskLinear.from_dense(weight), SparseQuantLinear.from_dense(weight)):
+        calls = []
+        original = kernels.bitmask_mm
+        kernels.bitmask_mm = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                y = module(x)
+        finally:
+            kernels.bitmask_mm = original
+        assert bool(calls) == kernel_above_max_batch
+        expected = x.double() @ module.to_dense().double().T
+        assert torch.allclose(y.double(), expected, rtol=1e-4, atol=1e-4)

@@ -74,11 +74,21 @@ Buffer activation_rows(const void* x, int type, int64_t batch, int64_t cols, int
 }
 
 // [n_tiles][cols][tile]: the batch lanes of one column are contiguous, padded with zeros.
+// Column-major within a tile: each column's `tile` lanes are written together, so the writes run
+// contiguously and the reads are `tile` sequential streams (one per token).
 Buffer activation_tiles(const void* x, int type, int64_t batch, int64_t cols, int64_t tile) {
   Buffer tiles = zeroed_floats(((batch + tile - 1) / tile * cols + 1) * tile);
-  for (int64_t b = 0; b < batch; ++b) {
-    float* lane = tiles.get() + (b / tile) * cols * tile + b % tile;
-    for (int64_t j = 0; j < cols; ++j) lane[j * tile] = activation(x, type, b * cols + j);
+  for (int64_t first = 0; first < batch; first += tile) {
+    const int64_t lanes = std::min(tile, batch - first);
+    float* out = tiles.get() + first / tile * cols * tile;
+    if (type == kFloat32) {
+      const float* in = static_cast<const float*>(x) + first * cols;
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t lane = 0; lane < lanes; ++lane) out[j * tile + lane] = in[lane * cols + j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t lane = 0; lane < lanes; ++lane) out[j * tile + lane] = activation(x, type, (first + lane) * cols + j);
+    }
   }
   return tiles;
 }
@@ -90,10 +100,21 @@ struct SparseActivations {
   Activations view;
 };
 
-SparseActivations sparse_activations(const void* x, int type, int64_t batch, int64_t cols, int simd_width) {
+// With rows_when_many, a batch of many tiles (kernels.h: many_tiles) is handed over as rows instead:
+// float32 input as it is, bfloat16 converted.
+SparseActivations sparse_activations(const void* x, int type, int64_t batch, int64_t cols, int simd_width,
+                                     bool rows_when_many = false) {
   SparseActivations a;
   a.view = Activations{batch, nullptr, padded_stride(cols), nullptr, batch <= simd_width ? simd_width : 2 * simd_width};
-  if (batch == 1) {
+  if (batch > 1 && rows_when_many && many_tiles(batch, a.view.tile)) {
+    if (type == kFloat32) {
+      a.view.rows = static_cast<const float*>(x);
+      a.view.row_stride = cols;
+    } else {
+      a.storage = activation_rows(x, type, batch, cols, 0);
+      a.view.rows = a.storage.get();
+    }
+  } else if (batch == 1) {
     a.storage = activation_rows(x, type, batch, cols, 0);
     a.view.rows = a.storage.get();
   } else {
@@ -170,7 +191,7 @@ SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, 
   const bool ok = valid_activation_type(x_type) && valid_value_type(value_type) && batch > 0 && rows >= 0 &&
                   cols >= 0 && (value_type == kInt8) == (row_scale != nullptr);
   return guarded(path, ok, [&](const KernelTable& table) {
-    SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width);
+    SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width, true);
     const Buffer int16_row = attach_int16_if(value_type == kInt8 && batch == 1, xa.view, cols);
     const int64_t mask_stride = (cols + 7) / 8, value_bytes = value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1;
     const BitmaskArgs args{xa.view, rows, cols, mask_stride, mask, values, value_type, row_offsets, row_scale, nullptr};

@@ -15,6 +15,7 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 namespace secateurs {
 
@@ -26,7 +27,8 @@ struct Activations {
   // [batch][row_stride] fp32, zero padded past `cols` (for int4: deinterleaved, see QuantArgs).
   const float* rows;
   int64_t row_stride;
-  // Transposed tiles for the sparse GEMM: [n_tiles][cols][tile], batch index padded with zeros.
+  // Transposed tiles for the sparse GEMM: [n_tiles][cols][tile], batch index padded with zeros;
+  // nullptr at batches above one whose rows the kernel tiles itself (many_tiles).
   const float* tiles;
   int64_t tile;
   // Batch-1 int8 kernels only, when set: the row as int16 (see quantize_int16).
@@ -96,6 +98,11 @@ void activation_group_sums(const Activations& x, int64_t n_groups, int64_t group
       sums[b * n_groups + g] = static_cast<float>(sum);
     }
 }
+
+// Whether the bitmask kernel takes a batch as rows and tiles it itself, one tile at a time per
+// thread (kept in L1 while every row of the thread passes over it), rather than as tiles of the
+// whole batch built up front: batches of more than one tile.
+inline bool many_tiles(int64_t batch, int64_t tile) { return batch > tile; }
 
 struct BitmaskArgs {
   Activations x;

@@ -137,13 +137,20 @@ void sparse_row_times_tiles(const Activations& x, int64_t cols, const int32_t* o
       for (int v = 0; v < kVecs; ++v)
         acc[0][v] = Simd::fma(weight, Simd::load(xt + offsets[k] + v * W), acc[0][v]);
     }
+    const int64_t first = tile * x.tile;
+    const int64_t lane_count = x.batch - first < x.tile ? x.batch - first : x.tile;
+    if (y_stride == 1 && lane_count == kVecs * W) {  // a whole tile into contiguous outputs
+      for (int v = 0; v < kVecs; ++v) {
+        const F chains[kChains] = {acc[0][v], acc[1][v], acc[2][v], acc[3][v]};
+        Simd::store(y + first + v * W, Simd::mul(sum_of(chains, kChains), Simd::set1(scale)));
+      }
+      continue;
+    }
     float lanes[kVecs * W];
     for (int v = 0; v < kVecs; ++v) {
       const F chains[kChains] = {acc[0][v], acc[1][v], acc[2][v], acc[3][v]};
       Simd::store(lanes + v * W, sum_of(chains, kChains));
     }
-    const int64_t first = tile * x.tile;
-    const int64_t lane_count = x.batch - first < x.tile ? x.batch - first : x.tile;
     for (int64_t lane = 0; lane < lane_count; ++lane) y[(first + lane) * y_stride] = lanes[lane] * scale;
   }
 }
@@ -289,9 +296,51 @@ inline int64_t bitmask_row_offsets(const uint8_t* mask, int64_t mask_bytes, int6
   });
 }
 
+// Batches of more than one tile (kernels.h: many_tiles; encoders, prefill) come as rows: the rows
+// of [row_begin, row_end) are decoded once into (offset, fp32 value) pairs for the whole call, then
+// the tokens are taken a tile at a time, transposed into a thread-local tile that stays in L1 (for
+// layers up to ~500 columns; L2 beyond) while every row of the range passes over it: per kept
+// weight and tile, 8 bytes of decoded weight read from L2 against 4 * tile bytes of x from L1.
+// A tile's outputs go to a [row][lane] buffer, then into y [batch][rows] in blocks of 64 rows:
+// storing them straight into y would touch a cache line per token for every row.
+template <class T>
+void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t row_end) {
+  const T* values = static_cast<const T*>(a.values);
+  const int64_t first = a.row_offsets[row_begin], kept = a.row_offsets[row_end] - first;
+  std::vector<int32_t> offsets(static_cast<size_t>(kept + W));  // W spare: compress_by_mask stores whole vectors
+  std::vector<float> weights(static_cast<size_t>(kept + W));
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t start = a.row_offsets[r] - first;
+    bitmask_row_offsets(a.mask + r * a.mask_stride, a.mask_stride, a.x.tile, offsets.data() + start);
+    const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
+    for (int64_t k = a.row_offsets[r]; k < a.row_offsets[r + 1]; ++k) weights[k - first] = value_to_float(values[k]) * scale;
+  }
+  const int64_t tile = a.x.tile, range = row_end - row_begin;
+  std::vector<float> tiled(static_cast<size_t>(a.cols * tile + tile)), out(static_cast<size_t>(range * tile));
+  for (int64_t token0 = 0; token0 < a.x.batch; token0 += tile) {
+    const int64_t lanes = std::min(tile, a.x.batch - token0);
+    const float* in = a.x.rows + token0 * a.x.row_stride;
+    for (int64_t j = 0; j < a.cols; ++j)
+      for (int64_t lane = 0; lane < tile; ++lane) tiled[j * tile + lane] = lane < lanes ? in[lane * a.x.row_stride + j] : 0.0f;
+    Activations part = a.x;
+    part.batch = lanes;
+    part.tiles = tiled.data();
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const int64_t start = a.row_offsets[r] - first;
+      sparse_row_times_activations(part, a.cols, offsets.data() + start, weights.data() + start,
+                                   a.row_offsets[r + 1] - a.row_offsets[r], 1.0f, out.data() + (r - row_begin) * tile, 1);
+    }
+    float* y = a.y + token0 * a.rows + row_begin;
+    for (int64_t block = 0; block < range; block += 64)
+      for (int64_t lane = 0; lane < lanes; ++lane)
+        for (int64_t i = block; i < std::min(range, block + 64); ++i) y[lane * a.rows + i] = out[i * tile + lane];
+  }
+}
+
 template <class T>
 void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
   if (a.x.batch == 1) return bitmask_rows_batch1<T>(a, row_begin, row_end, scratch);
+  if (!a.x.tiles) return bitmask_rows_many_tiles<T>(a, row_begin, row_end);
   const T* values = static_cast<const T*>(a.values);
   int32_t* offsets = reinterpret_cast<int32_t*>(scratch);
   float* converted = scratch + a.cols + 2 * W;  // fp32 values
