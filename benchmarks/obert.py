@@ -15,9 +15,21 @@ Protocol (fit to a 2-core CPU; every choice below is fixed, none tuned on the te
     temperature 2 (oBERT's downstream setting); oBERT with m = 64 gradients per pruning step;
   - seeds: `--seeds N` (the issue asks for 3); each row is the mean over its seeds, spread beside it.
 
+Speed (`--rows speed`, a quiet machine only): sequences/s of the classifier at sequence length
+SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, and the encoder with its
+block linear layers at 80 / 90 / 97% sparsity through our bitmask fp32 and bitmask int8 modules (the
+batched sparse kernel at every batch; runtime.modules.SPARSE_GEMM_MAX_DENSITY); everything else
+(embeddings, attention, norms) stays torch. The sparse layers' pattern is per-layer magnitude
+pruning of the pretrained encoder: a bitmask kernel's time depends on how many weights each row
+keeps, not on which, so the gradual rows' accuracy (or the one-shot oBERT row's, where no gradual
+row exists yet) is set beside the speed of the same sparsity. Median of SPEED_REPEAT timed
+forwards after one warm-up; `uptime` in every row; written to obert.json (kind "speed") and
+obert-speed.md.
+
 Rows are cached in benchmarks/results/obert.json as they finish; the teacher is kept in the cache.
 
     nice .venv/bin/python benchmarks/obert.py [--rows dense oneshot gradual] [--seeds 1]
+    .venv/bin/python benchmarks/obert.py --rows speed
 """
 
 from __future__ import annotations
@@ -165,6 +177,83 @@ def gradual(method: str, sparsity: float, seed: int) -> dict:
             "seconds": time.perf_counter() - started} | score(model, scored)
 
 
+SPEED_SPARSITIES, SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (0.8, 0.9, 0.97), (1, 8, 32), (1, 2), 5
+
+
+def speed_rows(accuracy: list[dict]) -> list[dict]:
+    """Sequences/s of the dense and sparse encoders (module docstring), with accuracy beside."""
+    import os
+
+    from secateurs.algorithms.magnitude import magnitude_mask
+    from secateurs.models import load_classifier
+    from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
+    from secateurs.training.masks import block_linear_layers
+
+    def accuracy_at(sparsity: float) -> tuple[float | None, str | None]:
+        for method in ("gradual-obert", "oneshot-obert"):
+            row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9), None)
+            if row:
+                return row["accuracy"], method
+        return None, None
+
+    dense = load_classifier(ENCODER, 2).model.eval()
+    dense_row = next((r for r in accuracy if r["method"] == "dense"), None)
+    variants = {("dense", 0.0, None, "torch", "fp32"): dense,
+                ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16)}
+    for sparsity in SPEED_SPARSITIES:
+        pruned = copy.deepcopy(dense)
+        with torch.no_grad():
+            for module in block_linear_layers(pruned).values():
+                module.weight.mul_(magnitude_mask(module.weight, sparsity))
+        for quant, kind in ((None, BitmaskLinear), ("int8", SparseQuantLinear)):
+            model = copy.deepcopy(pruned)
+            for name, module in block_linear_layers(model).items():
+                parent, _, attribute = name.rpartition(".")
+                setattr(model.get_submodule(parent), attribute, kind.from_dense(module.weight, module.bias))
+            variants[("sparse", sparsity, quant, "secateurs", "fp32")] = model.eval()
+    rows = []
+    for threads in SPEED_THREADS:
+        torch.set_num_threads(threads)
+        for batch in SPEED_BATCHES:
+            ids = torch.randint(1000, 20000, (batch, SEQLEN), generator=torch.Generator().manual_seed(batch))
+            mask = torch.ones_like(ids)
+            for (method, sparsity, quant, engine, dtype), model in variants.items():
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask)
+                    times = []
+                    for _ in range(SPEED_REPEAT):
+                        started = time.perf_counter()
+                        model(input_ids=ids, attention_mask=mask)
+                        times.append(time.perf_counter() - started)
+                acc, source = accuracy_at(sparsity) if sparsity else (dense_row and dense_row["accuracy"], "dense")
+                rows.append({"kind": "speed", "method": method, "sparsity": sparsity, "quant": quant, "engine": engine,
+                             "dtype": dtype, "batch": batch, "seqlen": SEQLEN, "threads": threads,
+                             "seq_per_s": batch / statistics.median(times), "accuracy": acc, "accuracy_from": source,
+                             "cpu": cpu_name(), "isa": kernels.kernel_path() if engine == "secateurs" else "torch",
+                             "uptime": os.getloadavg()})
+                print(f"[obert] speed {method} {sparsity} {quant or dtype} batch {batch} threads {threads}: "
+                      f"{rows[-1]['seq_per_s']:.1f} seq/s", flush=True)
+    return rows
+
+
+def speed_markdown(rows: list[dict]) -> str:
+    lines = [f"Sequences/s of all-MiniLM-L6-v2 + head at sequence length {SEQLEN}; {rows[0]['cpu']}, kernel path "
+             f"{next((r['isa'] for r in rows if r['engine'] == 'secateurs'), '')}, load average before "
+             f"{rows[0]['uptime'][0]:.2f}. Sparse rows: block linear layers as bitmask modules (fp32 or int8 values), "
+             "the rest torch fp32; accuracy from the obert.json row named.", "",
+             "| threads | batch | model | seq/s | vs torch fp32 | vs torch bf16 | accuracy (row) |", "|---:|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        def base(dtype):
+            return next(b["seq_per_s"] for b in rows if b["engine"] == "torch" and b["dtype"] == dtype
+                        and (b["batch"], b["threads"]) == (r["batch"], r["threads"]))
+        name = (f"torch dense {r['dtype']}" if r["engine"] == "torch"
+                else f"bitmask {r['quant'] or 'fp32'} {100 * r['sparsity']:.0f}%")
+        accuracy = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f} ({r['accuracy_from']})"
+        lines.append(f"| {r['threads']} | {r['batch']} | {name} | {r['seq_per_s']:.1f} | {r['seq_per_s'] / base('fp32'):.2f}x | "
+                     f"{r['seq_per_s'] / base('bf16'):.2f}x | {accuracy} |")
+    return "\n".join(lines) + "\n"
+
+
 def mean_row(rows: list[dict]) -> dict:
     """Seeds averaged: accuracy (test), its spread, F1, validation accuracy."""
     row = dict(rows[0])
@@ -209,11 +298,18 @@ def plot(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual"], default=["dense", "oneshot"])
+    parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual", "speed"], default=["dense", "oneshot"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
     args = parser.parse_args()
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
+    if "speed" in args.rows:
+        speed = speed_rows([r for r in rows if r.get("kind") == "accuracy"])
+        rows = [r for r in rows if not (r.get("kind") == "speed" and r["cpu"] == speed[0]["cpu"])] + speed
+        write_json(JSON_PATH, rows)
+        (RESULTS / "obert-speed.md").write_text(speed_markdown(speed))
+        print(speed_markdown(speed))
+        return
     runs = {(r["method"], r["target"], r["seed"]) for r in rows if r.get("kind") == "run"}
     plan = []
     if "dense" in args.rows:
@@ -245,7 +341,7 @@ def main() -> None:
     for r in runs:
         groups.setdefault((r["method"], r["target"]), []).append(r)
     summary = [mean_row(group) | {"kind": "accuracy"} for group in groups.values()]
-    write_json(JSON_PATH, runs + summary)
+    write_json(JSON_PATH, runs + summary + [r for r in rows if r.get("kind") == "speed"])
     (RESULTS / "obert-table.md").write_text(markdown(summary))
     plot(summary)
     print(markdown(summary))

@@ -115,11 +115,20 @@ const float* values_as_float(const T* values, int64_t count, float* buffer) {
 }
 inline const float* values_as_float(const float* values, int64_t, float*) { return values; }
 
+// Sum over the chains of accumulator vector v.
+template <int kChains, int kVecs>
+inline F chain_sum(const F (&acc)[kChains][kVecs], int v) {
+  F total = acc[0][v];
+  for (int c = 1; c < kChains; ++c) total = Simd::add(total, acc[c][v]);
+  return total;
+}
+
 template <int kVecs>
 void sparse_row_times_tiles(const Activations& x, int64_t cols, const int32_t* offsets,
                             const float* values, int64_t count, float scale, float* y,
                             int64_t y_stride) {
-  constexpr int kChains = 4;  // independent accumulators per vector to hide the FMA latency
+  // Independent accumulators per vector to hide the FMA latency (wide tiles have enough already).
+  constexpr int kChains = kVecs >= 4 ? 2 : 4;
   for (int64_t tile = 0; tile * x.tile < x.batch; ++tile) {
     const float* xt = x.tiles + tile * cols * x.tile;
     F acc[kChains][kVecs];
@@ -140,17 +149,11 @@ void sparse_row_times_tiles(const Activations& x, int64_t cols, const int32_t* o
     const int64_t first = tile * x.tile;
     const int64_t lane_count = x.batch - first < x.tile ? x.batch - first : x.tile;
     if (y_stride == 1 && lane_count == kVecs * W) {  // a whole tile into contiguous outputs
-      for (int v = 0; v < kVecs; ++v) {
-        const F chains[kChains] = {acc[0][v], acc[1][v], acc[2][v], acc[3][v]};
-        Simd::store(y + first + v * W, Simd::mul(sum_of(chains, kChains), Simd::set1(scale)));
-      }
+      for (int v = 0; v < kVecs; ++v) Simd::store(y + first + v * W, Simd::mul(chain_sum(acc, v), Simd::set1(scale)));
       continue;
     }
     float lanes[kVecs * W];
-    for (int v = 0; v < kVecs; ++v) {
-      const F chains[kChains] = {acc[0][v], acc[1][v], acc[2][v], acc[3][v]};
-      Simd::store(lanes + v * W, sum_of(chains, kChains));
-    }
+    for (int v = 0; v < kVecs; ++v) Simd::store(lanes + v * W, chain_sum(acc, v));
     for (int64_t lane = 0; lane < lane_count; ++lane) y[(first + lane) * y_stride] = lanes[lane] * scale;
   }
 }
@@ -160,8 +163,10 @@ inline void sparse_row_times_activations(const Activations& x, int64_t cols, con
                                          int64_t y_stride) {
   if (x.tile == W)
     sparse_row_times_tiles<1>(x, cols, offsets, values, count, scale, y, y_stride);
-  else
+  else if (x.tile == 2 * W)
     sparse_row_times_tiles<2>(x, cols, offsets, values, count, scale, y, y_stride);
+  else
+    sparse_row_times_tiles<4>(x, cols, offsets, values, count, scale, y, y_stride);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -298,24 +303,26 @@ inline int64_t bitmask_row_offsets(const uint8_t* mask, int64_t mask_bytes, int6
 
 // Batches of more than one tile (kernels.h: many_tiles; encoders, prefill) come as rows: the rows
 // of [row_begin, row_end) are decoded once into (offset, fp32 value) pairs for the whole call, then
-// the tokens are taken a tile at a time, transposed into a thread-local tile that stays in L1 (for
-// layers up to ~500 columns; L2 beyond) while every row of the range passes over it: per kept
-// weight and tile, 8 bytes of decoded weight read from L2 against 4 * tile bytes of x from L1.
+// the tokens are taken a tile (4W tokens) at a time, transposed into a thread-local tile that every
+// row of the range passes over (in L1 up to ~250 columns with AVX2, in L2 beyond): per kept weight
+// and tile, 8 bytes of decoded weight read against 4 * tile bytes of x.
 // A tile's outputs go to a [row][lane] buffer, then into y [batch][rows] in blocks of 64 rows:
 // storing them straight into y would touch a cache line per token for every row.
 template <class T>
 void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t row_end) {
   const T* values = static_cast<const T*>(a.values);
+  // 4W tokens per tile: each kept weight's offset and value, loaded once, feed 4 FMAs
+  constexpr int64_t tile = 4 * W;
   const int64_t first = a.row_offsets[row_begin], kept = a.row_offsets[row_end] - first;
   std::vector<int32_t> offsets(static_cast<size_t>(kept + W));  // W spare: compress_by_mask stores whole vectors
   std::vector<float> weights(static_cast<size_t>(kept + W));
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t start = a.row_offsets[r] - first;
-    bitmask_row_offsets(a.mask + r * a.mask_stride, a.mask_stride, a.x.tile, offsets.data() + start);
+    bitmask_row_offsets(a.mask + r * a.mask_stride, a.mask_stride, tile, offsets.data() + start);
     const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
     for (int64_t k = a.row_offsets[r]; k < a.row_offsets[r + 1]; ++k) weights[k - first] = value_to_float(values[k]) * scale;
   }
-  const int64_t tile = a.x.tile, range = row_end - row_begin;
+  const int64_t range = row_end - row_begin;
   std::vector<float> tiled(static_cast<size_t>(a.cols * tile + tile)), out(static_cast<size_t>(range * tile));
   for (int64_t token0 = 0; token0 < a.x.batch; token0 += tile) {
     const int64_t lanes = std::min(tile, a.x.batch - token0);
@@ -325,6 +332,7 @@ void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t ro
     Activations part = a.x;
     part.batch = lanes;
     part.tiles = tiled.data();
+    part.tile = tile;
     for (int64_t r = row_begin; r < row_end; ++r) {
       const int64_t start = a.row_offsets[r] - first;
       sparse_row_times_activations(part, a.cols, offsets.data() + start, weights.data() + start,
