@@ -203,8 +203,11 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3
 
     dense = load_model(PROTOCOL["model"])
     models = {("dense", "fp32"): dense.model}
-    models |= {("vq", config): secateurs.load(output_dir(config, rounds)) for config in configs
-               if (output_dir(config, rounds) / "config.json").is_file()}
+    for config in configs:
+        if (output_dir(config, rounds) / "config.json").is_file():
+            models[("vq", config)] = secateurs.load(output_dir(config, rounds))
+        else:
+            models[("vq", f"{config} (codes not fitted)")] = unfitted_vq_model(config)
     prompt = bench_prompt(dense.tokenizer, 32)
     rows = []
     for (method, config), model in models.items():
@@ -233,6 +236,33 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3
                 print(f"[vq] decode llama.cpp {entry['type']} threads {count}: {rows[-1]['decode_tok_s']:.1f} tok/s",
                       flush=True)
     return rows
+
+
+def unfitted_vq_model(config: str):
+    """The model with every block linear layer as a VQLinear of `config` whose codes, codebooks and
+    scales are random: for decode speed only, where no compressed model of that config is cached
+    (the lookup kernel does the same work whatever the codes; its perplexity is meaningless)."""
+    import copy
+
+    import torch
+
+    from secateurs.models import load_model
+    from secateurs.runtime import VQLinear
+    from secateurs.structure import find_blocks, linear_layers
+
+    books, bits, group = CONFIGS[config]
+    model = copy.deepcopy(load_model(PROTOCOL["model"]).model)
+    generator = torch.Generator().manual_seed(0)
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for name, module in linear_layers(block).items():
+            rows, cols = module.weight.shape
+            codes = torch.randint(0, 2**bits, (rows, cols // group, books), generator=generator)
+            codebooks = torch.randn(books, 2**bits, group, generator=generator) * 0.02
+            parent, _, attribute = name.rpartition(".")
+            owner = block.get_submodule(parent) if parent else block
+            setattr(owner, attribute, VQLinear(codes, codebooks, torch.ones(rows), module.bias))
+    return model
 
 
 def markdown(rows: list[dict]) -> str:
