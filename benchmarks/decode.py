@@ -28,8 +28,13 @@ Protocol
 - weight_mb: the bytes the decode path reads for its weights (embedding table once, tied to the
   LM head), the model's parameters for torch, llama-bench's model size for llama.cpp.
 
+- Heads: `--heads fp32 bf16 int8` adds, for every variant, NAME@HEAD with the embedding table and
+  tied LM head stored as HEAD (its layers compressed once, shared with NAME), so the layers' effect
+  (same head) and the head a user would pick are both in the table.
+
 Writes benchmarks/results/decode.{md,json,png}: a list of rows
-{"model", "engine", "variant", "threads", "decode_tok_s", "prefill_tok_s", "ppl", "weight_mb", ...}.
+{"model", "engine", "variant", "threads", "decode_tok_s", "prefill_tok_s", "ppl", "weight_mb", "isa",
+"cpu", "head", "run", ...}, one table per kernel path; a run replaces only the rows it measured again.
 """
 
 from __future__ import annotations
