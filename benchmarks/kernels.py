@@ -222,17 +222,29 @@ def target_checks(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_markdown(rows: list[dict], bandwidth: dict, header: list[str], path: Path) -> None:
-    lines = ["# CPU kernel benchmark", "", *header, ""]
-    lines += [f"- bandwidth with {t} thread(s): read {b['read']:.1f} GB/s, copy {b['copy']:.1f} GB/s"
-              for t, b in bandwidth.items()]
-    lines += ["", "## Targets", "", *target_checks(rows), "", "## Measurements", "",
-              "| isa | shape | batch | threads | format | sparsity | ms | GB/s | % of floor | vs dense fp32 | vs dense bf16 |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+def _table(rows: list[dict]) -> list[str]:
+    lines = ["| isa | shape | batch | threads | format | sparsity | ms | GB/s | % of floor | vs dense fp32 | vs dense bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.get('isa')} | {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['threads']} | {r['format']} | "
                      f"{r['sparsity']:.0%} | {r['ms']:.3f} | {r['gbps']:.1f} | {r['floor_pct']:.0f} | "
                      f"{r['speedup_vs_dense_fp32']:.2f} | {r['speedup_vs_dense_bf16']:.2f} |")
+    return lines
+
+
+def write_markdown(rows: list[dict], bandwidth: dict, header: list[str], path: Path, earlier: list[dict]) -> None:
+    """This run (its header, bandwidth, target checks and rows), then the kept rows of every other
+    kernel path, a section each (their CPU, target checks and rows; bandwidth in their floors)."""
+    lines = ["# CPU kernel benchmark", "", *header, ""]
+    lines += [f"- bandwidth with {t} thread(s): read {b['read']:.1f} GB/s, copy {b['copy']:.1f} GB/s"
+              for t, b in bandwidth.items()]
+    lines += ["", "## Targets", "", *target_checks(rows), "", "## Measurements", "", *_table(rows)]
+    for isa in dict.fromkeys(r["isa"] for r in earlier):
+        mine = [r for r in earlier if r["isa"] == isa]
+        cpus = ", ".join(sorted({str(r.get("cpu")) for r in mine}))
+        lines += ["", f"## Earlier run: {isa} ({cpus})", "",
+                  "Rows kept from an earlier run on that kernel path (kernels.json); its bandwidth is in each row's "
+                  "% of floor.", "", *target_checks(mine), "", *_table(mine)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -299,7 +311,7 @@ def main() -> None:
     ]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "kernels.json").write_text(json.dumps(kept + rows, indent=1) + "\n")  # other ISAs' rows kept
-    write_markdown(rows, bandwidth, header, RESULTS_DIR / "kernels.md")
+    write_markdown(rows, bandwidth, header, RESULTS_DIR / "kernels.md", kept)
     write_plot(rows, RESULTS_DIR / "kernels.png")
     print("\n".join(target_checks(rows)))
 

@@ -316,9 +316,11 @@ def plot(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=["2x8g8"])
+    parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), default=["2x8g8"],
+                        help="VQ configs to run (none: only the llama.cpp or decode rows asked for)")
     parser.add_argument("--rounds", type=int, default=4, help="alternations of code search and codebook steps")
-    parser.add_argument("--decode", action="store_true", help="time the decode path (a quiet machine only)")
+    parser.add_argument("--decode", action="store_true",
+                        help="time the decode path instead of compressing (a quiet machine only)")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="add llama.cpp's importance-matrix GGUFs (scripts/llama_cpp.sh makes them)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -331,11 +333,13 @@ def main() -> None:
         print(json.dumps(llama_worker(args.llama_worker)))
         return
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
-    if args.llama_cpp:
+    if args.llama_cpp and not args.decode:  # quality rows; a --decode pass only times
         rows = llama_rows(rows)
-    if args.decode:
-        rows = [r for r in rows if r.get("kind") != "decode"] + decode_rows(args.only, args.rounds, with_llama=args.llama_cpp)
-    for config in args.only:
+    if args.decode:  # a timing pass: no compression in it (an uncompressed config is timed unfitted)
+        timed = decode_rows(args.only, args.rounds, with_llama=args.llama_cpp)
+        same_machine = {(r["cpu"], r["kernel_path"]) for r in timed} | {(timed[0]["cpu"], "llama.cpp")}
+        rows = [r for r in rows if r.get("kind") != "decode" or (r.get("cpu"), r.get("kernel_path")) not in same_machine] + timed
+    for config in [] if args.decode else args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
                and row_init(r) == CODE_INIT for r in rows):
             continue
