@@ -76,3 +76,14 @@ def int16_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     seen = (q.double() * scale.double()[:, None]).reshape(-1)[:cols]
     return seen, (scale.double() / 2).repeat_interleave(64)[:cols]
 
+
+
+def stored_weight(weight: torch.Tensor, value_dtype: torch.dtype, generator: torch.Generator):
+    """(weight as stored in value_dtype, the float32 weight it stands for, row_scale or None):
+    int8 stores codes in [-127, 127] with per-row scales."""
+    row_scale = None
+    if value_dtype == torch.int8:
+        weight = (weight * 40).round().clamp(-127, 127)
+        row_scale = torch.rand(weight.shape[0], generator=generator) + 0.5
+    weight = weight.to(value_dtype)
+    return weight, weight.to(torch.float32) * (1 if row_scale is None else row_scale[:, None]), row_scale

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_matches_reference, forced_path
+from conftest import assert_matches_reference, forced_path, stored_weight
 from secateurs.cli import main
 from secateurs.runtime import BitmaskLinear, NMLinear, QuantLinear, SparseInt4Linear, SparseQuantLinear, VQLinear, kernels
 from secateurs.runtime import layouts
@@ -343,13 +343,7 @@ def test_two_threads_agree_with_one(two_threads):
 def test_dense_kernel_matches_reference(kernel_path, value_dtype, batch):
     generator = torch.Generator().manual_seed(batch)
     for rows, cols in ((1, 1), (7, 13), (33, 64), (19, 257), (5, 1031)):
-        weight = torch.randn(rows, cols, generator=generator)
-        row_scale = None
-        if value_dtype == torch.int8:
-            weight = (weight * 40).round().clamp(-127, 127)
-            row_scale = torch.rand(rows, generator=generator) + 0.5
-        weight = weight.to(value_dtype)
-        dense = weight.to(torch.float32) * (1 if row_scale is None else row_scale[:, None])
+        weight, dense, row_scale = stored_weight(torch.randn(rows, cols, generator=generator), value_dtype, generator)
         x = torch.randn(batch, cols, generator=generator)
         y = kernels.dense_mm(x, weight, row_scale)
         assert kernels.last_kernel_path() == kernel_path

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_matches_reference, forced_path, int16_activations
+from conftest import assert_matches_reference, forced_path, int16_activations, stored_weight
 from secateurs.runtime import kernels, layouts
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -29,21 +29,20 @@ def activations(batch: int, cols: int, dtype: torch.dtype, generator: torch.Gene
     return torch.randn(batch, cols, generator=generator).to(dtype)
 
 
+def bitmask_case(rows, cols, density, value_dtype, generator):
+    """(bitmask layout, the float32 weight it stands for, row_scale or None) of a random sparse
+    weight stored as value_dtype (int8: codes with per-row scales)."""
+    weight, dense, row_scale = stored_weight(sparse_weight(rows, cols, density, generator), value_dtype, generator)
+    return layouts.bitmask_from_dense(weight), dense, row_scale
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16, torch.int8))
 def test_bitmask_matches_reference(kernel_path, value_dtype, batch):
     generator = torch.Generator().manual_seed(batch * 7 + hash(str(value_dtype)) % 1000)
     for rows, cols in SHAPES:
         for density in (0.0, 0.3, 0.9):
-            weight = sparse_weight(rows, cols, density, generator)
-            row_scale = None
-            if value_dtype == torch.int8:
-                weight = (weight * 40).round().clamp(-127, 127)
-                row_scale = torch.rand(rows, generator=generator) + 0.5
-            else:
-                weight = weight.to(value_dtype)
-            bitmask, values, row_offsets = layouts.bitmask_from_dense(weight.to(value_dtype))
-            dense = weight.to(torch.float32) * (1 if row_scale is None else row_scale[:, None])
+            (bitmask, values, row_offsets), dense, row_scale = bitmask_case(rows, cols, density, value_dtype, generator)
             for x_dtype in ACTIVATION_DTYPES:
                 x = activations(batch, cols, x_dtype, generator)
                 y = kernels.bitmask_mm(x, bitmask, values, row_offsets, cols, row_scale)
@@ -53,18 +52,12 @@ def test_bitmask_matches_reference(kernel_path, value_dtype, batch):
 
 @pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16, torch.int8))
 def test_bitmask_many_tiles_matches_reference(kernel_path, value_dtype, two_threads):
-    """Wide layers at batches of more activation tiles than one L2 sweep take the decode-once path
-    (kernels: bitmask_rows_many_tiles): rows split between threads, a partial last tile."""
+    """Batches of more than one activation tile take the decode-once path (kernels:
+    bitmask_rows_many_tiles): a wide layer, rows split between threads, a partial last tile."""
     generator = torch.Generator().manual_seed(3)
     rows, cols, batch = 37, 2500, 70
     for density in (0.0, 0.1, 0.6):
-        weight = sparse_weight(rows, cols, density, generator)
-        row_scale = None
-        if value_dtype == torch.int8:
-            weight = (weight * 40).round().clamp(-127, 127)
-            row_scale = torch.rand(rows, generator=generator) + 0.5
-        layout = layouts.bitmask_from_dense(weight.to(value_dtype))
-        dense = weight.to(value_dtype).to(torch.float32) * (1 if row_scale is None else row_scale[:, None])
+        layout, dense, row_scale = bitmask_case(rows, cols, density, value_dtype, generator)
         x = activations(batch, cols, torch.float32, generator)
         y = kernels.bitmask_mm(x, *layout, cols, row_scale)
         assert kernels.last_kernel_path() == kernel_path
