@@ -61,21 +61,32 @@ def measure(bf16: bool) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--autocast", nargs="+", choices=["float32", "bf16"], default=["float32", "bf16"],
+                        help="which to measure (each row is written as soon as it is measured)")
+    args = parser.parse_args()
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
-    new = [measure(bf16) for bf16 in (False, True)]
-    for row in new:
+    for kind in args.autocast:
+        row = measure(kind == "bf16")
         print(f"[train_speed] bf16={row['bf16']}: {row['tokens_per_s']:.1f} tokens/s ({row['seconds_per_step']:.1f} s/step)")
-    rows = [r for r in rows if r["cpu"] != new[0]["cpu"] or r.get("cpu_bf16") != new[0]["cpu_bf16"]] + new
-    write_json(JSON_PATH, rows)
+        rows = [r for r in rows if (r["cpu"], r["cpu_bf16"], r["bf16"]) != (row["cpu"], row["cpu_bf16"], row["bf16"])] + [row]
+        write_json(JSON_PATH, rows)
+        write_markdown(rows)
+
+
+def write_markdown(rows: list[dict]) -> None:
     lines = ["Fine-tuning step throughput: SmolLM2-135M at 50% sparsity, SquareHead + CE with the dense teacher, "
              f"batch {BATCH} x {SEQLEN}, AdamW with masks enforced (benchmarks/train_speed.py).", "",
              "| CPU | native bf16 | threads | autocast | tokens/s | s/step | vs float32 | load average |",
              "|---|---|---:|---|---:|---:|---:|---|"]
     for row in rows:
-        base = next(r for r in rows if r["cpu"] == row["cpu"] and r["cpu_bf16"] == row["cpu_bf16"] and not r["bf16"])
+        base = next((r for r in rows if r["cpu"] == row["cpu"] and r["cpu_bf16"] == row["cpu_bf16"] and not r["bf16"]), None)
+        ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         lines.append(f"| {row['cpu']} | {'yes' if row['cpu_bf16'] else 'no'} | {row['threads']} | "
                      f"{'bf16' if row['bf16'] else 'float32'} | {row['tokens_per_s']:.1f} | {row['seconds_per_step']:.1f} | "
-                     f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x | {', '.join(f'{v:.2f}' for v in row['uptime'])} |")
+                     f"{ratio} | {', '.join(f'{v:.2f}' for v in row['uptime'])} |")
     (RESULTS / "train_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
