@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not a package
+from quality import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -25,13 +27,6 @@ CACHE = Path(os.environ.get("SECATEURS_CACHE", Path.home() / ".cache" / "secateu
 SECATEURS = str(Path(sys.executable).parent / "secateurs")
 COMPRESS = ["compress", "--model", "smollm2-135m", "--recipe", "sparsegpt-50", "--samples", "64", "--seqlen", "512",
             "--seed", "0"]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def run(args: list[str]) -> tuple[str, float]:
@@ -49,7 +44,7 @@ def perplexity(folder: Path) -> dict:
 
 def main() -> None:
     compressed, dense = CACHE / "smol-50", CACHE / "smol-50-dense"
-    row = {"cpu": cpu_model(), "uptime": os.getloadavg()}
+    row = {"cpu": cpu_name(), "uptime": os.getloadavg()}
     if not compressed.is_dir():
         _, row["compress_seconds"] = run([*COMPRESS, "--output", str(compressed)])
     if not dense.is_dir():

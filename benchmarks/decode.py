@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -243,13 +242,6 @@ def _gguf_label(entry: dict) -> str:
     return entry["type"] + (" (shipped)" if entry.get("origin") == "original" else "")
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _weight_mb(decoder) -> float:
     return sum(t.numel() * t.element_size() for t in decoder._tensors) / 2**20
 
@@ -314,7 +306,7 @@ def run_model(model_name: str, threads: list[int], repeat: int, only: list[str] 
 
         from secateurs.runtime import kernels
 
-        base = {"model": model_name, "threads": count, "isa": kernels.kernel_path(), "cpu": _cpu_name(),
+        base = {"model": model_name, "threads": count, "isa": kernels.kernel_path(), "cpu": quality.cpu_name(),
                 "load_average": os.getloadavg(), "run": started}
         for name in names:
             variant = variant_of(name)
@@ -489,7 +481,7 @@ def main() -> None:
     if rows:
         from secateurs.runtime import kernels
 
-        write_results(rows, {"repeat": args.repeat, "load_before": round(load_before, 2), "cpu": _cpu_name(), "kernel_path": kernels.kernel_path(), "code": quality.code_hash()})
+        write_results(rows, {"repeat": args.repeat, "load_before": round(load_before, 2), "cpu": quality.cpu_name(), "kernel_path": kernels.kernel_path(), "code": quality.code_hash()})
 
 
 if __name__ == "__main__":

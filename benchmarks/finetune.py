@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -151,13 +150,6 @@ def rows_dir(work: Path, budget: dict) -> Path:
     return work / "rows" / quality._hash(budget)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     import torch
 
@@ -169,7 +161,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     eval_tokens = args.eval_tokens
     started = time.perf_counter()
     row = {"model": MODEL, "variant": variant, "loss": loss, "qat": qat, "budget": budget, "seed": args.seed,
-           "device": "cpu", "threads": torch.get_num_threads(), "cpu": cpu_model(),
+           "device": "cpu", "threads": torch.get_num_threads(), "cpu": quality.cpu_name(),
            "bf16": args.bf16, "eval_tokens": eval_tokens, "task_mean": None}
     teacher_dir = work / "teacher" / quality._hash(budget)
     if variant == "dense":

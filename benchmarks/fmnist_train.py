@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fmnist.py is a sibling script, not a package
 import fmnist  # noqa: E402
+from quality import cpu_name  # noqa: E402
 
 from secateurs.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist  # noqa: E402
 from secateurs.io import cache_dir, replace_atomically, write_json, write_safetensors  # noqa: E402
@@ -51,16 +50,6 @@ LOSS_WINDOW = 100  # the reported final loss is the mean over the last this many
 
 def work_dir() -> Path:
     return cache_dir() / "fmnist-train"
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -190,7 +179,7 @@ def train_ddpm(args, images: torch.Tensor, labels: torch.Tensor) -> None:
                      "grad_clip": 1.0, "precision": args.precision, "seed": SEED,
                      "epochs": round(args.steps * args.batch / len(images), 2)},
         "final_train_loss": round(final_loss, 5), "final_loss_window_steps": LOSS_WINDOW,
-        "train_seconds": round(seconds, 1), "threads": args.threads, "cpu": cpu_model(),
+        "train_seconds": round(seconds, 1), "threads": args.threads, "cpu": cpu_name(),
     })
     print(f"DDPM: {args.steps} steps in {seconds:.0f} s, final loss {final_loss:.4f}; wrote {fmnist.DDPM_PATH}", flush=True)
 
@@ -250,7 +239,7 @@ def train_classifier(args, images: torch.Tensor, labels: torch.Tensor) -> None:
         "parameters": sum(p.numel() for p in classifier.parameters()),
         "training": {"epochs": args.classifier_epochs, "batch": batch, "optimizer": "Adam", "lr": lr, "seed": SEED},
         "test_accuracy": round(test_accuracy, 4), "train_seconds": round(seconds, 1),
-        "threads": args.threads, "cpu": cpu_model(),
+        "threads": args.threads, "cpu": cpu_name(),
     })
     print(f"classifier: test accuracy {test_accuracy:.4f} after {args.classifier_epochs} epochs "
           f"({seconds:.0f} s); wrote {fmnist.CLASSIFIER_PATH}", flush=True)

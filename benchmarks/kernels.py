@@ -29,6 +29,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from secateurs.runtime import kernels, layouts  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not a package
+from quality import cpu_name  # noqa: E402
+
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 SPARSE_FORMATS = ("bitmask-fp32", "bitmask-bf16", "bitmask-int8", "bitmask-int4")
 BATCH1_ONLY = ("bitmask-int4",)  # the sparse int4 kernel takes one activation row
@@ -161,7 +164,7 @@ def run(shapes, batches, thread_counts, sparsities, reps) -> tuple[list[dict], d
                     ms = median_ms(apply, copies, x, reps)
                     floor_ms = nbytes / (bandwidth[threads]["read"] * 1e9) * 1e3
                     rows.append({
-                        "isa": kernels.kernel_path(), "cpu": cpu_model(),
+                        "isa": kernels.kernel_path(), "cpu": cpu_name(),
                         "shape": list(shape), "batch": batch, "threads": threads, "sparsity": sparsity,
                         "format": name, "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 2),
                         "floor_pct": round(100 * floor_ms / ms, 1), "bytes": nbytes,
@@ -171,13 +174,6 @@ def run(shapes, batches, thread_counts, sparsities, reps) -> tuple[list[dict], d
             del copies
     add_speedups(rows)
     return rows, bandwidth
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -302,7 +298,7 @@ def main() -> None:
     previous = json.loads((RESULTS_DIR / "kernels.json").read_text()) if (RESULTS_DIR / "kernels.json").is_file() else []
     kept = [r | {"isa": r.get("isa", "untagged (before isa tags)")} for r in previous if r.get("isa") not in isas]
     header = [
-        f"- {'quick' if args.quick else 'full'} run on {cpu_model()}, kernel paths {', '.join(sorted(isas))}, torch {torch.__version__}, "
+        f"- {'quick' if args.quick else 'full'} run on {cpu_name()}, kernel paths {', '.join(sorted(isas))}, torch {torch.__version__}, "
         f"{os.cpu_count()} CPUs, L3 {l3_bytes() >> 20} MiB, {time.perf_counter() - started:.0f} s",
         f"- load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} (other processes share the machine)",
         "- ms = median of calls rotating weight copies totalling > 4x L3; floor = format bytes / read bandwidth; "

@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,14 @@ PROTOCOL = {"model": "smollm2-135m", "dtype": "float32", "calib": "austen-calib"
 # reference under glibc's defaults, or under ours with --reference-malloc tuned (a separate row).
 TUNED, DEFAULT_MALLOC = "tuned", "glibc defaults"
 REF_VENV = Path(os.environ.get("REF_VENV", Path.home() / ".cache" / "secateurs" / "venv-llmcompressor"))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (every benchmark row records it beside its numbers)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _row(method, sparsity=None, pattern="unstructured", bits=None, group_size=None, recipe=None):

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import cpu_model  # noqa: E402  (benchmarks/finetune.py)
-from quality import PROTOCOL, write_json  # noqa: E402
+from quality import PROTOCOL, cpu_name, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH = RESULTS / "train_speed.json"
@@ -56,7 +55,7 @@ def measure(bf16: bool) -> dict:
     seconds = (timings[1] - timings[0]) / STEPS
     return {"model": PROTOCOL["model"], "loss": "squarehead", "sparsity": 0.5, "bf16": bf16, "batch": BATCH,
             "seqlen": SEQLEN, "steps": STEPS, "seconds_per_step": seconds, "tokens_per_s": BATCH * SEQLEN / seconds,
-            "threads": torch.get_num_threads(), "cpu": cpu_model(), "uptime": os.getloadavg(),
+            "threads": torch.get_num_threads(), "cpu": cpu_name(), "uptime": os.getloadavg(),
             "cpu_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text()}
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py is a sibling script, not a package
 from quality import JSON_PATH as QUALITY_JSON
-from quality import PROTOCOL, _calibration_and_eval, _run_child, write_json
+from quality import PROTOCOL, _calibration_and_eval, _run_child, cpu_name, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,13 +41,6 @@ JSON_PATH = RESULTS / "vq.json"
 # name -> (codebooks, bits per codebook, group size)
 CONFIGS = {"2x8g8": (2, 8, 8), "3x8g8": (3, 8, 8), "4x8g8": (4, 8, 8)}
 SCALAR_ROWS = ("gptq-w2g64", "gptq-w3g64", "gptq-w4g64", "rtn-w2g64", "rtn-w3g64", "rtn-w4g64")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 # How the engine's VQ starts its codes (algorithms.vq's `init`): "sweep" (error feedback, the default

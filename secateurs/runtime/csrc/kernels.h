@@ -24,7 +24,8 @@ enum GatedActivation : int { kSilu = 0, kGeluTanh = 1, kGeluErf = 2 };
 
 struct Activations {
   int64_t batch;
-  // [batch][row_stride] fp32, zero padded past `cols` (for int4: deinterleaved, see QuantArgs).
+  // [batch][row_stride] fp32, zero padded past `cols` (for int4: deinterleaved, see QuantArgs);
+  // for the bitmask kernel's many_tiles batches the caller's own rows, unpadded (row_stride = cols).
   const float* rows;
   int64_t row_stride;
   // Transposed tiles for the sparse GEMM: [n_tiles][cols][tile], batch index padded with zeros;
