@@ -84,7 +84,8 @@ def main() -> None:
         for sample in samples:
             lls = [float(resp[0]) for resp in sample["filtered_resps"]]
             examples.append({"doc_id": sample["doc_id"], "lls": lls, "pred": _argmax(lls),
-                             "greedy": [bool(resp[1]) for resp in sample["filtered_resps"]]})
+                             "greedy": [bool(resp[1]) for resp in sample["filtered_resps"]],
+                             "acc": float(sample["acc"]), "acc_norm": sample.get("acc_norm")})
         acc_norm = metrics.get("acc_norm,none")
         results[task] = {
             "acc": metrics["acc,none"], "acc_norm": acc_norm,

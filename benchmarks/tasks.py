@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -46,6 +47,7 @@ VARIANTS = ["dense", "sparsegpt-50", "wanda-50", "magnitude-50", "sparsegpt-2of4
             "sparsegpt-70", "gptq-w4g64", "gptq-w3g64", "sparsegpt-50-w4g64"]
 LMEVAL_VENV = Path(os.environ.get("LMEVAL_VENV", Path.home() / ".cache" / "secateurs" / "venv-lmeval"))
 LMEVAL_WORKER = ROOT / "benchmarks" / "lmeval_ref.py"
+SHARD_DOCS = 1000  # documents per cached shard: a whole hellaswag (10,042) resumes after a kill
 
 
 def _cache_root() -> Path:
@@ -104,9 +106,81 @@ def store(rows: list[dict], row: dict) -> list[dict]:
     return rows
 
 
+def _shards(task: str, subset: int | None) -> list[tuple[int, int]]:
+    """[start, stop) ranges over the selected documents, SHARD_DOCS at most each."""
+    from secateurs.data.tasks import load_docs, select_indices
+
+    count = len(select_indices(len(load_docs(task)), subset=subset))
+    return [(start, min(start + SHARD_DOCS, count)) for start in range(0, count, SHARD_DOCS)]
+
+
+def _shard_path(engine: str, variant: str, task: str, subset: int | None, shard: tuple[int, int]) -> Path:
+    return _cache_root() / "shards" / f"{engine}-{MODEL}-{variant}-{task}-{subset or 'all'}-{shard[0]}-{shard[1]}.json"
+
+
+def per_document(task: str, examples: list[dict]) -> dict:
+    """A shard's per-document outcomes from `examples` with pred/gold/pred_norm (or LAMBADA's greedy
+    and ll): what merging shards into one row needs."""
+    if task == "lambada":
+        return {"correct": [float(e["greedy"]) for e in examples], "correct_norm": None,
+                "lls": [e["ll"] for e in examples]}
+    norm = all("pred_norm" in e for e in examples)
+    return {"correct": [float(e["pred"] == e["gold"]) for e in examples],
+            "correct_norm": [float(e["pred_norm"] == e["gold"]) for e in examples] if norm else None, "lls": None}
+
+
+def lmeval_per_document(task: str, examples: list[dict]) -> dict:
+    """per_document's outcomes from lm-eval's own per-sample metrics (lmeval_ref.py's examples)."""
+    norm = all(e.get("acc_norm") is not None for e in examples)
+    return {"correct": [float(e["acc"]) for e in examples],
+            "correct_norm": [float(e["acc_norm"]) for e in examples] if norm else None,
+            "lls": [e["lls"][0] for e in examples] if task == "lambada" else None}
+
+
+def merge_shards(task: str, shards: list[dict]) -> dict:
+    """One row's metrics from its shards: means of the per-document outcomes and lm-eval's mean_stderr,
+    LAMBADA's ppl = exp(-mean final-word log-likelihood); seconds and tokens summed."""
+    from secateurs.eval.tasks import mean_stderr
+
+    correct = [value for shard in shards for value in shard["correct"]]
+    norm = None if shards[0]["correct_norm"] is None else [v for shard in shards for v in shard["correct_norm"]]
+    row = {"task": task, "acc": sum(correct) / len(correct), "acc_norm": None if norm is None else sum(norm) / len(norm),
+           "stderr": mean_stderr(correct), "acc_norm_stderr": None if norm is None else mean_stderr(norm),
+           "n": len(correct)}
+    if task == "lambada":
+        lls = [ll for shard in shards for ll in shard["lls"]]
+        row["ppl"] = math.exp(-sum(lls) / len(lls))
+    if "lm_eval" in shards[0]:
+        row["lm_eval"] = shards[0]["lm_eval"]
+    return row | {"seconds": sum(shard["seconds"] for shard in shards),
+                  "tokens": sum(shard.get("tokens", 0) for shard in shards)}
+
+
+def run_sharded(engine: str, variant: str, task: str, subset: int | None, force: bool, score_shard) -> dict:
+    """Every shard of (variant, task): cached ones read back, the others scored by
+    `score_shard((start, stop))` -> per_document(...) | {"seconds", ...} and cached as each finishes,
+    so a killed whole-set run continues where it stopped."""
+    shards = []
+    ranges = _shards(task, subset)
+    for number, shard in enumerate(ranges, 1):
+        path = _shard_path(engine, variant, task, subset, shard)
+        if path.is_file() and not force:
+            shards.append(json.loads(path.read_text()))
+            continue
+        if len(ranges) > 1:
+            print(f"[tasks] {engine} {variant} {task}: documents {shard[0]}-{shard[1]} "
+                  f"(shard {number}/{len(ranges)})", flush=True)
+        record = score_shard(shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, record)
+        shards.append(record)
+    return merge_shards(task, shards)
+
+
 def run_ours(variants: list[str], tasks: list[str], subset: int | None, force: bool) -> None:
     import torch
 
+    from secateurs.data.tasks import load_docs, select_indices
     from secateurs.eval.tasks import evaluate_task
 
     rows = load_rows()
@@ -119,39 +193,49 @@ def run_ours(variants: list[str], tasks: list[str], subset: int | None, force: b
         if variant != current:
             loaded, current = None, None  # free the previous model first
             loaded, current = load_variant(variant), variant
-        result = evaluate_task(loaded.model, loaded.tokenizer, task, subset=subset, progress=True)
-        row = result.as_row(MODEL, variant) | {
-            "tokens_per_second": result.tokens_per_second, "threads": torch.get_num_threads(),
-            "versions": _versions(), "recipe": QUALITY_ROWS[variant]["recipe"] if variant != "dense" else None,
-        }
+        docs = load_docs(task)
+        indices = select_indices(len(docs), subset=subset)
+
+        def score_shard(shard, task=task, docs=docs, indices=indices):
+            result = evaluate_task(loaded.model, loaded.tokenizer, task, progress=True,
+                                   docs=[docs[i] for i in indices[shard[0]:shard[1]]])
+            return per_document(task, result.examples) | {"seconds": result.seconds, "tokens": result.tokens}
+
+        merged = run_sharded("secateurs", variant, task, subset, force, score_shard)
+        row = {"model": MODEL, "variant": variant, "engine": "secateurs", **merged, "subset": subset,
+               "tokens_per_second": merged["tokens"] / merged["seconds"], "threads": torch.get_num_threads(),
+               "versions": _versions(), "recipe": QUALITY_ROWS[variant]["recipe"] if variant != "dense" else None}
         rows = store(rows, row)
-        print(f"[tasks] {variant} {task}: acc {result.acc:.4f} acc_norm {result.acc_norm} n {result.n} "
-              f"{result.seconds:.0f} s {result.tokens_per_second:.0f} tok/s", flush=True)
+        print(f"[tasks] {variant} {task}: acc {row['acc']:.4f} acc_norm {row['acc_norm']} n {row['n']} "
+              f"{row['seconds']:.0f} s {row['tokens_per_second']:.0f} tok/s", flush=True)
         write_markdown(rows)
 
 
 # ---- lm-eval, in its own virtualenv ----
 
-def lmeval_documents(task: str, subset: int | None, limit: int | None = None) -> list[dict]:
-    """The documents we score, in our order, in the schema of the dataset lm-eval's YAML reads."""
+def lmeval_documents(task: str, subset: int | None, limit: int | None = None,
+                     shard: tuple[int, int] | None = None) -> list[dict]:
+    """The documents we score (the `shard` range of them), in our order, in the schema of the dataset
+    lm-eval's YAML reads."""
     from secateurs.data.tasks import load_docs, select_indices
 
     docs = load_docs(task)
-    chosen = [docs[i] for i in select_indices(len(docs), limit=limit, subset=subset)]
+    indices = select_indices(len(docs), limit=limit, subset=subset)
+    chosen = [docs[i] for i in (indices if shard is None else indices[shard[0]:shard[1]])]
     if task == "boolq":  # lm-eval reads super_glue's boolq: an integer label instead of a bool answer
         chosen = [{"passage": d["passage"], "question": d["question"], "label": int(d["answer"])} for d in chosen]
     return chosen
 
 
 def run_lmeval(model_dir: Path, tasks: list[str], subset: int | None, limit: int | None = None,
-               batch_size: int = 16, python: Path | None = None) -> dict:
+               batch_size: int = 16, python: Path | None = None, shard: tuple[int, int] | None = None) -> dict:
     """lm-eval's results for `tasks` on the model directory: {task: {"acc", "acc_norm", "ppl",
     "stderr", "n", "examples": [{"lls", "pred", "pred_norm"} ...]}}."""
     python = python or LMEVAL_VENV / "bin" / "python"
     with tempfile.TemporaryDirectory(prefix="secateurs-lmeval-") as tmp:
         for task in tasks:
             with open(Path(tmp) / f"{task}.jsonl", "w") as handle:
-                handle.writelines(json.dumps(doc) + "\n" for doc in lmeval_documents(task, subset, limit))
+                handle.writelines(json.dumps(doc) + "\n" for doc in lmeval_documents(task, subset, limit, shard))
         out = Path(tmp) / "out.json"
         env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                             "HF_DATASETS_CACHE": str(Path(tmp) / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
@@ -169,14 +253,15 @@ def run_reference(tasks: list[str], subset: int | None, force: bool) -> None:
     for task in tasks:
         if not force and (MODEL, "dense", "lm-eval", task, subset) in done:
             continue
-        started = time.perf_counter()
-        result = run_lmeval(materialize_embedded(MODEL), [task], subset)[task]
-        row = {"model": MODEL, "variant": "dense", "engine": "lm-eval", "task": task, "acc": result["acc"],
-               "acc_norm": result["acc_norm"], "stderr": result["stderr"],
-               "acc_norm_stderr": result["acc_norm_stderr"], "n": result["n"], "subset": subset,
-               "seconds": time.perf_counter() - started, "lm_eval": result["lm_eval"]}
-        if result.get("ppl") is not None:
-            row["ppl"] = result["ppl"]
+        def score_shard(shard, task=task):
+            started = time.perf_counter()
+            result = run_lmeval(materialize_embedded(MODEL), [task], subset, shard=shard)[task]
+            return lmeval_per_document(task, result["examples"]) | {
+                "seconds": time.perf_counter() - started, "lm_eval": result["lm_eval"]}
+
+        merged = run_sharded("lm-eval", "dense", task, subset, force, score_shard)
+        merged.pop("tokens")
+        row = {"model": MODEL, "variant": "dense", "engine": "lm-eval", **merged, "subset": subset}
         rows = store(rows, row)
         print(f"[tasks] lm-eval dense {task}: acc {row['acc']:.4f}", flush=True)
         write_markdown(rows)

@@ -67,3 +67,23 @@ def test_same_choices_as_lm_eval(agreement, task):
         assert mine.acc_norm == pytest.approx(theirs["acc_norm"], abs=1e-9)
     if task == "lambada":
         assert mine.ppl == pytest.approx(theirs["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_lm_eval_shards_merge_to_its_own_row(agreement, task):
+    """Whole sets run lm-eval in shards; its per-sample metrics, merged, give its unsharded row."""
+    _, reference = agreement
+    bench = _bench()
+    theirs = reference[task]
+    examples = theirs["examples"]
+    merged = bench.merge_shards(task, [bench.lmeval_per_document(task, examples[:10]) | {"seconds": 1.0},
+                                       bench.lmeval_per_document(task, examples[10:]) | {"seconds": 2.0}])
+    assert merged["n"] == theirs["n"] and merged["seconds"] == 3.0
+    assert merged["acc"] == pytest.approx(theirs["acc"], abs=1e-12)
+    assert merged["stderr"] == pytest.approx(theirs["stderr"], abs=1e-12)
+    if theirs["acc_norm"] is None:
+        assert merged["acc_norm"] is None
+    else:
+        assert merged["acc_norm"] == pytest.approx(theirs["acc_norm"], abs=1e-12)
+    if task == "lambada":
+        assert merged["ppl"] == pytest.approx(theirs["ppl"], rel=1e-9)

@@ -228,3 +228,37 @@ def test_format_table_lists_every_task():
     text = format_table(results)
     assert "60.00 ± 5.00" in text and "70.00 ± 4.00" in text and "12.50" in text
     assert text.splitlines()[-1].split()[-1] == "45.00"
+
+
+def _bench_tasks():
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_tasks", Path(__file__).resolve().parents[2] / "benchmarks" / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["piqa", "lambada"])
+def test_shards_merge_to_the_whole_selection(tiny_pair, task):
+    """The task benchmark scores whole sets in cached shards; merged, they give the unsharded row."""
+    model, tokenizer = tiny_pair
+    bench = _bench_tasks()
+    if task == "piqa":
+        docs = [{"goal": f"goal {i} fox", "sol1": "jumps" * (1 + i % 3), "sol2": "eats berries", "label": i % 2}
+                for i in range(7)]
+    else:
+        docs = [{"text": f"The fox number {i} sat on the {'roof' if i % 2 else 'café au lait'}"} for i in range(7)]
+    whole = evaluate_task(model, tokenizer, task, docs=docs, progress=False)
+    parts = [evaluate_task(model, tokenizer, task, docs=docs[start:stop], progress=False)
+             for start, stop in [(0, 3), (3, 5), (5, 7)]]
+    merged = bench.merge_shards(task, [bench.per_document(task, p.examples) | {"seconds": p.seconds, "tokens": p.tokens}
+                                       for p in parts])
+    assert merged["n"] == whole.n == 7
+    assert merged["acc"] == pytest.approx(whole.acc) and merged["stderr"] == pytest.approx(whole.stderr)
+    if task == "piqa":
+        assert merged["acc_norm"] == pytest.approx(whole.acc_norm)
+        assert merged["acc_norm_stderr"] == pytest.approx(whole.acc_norm_stderr)
+    else:
+        assert merged["acc_norm"] is None and merged["ppl"] == pytest.approx(whole.ppl, rel=1e-5)
+    assert merged["tokens"] == sum(p.tokens for p in parts)
