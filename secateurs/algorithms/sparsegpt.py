@@ -6,6 +6,11 @@ current, already-compensated weights:
   paper's Algorithm 1), pruning as many entries as keep the running total on round(sparsity * rows
   * cols_so_far); the layer total is therefore exactly round(sparsity * numel);
 - n:m: at the start of every group of m columns, the n highest scores of each row's group are kept;
+- row groups (mask_rows = g > 1, unstructured): consecutive output rows in groups of g share one
+  mask. A group's score for a column is the sum of its rows' OBS scores (the rows are independent
+  given H, so that is the OBS error of pruning the column in all of them), and the blockwise rule
+  above runs on the groups; a shared mask lets the CPU kernels gather the kept activations once
+  for g rows (runtime: BitmaskArgs::mask_group);
 - fixed_mask: used as is.
 Dead inputs (diag(H) == 0) have their weights zeroed. In unstructured mode they are always pruned
 and count towards the target: the number of pruned weights is max(round(sparsity * numel),
@@ -57,6 +62,21 @@ class _BlockwiseMask:
         return prune_lowest(scores.flatten(), count).reshape(scores.shape)
 
 
+class _RowGroupMask:
+    """Unstructured over groups of `group` consecutive rows sharing one mask (see the module doc)."""
+
+    period = None
+
+    def __init__(self, sparsity: float, rows: int, cols: int, dead_cols: int, group: int):
+        self.group = group
+        self.groups = _BlockwiseMask(sparsity, rows // group, cols, dead_cols)
+
+    def __call__(self, scores: Tensor, columns: Tensor) -> Tensor:
+        rows, span = scores.shape
+        grouped = scores.reshape(rows // self.group, self.group, span).sum(1)
+        return self.groups(grouped, columns).repeat_interleave(self.group, 0)
+
+
 class _NMMask:
     def __init__(self, n: int, m: int):
         self.n, self.period = n, m
@@ -85,17 +105,25 @@ def sparsegpt(
     percdamp: float = 0.01,
     quant: QuantSpec | None = None,
     fixed_mask: Tensor | None = None,
+    mask_rows: int = 1,
 ) -> SparseGPTResult:
     """Prune W [rows, cols] (Linear weight, out x in) using H = 2 X X^T / n_tokens [cols, cols].
 
     n:m selects N:M sparsity (sparsity is then ignored); block_size is rounded down to a multiple
     of m. fixed_mask (bool, True = kept) replaces mask selection; sparsity is then ignored.
+    mask_rows = g > 1 (unstructured only; rows divisible by g) shares each mask between g
+    consecutive rows.
     Computes in float64 if W is float64, else float32; raises HessianError (hessian.py) if H
     cannot be made positive definite.
     """
     rows, cols = W.shape
     sparsity = check_sparsity(sparsity)
     nm = check_nm(n, m, cols)
+    if mask_rows != 1:
+        if not isinstance(mask_rows, int) or mask_rows < 1 or rows % mask_rows:
+            raise ValueError(f"mask_rows must be a positive integer dividing the {rows} rows, got {mask_rows!r}")
+        if nm or fixed_mask is not None:
+            raise ValueError("mask_rows applies to unstructured masks only (not with n:m or fixed_mask)")
     if fixed_mask is not None:
         if nm:
             raise ValueError("fixed_mask cannot be combined with n:m")
@@ -109,6 +137,7 @@ def sparsegpt(
         block_size = max(m, block_size - block_size % m)
     else:
         dead_cols = int((H.diagonal() == 0).sum())  # the dead inputs of prepare_hessian
-        rule = _BlockwiseMask(sparsity, rows, cols, dead_cols)
+        rule = (_BlockwiseMask(sparsity, rows, cols, dead_cols) if mask_rows == 1
+                else _RowGroupMask(sparsity, rows, cols, dead_cols, mask_rows))
     out = compress(W, H, block_size=block_size, percdamp=percdamp, rule=rule, spec=quant)
     return SparseGPTResult(out.weight, out.mask, out.loss, out.damp, out.codes, out.scale, out.zero)

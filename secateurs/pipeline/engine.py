@@ -27,7 +27,7 @@ from secateurs.pipeline.activations import discard_chunks, keep_chunks
 from secateurs.pipeline.attention import native_causal_attention
 from secateurs.pipeline.block_tuning import tune_vq_block
 from secateurs.pipeline.capture import capture_block_inputs, run_block
-from secateurs.structure import find_blocks, get_weight, in_features, linear_layers, set_weight
+from secateurs.structure import find_blocks, get_weight, in_features, is_transposed, linear_layers, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
 from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator, StatisticsHooks
@@ -131,6 +131,10 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
         prune, quant = recipe.stages_for(name)
         if prune and prune.nm[1] and columns % prune.nm[1]:
             raise SecateursError(f"{prune.method}.mask {prune.mask}: layer {name} has {columns} input columns, not divisible by {prune.nm[1]}")
+        rows = module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
+        if prune and prune.mask_rows > 1 and rows % prune.mask_rows:
+            raise SecateursError(f"{prune.method}.mask_rows {prune.mask_rows}: layer {name} has {rows} output rows, "
+                                 f"not divisible by {prune.mask_rows}")
         if quant and quant.group_size and columns % quant.group_size:
             raise SecateursError(f"{quant.method}.group_size {quant.group_size} does not divide the {columns} input columns of layer {name}")
 

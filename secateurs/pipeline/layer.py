@@ -65,7 +65,8 @@ def compress_layer(
     if prune is not None:
         n, m = prune.nm
         if prune.method == "sparsegpt":
-            sweep = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=gptq_spec)
+            sweep = alg.sparsegpt(W, hessian, target, n, m, prune.block_size, prune.percdamp, quant=gptq_spec,
+                                  mask_rows=prune.mask_rows)
         else:
             if prune.method == "wanda":
                 mask = alg.wanda_mask(W, column_norms, target, n, m).mask

@@ -29,6 +29,7 @@ class Stage:
     method: str
     sparsity: float = 0.0
     mask: str = "unstructured"  # or "N:M": N kept of every M consecutive inputs
+    mask_rows: int = 1  # sparsegpt, unstructured: consecutive output rows sharing one mask
     per_row: bool = False  # magnitude only: threshold per output row instead of per layer
     sparsity_profile: str = "uniform"  # or "owl" (outlier-weighted layer-wise sparsity)
     owl_lambda: float = 0.08
@@ -89,7 +90,7 @@ class Stage:
 STAGE_KEYS = {
     "magnitude": {"sparsity", "mask", "per_row", "targets", "ignore"},
     "wanda": {"sparsity", "mask", "sparsity_profile", "owl_lambda", "owl_threshold", "targets", "ignore"},
-    "sparsegpt": {"sparsity", "mask", "sparsity_profile", "owl_lambda", "owl_threshold", "block_size",
+    "sparsegpt": {"sparsity", "mask", "mask_rows", "sparsity_profile", "owl_lambda", "owl_threshold", "block_size",
                   "percdamp", "targets", "ignore"},
     "gptq": {"bits", "group_size", "symmetric", "act_order", "mse_clip", "block_size", "percdamp", "targets", "ignore"},
     "rtn": {"bits", "group_size", "symmetric", "mse_clip", "targets", "ignore"},
@@ -142,6 +143,7 @@ _TYPES = {
     "block_lr": (_is_number, "a number"),
     "group_size": (lambda v: v is None or is_int(v), "an integer or null"),
     "per_row": (_is_bool, "true or false"),
+    "mask_rows": (lambda v: is_int(v) and v in (1, 2, 4, 8), "1, 2, 4 or 8"),
     "symmetric": (_is_bool, "true or false"),
     "mse_clip": (_is_bool, "true or false"),
     "act_order": (lambda v: v is None or _is_bool(v), "true or false"),
@@ -184,6 +186,9 @@ def _check_stage(stage: Stage, label: str | None = None, names: dict | None = No
             raise RecipeError(f"{key('sparsity_profile')} must be 'uniform' or 'owl', got {show(stage.sparsity_profile)}")
         if stage.sparsity_profile == "owl" and stage.mask != "unstructured":
             raise RecipeError(f"{key('sparsity_profile')} 'owl' needs an unstructured mask")
+        if stage.mask_rows != 1 and stage.mask != "unstructured":
+            raise RecipeError(f"{key('mask_rows')} {stage.mask_rows} needs an unstructured mask, got {key('mask')} "
+                              f"{show(stage.mask)}")
         if not 0 <= stage.owl_lambda < 1:
             raise RecipeError(f"{key('owl_lambda')} must be in [0, 1), got {show(stage.owl_lambda)}")
         if not 0 < stage.owl_threshold < math.inf:

@@ -42,7 +42,8 @@ class LinearStruct(ctypes.Structure):
     _fields_ = [("kind", I64), ("value_type", I64), ("rows", I64), ("cols", I64), ("values", PTR),
                 ("mask", PTR), ("row_offsets", PTR), ("row_scale", PTR), ("indices", PTR), ("n", I64),
                 ("m", I64), ("bits", I64), ("group_size", I64), ("scale", PTR), ("zero", PTR),
-                ("bias", PTR), ("codebooks", I64), ("codewords", I64), ("codebook_values", PTR)]
+                ("bias", PTR), ("codebooks", I64), ("codewords", I64), ("codebook_values", PTR),
+                ("mask_group", I64)]
 
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -119,6 +120,7 @@ class PlanBuilder:
             if isinstance(module, SparseQuantLinear):
                 expect(values.dtype == torch.int8, name, "sparse int8 values expected")
                 spec.row_scale = self.floats(module.scale)
+                spec.mask_group = module.mask_group
         elif isinstance(module, NMLinear):
             expect(module.values.dtype in (torch.float32, torch.bfloat16)
                     and tuple(module.values.shape) == (rows, cols // module.m * module.n)

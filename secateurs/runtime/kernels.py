@@ -55,7 +55,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     head = [i32, i32, ptr, i32, i64, i64, i64]  # path, threads, x, x dtype, batch, rows, cols
     library.secateurs_path_supported.argtypes = [i32]
-    library.secateurs_bitmask_mm.argtypes = head + [ptr, ptr, i32, ptr, ptr, ptr]
+    library.secateurs_bitmask_mm.argtypes = head + [ptr, ptr, i32, ptr, ptr, i64, ptr]
     library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
@@ -230,9 +230,11 @@ def _dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
 # --- kernels -----------------------------------------------------------------------------------
 
 def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, in_features: int,
-               row_scale: Tensor | None = None) -> Tensor:
+               row_scale: Tensor | None = None, mask_group: int = 1) -> Tensor:
     """Bitmask-sparse weight [rows, in_features]: values float32 / bfloat16, or int8 codes with a
-    float32 per-row `row_scale` (w = row_scale[r] * v)."""
+    float32 per-row `row_scale` (w = row_scale[r] * v). `mask_group` G > 1 promises that rows in
+    groups of G (from row 0) have equal masks (layouts.mask_row_group(bitmask) says which G holds):
+    int8 rows at batch 1 then share one gathering of their kept activations."""
     _check_activations(x, in_features)
     _check_tensor("bitmask", bitmask, (torch.uint8,), (None, (in_features + 7) // 8))
     rows = bitmask.shape[0]
@@ -250,8 +252,9 @@ def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, 
         dense = layouts.bitmask_to_dense(bitmask, values, row_offsets, in_features).to(torch.float32)
         return _dense_matmul(x, dense if row_scale is None else dense * row_scale[:, None])
 
+    _require(isinstance(mask_group, int) and mask_group >= 1, f"mask_group must be an integer >= 1, got {mask_group!r}")
     return _run("secateurs_bitmask_mm", x, rows, in_features, bitmask, values, _DTYPE_IDS[values.dtype],
-                row_offsets, row_scale, fallback=fallback)
+                row_offsets, row_scale, mask_group, fallback=fallback)
 
 
 def nm_mm(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:

@@ -37,6 +37,22 @@ def unpack_bitmask(bitmask: Tensor, cols: int) -> Tensor:
     return torch.from_numpy(bits.view(np.bool_))
 
 
+MASK_GROUPS = (8, 4, 2)  # row-group sizes the kernels take (kernels.bitmask_mm's mask_group)
+
+
+def mask_row_group(bitmask: Tensor) -> int:
+    """The largest G of MASK_GROUPS whose groups of G consecutive rows (from row 0) all have equal
+    bitmask rows, as a pruning that shares masks across output rows leaves them; 1 if none."""
+    _require_2d("bitmask", bitmask)
+    rows = bitmask.shape[0]
+    for group in MASK_GROUPS:
+        if rows >= group and rows % group == 0:
+            grouped = bitmask.reshape(rows // group, group, -1)
+            if bool((grouped == grouped[:, :1]).all()):
+                return group
+    return 1
+
+
 def bitmask_from_dense(weight: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Dense [rows, cols] -> (bitmask, values in weight's dtype, row_offsets); kept entries are
     `keep` (default: the nonzeros)."""

@@ -119,6 +119,18 @@ class _BitmaskKernelBatch:
         density = self.values.numel() / max(1, self.in_features * self.out_features)
         return sys.maxsize if density <= SPARSE_GEMM_MAX_DENSITY else KERNEL_MAX_BATCH
 
+    @property
+    def mask_group(self) -> int:
+        """layouts.mask_row_group of the bitmask, found once and again whenever the buffer is
+        replaced or written in place (load_state_dict), so the kernel never trusts a stale one."""
+        bitmask: Tensor = self.bitmask
+        key = (bitmask.data_ptr(), bitmask._version, tuple(bitmask.shape))
+        cached = getattr(self, "_mask_group", None)
+        if cached is None or cached[0] != key:
+            cached = (key, layouts.mask_row_group(bitmask))
+            self._mask_group = cached
+        return cached[1]
+
 
 class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
     """Unstructured sparsity: bitmask uint8 [out, ceil(in / 8)], values float32/bfloat16 [nnz],
@@ -183,7 +195,8 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
         return cls(*layouts.bitmask_from_dense(codes, keep=weight != 0), scale, weight.shape[1], bias)
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale)
+        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
+                                     mask_group=self.mask_group)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         codes = layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features)

@@ -133,3 +133,38 @@ def test_validation(problem, kwargs, field):
     W, _, H = problem(9, rows=4, cols=8)
     with pytest.raises(ValueError, match=field):
         sparsegpt(W, H, **kwargs)
+
+
+@pytest.mark.parametrize("group, sparsity, block_size", [(4, 0.7, 128), (2, 0.5, 7), (4, 0.3, 8), (8, 0.9, 16)])
+def test_row_groups_share_one_mask(problem, loss_of, group, sparsity, block_size):
+    W, _, H = problem(11, rows=16, cols=32, dtype=torch.float32)
+    result = sparsegpt(W, H, sparsity, block_size=block_size, mask_rows=group)
+    shared = result.mask.reshape(-1, group, W.shape[1])
+    assert (shared == shared[:, :1]).all()  # every row of a group keeps the same columns
+    assert int((~shared[:, 0]).sum()) == int(sparsity * W.numel() / group + 0.5)
+    assert torch.equal(result.weight != 0, result.mask)
+    assert result.loss == pytest.approx(loss_of(W, result.weight, H, result.damp), rel=1e-4, abs=1e-6)
+    # given its mask, the sweep is the fixed-mask OBS reconstruction
+    fixed = sparsegpt(W, H, 0.0, block_size=block_size, fixed_mask=result.mask)
+    assert torch.allclose(fixed.weight, result.weight, atol=1e-5)
+
+
+def test_row_group_selection_prunes_the_lowest_summed_obs_scores(problem):
+    # One selection over the whole layer (block_size >= cols), on the original weights: a group's
+    # column goes when the sum of its rows' w^2 / [chol(H^-1)]_jj^2 is among the lowest.
+    W, _, H = problem(12, rows=8, cols=12)
+    group, sparsity = 4, 0.5
+    result = sparsegpt(W, H, sparsity, block_size=12, percdamp=0.0, mask_rows=group)
+    u = torch.linalg.cholesky(torch.linalg.inv(H), upper=True).diagonal()
+    scores = (W / u).square().reshape(-1, group, 12).sum(1).flatten()
+    pruned = scores.argsort()[: int(sparsity * scores.numel())]
+    expected = torch.ones_like(scores, dtype=torch.bool)
+    expected[pruned] = False
+    assert torch.equal(result.mask.reshape(-1, group, 12)[:, 0].flatten(), expected)
+
+
+@pytest.mark.parametrize("kwargs", [{"mask_rows": 3}, {"mask_rows": 0}, {"mask_rows": 2, "n": 2, "m": 4}])
+def test_row_group_validation(problem, kwargs):
+    W, _, H = problem(13, rows=4, cols=8)
+    with pytest.raises(ValueError, match="mask_rows"):
+        sparsegpt(W, H, 0.5, **kwargs)

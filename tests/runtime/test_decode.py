@@ -183,6 +183,14 @@ def _pruned(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return weight * (weight.abs() > threshold)
 
 
+def _pruned_rows(weight: torch.Tensor, sparsity: float, group: int = 4) -> torch.Tensor:
+    """Pruned with one mask per group of `group` rows (a column's summed |w| decides)."""
+    rows, cols = weight.shape
+    scores = weight.abs().reshape(rows // group, group, cols).sum(1)
+    threshold = scores.flatten().kthvalue(max(1, int(sparsity * scores.numel()))).values
+    return weight * (scores > threshold).repeat_interleave(group, 0)
+
+
 def _two_of_four(weight: torch.Tensor) -> torch.Tensor:
     groups = weight.view(weight.shape[0], -1, 4)
     keep = groups.abs().argsort(-1).argsort(-1) >= 2
@@ -213,6 +221,7 @@ COMPRESSORS = {
     "bitmask": lambda w, b: BitmaskLinear.from_dense(_pruned(w, 0.7), b),
     "bitmask-bf16": lambda w, b: BitmaskLinear.from_dense(_pruned(w, 0.5), b, format="bf16"),
     "sparse-int8": lambda w, b: SparseQuantLinear.from_dense(_pruned(w, 0.6), b),
+    "sparse-int8-rows4": lambda w, b: SparseQuantLinear.from_dense(_pruned_rows(w, 0.6), b),
     "nm": lambda w, b: NMLinear.from_dense(_two_of_four(w), b),
     "int8": lambda w, b: QuantLinear.from_dense(w, b, format="int8"),
     "int4-g16": lambda w, b: QuantLinear.from_dense(w, b, format="int4", group_size=16),
@@ -255,7 +264,7 @@ def test_compressed_layers_match_hf_with_the_same_modules(arch, kind):
     reference = hf_logits(model, ids)
     decoder = DecodeModel.from_model(model, max_length=40)
     assert_logits_close(decoder.forward(ids), reference[-1])
-    step_tolerance = INT16_ACTIVATIONS_TOLERANCE if kind in ("int8", "sparse-int8", "mixed") else 2e-5
+    step_tolerance = INT16_ACTIVATIONS_TOLERANCE if kind in ("int8", "sparse-int8", "sparse-int8-rows4", "mixed") else 2e-5
     assert_logits_close(decoder.forward(ids[-1:], len(ids) - 1), reference[-1], step_tolerance)
     assert decoder.generate(ids, 16, eos=None) == hf_greedy(model, ids, 16)
 
@@ -311,7 +320,8 @@ def test_forced_kernel_paths_agree(path):
     if path not in kernels.supported_paths():
         pytest.skip(f"{path} kernels cannot run here")
     model = gemma(seed=3)
-    compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "vq", "vq-3x1024", "sparse-int4"])
+    compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "vq", "vq-3x1024", "sparse-int4",
+                     "sparse-int8-rows4"])
     ids = prompt(13, seed=12)
     reference = hf_logits(model, ids)[-1]
     with forced_path(path):

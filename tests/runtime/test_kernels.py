@@ -210,6 +210,16 @@ def test_nm_and_quant_reject_bad_arguments():
         kernels.quant_mm(torch.randn(1, 8), qweight, scale, zero, 4, 8, 4)
 
 
+def shared_mask_weight(rows: int, cols: int, group: int, generator: torch.Generator) -> torch.Tensor:
+    """int8-valued weight whose rows, in groups of `group`, share one mask (group 0 empty, the
+    last group full); values never 0 where kept."""
+    keep = (torch.rand(rows // group, cols, generator=generator) < 0.35).repeat_interleave(group, 0)
+    keep[:group] = False
+    keep[-group:] = True
+    values = torch.randint(1, 128, (rows, cols), generator=generator) * (torch.randint(0, 2, (rows, cols), generator=generator) * 2 - 1)
+    return (values * keep).to(torch.float32)
+
+
 def int8_layers(generator: torch.Generator, cols: int):
     """(kind, run(x), dense weight, terms, takes int16) for the batch-1 int8 kernels of one width:
     int8 dense rows, int8 bitmask rows, and 8-bit codes per channel, in groups of 64 and of 32.
@@ -225,6 +235,13 @@ def int8_layers(generator: torch.Generator, cols: int):
     bitmask = layouts.bitmask_from_dense(pruned.to(torch.int8))
     dense = pruned * row_scale[:, None]
     yield "bitmask", lambda x: kernels.bitmask_mm(x, *bitmask, cols, row_scale), dense, dense.abs(), True
+    shared = shared_mask_weight(24, cols, 4, generator)  # 4-row groups sharing a mask, one empty, one full
+    group_scale = torch.rand(24, generator=generator) + 0.5
+    grouped = layouts.bitmask_from_dense(shared.to(torch.int8))
+    assert layouts.mask_row_group(grouped[0]) in (4, 8)
+    dense = shared * group_scale[:, None]
+    yield ("bitmask shared by 4 rows", lambda x: kernels.bitmask_mm(x, *grouped, cols, group_scale, mask_group=4),
+           dense, dense.abs(), True)
     for group_size, takes_int16 in ((None, True), (64, True), (32, False)):
         if group_size and cols % group_size:
             continue
@@ -270,3 +287,35 @@ def test_int8_kernels_propagate_non_finite_activations(kernel_path):
         x[0, 70] = bad
         for kind, run, *_ in int8_layers(generator, 100):
             assert not run(x).isfinite().any(), kind
+
+
+def test_mask_row_group_detects_shared_masks():
+    generator = torch.Generator().manual_seed(3)
+    for group in (2, 4, 8):
+        bitmask = layouts.bitmask_from_dense(shared_mask_weight(16, 100, group, generator))[0]
+        assert layouts.mask_row_group(bitmask) >= group
+    bitmask = layouts.bitmask_from_dense(shared_mask_weight(16, 100, 4, generator))[0]
+    bitmask[4:6, 3] ^= 1  # rows 4 and 5 differ from 6 and 7: groups of 2 hold, not those of 4 or 8
+    assert layouts.mask_row_group(bitmask) == 2
+    bitmask[4, 3] ^= 1  # row 4 differs from row 5
+    assert layouts.mask_row_group(bitmask) == 1
+    assert layouts.mask_row_group(torch.zeros(6, 2, dtype=torch.uint8)) == 2  # 6 rows: no groups of 4 or 8
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("value_dtype", (torch.float32, torch.int8))
+def test_shared_mask_rows_match_reference_on_every_path(kernel_path, value_dtype, batch):
+    """mask_group changes only the int8 batch-1 path; every other case ignores it."""
+    generator = torch.Generator().manual_seed(batch + (value_dtype == torch.int8))
+    for rows, cols, group in ((8, 64, 4), (16, 200, 8), (12, 1031, 2), (4, 5, 4)):
+        weight, dense, row_scale = stored_weight(shared_mask_weight(rows, cols, group, generator) / 64, value_dtype, generator)
+        bitmask, values, row_offsets = layouts.bitmask_from_dense(weight)
+        x = activations(batch, cols, torch.float32, generator)
+        y = kernels.bitmask_mm(x, bitmask, values, row_offsets, cols, row_scale, mask_group=group)
+        assert_matches_reference(y, x, dense, int8=value_dtype == torch.int8)
+
+
+def test_mask_group_must_be_positive():
+    (bitmask, values, row_offsets), _, _ = bitmask_case(4, 8, 0.5, torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="mask_group"):
+        kernels.bitmask_mm(torch.randn(1, 8), bitmask, values, row_offsets, 8, mask_group=0)

@@ -153,6 +153,7 @@ struct Simd {
   static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
     return expand_madd16(bits, values, q, count);
   }
+  static int gather_int16(unsigned bits, const int16_t* q, int16_t* out) { return gather_int16x8(bits, q, out); }
   // One int4 deinterleave block (16 columns, 8 bytes): low nibbles, then high ones.
   static I madd_int4(const uint8_t* bytes, const int16_t* q) {
     const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));

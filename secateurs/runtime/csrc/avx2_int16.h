@@ -63,6 +63,33 @@ inline __m256i expand_madd16(unsigned bits, const int8_t* values, const int16_t*
   return _mm256_madd_epi16(expanded, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
 }
 
+// For each mask byte, the vpshufb control gathering the int16 lanes of its set bits, in order, to
+// the front (the other bytes zero).
+struct Int16GatherTable {
+  alignas(16) uint8_t control[256][16];
+  constexpr Int16GatherTable() : control() {
+    for (int bits = 0; bits < 256; ++bits) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (bits >> lane & 1) {
+          control[bits][next++] = static_cast<uint8_t>(2 * lane);
+          control[bits][next++] = static_cast<uint8_t>(2 * lane + 1);
+        }
+      while (next < 16) control[bits][next++] = 0x80;
+    }
+  }
+};
+constexpr Int16GatherTable kInt16Gather;
+
+// The int16 activations of the set bits of `bits` (8 columns) stored contiguously at out (16
+// bytes written); returns their count.
+inline int gather_int16x8(unsigned bits, const int16_t* q, int16_t* out) {
+  const __m128i gathered = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)),
+                                            _mm_load_si128(reinterpret_cast<const __m128i*>(kInt16Gather.control[bits])));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), gathered);
+  return __builtin_popcount(bits);
+}
+
 // Bitmask-sparse 4-bit codes (SparseInt4Args) in two passes over a row, because expanding
 // straight from a just-stored buffer stalls on store forwarding (the 16-byte loads at a running
 // offset straddle the stores): first every 64-column block's packed nibbles (up to 32 bytes,

@@ -84,6 +84,7 @@ struct Simd512 {
     count += high_count;
     return join(low, high);
   }
+  static int gather_int16(unsigned bits, const int16_t* q, int16_t* out) { return gather_int16x8(bits, q, out); }
 
   // AVX-512F has no byte expand (VBMI2 has): the AVX2 two passes, summed in the low half.
   static constexpr int kSparseInt4 = kSparseInt4Spread;

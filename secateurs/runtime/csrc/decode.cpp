@@ -47,6 +47,7 @@ struct LinearSpec {
   const float* codebook_values;  // [codebooks][codewords][group_size]
   // bitmask-sparse 4-bit (SparseInt4Args): values are the packed codes, mask and row_offsets (bytes)
   // as for bitmask, scale and zero as for quantized, group_size a multiple of 64 (or cols)
+  int64_t mask_group;  // bitmask: rows in groups of mask_group share a mask (BitmaskArgs), 0 or 1: none
 };
 
 struct LayerSpec {
@@ -151,6 +152,7 @@ void check_linear(const LinearSpec& l, int64_t rows, int64_t cols, const char* n
     case kBitmask:
       if (l.value_type < kFloat32 || l.value_type > kInt8 || !l.mask || !l.row_offsets) fail("bad bitmask", name, layer);
       if ((l.value_type == kInt8) != (l.row_scale != nullptr)) fail("int8 values need a row scale", name, layer);
+      if (l.mask_group < 0) fail("mask_group must be >= 0", name, layer);
       if (l.row_offsets[0] != 0) fail("row offsets must start at 0", name, layer);
       for (int64_t r = 0; r < rows; ++r)
         if (l.row_offsets[r + 1] < l.row_offsets[r] || l.row_offsets[r + 1] - l.row_offsets[r] > cols)
@@ -414,7 +416,7 @@ class Plan {
         if (l.value_type == kInt8) attach_int16(xa, cols, int16_row_.get());
         const int64_t mask_stride = (cols + 7) / 8, bytes = value_bytes(l.value_type);
         const BitmaskArgs args{xa, rows, cols, mask_stride, l.mask, l.values, static_cast<int>(l.value_type),
-                               l.row_offsets, l.row_scale, y};
+                               l.row_offsets, l.row_scale, y, std::max<int64_t>(l.mask_group, 1)};
         run(table_->bitmask, args, [&](int64_t r) { return l.row_offsets[r] * bytes + r * mask_stride; });
         break;
       }

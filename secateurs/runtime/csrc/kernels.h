@@ -114,6 +114,10 @@ struct BitmaskArgs {
   const int64_t* row_offsets;
   const float* row_scale;  // per-row scale of int8 values, nullptr otherwise
   float* y;                // [batch][rows]
+  // Rows in groups of mask_group, counted from row 0, share their first row's mask (the
+  // caller checked it: layouts.mask_row_group). At batch 1 with int8 values a group gathers its
+  // kept activations once and every row multiplies only its kept values (row_kernels.h).
+  int64_t mask_group = 1;
 };
 
 struct NMArgs {

@@ -117,6 +117,12 @@ struct Simd {
     for (int i = 0; i < W; ++i) codes[i] = bytes[i] & 15, codes[W + i] = bytes[i] >> 4;
     return madd(codes, q);
   }
+  static int gather_int16(unsigned bits, const int16_t* q, int16_t* out) {
+    int count = 0;
+    for (int lane = 0; lane < 8; ++lane)
+      if (bits >> lane & 1u) out[count++] = q[lane];
+    return count;
+  }
   static I expand_madd(unsigned bits, const int8_t* values, const int16_t* q, int& count) {
     int8_t codes[2 * W] = {};
     count = 0;

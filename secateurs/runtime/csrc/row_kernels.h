@@ -256,15 +256,67 @@ float expand_int16_row(const uint8_t* mask, const int8_t* v, const int16_t* q, c
   return tail ? total + static_cast<float>(tail) * scale[blocks] : total;
 }
 
+// Batch 1, int8 values on int16 activations, for rows that share one mask (BitmaskArgs::
+// mask_group): the kept activations of every kInt16Block-column block are gathered once per group
+// (8 columns per table shuffle) to the front of the block's own kInt16Block slots, zeros after;
+// a row then multiplies its kept values with them densely, so its work is that of a dense row of
+// its kept values. Every block takes the same number of madds (enough for the group's fullest
+// block): a count-dependent loop mispredicted about once per block. The madds read up to
+// steps * 2W - 1 values past a block's last one (times the zeros).
+struct KeptActivations {
+  int16_t* q;      // [blocks][kInt16Block]
+  int32_t* count;  // [blocks] kept columns of each block
+  int steps;       // madds of 2W columns per block
+};
+
+inline int64_t kept_activations_bytes(int64_t cols) { return cols / kInt16Block * (kInt16Block * 2 + 4); }
+
+inline void gather_kept(const uint8_t* mask, const int16_t* q, int64_t blocks, KeptActivations& kept) {
+  int most = 1;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int16_t* out = kept.q + b * kInt16Block;
+    float* slots = reinterpret_cast<float*>(out);  // zeroed as floats: vector stores (memset became rep stos)
+    for (int64_t k = 0; k < kInt16Block / 2; k += W) Simd::store(slots + k, Simd::zero());
+    int count = 0;
+    for (int64_t byte = 0; byte < kInt16Block / 8; ++byte)
+      count += Simd::gather_int16(mask[b * (kInt16Block / 8) + byte], q + b * kInt16Block + byte * 8, out + count);
+    kept.count[b] = count;
+    most = std::max(most, count);
+  }
+  kept.steps = static_cast<int>((most + 2 * W - 1) / (2 * W));
+}
+
+float kept_int16_row(const int8_t* v, const KeptActivations& kept, const float* scale, int64_t blocks) {
+  return sum_scaled_blocks(blocks, [&](int64_t b) { return scale[b]; }, [&](int64_t block) {
+    __builtin_prefetch(v + kStreamPrefetchBytes);
+    const int16_t* q = kept.q + block * kInt16Block;
+    I sum = Simd::madd(v, q);
+    for (int step = 1; step < kept.steps; ++step) sum = Simd::add_i32(sum, Simd::madd(v + step * 2 * W, q + step * 2 * W));
+    v += kept.count[block];
+    return sum;
+  });
+}
+
 // Rows [row_begin, row_end) at batch 1. Rows whose expansion could read past the end of `values`
 // (the last ones) read a zero-padded copy in scratch instead.
 template <class T>
 void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
-  constexpr int64_t kReadPast = 3 * W;  // values an expansion may read past a row's last one
+  // values an expansion (3W) or a shared-mask row (a block's kInt16Block slots) may read past a row's last one
+  constexpr int64_t kReadPast = std::max<int64_t>(3 * W, kInt16Block);
   const T* values = static_cast<const T*>(a.values);
   const int64_t nnz = a.row_offsets[a.rows];
   const float unit = Simd::expand_unit(T{});
   T* padded = reinterpret_cast<T*>(scratch);
+  // Shared masks: the group's gathered activations live in scratch after the padded row copy.
+  const int64_t blocks = a.cols / kInt16Block;
+  const bool grouped = std::is_same_v<T, int8_t> && a.x.int16 && a.mask_group > 1 && blocks > 0;
+  KeptActivations kept{};
+  if (grouped) {
+    char* base = reinterpret_cast<char*>(scratch) + (a.cols + kReadPast + 64) / 64 * 64;
+    kept.q = reinterpret_cast<int16_t*>(base);
+    kept.count = reinterpret_cast<int32_t*>(base + blocks * kInt16Block * 2);
+  }
+  int64_t gathered_group = -1;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* row = values + a.row_offsets[r];
     if (a.row_offsets[r + 1] + kReadPast > nnz) {
@@ -275,6 +327,24 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
     }
     const uint8_t* mask = a.mask + r * a.mask_stride;
     if constexpr (std::is_same_v<T, int8_t>) {
+      if (grouped) {
+        const int64_t group = r / a.mask_group;
+        if (group != gathered_group) {
+          gather_kept(a.mask + group * a.mask_group * a.mask_stride, a.x.int16, blocks, kept);
+          gathered_group = group;
+        }
+        float dot = kept_int16_row(row, kept, a.x.int16_scale, blocks);
+        const int8_t* tail_values = row + (a.row_offsets[r + 1] - a.row_offsets[r]);
+        int64_t tail_kept = 0;  // columns past the last whole block, from the row's own mask
+        for (int64_t j = blocks * kInt16Block; j < a.cols; ++j) tail_kept += mask[j / 8] >> (j % 8) & 1;
+        tail_values -= tail_kept;
+        int32_t tail = 0;
+        for (int64_t j = blocks * kInt16Block; j < a.cols; ++j)
+          if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*tail_values++) * a.x.int16[j];
+        if (tail) dot += static_cast<float>(tail) * a.x.int16_scale[blocks];
+        a.y[r] = dot * a.row_scale[r];
+        continue;
+      }
       if (a.x.int16) {
         a.y[r] = expand_int16_row(mask, row, a.x.int16, a.x.int16_scale, a.cols) * a.row_scale[r];
         continue;
