@@ -78,6 +78,10 @@ VARIANTS = {
     "sparse50-int8": Variant([{"sparsegpt": {"sparsity": 0.5}}, INT8], "bitmask int8", "int8", 0.5),
     "sparse70-int8": Variant([{"sparsegpt": {"sparsity": 0.7}}, INT8], "bitmask int8", "int8", 0.7),
     "2of4": Variant([{"sparsegpt": {"mask": "2:4"}}], "2:4 fp32", "fp32", 0.5),
+    # one mask per 4 consecutive rows (SparseGPT mask_rows): the int8 kernel gathers each group's
+    # kept activations once, so a row costs its kept values only (docs/kernels.md)
+    "sparse50r4-int8": Variant([{"sparsegpt": {"sparsity": 0.5, "mask_rows": 4}}, INT8], "bitmask int8, rows of 4 share masks", "int8", 0.5),
+    "sparse70r4-int8": Variant([{"sparsegpt": {"sparsity": 0.7, "mask_rows": 4}}, INT8], "bitmask int8, rows of 4 share masks", "int8", 0.7),
     # 4-bit groups of 64 (GPTQ); the sparse ones load as SparseInt4Linear where the avx512vbmi2
     # kernels run, as dense int4 elsewhere (docs/kernels.md)
     "int4": Variant([INT4], "int4 g64", "int8", 0.0),
@@ -350,6 +354,7 @@ def _decode_speed(rows, model, isa, threads, engine, variant) -> float | None:
 TARGETS = [  # (label, numerator (engine, variant), denominator, at least)
     ("sparse70 / torch eager fp32", ("secateurs", "sparse70"), ("torch", "eager-fp32"), None),
     ("sparse70-int8 / our int8 (both int8 heads)", ("secateurs", "sparse70-int8"), ("secateurs", "int8"), 1.3),
+    ("sparse70r4-int8 (rows of 4 share masks) / our int8", ("secateurs", "sparse70r4-int8"), ("secateurs", "int8"), 1.3),
     ("sparse70-int4 / llama.cpp's fastest", ("secateurs", "sparse70-int4"), ("llama.cpp", "fastest"), 1.3),
     ("int4 / llama.cpp's fastest", ("secateurs", "int4"), ("llama.cpp", "fastest"), None),
     ("int8 / llama.cpp Q8_0", ("secateurs", "int8"), ("llama.cpp", "Q8_0"), None),

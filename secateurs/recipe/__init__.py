@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from secateurs.recipe.llmcompressor import is_llmcompressor, modifier_entries, stage_from_entry
-from secateurs.recipe.stages import (DEFAULT_IGNORE, PRUNE_METHODS, QUANT_METHODS, STAGE_KEYS, FinetuneStage, RecipeError,
-                                     Stage, finetune_from_dict, show, sorted_keys, stage_from_dict)
+from secateurs.recipe.stages import (DEFAULT_IGNORE, LATER_KEYS, PRUNE_METHODS, QUANT_METHODS, STAGE_KEYS, FinetuneStage,
+                                     RecipeError, Stage, finetune_from_dict, show, sorted_keys, stage_from_dict)
 
 __all__ = ["DEFAULT_IGNORE", "PRESETS", "PRUNE_METHODS", "QUANT_METHODS", "FinetuneStage", "ProgressiveRecipe", "Recipe",
            "RecipeError", "Stage", "load_recipe", "recipe_from_dict", "stage_from_dict"]
@@ -81,7 +81,8 @@ class Recipe:
             "name": self.name,
             "true_sequential": self.true_sequential,
             "stages": [
-                {s.method: {k: v for k, v in dataclasses.asdict(s).items() if k in STAGE_KEYS[s.method]}}
+                {s.method: {k: v for k, v in dataclasses.asdict(s).items()
+                            if k in STAGE_KEYS[s.method] and not (k in LATER_KEYS and v == LATER_KEYS[k])}}
                 for s in self.stages
             ],
         }

@@ -119,6 +119,9 @@ def test_presets_keep_their_dict_and_digest(name):
     ([{"gptq": {"bits": 9}}], "gptq.bits must be an int in 2..8, got 9"),
     ([{"sparsegpt": {"sparsity": 0.5, "bogus": 1, 3: 4, None: 5}}], "sparsegpt: unknown key(s) ['bogus', 3, None]"),
     ([{"sparsegpt": {"sparsity": 0.7, "mask": "2:4"}}], "sparsegpt.sparsity 0.7 contradicts sparsegpt.mask 2:4"),
+    ([{"sparsegpt": {"sparsity": 0.7, "mask_rows": 3}}], "sparsegpt.mask_rows must be 1, 2, 4 or 8, got 3"),
+    ([{"sparsegpt": {"mask": "2:4", "mask_rows": 4}}], "sparsegpt.mask_rows 4 needs an unstructured mask"),
+    ([{"wanda": {"sparsity": 0.5, "mask_rows": 4}}], "wanda: unknown key(s) ['mask_rows']"),
     ([{7: {"sparsity": 0.5}}], "unknown stage 7; known: magnitude, wanda, sparsegpt, gptq, rtn, vq, SparseGPTModifier"),
 ])
 def test_values_must_have_their_own_types(recipe, message):
