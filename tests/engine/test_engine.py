@@ -375,3 +375,23 @@ def test_native_causal_attention_is_undone_after_an_error():
         assert AttentionInterface._global_mapping["sdpa"] is not sdpa
         raise RuntimeError("inside")
     assert AttentionInterface._global_mapping["sdpa"] is sdpa
+
+
+def test_mask_rows_share_masks_in_every_layer():
+    model = tiny("llama")
+    compress_model(model, [{"sparsegpt": {"sparsity": 0.7, "mask_rows": 4}}], calibration(), progress=False)
+    for name, module in targeted(model).items():
+        keep = get_weight(module) != 0
+        groups = keep.reshape(-1, 4, keep.shape[1])
+        assert (groups == groups[:, :1]).all(), name
+        assert (~keep).sum().item() == 4 * round(0.7 * keep.numel() / 4), name
+
+
+def test_mask_rows_must_divide_every_targeted_layer():
+    config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=36, intermediate_size=72, num_hidden_layers=1,
+                            num_attention_heads=3, num_key_value_heads=1)  # q_proj: 36 rows
+    model = tf.LlamaForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SecateursError, match="mask_rows 8: layer model.layers.0.self_attn.q_proj has 36 output rows, not divisible by 8"):
+        compress_model(model, [{"sparsegpt": {"sparsity": 0.5, "mask_rows": 8}}], calibration(), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
