@@ -14,6 +14,9 @@ Protocol:
 Rows are evaluated task-major (every variant on the cheapest task, then the next), so an interrupted
 run still compares the methods on the tasks it finished. Each finished row is written at once, atomically,
 to benchmarks/results/tasks.json; a rerun only fills in missing rows (`--force` reruns those selected).
+A row runs in shards of 1,000 documents, each kept as it finishes in benchmarks/results/tasks-shards/
+(per-document outcomes, committed), so a whole-set run that is killed, or continued in a later
+session on another machine, picks up at its next shard.
 
     nice .venv/bin/python benchmarks/tasks.py [--variants dense sparsegpt-50 ...] [--tasks ...]
         [--subset 500] [--engine secateurs|lm-eval] [--markdown-only]
@@ -47,7 +50,7 @@ VARIANTS = ["dense", "sparsegpt-50", "wanda-50", "magnitude-50", "sparsegpt-2of4
             "sparsegpt-70", "gptq-w4g64", "gptq-w3g64", "sparsegpt-50-w4g64"]
 LMEVAL_VENV = Path(os.environ.get("LMEVAL_VENV", Path.home() / ".cache" / "secateurs" / "venv-lmeval"))
 LMEVAL_WORKER = ROOT / "benchmarks" / "lmeval_ref.py"
-SHARD_DOCS = 1000  # documents per cached shard: a whole hellaswag (10,042) resumes after a kill
+SHARD_DOCS = 1000  # documents per stored shard: a whole hellaswag (10,042) resumes after a kill
 
 
 def _cache_root() -> Path:
@@ -115,7 +118,8 @@ def _shards(task: str, subset: int | None) -> list[tuple[int, int]]:
 
 
 def _shard_path(engine: str, variant: str, task: str, subset: int | None, shard: tuple[int, int]) -> Path:
-    return _cache_root() / "shards" / f"{engine}-{MODEL}-{variant}-{task}-{subset or 'all'}-{shard[0]}-{shard[1]}.json"
+    """Beside the results (committed: a later session, maybe on another machine, continues them)."""
+    return JSON_PATH.parent / "tasks-shards" / f"{engine}-{MODEL}-{variant}-{task}-{subset or 'all'}-{shard[0]}-{shard[1]}.json"
 
 
 def per_document(task: str, examples: list[dict]) -> dict:
