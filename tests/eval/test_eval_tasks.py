@@ -262,3 +262,18 @@ def test_shards_merge_to_the_whole_selection(tiny_pair, task):
     else:
         assert merged["acc_norm"] is None and merged["ppl"] == pytest.approx(whole.ppl, rel=1e-5)
     assert merged["tokens"] == sum(p.tokens for p in parts)
+
+
+def test_lm_eval_shards_merge_from_its_per_sample_metrics():
+    """lm-eval's side merges its own per-sample acc / acc_norm (and LAMBADA's log-likelihoods)."""
+    bench = _bench_tasks()
+    samples = [{"lls": [-1.0, -2.0], "acc": 1.0, "acc_norm": 0.0}, {"lls": [-3.0, -0.5], "acc": 0.0, "acc_norm": 1.0},
+               {"lls": [-0.2, -0.1], "acc": 0.0, "acc_norm": 0.0}]
+    merged = bench.merge_shards("piqa", [bench.lmeval_per_document("piqa", samples[:1]) | {"seconds": 1.0},
+                                         bench.lmeval_per_document("piqa", samples[1:]) | {"seconds": 2.0}])
+    assert merged["n"] == 3 and merged["acc"] == pytest.approx(1 / 3) and merged["acc_norm"] == pytest.approx(1 / 3)
+    assert merged["stderr"] == pytest.approx(mean_stderr([1.0, 0.0, 0.0]))
+    assert merged["seconds"] == 3.0 and "ppl" not in merged
+    words = [{"lls": [-2.0], "acc": 1.0, "acc_norm": None}, {"lls": [-4.0], "acc": 0.0, "acc_norm": None}]
+    lambada = bench.merge_shards("lambada", [bench.lmeval_per_document("lambada", words) | {"seconds": 0.0}])
+    assert lambada["acc"] == 0.5 and lambada["acc_norm"] is None and lambada["ppl"] == pytest.approx(math.exp(3.0))
