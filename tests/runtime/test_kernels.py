@@ -319,3 +319,16 @@ def test_mask_group_must_be_positive():
     (bitmask, values, row_offsets), _, _ = bitmask_case(4, 8, 0.5, torch.float32, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="mask_group"):
         kernels.bitmask_mm(torch.randn(1, 8), bitmask, values, row_offsets, 8, mask_group=0)
+
+
+def test_shared_mask_rows_split_between_threads(kernel_path, two_threads):
+    """A thread whose rows start inside a group gathers that group itself."""
+    if kernel_path == "torch":
+        pytest.skip("no native kernel")
+    generator = torch.Generator().manual_seed(5)
+    for rows in (36, 44, 1020):
+        weight, dense, row_scale = stored_weight(shared_mask_weight(rows, 320, 4, generator) / 64, torch.int8, generator)
+        bitmask, values, row_offsets = layouts.bitmask_from_dense(weight)
+        x = activations(1, 320, torch.float32, generator)
+        y = kernels.bitmask_mm(x, bitmask, values, row_offsets, 320, row_scale, mask_group=4)
+        assert_matches_reference(y, x, dense, int8=True)
