@@ -171,6 +171,9 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
             raise ValueError(f"values must be int8 codes, got {values.dtype}")
         if scale.dtype != torch.float32 or scale.shape != (bitmask.shape[0],):
             raise ValueError(f"scale must be float32 [{bitmask.shape[0]}], got {scale.dtype} {tuple(scale.shape)}")
+        # rows pruned with one mask per group (SparseGPT mask_rows) whose int8 rounding zeroed a few
+        # kept weights get their group's mask back, so the shared-mask kernel path applies
+        bitmask, values, row_offsets = layouts.share_row_masks(bitmask, values, row_offsets, in_features)
         super().__init__(in_features, bitmask.shape[0], bias)
         self.register_buffer("bitmask", bitmask.contiguous())
         self.register_buffer("values", values.contiguous())

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_matches_reference, forced_path, int16_activations, stored_weight
 from secateurs.runtime import kernels, layouts
+from secateurs.runtime.modules import SparseQuantLinear
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 BATCHES = (1, 3, 16, 64)
@@ -332,3 +333,22 @@ def test_shared_mask_rows_split_between_threads(kernel_path, two_threads):
         x = activations(1, 320, torch.float32, generator)
         y = kernels.bitmask_mm(x, bitmask, values, row_offsets, 320, row_scale, mask_group=4)
         assert_matches_reference(y, x, dense, int8=True)
+
+
+def test_share_row_masks_restores_groups_that_rounding_broke():
+    generator = torch.Generator().manual_seed(9)
+    weight = shared_mask_weight(32, 200, 4, generator)
+    kept = (weight != 0).nonzero()
+    holes = kept[torch.randperm(len(kept), generator=generator)[:20]]
+    weight[holes[:, 0], holes[:, 1]] = 0  # kept weights that an int8 rounding sent to code 0
+    layout = layouts.bitmask_from_dense(weight)
+    assert layouts.mask_row_group(layout[0]) == 1
+    shared = layouts.share_row_masks(*layout, 200)
+    assert layouts.mask_row_group(shared[0]) >= 4
+    assert torch.equal(layouts.bitmask_to_dense(*shared, 200), weight)
+    assert shared[1].numel() == layout[1].numel() + 20
+    unrelated = layouts.bitmask_from_dense(sparse_weight(32, 200, 0.3, generator))
+    assert all(a is b for a, b in zip(layouts.share_row_masks(*unrelated, 200), unrelated))
+    module = SparseQuantLinear.from_codes(weight.to(torch.int8), torch.rand(32, generator=generator) + 0.5)
+    assert module.mask_group >= 4
+    assert torch.equal(module.to_dense(), weight * module.scale[:, None])
