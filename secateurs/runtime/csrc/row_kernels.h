@@ -316,7 +316,7 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
     kept.q = reinterpret_cast<int16_t*>(base);
     kept.count = reinterpret_cast<int32_t*>(base + blocks * kInt16Block * 2);
   }
-  int64_t gathered_group = -1;
+  int64_t group_end = 0;  // rows before it (from the gathered group's first) share `kept`
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* row = values + a.row_offsets[r];
     if (a.row_offsets[r + 1] + kReadPast > nnz) {
@@ -328,10 +328,10 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
     const uint8_t* mask = a.mask + r * a.mask_stride;
     if constexpr (std::is_same_v<T, int8_t>) {
       if (grouped) {
-        const int64_t group = r / a.mask_group;
-        if (group != gathered_group) {
-          gather_kept(a.mask + group * a.mask_group * a.mask_stride, a.x.int16, blocks, kept);
-          gathered_group = group;
+        if (r >= group_end) {  // a division once per group, not per row
+          const int64_t first = r - r % a.mask_group;
+          gather_kept(a.mask + first * a.mask_stride, a.x.int16, blocks, kept);
+          group_end = first + a.mask_group;
         }
         float dot = kept_int16_row(row, kept, a.x.int16_scale, blocks);
         const int8_t* tail_values = row + (a.row_offsets[r + 1] - a.row_offsets[r]);
