@@ -297,6 +297,45 @@ float kept_int16_row(const int8_t* v, const KeptActivations& kept, const float* 
   });
 }
 
+// Two rows of one group at once: their kept values run through the same blocks with the same
+// counts, so every gathered activation vector is loaded once for both. out = their two dots.
+void kept_int16_row_pair(const int8_t* v0, const int8_t* v1, const KeptActivations& kept, const float* scale,
+                         int64_t blocks, float* out) {
+  F acc0 = Simd::zero(), acc1 = Simd::zero();
+  for (int64_t block = 0; block < blocks; ++block) {
+    __builtin_prefetch(v0 + kStreamPrefetchBytes);
+    __builtin_prefetch(v1 + kStreamPrefetchBytes);
+    const int16_t* q = kept.q + block * kInt16Block;
+    I sum0 = Simd::madd(v0, q), sum1 = Simd::madd(v1, q);
+    for (int step = 1; step < kept.steps; ++step) {
+      sum0 = Simd::add_i32(sum0, Simd::madd(v0 + step * 2 * W, q + step * 2 * W));
+      sum1 = Simd::add_i32(sum1, Simd::madd(v1 + step * 2 * W, q + step * 2 * W));
+    }
+    const F block_scale = Simd::set1(scale[block]);
+    acc0 = Simd::fma(Simd::to_float(sum0), block_scale, acc0);
+    acc1 = Simd::fma(Simd::to_float(sum1), block_scale, acc1);
+    v0 += kept.count[block];
+    v1 += kept.count[block];
+  }
+  out[0] = Simd::hsum(acc0);
+  out[1] = Simd::hsum(acc1);
+}
+
+// The columns of a shared-mask row past its last whole kInt16Block block (from its own mask; its
+// last values), times their activation scale.
+inline float kept_tail(const BitmaskArgs& a, const int8_t* row, int64_t r, int64_t blocks) {
+  const int64_t first = blocks * kInt16Block;
+  if (first >= a.cols) return 0.0f;
+  const uint8_t* mask = a.mask + r * a.mask_stride;
+  int64_t tail_kept = 0;
+  for (int64_t j = first; j < a.cols; ++j) tail_kept += mask[j / 8] >> (j % 8) & 1;
+  const int8_t* v = row + (a.row_offsets[r + 1] - a.row_offsets[r]) - tail_kept;
+  int32_t tail = 0;
+  for (int64_t j = first; j < a.cols; ++j)
+    if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*v++) * a.x.int16[j];
+  return static_cast<float>(tail) * a.x.int16_scale[blocks];
+}
+
 // Rows [row_begin, row_end) at batch 1. Rows whose expansion could read past the end of `values`
 // (the last ones) read a zero-padded copy in scratch instead.
 template <class T>
@@ -336,16 +375,18 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
           // missed (a third of this path's time in decode went to the first mask load)
           if (group_end + a.mask_group <= a.rows) prefetch(a.mask + (group_end + a.mask_group) * a.mask_stride, a.mask_stride);
         }
-        float dot = kept_int16_row(row, kept, a.x.int16_scale, blocks);
-        const int8_t* tail_values = row + (a.row_offsets[r + 1] - a.row_offsets[r]);
-        int64_t tail_kept = 0;  // columns past the last whole block, from the row's own mask
-        for (int64_t j = blocks * kInt16Block; j < a.cols; ++j) tail_kept += mask[j / 8] >> (j % 8) & 1;
-        tail_values -= tail_kept;
-        int32_t tail = 0;
-        for (int64_t j = blocks * kInt16Block; j < a.cols; ++j)
-          if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*tail_values++) * a.x.int16[j];
-        if (tail) dot += static_cast<float>(tail) * a.x.int16_scale[blocks];
-        a.y[r] = dot * a.row_scale[r];
+        // two rows of the group together where neither reads a padded copy
+        if (r + 1 < row_end && r + 1 < group_end && row == values + a.row_offsets[r] &&
+            a.row_offsets[r + 2] + kReadPast <= nnz) {
+          const int8_t* next = values + a.row_offsets[r + 1];
+          float dots[2];
+          kept_int16_row_pair(row, next, kept, a.x.int16_scale, blocks, dots);
+          a.y[r] = (dots[0] + kept_tail(a, row, r, blocks)) * a.row_scale[r];
+          a.y[r + 1] = (dots[1] + kept_tail(a, next, r + 1, blocks)) * a.row_scale[r + 1];
+          ++r;
+          continue;
+        }
+        a.y[r] = (kept_int16_row(row, kept, a.x.int16_scale, blocks) + kept_tail(a, row, r, blocks)) * a.row_scale[r];
         continue;
       }
       if (a.x.int16) {
