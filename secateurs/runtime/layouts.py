@@ -64,10 +64,15 @@ def share_row_masks(bitmask: Tensor, values: Tensor, row_offsets: Tensor, cols: 
     if mask_row_group(bitmask) > 1:
         return bitmask, values, row_offsets
     rows, kept = bitmask.shape[0], values.numel()
-    keep = unpack_bitmask(bitmask, cols)
+    sample = unpack_bitmask(bitmask[: min(rows, 64)], cols)  # a quick look first: loading stays cheap
+    keep = None
     for group in MASK_GROUPS:
         if rows < group or rows % group:
             continue
+        head = sample[: sample.shape[0] // group * group]
+        if not head.numel() or int(head.reshape(-1, group, cols).any(1).sum()) * group > (1 + 2 * max_extra) * max(int(head.sum()), 1):
+            continue  # unrelated masks: their union is far larger than the rows
+        keep = unpack_bitmask(bitmask, cols) if keep is None else keep
         union = keep.reshape(rows // group, group, cols).any(1)
         if int(union.sum()) * group - kept <= max_extra * kept:
             dense = bitmask_to_dense(bitmask, values, row_offsets, cols)
