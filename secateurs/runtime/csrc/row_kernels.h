@@ -269,8 +269,6 @@ struct KeptActivations {
   int steps;       // madds of 2W columns per block
 };
 
-inline int64_t kept_activations_bytes(int64_t cols) { return cols / kInt16Block * (kInt16Block * 2 + 4); }
-
 inline void gather_kept(const uint8_t* mask, const int16_t* q, int64_t blocks, KeptActivations& kept) {
   int most = 1;
   for (int64_t b = 0; b < blocks; ++b) {
@@ -346,7 +344,8 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
   const int64_t nnz = a.row_offsets[a.rows];
   const float unit = Simd::expand_unit(T{});
   T* padded = reinterpret_cast<T*>(scratch);
-  // Shared masks: the group's gathered activations live in scratch after the padded row copy.
+  // Shared masks: the group's gathered activations ([blocks][kInt16Block] int16, then the counts)
+  // live in scratch after the padded row copy; scratch_floats leaves room for both.
   const int64_t blocks = a.cols / kInt16Block;
   const bool grouped = std::is_same_v<T, int8_t> && a.x.int16 && a.mask_group > 1 && blocks > 0;
   KeptActivations kept{};
