@@ -231,6 +231,14 @@ float expand_dot_row(const uint8_t* mask, int64_t mask_stride, const T* v, const
   return Simd::hsum(Simd::add(acc[0], acc[1]));
 }
 
+// The kept columns [first, cols) of a bitmask row (values from v on) times int16 activations, exactly.
+inline int32_t masked_tail_dot(const uint8_t* mask, const int8_t* v, const int16_t* q, int64_t first, int64_t cols) {
+  int32_t tail = 0;
+  for (int64_t j = first; j < cols; ++j)
+    if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*v++) * q[j];
+  return tail;
+}
+
 // Batch 1, int8 values on int16 activations (kernels.h): the kept values of 2W columns at a time
 // expanded into int16 lanes and multiplied pairwise with q (Simd::expand_madd), summed in int32
 // per block. Reads up to 3W values past the row's last one.
@@ -250,9 +258,7 @@ float expand_int16_row(const uint8_t* mask, const int8_t* v, const int16_t* q, c
     }
     return sum;
   });
-  int32_t tail = 0;
-  for (int64_t j = blocks * kInt16Block; j < cols; ++j)
-    if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*v++) * q[j];
+  const int32_t tail = masked_tail_dot(mask, v, q, blocks * kInt16Block, cols);
   return tail ? total + static_cast<float>(tail) * scale[blocks] : total;
 }
 
@@ -284,39 +290,30 @@ inline void gather_kept(const uint8_t* mask, const int16_t* q, int64_t blocks, K
   kept.steps = static_cast<int>((most + 2 * W - 1) / (2 * W));
 }
 
-float kept_int16_row(const int8_t* v, const KeptActivations& kept, const float* scale, int64_t blocks) {
-  return sum_scaled_blocks(blocks, [&](int64_t b) { return scale[b]; }, [&](int64_t block) {
-    __builtin_prefetch(v + kStreamPrefetchBytes);
-    const int16_t* q = kept.q + block * kInt16Block;
-    I sum = Simd::madd(v, q);
-    for (int step = 1; step < kept.steps; ++step) sum = Simd::add_i32(sum, Simd::madd(v + step * 2 * W, q + step * 2 * W));
-    v += kept.count[block];
-    return sum;
-  });
-}
-
-// Two rows of one group at once: their kept values run through the same blocks with the same
-// counts, so every gathered activation vector is loaded once for both. out = their two dots.
-void kept_int16_row_pair(const int8_t* v0, const int8_t* v1, const KeptActivations& kept, const float* scale,
-                         int64_t blocks, float* out) {
-  F acc0 = Simd::zero(), acc1 = Simd::zero();
+// kRows rows of one group at once: their kept values run through the same blocks with the same
+// counts, so every gathered activation vector is loaded once for all of them. out = their dots.
+template <int kRows>
+void kept_int16_rows(const int8_t* const* rows, const KeptActivations& kept, const float* scale, int64_t blocks,
+                     float* out) {
+  const int8_t* v[kRows];
+  F acc[kRows];
+  for (int i = 0; i < kRows; ++i) v[i] = rows[i], acc[i] = Simd::zero();
   for (int64_t block = 0; block < blocks; ++block) {
-    __builtin_prefetch(v0 + kStreamPrefetchBytes);
-    __builtin_prefetch(v1 + kStreamPrefetchBytes);
     const int16_t* q = kept.q + block * kInt16Block;
-    I sum0 = Simd::madd(v0, q), sum1 = Simd::madd(v1, q);
-    for (int step = 1; step < kept.steps; ++step) {
-      sum0 = Simd::add_i32(sum0, Simd::madd(v0 + step * 2 * W, q + step * 2 * W));
-      sum1 = Simd::add_i32(sum1, Simd::madd(v1 + step * 2 * W, q + step * 2 * W));
+    I sum[kRows];
+    for (int i = 0; i < kRows; ++i) {
+      __builtin_prefetch(v[i] + kStreamPrefetchBytes);
+      sum[i] = Simd::madd(v[i], q);
     }
+    for (int step = 1; step < kept.steps; ++step)
+      for (int i = 0; i < kRows; ++i) sum[i] = Simd::add_i32(sum[i], Simd::madd(v[i] + step * 2 * W, q + step * 2 * W));
     const F block_scale = Simd::set1(scale[block]);
-    acc0 = Simd::fma(Simd::to_float(sum0), block_scale, acc0);
-    acc1 = Simd::fma(Simd::to_float(sum1), block_scale, acc1);
-    v0 += kept.count[block];
-    v1 += kept.count[block];
+    for (int i = 0; i < kRows; ++i) {
+      acc[i] = Simd::fma(Simd::to_float(sum[i]), block_scale, acc[i]);
+      v[i] += kept.count[block];
+    }
   }
-  out[0] = Simd::hsum(acc0);
-  out[1] = Simd::hsum(acc1);
+  for (int i = 0; i < kRows; ++i) out[i] = Simd::hsum(acc[i]);
 }
 
 // The columns of a shared-mask row past its last whole kInt16Block block (from its own mask; its
@@ -328,10 +325,7 @@ inline float kept_tail(const BitmaskArgs& a, const int8_t* row, int64_t r, int64
   int64_t tail_kept = 0;
   for (int64_t j = first; j < a.cols; ++j) tail_kept += mask[j / 8] >> (j % 8) & 1;
   const int8_t* v = row + (a.row_offsets[r + 1] - a.row_offsets[r]) - tail_kept;
-  int32_t tail = 0;
-  for (int64_t j = first; j < a.cols; ++j)
-    if (mask[j / 8] >> (j % 8) & 1) tail += static_cast<int32_t>(*v++) * a.x.int16[j];
-  return static_cast<float>(tail) * a.x.int16_scale[blocks];
+  return static_cast<float>(masked_tail_dot(mask, v, a.x.int16, first, a.cols)) * a.x.int16_scale[blocks];
 }
 
 // Rows [row_begin, row_end) at batch 1. Rows whose expansion could read past the end of `values`
@@ -377,15 +371,17 @@ void bitmask_rows_batch1(const BitmaskArgs& a, int64_t row_begin, int64_t row_en
         // two rows of the group together where neither reads a padded copy
         if (r + 1 < row_end && r + 1 < group_end && row == values + a.row_offsets[r] &&
             a.row_offsets[r + 2] + kReadPast <= nnz) {
-          const int8_t* next = values + a.row_offsets[r + 1];
+          const int8_t* pair[2] = {row, values + a.row_offsets[r + 1]};
           float dots[2];
-          kept_int16_row_pair(row, next, kept, a.x.int16_scale, blocks, dots);
-          a.y[r] = (dots[0] + kept_tail(a, row, r, blocks)) * a.row_scale[r];
-          a.y[r + 1] = (dots[1] + kept_tail(a, next, r + 1, blocks)) * a.row_scale[r + 1];
+          kept_int16_rows<2>(pair, kept, a.x.int16_scale, blocks, dots);
+          a.y[r] = (dots[0] + kept_tail(a, pair[0], r, blocks)) * a.row_scale[r];
+          a.y[r + 1] = (dots[1] + kept_tail(a, pair[1], r + 1, blocks)) * a.row_scale[r + 1];
           ++r;
           continue;
         }
-        a.y[r] = (kept_int16_row(row, kept, a.x.int16_scale, blocks) + kept_tail(a, row, r, blocks)) * a.row_scale[r];
+        float dot;
+        kept_int16_rows<1>(&row, kept, a.x.int16_scale, blocks, &dot);
+        a.y[r] = (dot + kept_tail(a, row, r, blocks)) * a.row_scale[r];
         continue;
       }
       if (a.x.int16) {
