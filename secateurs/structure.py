@@ -55,6 +55,10 @@ def in_features(module: nn.Module) -> int:
     return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
 
 
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
+
+
 def eos_token_ids(model: nn.Module, tokenizer=None) -> set[int]:
     """The ids that end a generation: the model's generation_config.eos_token_id (an id or ids, as
     transformers' generate reads it) and the tokenizer's eos_token_id."""

@@ -27,7 +27,7 @@ from secateurs.pipeline.activations import discard_chunks, keep_chunks
 from secateurs.pipeline.attention import native_causal_attention
 from secateurs.pipeline.block_tuning import tune_vq_block
 from secateurs.pipeline.capture import capture_block_inputs, run_block
-from secateurs.structure import find_blocks, get_weight, in_features, is_transposed, linear_layers, set_weight
+from secateurs.structure import find_blocks, get_weight, in_features, linear_layers, out_features, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
 from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator, StatisticsHooks
@@ -131,7 +131,7 @@ def validate(model: nn.Module, recipe: Recipe) -> None:
         prune, quant = recipe.stages_for(name)
         if prune and prune.nm[1] and columns % prune.nm[1]:
             raise SecateursError(f"{prune.method}.mask {prune.mask}: layer {name} has {columns} input columns, not divisible by {prune.nm[1]}")
-        rows = module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
+        rows = out_features(module)
         if prune and prune.mask_rows > 1 and rows % prune.mask_rows:
             raise SecateursError(f"{prune.method}.mask_rows {prune.mask_rows}: layer {name} has {rows} output rows, "
                                  f"not divisible by {prune.mask_rows}")
@@ -306,7 +306,7 @@ class Engine:
         """Compress `layers`, in order (`stats` None: their stages need none); with several processes
         each takes a share balanced by estimated cost, then every compressed weight is broadcast from
         the process that made it."""
-        costs = {name: layer_cost(module.weight.numel() // in_features(module), in_features(module),
+        costs = {name: layer_cost(out_features(module), in_features(module),
                                   [s.method for s in self.recipe.stages_for(f"{self.prefix}.{index}.{name}") if s])
                  for name, module in layers.items()}
         owners = self.group.assign(costs)

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from secateurs.algorithms.quant import fake_quantize, group_index
 from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
-from secateurs.structure import is_transposed
+from secateurs.structure import is_transposed, out_features
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -74,7 +74,7 @@ def attach_fake_quant(layers: dict[str, nn.Module], plan_or_grids, bits: int | N
         raise SecateursError(f"the quantization grids name layers the model does not have, e.g. {missing[0]}")
     for name, (scale, zero) in plan.grids.items():
         module = layers[name]
-        rows = module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]
+        rows = out_features(module)
         cols = module.weight.numel() // rows
         if scale.dim() != 2 or scale.shape[0] != rows or cols % scale.shape[1] or zero.shape != scale.shape:
             raise SecateursError(f"layer {name}: grid of shape {tuple(scale.shape)} does not fit the weight")
