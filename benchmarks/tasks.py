@@ -143,7 +143,7 @@ def lmeval_per_document(task: str, examples: list[dict]) -> dict:
 
 def merge_shards(task: str, shards: list[dict]) -> dict:
     """One row's metrics from its shards: means of the per-document outcomes and lm-eval's mean_stderr,
-    LAMBADA's ppl = exp(-mean final-word log-likelihood); seconds and tokens summed."""
+    LAMBADA's ppl = exp(-mean final-word log-likelihood); seconds (and tokens, where counted) summed."""
     from secateurs.eval.tasks import mean_stderr
 
     correct = [value for shard in shards for value in shard["correct"]]
@@ -156,8 +156,9 @@ def merge_shards(task: str, shards: list[dict]) -> dict:
         row["ppl"] = math.exp(-sum(lls) / len(lls))
     if "lm_eval" in shards[0]:
         row["lm_eval"] = shards[0]["lm_eval"]
-    return row | {"seconds": sum(shard["seconds"] for shard in shards),
-                  "tokens": sum(shard.get("tokens", 0) for shard in shards)}
+    if "tokens" in shards[0]:  # ours counts the tokens it fed; lm-eval does not say
+        row["tokens"] = sum(shard["tokens"] for shard in shards)
+    return row | {"seconds": sum(shard["seconds"] for shard in shards)}
 
 
 def run_sharded(engine: str, variant: str, task: str, subset: int | None, force: bool, score_shard) -> dict:
@@ -264,7 +265,6 @@ def run_reference(tasks: list[str], subset: int | None, force: bool) -> None:
                 "seconds": time.perf_counter() - started, "lm_eval": result["lm_eval"]}
 
         merged = run_sharded("lm-eval", "dense", task, subset, force, score_shard)
-        merged.pop("tokens")
         row = {"model": MODEL, "variant": "dense", "engine": "lm-eval", **merged, "subset": subset}
         rows = store(rows, row)
         print(f"[tasks] lm-eval dense {task}: acc {row['acc']:.4f}", flush=True)

@@ -119,18 +119,6 @@ class _BitmaskKernelBatch:
         density = self.values.numel() / max(1, self.in_features * self.out_features)
         return sys.maxsize if density <= SPARSE_GEMM_MAX_DENSITY else KERNEL_MAX_BATCH
 
-    @property
-    def mask_group(self) -> int:
-        """layouts.mask_row_group of the bitmask, found once and again whenever the buffer is
-        replaced or written in place (load_state_dict), so the kernel never trusts a stale one."""
-        bitmask: Tensor = self.bitmask
-        key = (bitmask.data_ptr(), bitmask._version, tuple(bitmask.shape))
-        cached = getattr(self, "_mask_group", None)
-        if cached is None or cached[0] != key:
-            cached = (key, layouts.mask_row_group(bitmask))
-            self._mask_group = cached
-        return cached[1]
-
 
 class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
     """Unstructured sparsity: bitmask uint8 [out, ceil(in / 8)], values float32/bfloat16 [nnz],
@@ -196,6 +184,18 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
         weight = weight.detach().to(torch.float32)
         codes, scale = per_row_int8(weight)
         return cls(*layouts.bitmask_from_dense(codes, keep=weight != 0), scale, weight.shape[1], bias)
+
+    @property
+    def mask_group(self) -> int:
+        """layouts.mask_row_group of the bitmask, found once and again whenever the buffer is
+        replaced or written in place (load_state_dict), so the kernel never trusts a stale one."""
+        bitmask: Tensor = self.bitmask
+        key = (bitmask.data_ptr(), bitmask._version, tuple(bitmask.shape))
+        cached = getattr(self, "_mask_group", None)
+        if cached is None or cached[0] != key:
+            cached = (key, layouts.mask_row_group(bitmask))
+            self._mask_group = cached
+        return cached[1]
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
         return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
