@@ -71,6 +71,25 @@ def evaluate(model, evaluation, eval_tokens: int) -> float:
     return perplexity(model, evaluation, quality.PROTOCOL["eval_seqlen"], max_tokens=eval_tokens, progress=False).ppl
 
 
+def task_scores(model, tokenizer, subset: int) -> dict:
+    """Zero-shot accuracy on the seven tasks, on the seeded subset benchmarks/tasks.py uses (the same
+    documents as its rows of that subset, so the untrained dense model's row there is the reference)."""
+    from secateurs.eval.tasks import TASKS, mean_accuracy
+    from secateurs.eval.tasks import evaluate as evaluate_tasks
+
+    results = evaluate_tasks(model.eval(), tokenizer, list(TASKS), subset=subset, progress=False)
+    return {"tasks": {r.task: r.acc for r in results}, "task_mean": mean_accuracy(results), "task_subset": subset}
+
+
+def dense_task_mean(subset: int) -> float | None:
+    """The untrained dense model's mean over the seven tasks in benchmarks/results/tasks.json."""
+    path = RESULTS / "tasks.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    accs = {r["task"]: r["acc"] for r in rows if r["variant"] == "dense" and r["engine"] == "secateurs"
+            and r["subset"] == subset}
+    return sum(accs.values()) / len(accs) if len(accs) == 7 else None
+
+
 def oneshot(variant: str, work: Path, eval_tokens: int):
     """The variant's one-shot model (cached as a model directory) with its perplexity and plan."""
 
@@ -163,6 +182,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
     row = {"model": MODEL, "variant": variant, "loss": loss, "qat": qat, "budget": budget, "seed": args.seed,
            "device": "cpu", "threads": torch.get_num_threads(), "cpu": quality.cpu_name(),
            "bf16": args.bf16, "eval_tokens": eval_tokens, "task_mean": None}
+    tasks = (lambda model, tokenizer: task_scores(model, tokenizer, args.task_subset)) if args.task_subset else None
     teacher_dir = work / "teacher" / quality._hash(budget)
     if variant == "dense":
         loaded = load_model(MODEL)
@@ -174,6 +194,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
         dense_ppl = load_rows_dense(eval_tokens, work)
         row |= {"tokens": result.tokens, "ppl": ppl, "ppl_oneshot": dense_ppl, "ppl_dense_ft": ppl, "sparsity": 0.0,
                 "train_seconds": result.seconds, "tokens_per_s": result.tokens_per_s}
+        row |= tasks(loaded.model, loaded.tokenizer) if tasks else {}
     else:
         dense_ft = find(load_rows(), "dense", "ce", False, budget)
         if loss != "none" and (dense_ft is None or not teacher_dir.is_dir()):
@@ -184,6 +205,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
         row |= {"ppl_oneshot": ppl_oneshot, "ppl_dense_ft": dense_ft["ppl"] if dense_ft else None}
         if loss == "none":
             row |= {"tokens": 0, "ppl": ppl_oneshot, "sparsity": masks.check()["sparsity"], "tokens_per_s": None}
+            row |= tasks(model, tokenizer) if tasks else {}
         else:
             teacher = load_model(teacher_dir).model
             out = rows_dir(work, budget) / row_key(variant, loss, qat).replace("/", "-")
@@ -202,6 +224,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
             row |= {"tokens": result.tokens, "ppl": evaluate(model, evaluation, eval_tokens),
                     "sparsity": result.sparsity["sparsity"], "train_seconds": result.seconds,
                     "tokens_per_s": result.tokens_per_s}
+            row |= tasks(model, tokenizer) if tasks else {}
     row["seconds"] = time.perf_counter() - started
     if variant != "dense" and row["ppl_dense_ft"] is not None and row["ppl_oneshot"] != row["ppl_dense_ft"]:
         row["recovery"] = (row["ppl_oneshot"] - row["ppl"]) / (row["ppl_oneshot"] - row["ppl_dense_ft"])
@@ -247,13 +270,19 @@ def write_report(args, budget: dict) -> None:
                   f"{max((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f} tokens/s on "
                   f"{rows[0]['cpu'] if rows else 'this CPU'}, {rows[0]['threads'] if rows else '?'} threads, shared "
                   "with other jobs); a later session raises --tokens and reruns the same command.", ""]
-    lines += ["| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | sparsity | train s | tokens/s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    subsets = {r["task_subset"] for r in rows if r.get("task_mean") is not None}
+    for subset in sorted(subsets):
+        reference = dense_task_mean(subset)
+        lines += [f"Task mean: accuracy averaged over the seven zero-shot tasks on benchmarks/tasks.py's seeded "
+                  f"subset of {subset} documents per task (stderr about 2 points on the mean); the untrained dense "
+                  f"model scores {'?' if reference is None else f'{100 * reference:.2f}'} there.", ""]
+    lines += ["| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | task mean | sparsity | train s | tokens/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for variant, loss, qat in ROW_ORDER:
         row = find(rows, variant, loss, qat, budget)
         if row is None:
-            lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | |")
+            lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | | |")
             continue
         rec = row.get("recovery") if variant != "dense" else None
         oneshot = row["ppl_oneshot"]
@@ -263,8 +292,10 @@ def write_report(args, budget: dict) -> None:
             rec = (oneshot - row["ppl"]) / (oneshot - row["ppl_dense_ft"])
             notes.append(f"{variant}: the one-shot column is SparseGPT 70% (its final sparsity); it started from "
                          f"SparseGPT 50% at {row['ppl_oneshot']:.2f}.")
+        task_mean = "" if row.get("task_mean") is None else f"{100 * row['task_mean']:.2f}"
         lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | {row['tokens']:,} | {oneshot:.2f} | "
-                     f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | {row['sparsity']:.4f} | "
+                     f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | "
+                     f"{task_mean} | {row['sparsity']:.4f} | "
                      f"{row.get('train_seconds', 0):.0f} | {row['tokens_per_s'] or 0:.1f} |")
     lines += ["", *notes, "", "Rows not yet run are resumed by running the same command again (finished rows are cached, "
               "a killed row continues from its checkpoint).", ""]
@@ -317,6 +348,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=quality.PROTOCOL["eval_tokens"])
     parser.add_argument("--checkpoint-every", type=int, default=4)
     parser.add_argument("--only", nargs="*", help="rows as variant/loss[/qat], e.g. sparsegpt-70/squarehead")
+    parser.add_argument("--task-subset", type=int, default=100,
+                        help="documents per task for the zero-shot mean (benchmarks/tasks.py's seeded subset; 0: skip)")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown and the plot")
     parser.add_argument("--progress", action="store_true")
