@@ -362,11 +362,21 @@ def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, 
     """Fix columns [begin, end) of one block of the OBS column sweep in place (algorithms/obs.py):
     block and errors are [size, rows] (W^T), hinv the block's [size, size] slice of the upper
     Cholesky factor (rows may be strided), keep [end - begin, rows] bool or None, scale and zero
-    [rows] or None. float32 or float64. `fallback()` does the same in torch on the torch path and
-    for tensors off the CPU (a sweep on a GPU stays there)."""
+    [rows] or None. float32 or float64. On a CUDA device the Triton twin runs (gpu_sweep.py) where
+    Triton is installed; `fallback()` does the same in torch on the torch path and for tensors on
+    other devices or without Triton (a sweep on a GPU stays there)."""
     global _last_path
-    path = kernel_path() if block.device.type == "cpu" else TORCH_PATH
+    if block.device.type == "cpu":
+        path = kernel_path()
+    else:
+        from . import gpu_sweep  # imports Triton: only for a sweep off the CPU
+
+        path = "triton" if block.device.type == "cuda" and _requested_path() != TORCH_PATH and \
+            gpu_sweep.triton_available() else TORCH_PATH
     _last_path = path
+    if path == "triton":
+        gpu_sweep.obs_span_triton(block, errors, hinv, begin, end, keep, scale, zero, max_code)
+        return
     if path == TORCH_PATH:
         fallback()
         return
