@@ -90,3 +90,30 @@ def test_whole_sweep_with_triton_spans(problem, case):
         theirs = getattr(reference, field, None)
         if theirs is not None:
             assert torch.equal(getattr(ours, field), theirs), field
+
+
+@pytest.mark.skipif(not gpu_sweep.triton_available("cuda"), reason="needs a CUDA device and Triton")
+@pytest.mark.parametrize("case", CASES)
+def test_whole_sweep_on_cuda(problem, case):
+    """The compiled kernel on a GPU, reached through the kernel dispatch the engine installs: the
+    CPU torch loop's masks and codes in float64."""
+    from secateurs.runtime import kernels
+
+    W, _, H = problem(seed=2, rows=300, cols=256)
+    options = dict(CASES[case], block_size=128)
+
+    def run(W, H):
+        return sparsegpt(W, H, **options) if "sparsity" in options else gptq(W, H, options["quant"], 128)
+
+    reference = run(W, H)
+    previous = obs.use_span_kernel(kernels.obs_span)
+    try:
+        ours = run(W.cuda(), H.cuda())
+    finally:
+        obs.use_span_kernel(previous)
+    assert kernels.last_kernel_path() == "triton"
+    assert torch.allclose(ours.weight.cpu(), reference.weight, rtol=1e-9, atol=1e-9)
+    for field in ("mask", "codes"):
+        theirs = getattr(reference, field, None)
+        if theirs is not None:
+            assert torch.equal(getattr(ours, field).cpu(), theirs), field
