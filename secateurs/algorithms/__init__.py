@@ -16,7 +16,18 @@ from .obert import (
 from .owl import outlier_fraction, owl_ratios
 from .quant import QuantSpec, RTNResult, dequantize, fit_grid, quantize_codes, round_to_nearest
 from .sparsegpt import SparseGPTResult, sparsegpt
-from .vq import VQBits, VQResult, VQSpec, beam_search_codes, vq, vq_bits, vq_gradients, vq_loss, vq_reconstruct
+from .vq import (
+    VQBits,
+    VQResult,
+    VQSpec,
+    beam_search_codes,
+    shared_codebooks,
+    vq,
+    vq_bits,
+    vq_gradients,
+    vq_loss,
+    vq_reconstruct,
+)
 from .wanda import WandaResult, wanda_mask, wanda_scores
 
 __all__ = [
@@ -49,6 +60,7 @@ __all__ = [
     "restrict_fisher_inverse",
     "round_to_nearest",
     "sparsegpt",
+    "shared_codebooks",
     "vq",
     "vq_bits",
     "vq_gradients",

@@ -122,6 +122,7 @@ def vq(
     seed: int = 0,
     row_block: int = 1024,
     round_to: torch.dtype | None = None,
+    codebooks: Tensor | None = None,
 ) -> VQResult:
     """Code W [rows, cols] with `spec`, minimizing 1/2 tr(dW H dW^T), H [cols, cols] symmetric PSD.
 
@@ -137,6 +138,8 @@ def vq(
     Computes in float64 if W or H is float64, else float32. With `round_to` (torch.float16 for the
     files), the codebooks and scales are then rounded to that dtype and the codes searched once
     more for the rounded values, so what is stored reproduces the returned W_hat exactly.
+    With `codebooks` [M, 2**B, g] given (codebooks shared by several layers, see `shared_codebooks`)
+    they stay fixed: only the codes and the row scales are fitted (init: the same, from them).
     """
     rows, cols = W.shape
     _check_width(cols, spec)
@@ -146,6 +149,10 @@ def vq(
         raise ValueError(f"need beam, row_block >= 1, rounds, adam_steps >= 0, lr > 0, tol >= 0; got {beam}, {row_block}, {rounds}, {adam_steps}, {lr}, {tol}")
     if init not in ("sweep", "kmeans", "random"):
         raise ValueError(f"init must be 'sweep', 'kmeans' or 'random', got {init!r}")
+    if codebooks is not None and codebooks.shape != (spec.codebooks, spec.codewords, spec.group_size):
+        raise ValueError(f"codebooks must have shape {(spec.codebooks, spec.codewords, spec.group_size)} for {spec}, "
+                         f"got {tuple(codebooks.shape)}")
+    fixed = codebooks
     dtype = work_dtype(W, H)
     W = W.to(dtype)
     # Only the symmetric part of H is in the objective, and the beam search's update needs H = H^T.
@@ -154,7 +161,7 @@ def vq(
     generator = torch.Generator().manual_seed(seed)
 
     codes, codebooks, scales = _initialize(W, H, spec, "random" if init == "random" else "kmeans", kmeans_iters,
-                                           generator)
+                                           generator, None if fixed is None else fixed.to(dtype))
     row_losses = _row_losses(W - vq_reconstruct(codes, codebooks, scales), H, row_block)
     if init == "sweep":
         swept = error_feedback_codes(W, H, codebooks, scales).to(codes.dtype)
@@ -168,12 +175,15 @@ def vq(
         start = losses[-1]
         codes, row_losses = _improve_codes(W, H, codes, codebooks, scales, row_losses, beam, row_block)
         losses.append(row_losses.sum().item())
-        codebooks, scales, row_losses = _adam(W, H, codes, codebooks, scales, row_losses, adam_steps, lr, row_block)
+        codebooks, scales, row_losses = _adam(W, H, codes, codebooks, scales, row_losses, adam_steps, lr, row_block,
+                                              train_codebooks=fixed is None)
         losses.append(row_losses.sum().item())
         if start <= 0 or start - losses[-1] <= tol * start:
             break
     if round_to is not None:
-        codebooks, scales = codebooks.to(round_to).to(dtype), scales.to(round_to).to(dtype)
+        if fixed is None:
+            codebooks = codebooks.to(round_to).to(dtype)
+        scales = scales.to(round_to).to(dtype)
         row_losses = _row_losses(W - vq_reconstruct(codes, codebooks, scales), H, row_block)
         losses.append(row_losses.sum().item())
         codes, row_losses = _improve_codes(W, H, codes, codebooks, scales, row_losses, beam, row_block)
@@ -214,8 +224,9 @@ def _row_losses(delta: Tensor, H: Tensor, row_block: int) -> Tensor:
 # ----------------------------------------------------------------------------- initialization
 
 
-def _initialize(W: Tensor, H: Tensor, spec: VQSpec, init: str, iters: int, generator: torch.Generator):
-    """Codes, codebooks and scales before the first alternation.
+def _initialize(W: Tensor, H: Tensor, spec: VQSpec, init: str, iters: int, generator: torch.Generator,
+                given: Tensor | None = None):
+    """Codes, codebooks and scales before the first alternation (`given` codebooks: kept as they are).
 
     Scales are the rows' RMS (1 for an all-zero row), so the groups of W / s are on one footing;
     codebook m is fitted to the residual the codebooks before it leave, and each group takes the
@@ -233,10 +244,12 @@ def _initialize(W: Tensor, H: Tensor, spec: VQSpec, init: str, iters: int, gener
     mean_weight = weights.mean()
     weights = (weights / mean_weight if mean_weight > 0 else torch.ones_like(weights)).reshape(-1, g)
     spread = residual.std() / math.sqrt(M) if residual.numel() > 1 else residual.new_tensor(1.0)
-    codebooks = W.new_empty(M, K, g)
+    codebooks = W.new_empty(M, K, g) if given is None else given
     codes = torch.empty(residual.shape[0], M, dtype=torch.long)
     for m in range(M):
-        if init == "kmeans":
+        if given is not None:
+            pass
+        elif init == "kmeans":
             codebooks[m] = _kmeans(residual, weights, K, iters, generator)
         else:
             codebooks[m] = spread * torch.randn(K, g, generator=generator, dtype=W.dtype)
@@ -290,6 +303,47 @@ def _kmeans(points: Tensor, weights: Tensor, k: int, iters: int, generator: torc
             break
         centers = updated
     return centers
+
+
+def shared_codebooks(weights: list[Tensor], spec: VQSpec, importances: list[Tensor | None] | None = None, *,
+                     kmeans_iters: int = 20, seed: int = 0, max_groups: int = 1 << 18) -> Tensor:
+    """Codebooks [M, 2**B, g] (float32, or float64 if any weight is) for several layers at once: a
+    file stores them once, so on small layers they cost a fraction of per-layer codebooks.
+
+    Residual k-means as `_initialize` fits one layer's, on the groups of every layer's rows divided
+    by their RMS (the scales `vq` starts from), coordinate t of a row weighted by its layer's
+    importance[t] (diag(H); None: 1) times the row's scale squared, normalized to mean 1 per layer so
+    that each layer counts by its number of groups; at most `max_groups` groups, a seeded random
+    subset beyond. Pass the result to `vq(..., codebooks=...)` for each layer.
+    """
+    if not weights:
+        raise ValueError("shared_codebooks needs at least one weight")
+    importances = importances or [None] * len(weights)
+    if len(importances) != len(weights):
+        raise ValueError(f"{len(importances)} importances for {len(weights)} weights")
+    dtype = torch.float64 if any(W.dtype == torch.float64 for W in weights) else torch.float32
+    points, point_weights = [], []
+    for W, importance in zip(weights, importances):
+        _check_width(W.shape[1], spec)
+        W = W.to(dtype)
+        scales = W.square().mean(1).sqrt()
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        diagonal = torch.ones(W.shape[1], dtype=dtype) if importance is None else importance.to(dtype).clamp(min=0)
+        layer_weights = diagonal[None, :] * scales[:, None].square()
+        mean = layer_weights.mean()
+        layer_weights = layer_weights / mean if mean > 0 else torch.ones_like(layer_weights)
+        points.append((W / scales[:, None]).reshape(-1, spec.group_size))
+        point_weights.append(layer_weights.reshape(-1, spec.group_size))
+    residual, point_weights = torch.cat(points), torch.cat(point_weights)
+    generator = torch.Generator().manual_seed(seed)
+    if residual.shape[0] > max_groups:
+        subset = torch.randperm(residual.shape[0], generator=generator)[:max_groups]
+        residual, point_weights = residual[subset], point_weights[subset]
+    codebooks = residual.new_empty(spec.codebooks, spec.codewords, spec.group_size)
+    for m in range(spec.codebooks):
+        codebooks[m] = _kmeans(residual, point_weights, spec.codewords, kmeans_iters, generator)
+        residual = residual - codebooks[m][_nearest(residual, point_weights, codebooks[m])]
+    return codebooks
 
 
 # ----------------------------------------------------------------------------- codes
@@ -396,13 +450,14 @@ def vq_gradients(
     return (D * delta).sum(1) / 2, grad_codebooks, (grad_w_hat * parts).sum((1, 2))
 
 
-def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block):
-    """Adam on codebooks and scales with the codes fixed (gradients from `vq_gradients`); returns
-    the best iterate seen, the starting point included, so the loss never goes up."""
+def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block, train_codebooks: bool = True):
+    """Adam on codebooks (unless fixed) and scales with the codes fixed (gradients from
+    `vq_gradients`); returns the best iterate seen, the starting point included, so the loss never
+    goes up."""
     best = (row_losses.sum().item(), codebooks, scales, row_losses)
     codebooks, scales = codebooks.clone(), scales.clone()
     params = (codebooks, scales)
-    rates = (lr, lr * scales.abs().mean().item())
+    rates = (lr if train_codebooks else 0.0, lr * scales.abs().mean().item())
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     for step in range(steps + 1):
         current, *grads = vq_gradients(W, H, codes, codebooks, scales, row_block)
@@ -411,6 +466,8 @@ def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block):
         if step == steps:
             break
         for param, grad, rate, (mean, square) in zip(params, grads, rates, moments):
+            if rate == 0:  # fixed codebooks
+                continue
             mean.lerp_(grad, 1 - ADAM_BETAS[0])
             square.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
             unbiased = (square / (1 - ADAM_BETAS[1] ** (step + 1))).sqrt_().add_(ADAM_EPS)

@@ -4,7 +4,8 @@ graph) in one directory:
     model.safetensors   each compressed Linear and Conv2d weight in its registry format (a Conv2d as
                         its matrix [out, kh*kw*in], see algorithms/conv.py), every other tensor dense
     compression.json    {"version": 1, "layers": {layer: LayerSpec}, "conv_shapes": {layer: [out, in, kh, kw]},
-                         "model": what the caller needs to rebuild the module (a diffusers config, an ONNX source)}
+                         "model": what the caller needs to rebuild the module (a diffusers config, an ONNX source),
+                         "aliases": {tensor: an identical tensor stored in its place} (only where there are any)}
     checksums.sha256
 
 Formats are chosen per layer as for language models (the smallest exact one). Reading validates
@@ -14,6 +15,7 @@ every layer against its spec and decodes the state dict in the module's own shap
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,8 +69,14 @@ def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, desc
         saved.formats[name] = spec.format
         saved.bytes_by_format[spec.format] = saved.bytes_by_format.get(spec.format, 0) + tensor_bytes(tensors)
     saved.bytes_by_format["dense"] = tensor_bytes(state)
+    aliases = _identical_tensors(stored)
+    for alias in aliases:  # stored once: the bytes count once
+        fmt = specs[alias.rsplit(".", 1)[0]].format
+        saved.bytes_by_format[fmt] -= tensor_bytes({alias: stored.pop(alias)})
     manifest = {"version": MANIFEST_VERSION, "layers": {name: spec.as_json() for name, spec in specs.items()},
                 "conv_shapes": conv_shapes, "model": description}
+    if aliases:
+        manifest["aliases"] = aliases
     with atomic_directory(output) as staging:
         write_safetensors(staging / WEIGHTS_FILE, stored | state)
         write_json(staging / MANIFEST_FILE, manifest)
@@ -78,6 +86,20 @@ def save_compressed_module(model: nn.Module, plan: StoragePlan, output_dir, desc
     saved.file_bytes = (output / WEIGHTS_FILE).stat().st_size
     saved.compressed_tensors_problem = "a module file, not a transformers directory"
     return saved
+
+
+def _identical_tensors(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """{name: the first earlier name holding an identical tensor} (same dtype, shape and bytes): the
+    file stores each such tensor once, e.g. vector-quantization codebooks shared by many layers."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, tensor in tensors.items():
+        key = (tensor.dtype, tuple(tensor.shape), hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).digest())
+        if key in first and torch.equal(tensors[first[key]], tensor):
+            aliases[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return aliases
 
 
 def read_compressed_module(path, verify: bool | None = None) -> tuple[dict, dict[str, Tensor], dict[str, LayerSpec]]:
@@ -91,7 +113,16 @@ def read_compressed_module(path, verify: bool | None = None) -> tuple[dict, dict
         raise FormatError(f"{path / MANIFEST_FILE}: expected {{version: {MANIFEST_VERSION}, layers, conv_shapes, model}}")
     specs = {layer: LayerSpec.from_json(layer, entry) for layer, entry in manifest["layers"].items()}
     verify_checksums(path, verify)
-    state = decode_tensors(specs, read_safetensors(path / WEIGHTS_FILE))
+    tensors = read_safetensors(path / WEIGHTS_FILE)
+    aliases = manifest.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise FormatError(f"{path / MANIFEST_FILE}: aliases must be an object {{tensor: tensor it repeats}}")
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in tensors or alias in tensors:
+            raise FormatError(f"{path / MANIFEST_FILE}: alias {alias!r} -> {target!r} does not name a stored tensor "
+                              "(or the alias is stored too)")
+        tensors[alias] = tensors[target]
+    state = decode_tensors(specs, tensors)
     for layer, shape in manifest["conv_shapes"].items():
         spec = specs.get(layer)
         if spec is None or not (isinstance(shape, list) and len(shape) == 4 and all(type(d) is int and d > 0 for d in shape)) \

@@ -13,6 +13,7 @@ import torch
 
 from secateurs import algorithms as alg
 from secateurs.algorithms import obs
+from secateurs.errors import SecateursError
 from secateurs.recipe import Stage
 from secateurs.runtime import kernels
 from secateurs.runtime.layouts import vq_to_dense
@@ -49,14 +50,19 @@ def compress_layer(
     prune: Stage | None,
     quant: Stage | None,
     sparsity: float | None = None,
+    codebooks: torch.Tensor | None = None,
 ) -> LayerResult:
     """`sparsity` overrides the pruning stage's (non-uniform profiles such as OWL). `hessian` and
     `column_norms` may be None when no stage uses calibration (magnitude, RTN); `hessian` is None
-    also when only column norms were gathered (Wanda without GPTQ)."""
+    also when only column norms were gathered (Wanda without GPTQ). `codebooks`: a vq stage's shared
+    codebooks (float16 values, see algorithms.shared_codebooks), required when the stage says shared."""
     started = time.perf_counter()
     W = weight.float()
     if quant is not None and quant.method == "vq":
-        return _vector_quantize(W, hessian, quant, weight.dtype, started)
+        if quant.shared and codebooks is None:
+            raise SecateursError("vq with shared: true needs every layer's weights before the first is coded: only the "
+                                 "layer-wise engine (diffusion models, secateurs.pipeline.layerwise) supports it")
+        return _vector_quantize(W, hessian, quant, weight.dtype, started, codebooks)
     spec = quant.quant_spec() if quant else None
     gptq_spec = spec if quant and quant.method == "gptq" else None  # RTN never uses the Hessian
     target = prune.sparsity if sparsity is None and prune else sparsity
@@ -100,11 +106,13 @@ def compress_layer(
     return LayerResult(new.to(weight.dtype), loss, sparsity_achieved, time.perf_counter() - started, scale, zero, damp)
 
 
-def _vector_quantize(W: torch.Tensor, hessian: torch.Tensor, stage: Stage, dtype: torch.dtype, started: float) -> LayerResult:
+def _vector_quantize(W: torch.Tensor, hessian: torch.Tensor, stage: Stage, dtype: torch.dtype, started: float,
+                     codebooks: torch.Tensor | None = None) -> LayerResult:
     """Codebooks and scales rounded to float16, the precision the files keep them in, so the weight
     returned is exactly what the stored codes decode to."""
     result = alg.vq(W, hessian, stage.vq_spec(), beam=stage.beam, rounds=stage.rounds, adam_steps=stage.adam_steps,
-                    tol=stage.tolerance, round_to=torch.float16)
+                    tol=stage.tolerance, round_to=torch.float16,
+                    codebooks=None if codebooks is None else codebooks.to(torch.float16).float())
     codes, codebooks, scales = result.codes, result.codebooks.to(torch.float16), result.scales.to(torch.float16)
     weight = vq_to_dense(codes, codebooks, scales)  # exactly as the vq format and VQLinear decode it
     return LayerResult(weight.to(dtype), result.loss, float((weight == 0).sum()) / W.numel(),

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.algorithms.conv import as_matrix, conv_patches
-from secateurs.algorithms.vq import vq_bits
+from secateurs.algorithms.vq import shared_codebooks, vq_bits
 from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.formats.module_file import compressible
@@ -211,6 +211,10 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
     layers, report.skipped = select_layers(model, recipe, min_weights)
     if not layers:
         raise SecateursError("the recipe matches no Linear or Conv2d layer of this model")
+    shared = _shared_codebooks(layers, recipe)
+    if shared and tune_steps:
+        raise SecateursError("vq with shared: true cannot be combined with codebook tuning (tune_steps), which "
+                             "trains each layer's codebooks apart")
     teacher = None
     if tune_steps and any(stage.method == "vq" for stage in recipe.stages):  # the dense outputs, before any change
         with torch.no_grad():
@@ -249,7 +253,7 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
                 report.calibration_seconds += time.perf_counter() - calibrated
             for name in run:
                 bar.set_postfix_str(name)
-                record = _compress_one(name, layers[name], recipe, accumulators.pop(name, None), report.plan)
+                record = _compress_one(name, layers[name], recipe, accumulators.pop(name, None), report.plan, shared)
                 report.layers[name] = record
                 if on_layer:
                     on_layer(name, record)
@@ -294,22 +298,42 @@ def _tune(model, coded, calibration, teacher, plan: StoragePlan, steps: int, lr:
             "held_out_before": held_before, "held_out_after": held_after, "kept": tuned is not untuned}
 
 
+def _shared_codebooks(layers: dict[str, nn.Module], recipe: Recipe) -> dict[int, torch.Tensor]:
+    """For each vq stage with `shared: true` (by its index in the recipe), one set of codebooks fitted
+    to the weights of every layer it codes (algorithms.shared_codebooks; before any calibration, so
+    weighted by nothing but the rows' scales), rounded to float16 as the files keep them. A module
+    file stores identical tensors once (formats/module_file.py), so the codebooks cost their bytes
+    once for all those layers."""
+    shared = {}
+    for index, stage in enumerate(recipe.stages):
+        if stage.method == "vq" and stage.shared:
+            matrices = [layer_matrix(module).float() for name, module in layers.items()
+                        if recipe.stages_for(name)[1] is stage]
+            if matrices:
+                shared[index] = shared_codebooks(matrices, stage.vq_spec()).to(torch.float16)
+    return shared
+
+
 def _compress_one(name: str, module: nn.Module, recipe: Recipe, accumulator: HessianAccumulator | None,
-                  plan: StoragePlan) -> dict:
+                  plan: StoragePlan, shared: dict[int, torch.Tensor]) -> dict:
     prune, quant = recipe.stages_for(name)
+    codebooks = next((books for index, books in shared.items() if recipe.stages[index] is quant), None)
     matrix = layer_matrix(module)
     hessian = norms = None
     if accumulator is not None:
         norms = accumulator.column_norms()
         if accumulator.full:
             hessian = accumulator.hessian()
-    result = compress_layer(matrix, hessian, norms, prune, quant)
+    result = compress_layer(matrix, hessian, norms, prune, quant, codebooks=codebooks)
     module.weight.data = stored_weight(module, result.weight).to(module.weight.dtype)
     record = {"shape": list(module.weight.shape), "loss": result.loss, "seconds": result.seconds,
               "sparsity": result.sparsity}
     if result.vq is not None:
         plan.vq[name] = result.vq
-        record["vq_bits_per_weight"] = vq_bits(*matrix.shape, quant.vq_spec()).per_weight
+        bits = vq_bits(*matrix.shape, quant.vq_spec())
+        # shared codebooks are stored once for all the stage's layers, not in this layer's bits
+        record["vq_bits_per_weight"] = (bits.total - bits.codebooks * (codebooks is not None)) / bits.weights
+        record["vq_shared_codebooks"] = codebooks is not None
     if result.scale is not None:
         plan.grids[name] = (result.scale, result.zero)
     if prune is not None and prune.nm != (0, 0):

@@ -49,6 +49,7 @@ class Stage:
     tolerance: float = 1e-3  # stop alternating below this relative improvement
     block_steps: int = 0  # Adam steps on a block's codebooks and scales against its dense outputs (0: off)
     block_lr: float = 1e-4
+    shared: bool = False  # one set of codebooks for all the stage's layers (the layer-wise engine)
     targets: tuple[str, ...] = (".*",)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     # gptq / rtn: weights already exactly 0 stay 0 (GPTQ with that mask fixed). Set by progressive
@@ -89,7 +90,7 @@ class Stage:
 
 # Keys added after recipes were in use, left out of a recipe's dict (and digest) at their default,
 # so the digests of earlier recipes (resume checks, compression reports) do not change.
-LATER_KEYS = {"mask_rows": 1}
+LATER_KEYS = {"mask_rows": 1, "shared": False}
 
 STAGE_KEYS = {
     "magnitude": {"sparsity", "mask", "per_row", "targets", "ignore"},
@@ -99,7 +100,7 @@ STAGE_KEYS = {
     "gptq": {"bits", "group_size", "symmetric", "act_order", "mse_clip", "block_size", "percdamp", "targets", "ignore"},
     "rtn": {"bits", "group_size", "symmetric", "mse_clip", "targets", "ignore"},
     "vq": {"codebooks", "bits", "group_size", "beam", "rounds", "adam_steps", "tolerance", "block_steps", "block_lr",
-           "targets", "ignore"},
+           "shared", "targets", "ignore"},
 }
 
 
@@ -147,6 +148,7 @@ _TYPES = {
     "block_lr": (_is_number, "a number"),
     "group_size": (lambda v: v is None or is_int(v), "an integer or null"),
     "per_row": (_is_bool, "true or false"),
+    "shared": (_is_bool, "true or false"),
     "mask_rows": (lambda v: is_int(v) and v in (1, 2, 4, 8), "1, 2, 4 or 8"),
     "symmetric": (_is_bool, "true or false"),
     "mse_clip": (_is_bool, "true or false"),

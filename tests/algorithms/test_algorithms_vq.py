@@ -4,7 +4,16 @@ import itertools
 import pytest
 import torch
 
-from secateurs.algorithms import VQSpec, beam_search_codes, vq, vq_bits, vq_gradients, vq_loss, vq_reconstruct
+from secateurs.algorithms import (
+    VQSpec,
+    beam_search_codes,
+    shared_codebooks,
+    vq,
+    vq_bits,
+    vq_gradients,
+    vq_loss,
+    vq_reconstruct,
+)
 
 FAST = dict(rounds=3, adam_steps=20, kmeans_iters=10)
 
@@ -241,3 +250,55 @@ def test_kmeans_seeds_from_a_subset_of_many_groups(problem, monkeypatch):
     subset = vq(W, H, spec, rounds=0)
     assert subset.losses[0] != full.losses[0]
     assert subset.losses[0] < 1.3 * full.losses[0] and subset.losses[0] < vq(W, H, spec, rounds=0, init="random").losses[0]
+
+
+def test_shared_codebooks_hold_every_layers_groups_exactly():
+    """Three layers whose rows are scaled permutations of the same 8 group vectors: one shared
+    codebook of 8 codewords codes all of them exactly, and with it fixed each layer's codes and
+    scales reproduce the layer."""
+    gen = torch.Generator().manual_seed(40)
+    vectors = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    # each row: permutations of all 8 vectors (so every row has the same RMS before its scale)
+    layers = [torch.stack([torch.cat([vectors[torch.randperm(8, generator=gen)].flatten() for _ in range(copies)])
+                           * (0.5 + i) for i in range(rows)]) for rows, copies in ((6, 1), (9, 2), (5, 1))]
+    spec = VQSpec(codebooks=1, bits=3, group_size=4)
+    books = shared_codebooks(layers, spec, kmeans_iters=10)
+    assert books.shape == (1, 8, 4) and books.dtype == torch.float64
+    for seed, W in enumerate(layers):
+        result = vq(W, random_spd(W.shape[1], seed), spec, codebooks=books, **FAST)
+        assert torch.equal(result.codebooks, books)
+        assert result.loss < 1e-20 and torch.allclose(result.weight, W, rtol=0, atol=1e-12)
+
+
+def test_fixed_codebooks_stay_fixed_and_the_loss_never_rises(problem):
+    W, _, H = problem(41, rows=24, cols=32)
+    other, _, _ = problem(42, rows=16, cols=32)
+    spec = VQSpec(codebooks=2, bits=4, group_size=4)
+    books = shared_codebooks([W, other], spec, [H.diagonal(), None], kmeans_iters=5).to(torch.float16).double()
+    result = vq(W, H, spec, codebooks=books, round_to=torch.float16, **FAST)
+    assert torch.equal(result.codebooks, books)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(result.losses[:-2], result.losses[1:-2]))
+    assert torch.equal(result.weight, vq_reconstruct(result.codes, result.codebooks, result.scales))
+    assert torch.equal(result.scales, result.scales.to(torch.float16).double())
+    # codebooks fitted to this layer alone do at least as well as ones shared with another layer
+    own = vq(W, H, spec, **FAST)
+    assert own.loss <= result.loss
+    with pytest.raises(ValueError, match="codebooks must have shape"):
+        vq(W, H, spec, codebooks=books[:1])
+
+
+def test_shared_codebooks_weigh_coordinates_by_importance(problem):
+    """Weighted by diag(H), the shared codebook fits the coordinates that matter: a lower loss
+    under H than the unweighted one, over both layers."""
+    layers = [problem(43 + i, rows=32, cols=64) for i in range(2)]
+    spec = VQSpec(codebooks=1, bits=4, group_size=4)
+    weighted = shared_codebooks([W for W, _, _ in layers], spec, [H.diagonal() for _, _, H in layers])
+    plain = shared_codebooks([W for W, _, _ in layers], spec)
+    options = dict(FAST, rounds=0)
+
+    def total(books):
+        return sum(vq(W, H, spec, codebooks=books, **options).loss for W, _, H in layers)
+
+    assert total(weighted) < total(plain)
+    with pytest.raises(ValueError, match="at least one"):
+        shared_codebooks([], spec)

@@ -304,3 +304,57 @@ def test_codebook_tuning_is_kept_only_if_held_out_calls_improve():
             for name, tensor in untuned.state_dict().items():
                 assert torch.equal(model.state_dict()[name], tensor), name
     assert not tuning["kept"]
+
+
+def test_shared_codebooks_are_one_set_stored_once_and_reload_exactly(tmp_path):
+    """vq with shared: true codes every layer with the same codebooks; the module file stores them
+    once (the other layers' codebooks are aliases in compression.json), its bytes counted once, and
+    the reloaded model has the compressed weights bit for bit."""
+    stage = {"codebooks": 1, "bits": 4, "group_size": 8, "rounds": 2, "adam_steps": 5}
+    models, reports, saved = {}, {}, {}
+    for shared in (False, True):
+        model, calls = tiny_unet(), unet_calls()
+        recipe = load_recipe([{"vq": stage | {"shared": shared}}])
+        reports[shared] = compress_layerwise(model, recipe, calls, groups=2, progress=False)
+        saved[shared] = save_compressed_module(model, reports[shared].plan, tmp_path / str(shared), {})
+        models[shared] = model
+    plan = reports[True].plan.vq
+    books = [codebooks for _, codebooks, _ in plan.values()]
+    assert len(books) > 3 and all(torch.equal(b, books[0]) for b in books)
+    assert not all(torch.equal(b, books[0]) for _, b, _ in reports[False].plan.vq.values())
+    assert all(record["vq_shared_codebooks"] for record in reports[True].layers.values())
+    manifest = json.loads((tmp_path / "True" / "compression.json").read_text())
+    first = next(iter(plan))
+    assert manifest["aliases"] == {f"{name}.codebooks": f"{first}.codebooks" for name in list(plan)[1:]}
+    assert "aliases" not in json.loads((tmp_path / "False" / "compression.json").read_text())
+    book_bytes = books[0].numel() * 2
+    assert saved[True].bytes_by_format["vq-packed"] == saved[False].bytes_by_format["vq-packed"] - (len(books) - 1) * book_bytes
+    assert saved[True].file_bytes < saved[False].file_bytes - (len(books) - 2) * book_bytes
+    _, state, _ = read_compressed_module(tmp_path / "True")
+    for name, tensor in models[True].state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_shared_codebooks_refuse_what_would_unshare_them(tmp_path):
+    recipe = load_recipe([{"vq": {"codebooks": 1, "bits": 3, "group_size": 8, "rounds": 1, "shared": True}}])
+    with pytest.raises(SecateursError, match="shared: true cannot be combined with codebook tuning"):
+        compress_layerwise(tiny_unet(), recipe, unet_calls(1), groups=1, progress=False, tune_steps=2)
+    from secateurs.pipeline.layer import compress_layer
+
+    W = torch.randn(4, 16)
+    with pytest.raises(SecateursError, match="only the layer-wise engine"):
+        compress_layer(W, torch.eye(16), None, None, recipe.stages[0])
+
+
+def test_a_bad_alias_is_a_format_error(tmp_path):
+    model = tiny_unet()
+    recipe = load_recipe([{"vq": {"codebooks": 1, "bits": 3, "group_size": 8, "rounds": 1, "shared": True}}])
+    report = compress_layerwise(model, recipe, unet_calls(1), groups=1, progress=False)
+    save_compressed_module(model, report.plan, tmp_path / "out", {})
+    path = tmp_path / "out" / "compression.json"
+    manifest = json.loads(path.read_text())
+    alias = next(iter(manifest["aliases"]))
+    manifest["aliases"][alias] = "no.such.tensor"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match="does not name a stored tensor"):
+        read_compressed_module(tmp_path / "out", verify=False)

@@ -122,6 +122,8 @@ def test_presets_keep_their_dict_and_digest(name):
     ([{"sparsegpt": {"sparsity": 0.7, "mask_rows": 3}}], "sparsegpt.mask_rows must be 1, 2, 4 or 8, got 3"),
     ([{"sparsegpt": {"mask": "2:4", "mask_rows": 4}}], "sparsegpt.mask_rows 4 needs an unstructured mask"),
     ([{"wanda": {"sparsity": 0.5, "mask_rows": 4}}], "wanda: unknown key(s) ['mask_rows']"),
+    ([{"vq": {"shared": "yes"}}], "vq.shared must be true or false, got 'yes'"),
+    ([{"gptq": {"bits": 4, "shared": True}}], "gptq: unknown key(s) ['shared']"),
     ([{7: {"sparsity": 0.5}}], "unknown stage 7; known: magnitude, wanda, sparsegpt, gptq, rtn, vq, SparseGPTModifier"),
 ])
 def test_values_must_have_their_own_types(recipe, message):
