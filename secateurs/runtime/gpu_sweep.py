@@ -25,9 +25,11 @@ import os
 import torch
 from torch import Tensor
 
-# Registers per program: the tile is (block columns rounded up to a power of two) x ROWS_PER_TILE
-# rows, at most this many values, so a 128-column block keeps 32 rows per program.
-TILE_VALUES = 4096
+# Values of the tile per thread: each thread holds its rows' block columns (rounded up to a power of
+# two), so a column is read out of the tile without leaving the thread; 128 columns of one row
+# each for a 128-column block (one warp of 32 rows per program), more rows per thread for shorter spans.
+VALUES_PER_THREAD = 128
+THREADS_PER_WARP = 32
 
 
 def triton_available(device: str = "cuda") -> bool:
@@ -113,7 +115,8 @@ def obs_span_triton(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end
     if not (block.is_contiguous() and errors.is_contiguous() and hinv.stride(1) == 1):
         raise ValueError("block and errors must be contiguous and hinv must have unit column stride")
     cols = 1 << (size - begin - 1).bit_length()
-    tile_rows = max(1, min(128, TILE_VALUES // cols))
+    warps = max(1, min(4, VALUES_PER_THREAD // cols))
+    tile_rows = THREADS_PER_WARP * warps
     interpret = block.device.type != "cuda"
     if not triton_available(block.device.type):
         raise RuntimeError(f"the Triton sweep kernel cannot run on {block.device.type} here" +
@@ -125,4 +128,4 @@ def obs_span_triton(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end
         block, errors, hinv, hinv.stride(0), keep_bytes, scale if has_grid else block, zero if has_grid else block,
         rows, size, begin, end, float(max_code),
         HAS_KEEP=keep is not None, HAS_GRID=has_grid, FLOAT32=block.dtype == torch.float32, COLS=cols,
-        ROWS=tile_rows)
+        ROWS=tile_rows, num_warps=warps)
