@@ -2,8 +2,8 @@
 
 Each row is one little-endian bit stream: code j occupies bits [j*bits, (j+1)*bits) of the row,
 bit k of the stream is bit k % 32 of word k // 32, and the last word is padded with zero bits.
-For 2, 4 and 8 bits this is the classic 32 // bits codes per word, LSB first; for 3, 5, 6 and 7
-bits codes straddle word boundaries and no bit is wasted.
+For 2, 4 and 8 bits this is the classic 32 // bits codes per word, LSB first; for 3, 5, 6, 7 and
+9-15 bits codes straddle word boundaries and no bit is wasted. Codes have at most 16 bits.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ def packed_words(count: int, bits: int) -> int:
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Integer codes [..., n] in [0, 2**bits - 1] -> int32 [..., packed_words(n, bits)]."""
+    """Integer codes [..., n] in [0, 2**bits - 1] (bits <= 16) -> int32 [..., packed_words(n, bits)]."""
     *lead, count = codes.shape
-    shifts = np.arange(bits, dtype=np.uint8)
-    stream = (codes.to(torch.uint8).numpy()[..., None] >> shifts) & 1  # [..., n, bits], LSB first
+    shifts = np.arange(bits, dtype=np.uint16)
+    narrow = np.uint8 if bits <= 8 else np.uint16
+    stream = (codes.to(torch.int32).numpy().astype(narrow)[..., None] >> shifts.astype(narrow)) & 1  # [..., n, bits]
     packed = np.packbits(stream.reshape(*lead, count * bits), axis=-1, bitorder="little")
     words = packed_words(count, bits)
     padded = np.zeros((*lead, words * 4), dtype=np.uint8)
@@ -31,13 +32,13 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(words: Tensor, bits: int, count: int) -> Tensor:
-    """int32 [..., packed_words(count, bits)] -> uint8 codes [..., count]."""
+    """int32 [..., packed_words(count, bits)] -> codes [..., count]: uint8 for up to 8 bits, else int32."""
     *lead, _ = words.shape
     raw = words.contiguous().numpy().astype("<i4").view(np.uint8)
     stream = np.unpackbits(raw, axis=-1, count=count * bits, bitorder="little")
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
-    codes = (stream.reshape(*lead, count, bits).astype(np.uint16) * weights).sum(-1)
-    return torch.from_numpy(codes.astype(np.uint8))
+    codes = (stream.reshape(*lead, count, bits).astype(np.uint16) * weights).sum(-1, dtype=np.uint16)
+    return torch.from_numpy(codes.astype(np.uint8) if bits <= 8 else codes.astype(np.int32))
 
 
 def padding_is_zero(words: Tensor, bits: int, count: int) -> bool:

@@ -9,8 +9,9 @@ inference package loads into its QuantizedLinear (out_group_size 1):
 and W[i, group j] = scales[i] * sum_m codebooks[m, codes[i, j, m], 0]. LayerSpec records M
 (`codebooks`), B (`bits`) and g (`group_size`).
 
-`vq-packed` is the same with codebooks of fewer than 2**8 words, where a byte per code would waste
-bits (the small layers of diffusion UNets, whose codebooks must be small to pay for themselves):
+`vq-packed` is the same with codebooks whose codes are not whole bytes (2**B words, B not 8 or 16),
+where a byte or two per code would waste bits (the small layers of diffusion UNets, whose own
+codebooks must be small to pay for themselves, or one codebook of 2**12 words shared by all layers):
 
     <layer>.codes      int32 [rows, packed_words(cols / g * M, B)]: each row's codes, in the order of
                        codes[i].flatten() (group major, codebook minor), bit-packed as formats/packing.py
@@ -60,8 +61,8 @@ class VQFormat:
             return "n and m belong to the nm layout, not vq"
         if spec.codebooks is None or not 1 <= spec.codebooks <= 16:
             return f"codebooks must be 1..16 for format vq, got {spec.codebooks}"
-        if spec.bits is None or not 1 <= spec.bits <= (7 if self.packed else 16):
-            return f"bits must be 1..{7 if self.packed else 16} for format {self.name}, got {spec.bits}"
+        if spec.bits is None or not 1 <= spec.bits <= (15 if self.packed else 16):
+            return f"bits must be 1..{15 if self.packed else 16} for format {self.name}, got {spec.bits}"
         if spec.group_size is None or spec.cols % spec.group_size:
             return f"group_size {spec.group_size} does not divide cols = {spec.cols}"
         return None

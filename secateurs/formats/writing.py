@@ -35,8 +35,9 @@ class StoragePlan:
     nm: dict[str, tuple[int, int]] = field(default_factory=dict)
     act_order: set[str] = field(default_factory=set)
     vq: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # (codes, codebooks, scales)
-    # Codes of codebooks under 2**8 words bit-packed (vq-packed) instead of a byte each (vq, which
-    # the aqlm package reads): the smaller file where aqlm compatibility does not matter.
+    # Codes that are not whole bytes (codebooks of 2**B words, B not 8 or 16) bit-packed (vq-packed)
+    # instead of a byte or two each (vq, which the aqlm package reads): the smaller file where aqlm
+    # compatibility does not matter.
     pack_vq_codes: bool = False
 
     @classmethod
@@ -82,7 +83,7 @@ def choose_format(layer: str, weight: Tensor, transposed: bool, grid, nm, code=N
                   pack_vq_codes: bool = False) -> tuple[LayerSpec, dict[str, Tensor]] | None:
     """The smallest exact format for one layer's stored weight [out, in], or None where its dense
     weight is smallest; `code` (codes, codebooks, scales) stores a vector-quantized layer as vq (or
-    vq-packed, with `pack_vq_codes`, when its codes have fewer than 8 bits)."""
+    vq-packed, with `pack_vq_codes`, when its codes are not whole bytes)."""
     if weight.dtype not in DTYPES.values():
         raise SecateursError(f"layer {layer}: dtype {weight.dtype} has no compressed format "
                              f"({', '.join(DTYPES)}); write it with --dtype float32 or bfloat16, or --dense")
@@ -91,7 +92,7 @@ def choose_format(layer: str, weight: Tensor, transposed: bool, grid, nm, code=N
     if code is not None:
         codes, codebooks, _ = code
         bits = (codebooks.shape[1] - 1).bit_length()
-        vq = FORMATS["vq-packed" if pack_vq_codes and bits < 8 else "vq"]
+        vq = FORMATS["vq-packed" if pack_vq_codes and bits % 8 else "vq"]
         spec = LayerSpec(format=vq.name, **base, bits=bits, group_size=codebooks.shape[2], codebooks=codebooks.shape[0])
         problem = vq.spec_problem(spec)
         if problem or codes.shape != (spec.rows, spec.cols // spec.group_size, spec.codebooks):

@@ -52,12 +52,13 @@ KINDS = {
     "sparse-int4-g": (0.7, None, 4, True, 16),
     "vq": None,  # two codebooks of 16 float16 codewords of 4 values, float16 row scales (vq_layer)
     "vqpacked": None,  # two codebooks of 8 words, their 3-bit codes bit-packed (StoragePlan.pack_vq_codes)
+    "vqpacked12": None,  # two codebooks of 4096 words: 12-bit codes straddling bytes, bit-packed
 }
 EXPECTED_FORMAT = {
     "bitmask": "bitmask", "bitmask70": "bitmask", "nm": "nm", "nm48": "nm", "int8": "int8", "int8-asym-g": "int8",
     "int4-g": "pack-quantized", "int3-asym-g": "pack-quantized", "int2": "pack-quantized",
     "int6-asym": "pack-quantized", "sparse-int8": "bitmask-int8", "sparse-int4-g": "bitmask-packed", "vq": "vq",
-    "vqpacked": "vq-packed",
+    "vqpacked": "vq-packed", "vqpacked12": "vq-packed",
 }
 
 
@@ -78,9 +79,9 @@ def compress(model, kinds: str | dict[str, str]):
         kind = kinds if isinstance(kinds, str) else next((k for end, k in kinds.items() if name.endswith(end)), None)
         if kind is None:
             continue
-        if kind.startswith("vq"):  # "vq", "vqpacked" or "vq-<bits>-<group>"
+        if kind.startswith("vq"):  # "vq", "vqpacked", "vqpacked12" or "vq-<bits>-<group>"
             bits, group = (int(part) for part in kind.split("-")[1:]) if "-" in kind else (
-                (3, 4) if kind == "vqpacked" else (4, 4))
+                {"vqpacked": (3, 4), "vqpacked12": (12, 4)}.get(kind, (4, 4)))
             codes[name], weight = vq_layer(*get_weight(module).shape, seed=len(codes), bits=bits, group=group)
             set_weight(module, weight.to(get_weight(module).dtype))
             continue
@@ -101,7 +102,7 @@ def compress(model, kinds: str | dict[str, str]):
         set_weight(module, weight)
     if not nm_layers and not codes:
         return grids
-    packed = "vqpacked" in ([kinds] if isinstance(kinds, str) else kinds.values())
+    packed = any(kind.startswith("vqpacked") for kind in ([kinds] if isinstance(kinds, str) else kinds.values()))
     return StoragePlan(grids, nm_layers, vq=codes, pack_vq_codes=packed)
 
 
