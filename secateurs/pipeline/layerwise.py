@@ -171,12 +171,13 @@ class _RunHooks:
     """Pre-hooks that accumulate the Hessians of one run's layers, and stop the pass after the last."""
 
     def __init__(self, layers: dict[str, nn.Module], last: str | None, dtype: torch.dtype, patches: int | None,
-                 generator: torch.Generator):
+                 generator: torch.Generator, full: bool = True):
         self.accumulators: dict[str, HessianAccumulator] = {}
-        self._handles = [module.register_forward_pre_hook(self._hook(name, module, name == last, dtype, patches, generator))
+        self._handles = [module.register_forward_pre_hook(self._hook(name, module, name == last, dtype, patches, generator,
+                                                                     full))
                          for name, module in layers.items()]
 
-    def _hook(self, name, module, stop, dtype, patches, generator):
+    def _hook(self, name, module, stop, dtype, patches, generator, full):
         def record(_, args):
             rows = layer_inputs(module, args[0].detach())
             if patches is not None and rows.shape[0] > patches:
@@ -184,7 +185,7 @@ class _RunHooks:
                 # are so alike that a fraction of them gives the same Hessian at a fraction of the cost.
                 rows = rows[torch.randperm(rows.shape[0], generator=generator)[:patches]]
             if name not in self.accumulators:
-                self.accumulators[name] = HessianAccumulator(rows.shape[-1], dtype, rows.device)
+                self.accumulators[name] = HessianAccumulator(rows.shape[-1], dtype, rows.device, full)
             self.accumulators[name].add(rows)
             if stop:
                 raise BlockStopped
@@ -211,7 +212,7 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
     layers, report.skipped = select_layers(model, recipe, min_weights)
     if not layers:
         raise SecateursError("the recipe matches no Linear or Conv2d layer of this model")
-    shared = _shared_codebooks(layers, recipe)
+    shared = _shared_codebooks(model, layers, recipe, calibration, patches_per_call)
     if shared and tune_steps:
         raise SecateursError("vq with shared: true cannot be combined with codebook tuning (tune_steps), which "
                              "trains each layer's codebooks apart")
@@ -298,19 +299,32 @@ def _tune(model, coded, calibration, teacher, plan: StoragePlan, steps: int, lr:
             "held_out_before": held_before, "held_out_after": held_after, "kept": tuned is not untuned}
 
 
-def _shared_codebooks(layers: dict[str, nn.Module], recipe: Recipe) -> dict[int, torch.Tensor]:
+def _shared_codebooks(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe,
+                      calibration: Sequence[CalibrationCall], patches: int | None) -> dict[int, torch.Tensor]:
     """For each vq stage with `shared: true` (by its index in the recipe), one set of codebooks fitted
-    to the weights of every layer it codes (algorithms.shared_codebooks; before any calibration, so
-    weighted by nothing but the rows' scales), rounded to float16 as the files keep them. A module
-    file stores identical tensors once (formats/module_file.py), so the codebooks cost their bytes
-    once for all those layers."""
+    to the weights of every layer it codes (algorithms.shared_codebooks), each layer's input
+    coordinates weighted by diag(H) from one pass of the calibration inputs through the dense model
+    (as a single layer's codebooks are), rounded to float16 as the files keep them. A module file
+    stores identical tensors once (formats/module_file.py), so the codebooks cost their bytes once
+    for all those layers."""
     shared = {}
     for index, stage in enumerate(recipe.stages):
-        if stage.method == "vq" and stage.shared:
-            matrices = [layer_matrix(module).float() for name, module in layers.items()
-                        if recipe.stages_for(name)[1] is stage]
-            if matrices:
-                shared[index] = shared_codebooks(matrices, stage.vq_spec()).to(torch.float16)
+        if not (stage.method == "vq" and stage.shared):
+            continue
+        coded = {name: module for name, module in layers.items() if recipe.stages_for(name)[1] is stage}
+        if not coded:
+            continue
+        hooks = _RunHooks(coded, None, torch.float64, patches, torch.Generator().manual_seed(0), full=False)
+        try:
+            with torch.no_grad():
+                for call in calibration:
+                    run_call(model, call)
+        finally:
+            hooks.remove()
+        names = list(coded)
+        shared[index] = shared_codebooks([layer_matrix(coded[name]).float() for name in names], stage.vq_spec(),
+                                         [hooks.accumulators[name].sum if name in hooks.accumulators else None
+                                          for name in names]).to(torch.float16)
     return shared
 
 
