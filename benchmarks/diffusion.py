@@ -71,6 +71,7 @@ METHODS = {
     # one set of codebooks for every layer (stored once): no per-layer codebook cost on these small layers
     "vq-2x6g4-shared": ("vq", {"codebooks": 2, "bits": 6, "group_size": 4, "shared": True}),
     "vq-1x12g4-shared": ("vq", {"codebooks": 1, "bits": 12, "group_size": 4, "shared": True}),
+    "vq-1x11g4-shared": ("vq", {"codebooks": 1, "bits": 11, "group_size": 4, "shared": True}),
     "vq-2x5g4-shared": ("vq", {"codebooks": 2, "bits": 5, "group_size": 4, "shared": True}),
     # the same codes, then every codebook and scale trained on the dense model's outputs (codes fixed)
     "vq-2x6g4-tuned": ("vq", {"codebooks": 2, "bits": 6, "group_size": 4}),
