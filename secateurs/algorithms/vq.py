@@ -26,13 +26,9 @@ import torch
 from torch import Tensor
 
 from .hessian import work_dtype
+from .kmeans import nearest_centers, weighted_kmeans
 from .vq_sweep import error_feedback_codes
 
-# Points per chunk when matching groups to their nearest codeword (bounds a [chunk, 2**B] block).
-NEAREST_CHUNK = 16384
-# k-means++ seeds from at most this many points (a seeded random subset beyond): its k passes over
-# the data dominate otherwise, and torch.multinomial takes at most 2**24 categories.
-KMEANS_SEED_POINTS = 1 << 18
 # Adam's usual constants; written out (a few lines) because torch.optim's first use imports
 # torch._dynamo, seconds on a small machine, and the gradients here need no autograd.
 ADAM_BETAS = (0.9, 0.999)
@@ -250,59 +246,12 @@ def _initialize(W: Tensor, H: Tensor, spec: VQSpec, init: str, iters: int, gener
         if given is not None:
             pass
         elif init == "kmeans":
-            codebooks[m] = _kmeans(residual, weights, K, iters, generator)
+            codebooks[m] = weighted_kmeans(residual, weights, K, iters, generator)
         else:
             codebooks[m] = spread * torch.randn(K, g, generator=generator, dtype=W.dtype)
-        codes[:, m] = _nearest(residual, weights, codebooks[m])
+        codes[:, m] = nearest_centers(residual, weights, codebooks[m])
         residual = residual - codebooks[m][codes[:, m]]
     return codes.reshape(rows, cols // g, M), codebooks, scales
-
-
-def _nearest(points: Tensor, weights: Tensor, centers: Tensor) -> Tensor:
-    """[N] int64: for each point, the center c minimizing sum_t weights_t (point_t - c_t)^2, by
-    chunks of points (sum_t w_t c_t^2 - 2 sum_t w_t x_t c_t: two [chunk, dim] x [dim, k] products)."""
-    squares = centers.square().T
-    return torch.cat([
-        torch.addmm(weights[chunk] @ squares, weights[chunk] * points[chunk], centers.T, alpha=-2).argmin(1)
-        for chunk in (slice(start, start + NEAREST_CHUNK) for start in range(0, points.shape[0], NEAREST_CHUNK))
-    ])
-
-
-def _kmeans(points: Tensor, weights: Tensor, k: int, iters: int, generator: torch.Generator) -> Tensor:
-    """k centers [k, dim] of weighted k-means (each point has its own weight per coordinate):
-    k-means++ seeding, then Lloyd iterations, each center coordinate the weighted mean of its
-    points' (a coordinate no point weighs keeps its value, as does an empty cluster).
-
-    k-means++ never picks a point already at distance 0 from a center while another is not, so data
-    holding at most k distinct points gets every one of them as a center (the exact case).
-    """
-    seeds, seed_weights = points, weights
-    if points.shape[0] > KMEANS_SEED_POINTS:
-        subset = torch.randperm(points.shape[0], generator=generator)[:KMEANS_SEED_POINTS]
-        seeds, seed_weights = points[subset], weights[subset]
-    n = seeds.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator))
-    centers = points.new_empty(k, points.shape[1])
-    centers[0] = seeds[first]
-    distances = (seed_weights * (seeds - centers[0]).square()).sum(1)
-    for c in range(1, k):
-        total = distances.sum()
-        if total > 0:
-            pick = int(torch.multinomial(distances / total, 1, generator=generator))
-        else:  # fewer distinct points than centers: the spare centers repeat points
-            pick = int(torch.randint(n, (1,), generator=generator))
-        centers[c] = seeds[pick]
-        distances = torch.minimum(distances, (seed_weights * (seeds - centers[c]).square()).sum(1))
-    weighted_points = weights * points
-    for _ in range(iters):
-        assignment = _nearest(points, weights, centers)
-        sums = torch.zeros_like(centers).index_add_(0, assignment, weighted_points)
-        mass = torch.zeros_like(centers).index_add_(0, assignment, weights)
-        updated = torch.where(mass > 0, sums / mass.clamp(min=torch.finfo(mass.dtype).tiny), centers)
-        if torch.equal(updated, centers):
-            break
-        centers = updated
-    return centers
 
 
 def shared_codebooks(weights: list[Tensor], spec: VQSpec, importances: list[Tensor | None] | None = None, *,
@@ -341,8 +290,8 @@ def shared_codebooks(weights: list[Tensor], spec: VQSpec, importances: list[Tens
         residual, point_weights = residual[subset], point_weights[subset]
     codebooks = residual.new_empty(spec.codebooks, spec.codewords, spec.group_size)
     for m in range(spec.codebooks):
-        codebooks[m] = _kmeans(residual, point_weights, spec.codewords, kmeans_iters, generator)
-        residual = residual - codebooks[m][_nearest(residual, point_weights, codebooks[m])]
+        codebooks[m] = weighted_kmeans(residual, point_weights, spec.codewords, kmeans_iters, generator)
+        residual = residual - codebooks[m][nearest_centers(residual, point_weights, codebooks[m])]
     return codebooks
 
 

@@ -4,16 +4,8 @@ import itertools
 import pytest
 import torch
 
-from secateurs.algorithms import (
-    VQSpec,
-    beam_search_codes,
-    shared_codebooks,
-    vq,
-    vq_bits,
-    vq_gradients,
-    vq_loss,
-    vq_reconstruct,
-)
+from secateurs.algorithms import VQSpec, beam_search_codes, vq, vq_bits, vq_gradients, vq_loss, vq_reconstruct
+from secateurs.algorithms.vq import shared_codebooks
 
 FAST = dict(rounds=3, adam_steps=20, kmeans_iters=10)
 
@@ -242,11 +234,11 @@ def test_dead_inputs_and_a_singular_hessian(problem):
 
 
 def test_kmeans_seeds_from_a_subset_of_many_groups(problem, monkeypatch):
-    vq_module = importlib.import_module("secateurs.algorithms.vq")  # the package's `vq` is the function
+    kmeans_module = importlib.import_module("secateurs.algorithms.kmeans")
     W, _, H = problem(22, rows=32, cols=64)
     spec = VQSpec(codebooks=2, bits=4, group_size=4)
     full = vq(W, H, spec, rounds=0)
-    monkeypatch.setattr(vq_module, "KMEANS_SEED_POINTS", 64)  # of 512 groups
+    monkeypatch.setattr(kmeans_module, "KMEANS_SEED_POINTS", 64)  # of 512 groups
     subset = vq(W, H, spec, rounds=0)
     assert subset.losses[0] != full.losses[0]
     assert subset.losses[0] < 1.3 * full.losses[0] and subset.losses[0] < vq(W, H, spec, rounds=0, init="random").losses[0]
