@@ -233,25 +233,43 @@ def _initialize(W: Tensor, H: Tensor, spec: VQSpec, init: str, iters: int, gener
     """
     rows, cols = W.shape
     g, M, K = spec.group_size, spec.codebooks, spec.codewords
+    scales, groups, weights = _row_groups(W, H.diagonal(), g)
+    spread = groups.std() / math.sqrt(M) if groups.numel() > 1 else groups.new_tensor(1.0)
+
+    def codebook(m: int, residual: Tensor) -> Tensor:
+        if given is not None:
+            return given[m]
+        if init == "kmeans":
+            return weighted_kmeans(residual, weights, K, iters, generator)
+        return spread * torch.randn(K, g, generator=generator, dtype=W.dtype)
+
+    codebooks, codes = _residual_fit(groups, weights, M, codebook)
+    return codes.reshape(rows, cols // g, M), codebooks, scales
+
+
+def _row_groups(W: Tensor, diagonal: Tensor, g: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(scales [rows]: the rows' RMS, 1 for an all-zero row; the groups [rows * cols / g, g] of
+    W / scales; their weights: coordinate t of a group of row i weighs diagonal[t] * s_i^2,
+    normalized to mean 1, or all 1 where they are all 0)."""
     scales = W.square().mean(1).sqrt()
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    residual = (W / scales[:, None]).reshape(-1, g)
-    weights = H.diagonal().clamp(min=0)[None, :] * scales[:, None].square()
-    mean_weight = weights.mean()
-    weights = (weights / mean_weight if mean_weight > 0 else torch.ones_like(weights)).reshape(-1, g)
-    spread = residual.std() / math.sqrt(M) if residual.numel() > 1 else residual.new_tensor(1.0)
-    codebooks = W.new_empty(M, K, g) if given is None else given
-    codes = torch.empty(residual.shape[0], M, dtype=torch.long)
-    for m in range(M):
-        if given is not None:
-            pass
-        elif init == "kmeans":
-            codebooks[m] = weighted_kmeans(residual, weights, K, iters, generator)
-        else:
-            codebooks[m] = spread * torch.randn(K, g, generator=generator, dtype=W.dtype)
+    weights = diagonal.clamp(min=0)[None, :] * scales[:, None].square()
+    mean = weights.mean()
+    weights = weights / mean if mean > 0 else torch.ones_like(weights)
+    return scales, (W / scales[:, None]).reshape(-1, g), weights.reshape(-1, g)
+
+
+def _residual_fit(groups: Tensor, weights: Tensor, books: int, codebook) -> tuple[Tensor, Tensor]:
+    """Residual coding: codebook m = codebook(m, the residual the codebooks before it leave), each
+    group taking its nearest codeword (under `weights`); returns codebooks [books, K, g] and the
+    codes [groups, books]."""
+    codebooks, codes = [], torch.empty(groups.shape[0], books, dtype=torch.long)
+    residual = groups
+    for m in range(books):
+        codebooks.append(codebook(m, residual))
         codes[:, m] = nearest_centers(residual, weights, codebooks[m])
         residual = residual - codebooks[m][codes[:, m]]
-    return codes.reshape(rows, cols // g, M), codebooks, scales
+    return torch.stack(codebooks), codes
 
 
 def shared_codebooks(weights: list[Tensor], spec: VQSpec, importances: list[Tensor | None] | None = None, *,
@@ -271,27 +289,21 @@ def shared_codebooks(weights: list[Tensor], spec: VQSpec, importances: list[Tens
     if len(importances) != len(weights):
         raise ValueError(f"{len(importances)} importances for {len(weights)} weights")
     dtype = torch.float64 if any(W.dtype == torch.float64 for W in weights) else torch.float32
-    points, point_weights = [], []
+    groups, group_weights = [], []
     for W, importance in zip(weights, importances):
         _check_width(W.shape[1], spec)
-        W = W.to(dtype)
-        scales = W.square().mean(1).sqrt()
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        diagonal = torch.ones(W.shape[1], dtype=dtype) if importance is None else importance.to(dtype).clamp(min=0)
-        layer_weights = diagonal[None, :] * scales[:, None].square()
-        mean = layer_weights.mean()
-        layer_weights = layer_weights / mean if mean > 0 else torch.ones_like(layer_weights)
-        points.append((W / scales[:, None]).reshape(-1, spec.group_size))
-        point_weights.append(layer_weights.reshape(-1, spec.group_size))
-    residual, point_weights = torch.cat(points), torch.cat(point_weights)
+        diagonal = torch.ones(W.shape[1], dtype=dtype) if importance is None else importance.to(dtype)
+        _, layer_groups, layer_weights = _row_groups(W.to(dtype), diagonal, spec.group_size)
+        groups.append(layer_groups)
+        group_weights.append(layer_weights)
+    points, point_weights = torch.cat(groups), torch.cat(group_weights)
     generator = torch.Generator().manual_seed(seed)
-    if residual.shape[0] > max_groups:
-        subset = torch.randperm(residual.shape[0], generator=generator)[:max_groups]
-        residual, point_weights = residual[subset], point_weights[subset]
-    codebooks = residual.new_empty(spec.codebooks, spec.codewords, spec.group_size)
-    for m in range(spec.codebooks):
-        codebooks[m] = weighted_kmeans(residual, point_weights, spec.codewords, kmeans_iters, generator)
-        residual = residual - codebooks[m][nearest_centers(residual, point_weights, codebooks[m])]
+    if points.shape[0] > max_groups:
+        subset = torch.randperm(points.shape[0], generator=generator)[:max_groups]
+        points, point_weights = points[subset], point_weights[subset]
+    codebooks, _ = _residual_fit(points, point_weights, spec.codebooks,
+                                 lambda m, residual: weighted_kmeans(residual, point_weights, spec.codewords,
+                                                                     kmeans_iters, generator))
     return codebooks
 
 
@@ -405,18 +417,19 @@ def _adam(W, H, codes, codebooks, scales, row_losses, steps, lr, row_block, trai
     goes up."""
     best = (row_losses.sum().item(), codebooks, scales, row_losses)
     codebooks, scales = codebooks.clone(), scales.clone()
-    params = (codebooks, scales)
-    rates = (lr if train_codebooks else 0.0, lr * scales.abs().mean().item())
+    params, rates = [scales], [lr * scales.abs().mean().item()]
+    if train_codebooks:
+        params.insert(0, codebooks)
+        rates.insert(0, lr)
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     for step in range(steps + 1):
-        current, *grads = vq_gradients(W, H, codes, codebooks, scales, row_block)
+        current, grad_codebooks, grad_scales = vq_gradients(W, H, codes, codebooks, scales, row_block)
         if step and current.sum().item() < best[0]:  # step 0 is the start, whose loss is known
             best = (current.sum().item(), codebooks.clone(), scales.clone(), current)
         if step == steps:
             break
+        grads = [grad_codebooks, grad_scales] if train_codebooks else [grad_scales]
         for param, grad, rate, (mean, square) in zip(params, grads, rates, moments):
-            if rate == 0:  # fixed codebooks
-                continue
             mean.lerp_(grad, 1 - ADAM_BETAS[0])
             square.mul_(ADAM_BETAS[1]).addcmul_(grad, grad, value=1 - ADAM_BETAS[1])
             unbiased = (square / (1 - ADAM_BETAS[1] ** (step + 1))).sqrt_().add_(ADAM_EPS)
