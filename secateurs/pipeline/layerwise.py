@@ -241,16 +241,7 @@ def compress_layerwise(model: nn.Module, recipe: Recipe, calibration: Sequence[C
                 calibrated = time.perf_counter()
                 hooks = _RunHooks({name: layers[name] for name in run}, None if repeated else run[-1], hessian_dtype,
                                   patches_per_call, generator)
-                try:
-                    with torch.no_grad():
-                        for call in calibration:
-                            try:
-                                run_call(model, call)
-                            except BlockStopped:
-                                pass
-                finally:
-                    hooks.remove()
-                accumulators = hooks.accumulators
+                accumulators = _calibration_pass(model, calibration, hooks)
                 report.calibration_seconds += time.perf_counter() - calibrated
             for name in run:
                 bar.set_postfix_str(name)
@@ -300,38 +291,48 @@ def _tune(model, coded, calibration, teacher, plan: StoragePlan, steps: int, lr:
 
 
 def _shared_codebooks(model: nn.Module, layers: dict[str, nn.Module], recipe: Recipe,
-                      calibration: Sequence[CalibrationCall], patches: int | None) -> dict[int, torch.Tensor]:
-    """For each vq stage with `shared: true` (by its index in the recipe), one set of codebooks fitted
-    to the weights of every layer it codes (algorithms.shared_codebooks), each layer's input
-    coordinates weighted by diag(H) from one pass of the calibration inputs through the dense model
-    (as a single layer's codebooks are), rounded to float16 as the files keep them. A module file
-    stores identical tensors once (formats/module_file.py), so the codebooks cost their bytes once
-    for all those layers."""
+                      calibration: Sequence[CalibrationCall], patches: int | None) -> dict[str, torch.Tensor]:
+    """{layer: its codebooks} for the layers of the vq stages with `shared: true`: per stage one set
+    of codebooks fitted to the weights of every layer it codes (algorithms.shared_codebooks), each
+    layer's input coordinates weighted by diag(H) from one pass of the calibration inputs through
+    the dense model (as a single layer's codebooks are), rounded to float16 as the files keep them.
+    A module file stores identical tensors once (formats/module_file.py), so the codebooks cost
+    their bytes once for all those layers."""
     shared = {}
-    for index, stage in enumerate(recipe.stages):
+    for stage in recipe.stages:
         if not (stage.method == "vq" and stage.shared):
             continue
         coded = {name: module for name, module in layers.items() if recipe.stages_for(name)[1] is stage}
         if not coded:
             continue
-        hooks = _RunHooks(coded, None, torch.float64, patches, torch.Generator().manual_seed(0), full=False)
-        try:
-            with torch.no_grad():
-                for call in calibration:
-                    run_call(model, call)
-        finally:
-            hooks.remove()
-        names = list(coded)
-        shared[index] = shared_codebooks([layer_matrix(coded[name]).float() for name in names], stage.vq_spec(),
-                                         [hooks.accumulators[name].sum if name in hooks.accumulators else None
-                                          for name in names]).to(torch.float16)
+        diagonals = _calibration_pass(model, calibration, _RunHooks(coded, None, torch.float64, patches,
+                                                                    torch.Generator().manual_seed(0), full=False))
+        books = shared_codebooks([layer_matrix(module).float() for module in coded.values()], stage.vq_spec(),
+                                 [diagonals[name].sum if name in diagonals else None for name in coded])
+        shared |= dict.fromkeys(coded, books.to(torch.float16))
     return shared
 
 
+def _calibration_pass(model: nn.Module, calibration: Sequence[CalibrationCall], hooks: _RunHooks
+                      ) -> dict[str, HessianAccumulator]:
+    """Run every calibration call through `model` with `hooks` (a call they stop early counts as
+    done), remove them, and return what they accumulated."""
+    try:
+        with torch.no_grad():
+            for call in calibration:
+                try:
+                    run_call(model, call)
+                except BlockStopped:
+                    pass
+    finally:
+        hooks.remove()
+    return hooks.accumulators
+
+
 def _compress_one(name: str, module: nn.Module, recipe: Recipe, accumulator: HessianAccumulator | None,
-                  plan: StoragePlan, shared: dict[int, torch.Tensor]) -> dict:
+                  plan: StoragePlan, shared: dict[str, torch.Tensor]) -> dict:
     prune, quant = recipe.stages_for(name)
-    codebooks = next((books for index, books in shared.items() if recipe.stages[index] is quant), None)
+    codebooks = shared.get(name)
     matrix = layer_matrix(module)
     hessian = norms = None
     if accumulator is not None:
