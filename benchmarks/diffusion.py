@@ -262,6 +262,12 @@ def dense_fmnist_samples(count: int, args) -> torch.Tensor:
     return torch.from_numpy(np.load(cache))
 
 
+def mean_image_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of the PSNR of each against its reference image (pixels span [-1, 1]: peak 2)."""
+    squared = (images.double() - reference.double()).square().flatten(1).mean(1)
+    return float((10 * torch.log10(4 / squared.clamp(min=1e-12))).mean())
+
+
 def fmnist_row(method: str, args) -> dict:
     import fmnist
 
@@ -298,8 +304,7 @@ def fmnist_row(method: str, args) -> dict:
     save_image_grid(images[:100], RESULTS / "diffusion-grids" / f"fmnist-{method}.png", nrow=10, title=method)
     judged = fmnist.judge(classifier, images, labels, reference)
     dense = dense_fmnist_samples(count, args).double()
-    squared = (images.double() - dense).square().flatten(1).mean(1)  # per image; pixels span [-1, 1]: peak 2
-    row |= {"psnr": round(float((10 * torch.log10(4 / squared.clamp(min=1e-12))).mean()), 2),
+    row |= {"psnr": round(mean_image_psnr(images, dense), 2),
             "rel_l2": round(float((images.double() - dense).norm() / dense.norm()), 5),
             "fid": round(judged["frechet_distance"], 3), "class_acc": round(judged["class_accuracy"], 4),
             "bits_per_weight": round(bits, 3), "seconds": round(seconds, 1), "size_mb": round(size / 2**20, 3)}

@@ -57,10 +57,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             saved = save_compressed_module(model, report.plan, Path(folder) / "out", {})
             bits = diffusion.bits_per_weight(model, saved, layers)
-        squared = (sample(model) - dense).square().flatten(1).mean(1)  # pixels in [-1, 1]: peak 2
         row = {"method": method, "samples": SAMPLES, "bits_per_weight": round(bits, 3),
                "layer_loss": round(sum(r["loss"] for r in report.layers.values()), 4),
-               "psnr": round(float((10 * torch.log10(4 / squared.clamp(min=1e-12))).mean()), 2),
+               "psnr": round(diffusion.mean_image_psnr(sample(model), dense), 2),
                "compress_seconds": round(seconds, 1), "cpu": diffusion.cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
         print(json.dumps(row), flush=True)
         rows = [r for r in rows if r["method"] != method] + [row]

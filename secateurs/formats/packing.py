@@ -21,9 +21,9 @@ def packed_words(count: int, bits: int) -> int:
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Integer codes [..., n] in [0, 2**bits - 1] (bits <= 16) -> int32 [..., packed_words(n, bits)]."""
     *lead, count = codes.shape
-    shifts = np.arange(bits, dtype=np.uint16)
     narrow = np.uint8 if bits <= 8 else np.uint16
-    stream = (codes.to(torch.int32).numpy().astype(narrow)[..., None] >> shifts.astype(narrow)) & 1  # [..., n, bits]
+    shifts = np.arange(bits, dtype=narrow)
+    stream = (codes.to(torch.int32).numpy().astype(narrow)[..., None] >> shifts) & 1  # [..., n, bits], LSB first
     packed = np.packbits(stream.reshape(*lead, count * bits), axis=-1, bitorder="little")
     words = packed_words(count, bits)
     padded = np.zeros((*lead, words * 4), dtype=np.uint8)
