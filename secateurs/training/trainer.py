@@ -135,8 +135,11 @@ class PackedWindows:
         hidden = weights.squarehead > 0
         teacher_out = None
         if teacher is not None and weights.needs_teacher:
+            # SquareHead without KL needs the teacher's hidden states only: its base model skips the
+            # LM head (a fifth of a small model's FLOPs) and the [batch, seqlen, vocab] logits
+            runner = teacher if weights.kl > 0 else getattr(teacher, "base_model", teacher)
             with torch.no_grad(), autocast():
-                teacher_out = teacher(inputs, output_hidden_states=hidden, use_cache=False)
+                teacher_out = runner(inputs, output_hidden_states=hidden, use_cache=False)
         with autocast():
             student_out = model(inputs, output_hidden_states=hidden, use_cache=False)
         return combined_loss(weights, student_out, inputs, None, teacher_out)

@@ -1,5 +1,6 @@
 """The trainer: masks exactly preserved, resume bit-identical, distillation works, bad input, QAT."""
 
+import contextlib
 import copy
 
 import pytest
@@ -115,6 +116,25 @@ def test_squarehead_finetuning_reduces_distance_to_teacher():
     config = TrainConfig(steps=40, losses=LossWeights(ce=0, squarehead=1), **SMALL)
     Trainer(student, tokens(), config, teacher=teacher, masks=masks_from_zeros(student), progress=False).train()
     assert distance() < 0.85 * before
+
+
+def test_squarehead_teacher_without_its_head_gives_the_same_loss():
+    """Without KL the teacher runs as its base model (no LM head): same hidden states, same loss."""
+    teacher = tiny_llama(seed=3)
+    student = pruned(teacher, 0.6)
+    data = PackedWindows(tokens(), seqlen=16)
+    inputs = data.batch(0, 2)
+    calls = []
+    hook = teacher.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    weights = LossWeights(ce=1, squarehead=1)
+    loss, parts = data.loss(weights, student, teacher, inputs, contextlib.nullcontext)
+    hook.remove()
+    with torch.no_grad():
+        full = teacher(inputs, output_hidden_states=True).hidden_states[1:]
+        mine = student(inputs, output_hidden_states=True).hidden_states[1:]
+    assert calls == []  # the teacher's head never ran
+    assert parts["squarehead"] == pytest.approx(squarehead(mine, full).item(), rel=1e-6)
+    assert parts["squarehead"] > 0
 
 
 def test_bad_input_is_one_line_before_work():
