@@ -77,7 +77,7 @@ class CompressedLinear(nn.Module):
         if use_kernel:
             y = self._compressed_matmul(flat.contiguous())
             if bias is not None:
-                y = y + bias
+                y.add_(bias)  # y is the kernel's own new tensor: no second [tokens, out_features] buffer
         else:
             y = F.linear(flat, self.to_dense(x.dtype), bias)
         return y.reshape(*x.shape[:-1], self.out_features)

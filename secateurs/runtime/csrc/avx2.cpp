@@ -147,6 +147,9 @@ struct Simd {
   static float expand_unit(int8_t) { return 1.0f / 16777216.0f; }  // the int8 lanes come out * 2^24
 
   static void in_register(F& v) { asm("" : "+x"(v)); }
+  static void transpose_block(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+    transpose8x8(in, in_stride, out, out_stride);
+  }
 
   template <class Code>
   static I madd(const Code* codes, const int16_t* q) { return madd16(codes, q); }

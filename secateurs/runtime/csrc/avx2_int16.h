@@ -1,5 +1,5 @@
-// AVX2 pieces of the int16-activation kernels (kernels.h, quantize_int16), shared by the AVX2 and
-// AVX-512 units (512-bit vpmaddwd / vpshufb need AVX-512BW, which the dispatcher does not check,
+// AVX2 pieces of the int16-activation kernels (kernels.h, quantize_int16) and the 8 x 8 float
+// transpose of the batched kernels' tiles, shared by the AVX2 and AVX-512 units (512-bit vpmaddwd / vpshufb need AVX-512BW, which the dispatcher does not check,
 // so the AVX-512 unit runs these on 256-bit halves). Include after the unit's `#pragma GCC target`.
 #pragma once
 
@@ -9,6 +9,26 @@
 
 namespace secateurs {
 namespace {
+
+// out[j * out_stride + i] = in[i * in_stride + j] for i, j < 8: pairs of rows interleaved, then
+// pairs of pairs, then the 128-bit halves exchanged.
+inline void transpose8x8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * in_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      r[i + 2 * h] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 2 * h + 1] = _mm256_shuffle_ps(t[i + h], t[i + h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(out + j * out_stride, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+    _mm256_storeu_ps(out + (j + 4) * out_stride, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+  }
+}
 
 // 16 codes times 16 int16: lane i = c[2i] q[2i] + c[2i + 1] q[2i + 1] in int32.
 inline __m256i madd16(const int8_t* codes, const int16_t* q) {

@@ -66,6 +66,11 @@ struct Simd512 {
   static float expand_unit(T) { return 1.0f; }
 
   static void in_register(F& v) { asm("" : "+v"(v)); }
+  // 16 x 16 as four 8 x 8 blocks (AVX2 shuffles; a 512-bit transpose measured no need yet)
+  static void transpose_block(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+    for (int i = 0; i < 16; i += 8)
+      for (int j = 0; j < 16; j += 8) transpose8x8(in + i * in_stride + j, in_stride, out + j * out_stride + i, out_stride);
+  }
 
   // The int16 kernels on two 256-bit halves (avx2_int16.h).
   static I join(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }

@@ -100,6 +100,10 @@ struct Simd {
   static float expand_unit(T) { return 1.0f; }
 
   static void in_register(F&) {}
+  static void transpose_block(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+    for (int i = 0; i < W; ++i)
+      for (int j = 0; j < W; ++j) out[j * out_stride + i] = in[i * in_stride + j];
+  }
 
   static constexpr int kSparseInt4 = kSparseInt4Scalar;
   static F load_halves(const float* low, const float* high) {
