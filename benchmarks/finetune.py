@@ -184,21 +184,32 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
            "bf16": args.bf16, "eval_tokens": eval_tokens, "task_mean": None}
     tasks = (lambda model, tokenizer: task_scores(model, tokenizer, args.task_subset)) if args.task_subset else None
     teacher_dir = work / "teacher" / quality._hash(budget)
-    if variant == "dense":
+
+    def train_teacher():
+        """The dense model fine-tuned with CE under the budget (saved as the teacher), its perplexity."""
         loaded = load_model(MODEL)
         _, evaluation = quality._calibration_and_eval(loaded.tokenizer)
-        result = train_row(loaded.model, None, loaded.tokenizer, args, None, rows_dir(work, budget) / "dense-ce", loss,
+        result = train_row(loaded.model, None, loaded.tokenizer, args, None, rows_dir(work, budget) / "dense-ce", "ce",
                            args.seed)
         save_model(loaded.model, loaded.tokenizer, teacher_dir)
-        ppl = evaluate(loaded.model, evaluation, eval_tokens)
+        return loaded, result, evaluate(loaded.model, evaluation, eval_tokens)
+
+    if variant == "dense":
+        loaded, result, ppl = train_teacher()
         dense_ppl = load_rows_dense(eval_tokens, work)
         row |= {"tokens": result.tokens, "ppl": ppl, "ppl_oneshot": dense_ppl, "ppl_dense_ft": ppl, "sparsity": 0.0,
                 "train_seconds": result.seconds, "tokens_per_s": result.tokens_per_s}
         row |= tasks(loaded.model, loaded.tokenizer) if tasks else {}
     else:
         dense_ft = find(load_rows(), "dense", "ce", False, budget)
-        if loss != "none" and (dense_ft is None or not teacher_dir.is_dir()):
+        if loss != "none" and dense_ft is None:
             raise SystemExit(f"{row_key(variant, loss, qat)}: run the dense CE row (the teacher) first")
+        if loss != "none" and not teacher_dir.is_dir():
+            # a new machine: train the teacher again (seeded, so the same model) and say whether its
+            # perplexity is the dense row's, the one recovery is measured against
+            print(f"{row_key(variant, loss, qat)}: training the teacher again (dense CE)", flush=True)
+            row["teacher_ppl"] = train_teacher()[2]
+            print(f"teacher perplexity {row['teacher_ppl']:.6f}, dense row {dense_ft['ppl']:.6f}", flush=True)
         base = variant.replace("progressive-50-70", "sparsegpt-50")
         model, tokenizer, evaluation, ppl_oneshot, grids, nm = oneshot(base, work, eval_tokens)
         masks = masks_from_zeros(model, nm=nm or None)
