@@ -313,12 +313,16 @@ def existing_parent(output: Path) -> Path:
     return where
 
 
-def check_writable(output: Path) -> None:
+def check_writable(output: Path, directory: bool = True) -> None:
     """One line, before any work, when `output` cannot be created: its nearest existing parent is not
-    a writable directory (read-only filesystem, permissions), or `output` is a file."""
+    a writable directory (read-only filesystem, permissions), or `output` exists as the other kind
+    (a file where a directory is written, or a directory where a file is; an existing file of a
+    file output is replaced)."""
     output = Path(output)
-    if output.exists() and not output.is_dir():
+    if directory and output.exists() and not output.is_dir():
         raise SecateursError(f"output {output} is a file, not a directory")
+    if not directory and output.is_dir():
+        raise SecateursError(f"output {output} is a directory, not a file")
     where = existing_parent(output)
     if not where.is_dir():
         raise SecateursError(f"cannot write {output}: {where} is not a directory")

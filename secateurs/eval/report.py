@@ -4,7 +4,8 @@ Inputs are the JSON files the benchmarks and the engine write, recognized by the
   - task rows (benchmarks/results/tasks.json: rows with "task", "variant", "acc");
   - quality rows (benchmarks/results/quality.json: rows with "row", "method", "ppl");
   - decode rows (benchmarks/results/decode.json: {"rows": [... "decode_tok_s" ...]});
-  - compression reports (compression.json: {"layers": [{"name", "loss", ...}]}).
+  - compression reports (compression.json: {"layers": [{"name", "loss", ...}]});
+  - fine-tuning, encoder, diffusion and vector quantization rows (eval/sections.py), each a section.
 The HTML embeds its plots as base64 PNGs and its style inline: nothing is fetched when it opens. The
 markdown writes the same tables, its plots as PNG files beside it.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import re
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secateurs.errors import SecateursError
+from secateurs.eval.sections import Section, cell, png, pyplot, recognize, sections
 from secateurs.io import check_writable, replace_atomically, write_text
 
 TASK_COLUMNS = ("lambada", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq")
@@ -36,6 +37,7 @@ class Results:
     quality: list[dict] = field(default_factory=list)
     decode: list[dict] = field(default_factory=list)
     compressions: dict[str, list[dict]] = field(default_factory=dict)  # label -> layers
+    sections: list[Section] = field(default_factory=list)
 
 
 def _classify(path: Path, data, results: Results) -> None:
@@ -50,10 +52,13 @@ def _classify(path: Path, data, results: Results) -> None:
             results.tasks += rows
         elif all("row" in row and "ppl" in row for row in rows):
             results.quality += rows
+        elif kind := recognize(rows):
+            results.sections += sections(kind, rows)
         elif any("decode_tok_s" in row for row in rows):
             results.decode += [row for row in rows if "decode_tok_s" in row]
         else:
-            raise SecateursError(f"{path}: rows of an unknown kind (expected task, quality or decode results)")
+            raise SecateursError(f"{path}: rows of an unknown kind (expected task, quality, decode, fine-tuning, "
+                                 "encoder, diffusion or quantization results)")
     else:
         raise SecateursError(f"{path}: not a results file (task/quality/decode rows or a compression report)")
 
@@ -132,48 +137,20 @@ def variant_table(results: Results) -> tuple[list[str], list[dict]]:
     return columns, table
 
 
-def _cell(value, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if kind == "pct":
-        return f"{100 * value:.1f}"
-    if kind == "ppl":
-        return f"{value:.1f}" if value < 1e4 else f"{value:.3g}"
-    if kind == "float":
-        return f"{value:.1f}"
-    return str(value)
-
-
 def _table_cells(columns: list[str], table: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["variant", "method", "sparsity", "pattern", "bits", "size MB", "ppl"] + columns + ["mean acc", "decode tok/s"]
     rows = []
     for entry in table:
         bits = entry["bits"] and f"{entry['bits']} (g{entry['group_size']})"
-        rows.append([entry["variant"], _cell(entry["method"], "str"), _cell(entry["sparsity"], "pct"),
-                     _cell(entry["pattern"], "str"), _cell(bits, "str"), _cell(entry["size_mb"], "float"),
-                     _cell(entry["ppl"], "ppl")] + [_cell(entry["accs"].get(c), "pct") for c in columns]
-                    + [_cell(entry["mean"], "pct") + (f" ({entry['tasks']})" if entry["mean"] is not None else ""),
-                       _cell(entry["decode_tok_s"], "float")])
+        rows.append([entry["variant"], cell(entry["method"], "str"), cell(entry["sparsity"], "pct"),
+                     cell(entry["pattern"], "str"), cell(bits, "str"), cell(entry["size_mb"], "float"),
+                     cell(entry["ppl"], "ppl")] + [cell(entry["accs"].get(c), "pct") for c in columns]
+                    + [cell(entry["mean"], "pct") + (f" ({entry['tasks']})" if entry["mean"] is not None else ""),
+                       cell(entry["decode_tok_s"], "float")])
     return header, rows
 
 
 # ---- plots ----
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(fig)
-    return buffer.getvalue()
-
 
 def plot_vs_sparsity(table: list[dict], key: str, label: str, log: bool = False) -> bytes | None:
     """`key` against sparsity, one line per pruning method (unstructured), N:M variants as markers."""
@@ -185,7 +162,7 @@ def plot_vs_sparsity(table: list[dict], key: str, label: str, log: bool = False)
         points.setdefault((entry["method"], entry["pattern"]), []).append((entry["sparsity"], entry[key]))
     if not points:
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     colors = {method: f"C{i}" for i, method in enumerate(sorted({method for method, _ in points}))}
     markers = dict(zip(sorted({pattern for _, pattern in points} - {"unstructured"}), "s^vDP*"))
@@ -200,7 +177,7 @@ def plot_vs_sparsity(table: list[dict], key: str, label: str, log: bool = False)
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_speed_size(decode: list[dict]) -> bytes | None:
@@ -213,7 +190,7 @@ def plot_speed_size(decode: list[dict]) -> bytes | None:
                 best[key] = row
     if not best:
         return None
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     models = list(dict.fromkeys(model for model, _ in best))
     for (model, variant), row in best.items():
@@ -226,7 +203,7 @@ def plot_speed_size(decode: list[dict]) -> bytes | None:
     ax.set_xlabel("weights (MB)")
     ax.set_ylabel("decode tokens/s")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def layer_grid(layers: list[dict]) -> tuple[list[int], list[str], list[list[float]]]:
@@ -248,7 +225,7 @@ def plot_layer_losses(label: str, layers: list[dict]) -> bytes | None:
         return None
     import numpy as np
 
-    plt = _figure()
+    plt = pyplot()
     values = np.array(grid, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.75 * len(types), 1.0 + 0.22 * len(blocks)))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -258,7 +235,7 @@ def plot_layer_losses(label: str, layers: list[dict]) -> bytes | None:
     ax.set_ylabel("block")
     ax.set_title(f"{label}: log10 reconstruction loss", fontsize=9)
     fig.colorbar(image, ax=ax)
-    return _png(fig)
+    return png(fig)
 
 
 def figures(results: Results, table: list[dict]) -> list[tuple[str, str, bytes]]:
@@ -272,7 +249,7 @@ def figures(results: Results, table: list[dict]) -> list[tuple[str, str, bytes]]
     for label, layers in results.compressions.items():
         slug = "layers-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
         made.append((slug, f"Per-layer reconstruction loss, {label} (blocks x layer type)", plot_layer_losses(label, layers)))
-    return [(slug, caption, png) for slug, caption, png in made if png is not None]
+    return [(slug, caption, image) for slug, caption, image in made if image is not None]
 
 
 # ---- rendering ----
@@ -282,42 +259,53 @@ th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f2f2
 figure{display:inline-block;margin:1em 1em 0 0}figcaption{font-size:13px;color:#555}"""
 
 
-def render_html(results: Results, title: str = "secateurs report") -> str:
+def _blocks(results: Results) -> list[Section]:
+    """The variants table with the plots of the task, quality, decode and compression files, then
+    the sections of the other result kinds."""
     columns, table = variant_table(results)
     header, rows = _table_cells(columns, table)
-    esc = html.escape
     subset = table[0]["subset"] if table else None
-    note = "whole sets" if subset is None else f"the seeded subset of {subset} documents per task"
+    scope = "whole sets" if subset is None else f"the seeded subset of {subset} documents per task"
+    note = (f"Task accuracy (%) on {scope}; mean acc over the tasks present (their count in brackets); "
+            "ppl from the quality rows.")
+    return [Section("Compressed variants", note, header, rows, figures(results, table))] + results.sections
+
+
+def render_html(results: Results, title: str = "secateurs report") -> str:
+    esc = html.escape
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>"]
-    if table:
-        parts += [(f"<p>Task accuracy (%) on {esc(note)}; mean acc over the tasks present (their count in brackets); "
-                   "ppl from the quality rows.</p>"), "<table id=\"variants\"><thead><tr>"]
-        parts += [f"<th>{esc(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
-        for row in rows:
-            parts.append("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>")
-        parts.append("</tbody></table>")
-    for slug, caption, png in figures(results, table):
-        data = base64.b64encode(png).decode("ascii")
-        parts.append(f"<figure id=\"{esc(slug)}\"><img alt=\"{esc(caption)}\" src=\"data:image/png;base64,{data}\">"
-                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+    for number, block in enumerate(_blocks(results)):
+        if not block.rows and not block.figures:
+            continue
+        parts.append(f"<h2>{esc(block.title)}</h2>")
+        if block.rows:
+            table_id = "variants" if number == 0 else f"section-{number}"
+            parts += [f"<p>{esc(block.note)}</p>", f"<table id=\"{table_id}\"><thead><tr>"]
+            parts += [f"<th>{esc(h)}</th>" for h in block.header] + ["</tr></thead><tbody>"]
+            parts += ["<tr>" + "".join(f"<td>{esc(text)}</td>" for text in row) + "</tr>" for row in block.rows]
+            parts.append("</tbody></table>")
+        for slug, caption, image in block.figures:
+            data = base64.b64encode(image).decode("ascii")
+            parts.append(f"<figure id=\"{esc(slug)}\"><img alt=\"{esc(caption)}\" src=\"data:image/png;base64,{data}\">"
+                         f"<figcaption>{esc(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def render_markdown(results: Results, image_prefix: str | None = None, title: str = "secateurs report") -> tuple[str, dict[str, bytes]]:
     """(markdown text, {file name: PNG}) — the images referenced as `<image_prefix>-<slug>.png`."""
-    columns, table = variant_table(results)
-    header, rows = _table_cells(columns, table)
-    lines = [f"# {title}", ""]
-    if table:
-        lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows] + [""]
-    images = {}
-    if image_prefix is not None:
-        for slug, caption, png in figures(results, table):
+    lines, images = [f"# {title}", ""], {}
+    for block in _blocks(results):
+        if not block.rows and not (block.figures and image_prefix is not None):
+            continue
+        lines += [f"## {block.title}", ""]
+        if block.rows:
+            lines += [block.note, "", "| " + " | ".join(block.header) + " |", "|---|" + "---:|" * (len(block.header) - 1)]
+            lines += ["| " + " | ".join(text.replace("|", "\\|") for text in row) + " |" for row in block.rows] + [""]
+        for slug, caption, image in block.figures if image_prefix is not None else []:
             name = f"{image_prefix}-{slug}.png"
-            images[name] = png
+            images[name] = image
             lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines), images
 
@@ -328,12 +316,12 @@ def write_report(paths, output) -> Path:
     suffix = output.suffix.lower()
     if suffix not in (".html", ".htm", ".md"):
         raise SecateursError(f"{output}: the report is .html or .md")
-    check_writable(output)
+    check_writable(output, directory=False)
     results = load_results(paths)
     if suffix == ".md":
         text, images = render_markdown(results, image_prefix=output.stem)
-        for name, png in images.items():
-            replace_atomically(output.parent / name, lambda staging, png=png: staging.write_bytes(png))
+        for name, image in images.items():
+            replace_atomically(output.parent / name, lambda staging, image=image: staging.write_bytes(image))
     else:
         text = render_html(results)
     write_text(output, text)

@@ -161,6 +161,64 @@ def test_bad_inputs_are_one_error(files, tmp_path):
         load_results([])
 
 
+FINETUNE_ROWS = [
+    {"variant": v, "loss": loss, "qat": False, "budget": {"tokens": 1000}, "tokens": tokens, "ppl": ppl,
+     "ppl_oneshot": oneshot, "ppl_dense_ft": 26.0, "recovery": r, "sparsity": sp, "task_mean": 0.3, "tokens_per_s": 80.0}
+    for v, loss, tokens, ppl, oneshot, r, sp in (("dense", "ce", 1000, 26.0, 35.0, None, 0.0),
+                                                 ("sparsegpt-70", "none", 0, 150.0, 150.0, None, 0.7),
+                                                 ("sparsegpt-70", "squarehead", 1000, 59.0, 150.0, 0.736, 0.7))]
+ENCODER_ROWS = [
+    {"kind": "accuracy", "method": m, "sparsity": sp, "structure": "unstructured", "quant": None, "kd": kd,
+     "accuracy": acc, "accuracy_std": 0.01 if sp else None, "f1": acc - 0.02, "seeds": 3, "epochs": 2}
+    for m, sp, kd, acc in (("dense", 0.0, False, 0.84), ("gradual-obert", 0.9, True, 0.83), ("gradual-gmp", 0.9, True, 0.8))
+] + [{"kind": "speed", "method": m, "sparsity": sp, "quant": q, "engine": e, "dtype": "fp32", "batch": 8, "seqlen": 128,
+      "threads": 2, "seq_per_s": v, "accuracy": 0.84, "cpu": "AMD EPYC", "isa": isa}
+     for m, sp, q, e, v, isa in (("dense", 0.0, None, "torch", 34.0, "torch"), ("sparse", 0.9, "int8", "secateurs", 68.0, "avx2"))]
+VQ_ROWS = [
+    {"model": "m", "engine": "secateurs", "method": "vq", "config": "2x8g8", "bits_per_weight": 2.15, "ppl": 73.7,
+     "decode_tok_s": None},
+    {"model": "m", "engine": "secateurs", "method": "gptq", "config": "w4g64", "bits_per_weight": 4.5, "ppl": 39.0,
+     "decode_tok_s": None},
+    {"model": "m", "engine": "secateurs", "method": "vq", "config": "2x8g8", "kind": "decode", "decode_tok_s": 37.3,
+     "threads": 1, "kernel_path": "avx2"},
+]
+DIFFUSION_ROWS = [
+    {"model": "ddpm", "method": m, "config": c, "bits_per_weight": b, "psnr": p, "rel_l2": None, "fid": None,
+     "class_acc": None} for m, c, b, p in (("dense", "dense", 32.0, None), ("gptq", "gptq-w4", 4.13, 34.9),
+                                           ("vq", "vq-2x6g4", 3.62, 31.9))]
+
+
+def test_sections_of_finetune_encoder_vq_and_diffusion_results(tmp_path):
+    paths = []
+    for name, rows in (("finetune", FINETUNE_ROWS), ("obert", ENCODER_ROWS), ("vq", VQ_ROWS), ("diffusion", DIFFUSION_ROWS)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rows))
+    text = write_report(paths, tmp_path / "report.html").read_text()
+    for title in ("Sparse fine-tuning, 1,000 tokens", "Encoder pruning: accuracy", "Encoder speed (AMD EPYC)",
+                  "Quantization: bits against perplexity", "Quantization: decode speed", "Diffusion: ddpm"):
+        assert f"<h2>{title}</h2>" in text
+    assert "<table id=\"variants\">" not in text  # no task or quality rows: no variants table
+    page = Page()
+    page.feed(text)
+    cells = [row for row in page.table]
+    assert ["sparsegpt-70", "squarehead", "no", "70.0", "1,000", "150.0", "59.0", "26.0", "0.74", "30.0", "80.0"] in cells
+    assert ["gradual-obert", "unstructured", "90.0", "—", "yes", "83.0 ± 1.0", "81.0", "3", "2"] in cells
+    assert ["2", "8", "secateurs", "sparse 90% int8", "68.0", "2.00", "84.0", "avx2"] in cells  # 2x torch fp32
+    assert ["m", "secateurs", "vq", "2x8g8", "1", "avx2", "37.3"] in cells
+    assert ["vq", "vq-2x6g4", "3.62", "31.90", "—", "—", "—"] in cells
+    assert len(page.images) == 4  # fine-tuning bars, encoder accuracy, VQ bits, diffusion PSNR
+
+
+def test_report_replaces_its_own_output_but_not_a_directory(files, tmp_path):
+    output = tmp_path / "report.html"
+    write_report([files["tasks.json"]], output)
+    write_report([files["tasks.json"], files["quality.json"]], output)  # a second run replaces the page
+    assert "64.0" in output.read_text()
+    (tmp_path / "folder.html").mkdir()
+    with pytest.raises(SecateursError, match="is a directory"):
+        write_report([files["tasks.json"]], tmp_path / "folder.html")
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_renders_in_headless_chromium(files, tmp_path):
     output = write_report(list(files.values()), tmp_path / "report.html")
