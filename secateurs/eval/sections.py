@@ -139,7 +139,7 @@ def _finetune_bars(rows: list[dict]) -> bytes | None:
     ax.set_yticks(list(positions), labels, fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("perplexity")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return png(fig)
 
 
