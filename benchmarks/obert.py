@@ -16,7 +16,8 @@ Protocol (fit to a 2-core CPU; every choice below is fixed, none tuned on the te
   - seeds: `--seeds N` (the issue asks for 3); each row is the mean over its seeds, spread beside it.
 
 Speed (`--rows speed`, a quiet machine only): sequences/s of the classifier at sequence length
-SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, and the encoder with its
+SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, our runtime's dense fp32
+kernel (kernels.dense_mm) in every block linear layer, and the encoder with its
 block linear layers at 80 / 90 / 97% sparsity through our bitmask fp32 and bitmask int8 modules (the
 batched sparse kernel at every batch; runtime.modules.SPARSE_GEMM_MAX_DENSITY); everything else
 (embeddings, attention, norms) stays torch. The sparse layers' pattern is per-layer magnitude
@@ -179,6 +180,24 @@ def gradual(method: str, sparsity: float, seed: int) -> dict:
 SPEED_SPARSITIES, SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (0.8, 0.9, 0.97), (1, 8, 32), (1, 2), 5
 
 
+class DenseKernelLinear(torch.nn.Module):
+    """A dense fp32 linear layer through our runtime's dense kernel (kernels.dense_mm): the speed
+    table's baseline of our own engine without sparsity."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().float().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from secateurs.runtime import kernels
+
+        y = kernels.dense_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def speed_rows(accuracy: list[dict]) -> list[dict]:
     """Sequences/s of the dense and sparse encoders (module docstring), with accuracy beside."""
     import os
@@ -197,8 +216,13 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
 
     dense = load_classifier(ENCODER, 2).model.eval()
     dense_row = next((r for r in accuracy if r["method"] == "dense"), None)
+    ours = copy.deepcopy(dense)  # our runtime's dense fp32 kernel in every block linear layer
+    for name, module in block_linear_layers(ours).items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(ours.get_submodule(parent), attribute, DenseKernelLinear(module))
     variants = {("dense", 0.0, None, "torch", "fp32"): dense,
-                ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16)}
+                ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16),
+                ("dense", 0.0, None, "secateurs", "fp32"): ours.eval()}
     for sparsity in SPEED_SPARSITIES:
         pruned = copy.deepcopy(dense)
         with torch.no_grad():
@@ -246,6 +270,7 @@ def speed_markdown(rows: list[dict]) -> str:
             return next(b["seq_per_s"] for b in rows if b["engine"] == "torch" and b["dtype"] == dtype
                         and (b["batch"], b["threads"]) == (r["batch"], r["threads"]))
         name = (f"torch dense {r['dtype']}" if r["engine"] == "torch"
+                else "secateurs dense fp32 (dense kernel)" if r["method"] == "dense"
                 else f"bitmask {r['quant'] or 'fp32'} {100 * r['sparsity']:.0f}%")
         accuracy = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f} ({r['accuracy_from']})"
         lines.append(f"| {r['threads']} | {r['batch']} | {name} | {r['seq_per_s']:.1f} | {r['seq_per_s'] / base('fp32'):.2f}x | "
