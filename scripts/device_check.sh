@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/secateurs-device}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
+# at most 8 files come back from $OUT: versions, 3 logs, gpu_sweep.{json,md}, scale.{json,md}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/versions.txt"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/algorithms/test_algorithms_gpu_sweep.py 2>&1 | tee "$OUT/tests.log"
 timeout 180 python3 benchmarks/gpu_sweep.py 2>&1 | tee "$OUT/gpu_sweep.log"
 cp benchmarks/results/gpu_sweep.json benchmarks/results/gpu_sweep.md "$OUT/" 2>/dev/null
