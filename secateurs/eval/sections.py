@@ -173,16 +173,17 @@ def encoder_sections(rows: list[dict]) -> list[Section]:
     speed = [r for r in rows if r["kind"] == "speed"]
     for cpu in dict.fromkeys(r.get("cpu") for r in speed):
         group = [r for r in speed if r.get("cpu") == cpu]
-        base = {(r["threads"], r["batch"]): r["seq_per_s"] for r in group
-                if r["engine"] == "torch" and r.get("dtype") == "fp32" and r["method"] == "dense"}
+        base = {(r.get("threads"), r.get("batch")): r.get("seq_per_s") for r in group
+                if r.get("engine") == "torch" and r.get("dtype") == "fp32" and r["method"] == "dense"}
         header = ["threads", "batch", "engine", "model", "sequences/s", "vs torch fp32", "accuracy %", "kernel path"]
         table = []
         for r in group:
+            sparsity = f"{100 * r['sparsity']:.0f}% " if r.get("sparsity") is not None else ""
             model = (f"{r['method']} {r.get('dtype', '')}" if r["method"] == "dense"
-                     else f"{r['method']} {100 * r['sparsity']:.0f}% {r.get('quant') or r.get('dtype', '')}")
-            reference = base.get((r["threads"], r["batch"]))
-            table.append([cell(r["threads"]), cell(r["batch"]), r["engine"], model.strip(), cell(r["seq_per_s"], "float"),
-                          cell(r["seq_per_s"] / reference if reference else None, "ratio"),
+                     else f"{r['method']} {sparsity}{r.get('quant') or r.get('dtype', '')}")
+            speed, reference = r.get("seq_per_s"), base.get((r.get("threads"), r.get("batch")))
+            table.append([cell(r.get("threads")), cell(r.get("batch")), cell(r.get("engine")), model.strip(),
+                          cell(speed, "float"), cell(speed / reference if speed and reference else None, "ratio"),
                           cell(r.get("accuracy"), "pct"), cell(r.get("isa"))])
         made.append(Section(f"Encoder speed ({cpu})", f"Sequence length {group[0].get('seqlen', '?')}.", header, table))
     return made
