@@ -216,24 +216,24 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
 
     dense = load_classifier(ENCODER, 2).model.eval()
     dense_row = next((r for r in accuracy if r["method"] == "dense"), None)
-    ours = copy.deepcopy(dense)  # our runtime's dense fp32 kernel in every block linear layer
-    for name, module in block_linear_layers(ours).items():
-        parent, _, attribute = name.rpartition(".")
-        setattr(ours.get_submodule(parent), attribute, DenseKernelLinear(module))
+    def with_linears(model, make):
+        """A copy of `model` whose block linear layers are make(layer)."""
+        model = copy.deepcopy(model)
+        for name, module in block_linear_layers(model).items():
+            model.set_submodule(name, make(module))
+        return model.eval()
+
     variants = {("dense", 0.0, None, "torch", "fp32"): dense,
                 ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16),
-                ("dense", 0.0, None, "secateurs", "fp32"): ours.eval()}
+                ("dense", 0.0, None, "secateurs", "fp32"): with_linears(dense, DenseKernelLinear)}
     for sparsity in SPEED_SPARSITIES:
         pruned = copy.deepcopy(dense)
         with torch.no_grad():
             for module in block_linear_layers(pruned).values():
                 module.weight.mul_(magnitude_mask(module.weight, sparsity))
         for quant, kind in ((None, BitmaskLinear), ("int8", SparseQuantLinear)):
-            model = copy.deepcopy(pruned)
-            for name, module in block_linear_layers(model).items():
-                parent, _, attribute = name.rpartition(".")
-                setattr(model.get_submodule(parent), attribute, kind.from_dense(module.weight, module.bias))
-            variants[("sparse", sparsity, quant, "secateurs", "fp32")] = model.eval()
+            variants[("sparse", sparsity, quant, "secateurs", "fp32")] = with_linears(
+                pruned, lambda module, kind=kind: kind.from_dense(module.weight, module.bias))
     rows = []
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)

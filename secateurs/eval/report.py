@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secateurs.errors import SecateursError
-from secateurs.eval.sections import Section, cell, png, pyplot, recognize, sections
+from secateurs.eval.sections import Section, cell, png, pyplot, sections
 from secateurs.io import check_writable, replace_atomically, write_text
 
 TASK_COLUMNS = ("lambada", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq")
@@ -52,8 +52,8 @@ def _classify(path: Path, data, results: Results) -> None:
             results.tasks += rows
         elif all("row" in row and "ppl" in row for row in rows):
             results.quality += rows
-        elif kind := recognize(rows):
-            results.sections += sections(kind, rows)
+        elif (found := sections(rows)) is not None:
+            results.sections += found
         elif any("decode_tok_s" in row for row in rows):
             results.decode += [row for row in rows if "decode_tok_s" in row]
         else:

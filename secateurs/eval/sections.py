@@ -59,23 +59,17 @@ def png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def recognize(rows: list[dict]) -> str | None:
-    """The section kind of a file's rows, or None."""
+def sections(rows: list[dict]) -> list[Section] | None:
+    """The sections of a file's rows, or None when they are of none of the kinds above."""
     if all("loss" in r and "ppl_oneshot" in r for r in rows):
-        return "finetune"
+        return finetune_sections(rows)
     if all(r.get("kind") in ("run", "accuracy", "speed") and "method" in r for r in rows):
-        return "encoder"
+        return encoder_sections(rows)
     if all("bits_per_weight" in r and "psnr" in r for r in rows):
-        return "diffusion"
+        return diffusion_sections(rows)
     if all(("bits_per_weight" in r and "ppl" in r) or (r.get("kind") == "decode" and "config" in r) for r in rows):
-        return "vq"
+        return vq_sections(rows)
     return None
-
-
-def sections(kind: str, rows: list[dict]) -> list[Section]:
-    builders = {"finetune": finetune_sections, "encoder": encoder_sections, "diffusion": diffusion_sections,
-                "vq": vq_sections}
-    return builders[kind](rows)
 
 
 def _lines_by(points: dict, xlabel: str, ylabel: str, log: bool = False, reference: tuple | None = None):
@@ -100,12 +94,11 @@ def _lines_by(points: dict, xlabel: str, ylabel: str, log: bool = False, referen
 
 def finetune_sections(rows: list[dict]) -> list[Section]:
     """One table per training budget (largest first), with before/after perplexity bars."""
-    budgets: dict[str, list[dict]] = {}
+    budgets: dict[str, tuple[dict, list[dict]]] = {}  # by the budget's JSON: (the budget, its rows)
     for row in rows:
-        budgets.setdefault(json.dumps(row.get("budget"), sort_keys=True), []).append(row)
+        budgets.setdefault(json.dumps(row.get("budget"), sort_keys=True), (row.get("budget") or {}, []))[1].append(row)
     made = []
-    for key, group in sorted(budgets.items(), key=lambda item: -((json.loads(item[0]) or {}).get("tokens") or 0)):
-        budget = json.loads(key) or {}
+    for budget, group in sorted(budgets.values(), key=lambda item: -(item[0].get("tokens") or 0)):
         header = ["variant", "loss", "QAT", "sparsity %", "tokens", "ppl one-shot", "ppl", "ppl dense fine-tuned",
                   "recovery r", "task mean %", "tokens/s"]
         table = [[r["variant"], r["loss"], "yes" if r.get("qat") else "no", cell(r.get("sparsity"), "pct"),
@@ -150,17 +143,13 @@ def encoder_sections(rows: list[dict]) -> list[Section]:
     accuracy = [r for r in rows if r["kind"] == "accuracy"] or [r for r in rows if r["kind"] == "run"]
     if accuracy:
         header = ["method", "structure", "sparsity %", "quant", "KD", "accuracy %", "F1 %", "seeds", "epochs"]
-        table = []
+        table, points, dense = [], {}, None
         for r in sorted(accuracy, key=lambda r: (r["method"], r.get("sparsity") or 0)):
             acc = r.get("accuracy", r.get("test_accuracy"))
             spread = f" ± {100 * r['accuracy_std']:.1f}" if r.get("accuracy_std") else ""
             table.append([r["method"], cell(r.get("structure")), cell(r.get("sparsity"), "pct"), cell(r.get("quant")),
                           "yes" if r.get("kd") else "no", cell(acc, "pct") + spread,
                           cell(r.get("f1", r.get("test_f1")), "pct"), cell(r.get("seeds", 1)), cell(r.get("epochs"))])
-        points: dict[str, list] = {}
-        dense = None
-        for r in accuracy:
-            acc = r.get("accuracy", r.get("test_accuracy"))
             if r["method"] == "dense":
                 dense = acc
             elif acc is not None and r.get("structure", "unstructured") == "unstructured" and not r.get("quant"):
@@ -181,9 +170,9 @@ def encoder_sections(rows: list[dict]) -> list[Section]:
             sparsity = f"{100 * r['sparsity']:.0f}% " if r.get("sparsity") is not None else ""
             model = (f"{r['method']} {r.get('dtype', '')}" if r["method"] == "dense"
                      else f"{r['method']} {sparsity}{r.get('quant') or r.get('dtype', '')}")
-            speed, reference = r.get("seq_per_s"), base.get((r.get("threads"), r.get("batch")))
+            rate, reference = r.get("seq_per_s"), base.get((r.get("threads"), r.get("batch")))
             table.append([cell(r.get("threads")), cell(r.get("batch")), cell(r.get("engine")), model.strip(),
-                          cell(speed, "float"), cell(speed / reference if speed and reference else None, "ratio"),
+                          cell(rate, "float"), cell(rate / reference if rate and reference else None, "ratio"),
                           cell(r.get("accuracy"), "pct"), cell(r.get("isa"))])
         made.append(Section(f"Encoder speed ({cpu})", f"Sequence length {group[0].get('seqlen', '?')}.", header, table))
     return made
@@ -222,9 +211,9 @@ def vq_sections(rows: list[dict]) -> list[Section]:
         for r in quality:
             if r.get("ppl"):
                 points.setdefault(f"{r.get('engine', '')} {r['method']}".strip(), []).append((r["bits_per_weight"], r["ppl"]))
-        figure = _lines_by(points, "bits per weight", "perplexity", log=True)
+        figure = _lines_by(points, "bits per weight", "perplexity", log=True) if points else None
         made.append(Section("Quantization: bits against perplexity", "Bits count everything stored for the linear layers.",
-                            header, table, [("vq-bits", "Perplexity against bits per weight", figure)]))
+                            header, table, [("vq-bits", "Perplexity against bits per weight", figure)] if figure else []))
     decode = [r for r in rows if r.get("kind") == "decode"]
     if decode:
         header = ["model", "engine", "method", "config", "threads", "kernel path", "decode tok/s"]

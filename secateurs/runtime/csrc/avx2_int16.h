@@ -1,6 +1,7 @@
 // AVX2 pieces of the int16-activation kernels (kernels.h, quantize_int16) and the 8 x 8 float
-// transpose of the batched kernels' tiles, shared by the AVX2 and AVX-512 units (512-bit vpmaddwd / vpshufb need AVX-512BW, which the dispatcher does not check,
-// so the AVX-512 unit runs these on 256-bit halves). Include after the unit's `#pragma GCC target`.
+// transpose of the batched kernels' tiles, shared by the AVX2 and AVX-512 units (512-bit vpmaddwd /
+// vpshufb need AVX-512BW, which the dispatcher does not check, so the AVX-512 unit runs these on
+// 256-bit halves). Include after the unit's `#pragma GCC target`.
 #pragma once
 
 #include <immintrin.h>
