@@ -53,8 +53,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "obert.json"
 ENCODER, SEQLEN, EPOCHS, BATCH, LR, PRUNE_EVERY = "all-minilm-l6-v2", 128, 2, 16, 5e-5, 10
 ONESHOT_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
-GRADUAL = (("gradual-gmp", 0.8), ("gradual-obert", 0.8), ("gradual-gmp", 0.9), ("gradual-obert", 0.9),
-           ("gradual-gmp", 0.97), ("gradual-obert", 0.97))
+# (method, target, structure, quant): the int8 rows are the gradual oBERT models of the row before,
+# their block linear layers as the runtime's bitmask int8 modules (no training of their own)
+GRADUAL = tuple((method, target, structure, quant)
+                for target, structure in ((0.8, "unstructured"), (0.9, "unstructured"), (0.97, "unstructured"),
+                                          (0.8, "block4"))
+                for method, quant in (("gradual-gmp", None), ("gradual-obert", None), ("gradual-obert", "int8"))
+                if not (quant and structure == "block4"))
+UNIT = {"unstructured": 1, "block4": 4}
+FISHER_BLOCK = {"unstructured": 50, "block4": 48}  # 4-blocks need a Fisher block that 4 divides
 
 
 def cache() -> Path:
@@ -156,7 +163,10 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
             "epochs": 0, "seconds": seconds} | score(model, scored)
 
 
-def gradual(method: str, sparsity: float, seed: int) -> dict:
+def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None) -> dict:
+    """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
+    bitmask int8 modules (the deployed model, scored through its kernels)."""
+    from secateurs.runtime import SparseQuantLinear
     from secateurs.training.losses import LossWeights
     from secateurs.training.masks import open_masks
     from secateurs.training.progressive import GradualMagnitude, GradualOBert
@@ -167,14 +177,34 @@ def gradual(method: str, sparsity: float, seed: int) -> dict:
     steps = steps_for(data, EPOCHS)
     end = steps * 2 // 3 // PRUNE_EVERY * PRUNE_EVERY
     masks = open_masks(model)
-    pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, grads=64) if method == "gradual-obert"
-              else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY))
+    unit = UNIT[structure]
+    pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, grads=64, unit=unit,
+                           block_size=FISHER_BLOCK[structure]) if method == "gradual-obert"
+              else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, unit=unit))
     config = TrainConfig(lr=LR, steps=steps, warmup_steps=0, batch_size=BATCH, seqlen=SEQLEN, seed=seed,
-                         losses=LossWeights(0, 1, 0, temperature=2.0), checkpoint_every=0)
+                         losses=LossWeights(0, 1, 0, temperature=2.0), checkpoint_every=50)
     started = time.perf_counter()
-    Trainer(model, data, config, teacher=dense, masks=masks, on_step=pruner, description=f"{method} {sparsity}").train()
-    return {"method": method, "sparsity": sparsity_of(model), "target": sparsity, "kd": True, "epochs": EPOCHS,
-            "seconds": time.perf_counter() - started} | score(model, scored)
+    # checkpoints (weights, masks, optimizer, data position) let a killed row continue where it stopped
+    name = f"{method}-{sparsity}-seed{seed}" + ("" if structure == "unstructured" else f"-{structure}")
+    trainer = Trainer(model, data, config, teacher=dense, masks=masks, on_step=pruner,
+                      output_dir=cache() / name, description=f"{method} {sparsity} {structure}")
+    resumed = trainer.resume()  # a finished row's checkpoint is its final model: nothing left to train
+    trainer.train()
+    achieved = sparsity_of(model)
+    if quant == "int8":
+        model = with_linears(model, lambda layer: SparseQuantLinear.from_dense(layer.weight, layer.bias))
+    return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
+            "kd": True, "epochs": EPOCHS, "seconds": time.perf_counter() - started, "resumed": resumed} | score(model, scored)
+
+
+def with_linears(model, make):
+    """A copy of `model` whose block linear layers are make(layer)."""
+    from secateurs.training.masks import block_linear_layers
+
+    model = copy.deepcopy(model)
+    for name, module in block_linear_layers(model).items():
+        model.set_submodule(name, make(module))
+    return model.eval()
 
 
 SPEED_SPARSITIES, SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (0.8, 0.9, 0.97), (1, 8, 32), (1, 2), 5
@@ -207,22 +237,17 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
     from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
     from secateurs.training.masks import block_linear_layers
 
-    def accuracy_at(sparsity: float) -> tuple[float | None, str | None]:
-        for method in ("gradual-obert", "oneshot-obert"):
-            row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9), None)
+    def accuracy_at(sparsity: float, quant: str | None) -> tuple[float | None, str | None]:
+        """The accuracy of the best-matching unstructured row: gradual oBERT of this quant, else fp32."""
+        for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
+            row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
+                        and r.get("structure", "unstructured") == "unstructured" and r.get("quant") == row_quant), None)
             if row:
-                return row["accuracy"], method
+                return row["accuracy"], label(row)
         return None, None
 
     dense = load_classifier(ENCODER, 2).model.eval()
     dense_row = next((r for r in accuracy if r["method"] == "dense"), None)
-    def with_linears(model, make):
-        """A copy of `model` whose block linear layers are make(layer)."""
-        model = copy.deepcopy(model)
-        for name, module in block_linear_layers(model).items():
-            model.set_submodule(name, make(module))
-        return model.eval()
-
     variants = {("dense", 0.0, None, "torch", "fp32"): dense,
                 ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16),
                 ("dense", 0.0, None, "secateurs", "fp32"): with_linears(dense, DenseKernelLinear)}
@@ -248,7 +273,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                         started = time.perf_counter()
                         model(input_ids=ids, attention_mask=mask)
                         times.append(time.perf_counter() - started)
-                acc, source = accuracy_at(sparsity) if sparsity else (dense_row and dense_row["accuracy"], "dense")
+                acc, source = accuracy_at(sparsity, quant) if sparsity else (dense_row and dense_row["accuracy"], "dense")
                 rows.append({"kind": "speed", "method": method, "sparsity": sparsity, "quant": quant, "engine": engine,
                              "dtype": dtype, "batch": batch, "seqlen": SEQLEN, "threads": threads,
                              "seq_per_s": batch / statistics.median(times), "accuracy": acc, "accuracy_from": source,
@@ -289,12 +314,18 @@ def mean_row(rows: list[dict]) -> dict:
     return row
 
 
+def label(row: dict) -> str:
+    """The method of a row with its structure and quantization, e.g. "gradual-obert 4-block" or "... + int8"."""
+    structure = "" if row.get("structure", "unstructured") == "unstructured" else " 4-block"
+    return row["method"] + structure + (f" + {row['quant']}" if row.get("quant") else "")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | sparsity | KD | epochs | test accuracy | ± (seeds) | macro-F1 | validation acc. | seconds |",
              "|---|---:|---|---:|---:|---|---:|---:|---:|"]
-    for row in sorted((r for r in rows if r["kind"] == "accuracy"), key=lambda r: (r["sparsity"] > 0, r["method"], r["sparsity"])):
+    for row in sorted((r for r in rows if r["kind"] == "accuracy"), key=lambda r: (r["sparsity"] > 0, label(r), r["sparsity"])):
         spread = "" if row.get("accuracy_std") is None else f"{100 * row['accuracy_std']:.1f}"
-        lines.append(f"| {row['method']} | {row['sparsity']:.3f} | {'yes' if row['kd'] else 'no'} | {row['epochs']} | "
+        lines.append(f"| {label(row)} | {row['sparsity']:.3f} | {'yes' if row['kd'] else 'no'} | {row['epochs']} | "
                      f"{100 * row['accuracy']:.1f} | {spread} ({row['seeds']}) | {100 * row['f1']:.1f} | "
                      f"{100 * row['validation_accuracy']:.1f} | {row['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -308,8 +339,8 @@ def plot(rows: list[dict]) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
-        points = sorted((r["sparsity"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
+    for method in sorted({label(r) for r in rows if r["method"] != "dense"}):
+        points = sorted((r["sparsity"], 100 * r["accuracy"]) for r in rows if label(r) == method)
         axis.plot(*zip(*points), marker="o", label=method)
     if dense:
         axis.axhline(100 * dense["accuracy"], color="grey", linestyle="--", label="dense teacher")
@@ -325,6 +356,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual", "speed"], default=["dense", "oneshot"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
+    parser.add_argument("--sparsities", nargs="*", type=float, help="targets to run, e.g. 0.9 0.97")
     args = parser.parse_args()
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
     if "speed" in args.rows:
@@ -334,20 +366,25 @@ def main() -> None:
         (RESULTS / "obert-speed.md").write_text(speed_markdown(speed))
         print(speed_markdown(speed))
         return
-    runs = {(r["method"], r["target"], r["seed"]) for r in rows if r.get("kind") == "run"}
+    def key(row: dict) -> tuple:
+        return row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant")
+
+    runs = {key(r) + (r["seed"],) for r in rows if r.get("kind") == "run"}
     plan = []
     if "dense" in args.rows:
-        plan.append(("dense", 0.0))
+        plan.append(("dense", 0.0, "unstructured", None))
     if "oneshot" in args.rows:
-        plan += [(f"oneshot-{m}", s) for s in ONESHOT_SPARSITIES for m in ("magnitude", "obert", "sparsegpt")]
+        plan += [(f"oneshot-{m}", s, "unstructured", None) for s in ONESHOT_SPARSITIES
+                 for m in ("magnitude", "obert", "sparsegpt")]
     if "gradual" in args.rows:
         plan += list(GRADUAL)
-    plan = [p for p in plan if not args.only or p[0] in args.only]
-    for method, target in plan:
+    plan = [p for p in plan if (not args.only or p[0] in args.only)
+            and (not args.sparsities or any(abs(p[1] - s) < 1e-9 for s in args.sparsities))]
+    for method, target, structure, quant in plan:
         for seed in range(args.seeds):
-            if (method, target, seed) in runs:
+            if (method, target, structure, quant, seed) in runs:
                 continue
-            print(f"[obert] {method} {target} seed {seed}", flush=True)
+            print(f"[obert] {method} {target} {structure} {quant or ''} seed {seed}", flush=True)
             if method == "dense":
                 model, _, _, scored, seconds = teacher(seed)
                 result = {"method": "dense", "sparsity": 0.0, "target": 0.0, "kd": False, "epochs": EPOCHS,
@@ -355,7 +392,7 @@ def main() -> None:
             elif method.startswith("oneshot"):
                 result = oneshot(method.removeprefix("oneshot-"), target, seed)
             else:
-                result = gradual(method, target, seed)
+                result = gradual(method, target, seed, structure, quant)
             rows.append({"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
                          "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result)
             print(f"[obert] {result}", flush=True)
@@ -363,7 +400,7 @@ def main() -> None:
     runs = [r for r in rows if r.get("kind") == "run"]
     groups: dict[tuple, list] = {}
     for r in runs:
-        groups.setdefault((r["method"], r["target"]), []).append(r)
+        groups.setdefault(key(r), []).append(r)
     summary = [mean_row(group) | {"kind": "accuracy"} for group in groups.values()]
     write_json(JSON_PATH, runs + summary + [r for r in rows if r.get("kind") == "speed"])
     (RESULTS / "obert-table.md").write_text(markdown(summary))

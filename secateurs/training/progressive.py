@@ -83,13 +83,19 @@ class GradualPruning:
 
 class GradualMagnitude(GradualPruning):
     """Gradual magnitude pruning (GMP): each layer by the magnitude of its weights, to the target
-    within the layer (N:M layers keep their pattern); a weight already at 0 has the lowest magnitude."""
+    within the layer (N:M layers keep their pattern); a weight already at 0 has the lowest magnitude.
+    With `unit` > 1, blocks of that many consecutive weights of a row are pruned whole by their norm."""
+
+    def __init__(self, masks: MaskSet, initial: float, final: float, start: int, end: int, every: int = 1,
+                 unit: int = 1):
+        super().__init__(masks, initial, final, start, end, every)
+        self.unit = unit
 
     @torch.no_grad()
     def prune(self, trainer: Trainer, step: int, sparsity: float) -> None:
         for name, keep in self.masks.keep.items():
             weight = weight_parameter(self.masks.layers[name]).detach() * keep
-            new_keep = magnitude_mask(weight, sparsity) & keep
+            new_keep = magnitude_mask(weight, sparsity, unit=self.unit) & keep
             self.masks.set(name, new_keep)
 
 

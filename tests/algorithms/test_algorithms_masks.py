@@ -24,6 +24,27 @@ def test_magnitude_exact_counts(rows, cols, sparsity, seed):
     assert ((~per_row).sum(1) == rounded(sparsity * cols)).all()
 
 
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), blocks=st.integers(1, 5), unit=st.sampled_from([2, 4]), sparsity=st.floats(0, 1),
+       per_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_magnitude_blocks_pruned_whole_by_their_norm(rows, blocks, unit, sparsity, per_row, seed):
+    W = torch.randn(rows, blocks * unit, generator=torch.Generator().manual_seed(seed))
+    kept = magnitude_mask(W, sparsity, per_row=per_row, unit=unit).reshape(rows, blocks, unit)
+    assert (kept.all(-1) | ~kept.any(-1)).all()  # every block whole
+    block_kept, norms = kept[..., 0], W.reshape(rows, blocks, unit).norm(dim=-1)
+    expected = [rounded(sparsity * blocks)] * rows if per_row else [rounded(sparsity * rows * blocks)]
+    groups = [(block_kept[r], norms[r]) for r in range(rows)] if per_row else [(block_kept.flatten(), norms.flatten())]
+    for (keep, norm), count in zip(groups, expected):
+        assert int((~keep).sum()) == count
+        if keep.any() and (~keep).any():  # every kept block at least as large as every pruned one
+            assert norm[keep].min() >= norm[~keep].max() - 1e-6
+
+
+def test_magnitude_unit_must_divide_the_rows():
+    with pytest.raises(ValueError, match="unit"):
+        magnitude_mask(torch.randn(2, 6), 0.5, unit=4)
+
+
 def test_ties_are_broken_by_index():
     W = torch.ones(2, 4)
     assert magnitude_mask(W, 0.5).tolist() == [[False, False, False, False], [True, True, True, True]]

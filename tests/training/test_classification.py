@@ -106,17 +106,20 @@ def test_gradual_obert_fisher_comes_from_per_example_gradients():
 
 
 @pytest.mark.parametrize("method", ["obert", "gmp"])
-def test_gradual_pruning_reaches_the_schedule_with_masks_enforced(method):
+@pytest.mark.parametrize("unit", [1, 4])
+def test_gradual_pruning_reaches_the_schedule_with_masks_enforced(method, unit):
     model, examples = tiny_bert(), data()
     masks = open_masks(model)
-    pruner = (GradualOBert(masks, 0.2, 0.6, 1, 5, every=2, grads=4, block_size=8) if method == "obert"
-              else GradualMagnitude(masks, 0.2, 0.6, 1, 5, every=2))
+    pruner = (GradualOBert(masks, 0.2, 0.6, 1, 5, every=2, grads=4, block_size=8, unit=unit) if method == "obert"
+              else GradualMagnitude(masks, 0.2, 0.6, 1, 5, every=2, unit=unit))
     trainer = Trainer(model, examples, config(steps=8), masks=masks, on_step=pruner, progress=False)
     result = trainer.train()
     total = sum(keep.numel() for keep in masks.keep.values())
     pruned = sum(int((~keep).sum()) for keep in masks.keep.values())
-    assert pruned == round(0.6 * total) if method == "obert" else abs(pruned / total - 0.6) < 0.01
+    assert pruned == round(0.6 * total / unit) * unit if method == "obert" else abs(pruned / total - 0.6) < 0.01
     for weight, keep in masks.parameters():
+        blocks = keep.reshape(-1, unit)
+        assert bool((blocks.all(1) | ~blocks.any(1)).all())  # blocks of `unit` weights pruned whole
         assert not bool(weight[~keep].any())
         for value in trainer.optimizer.state[weight].values():
             if torch.is_tensor(value) and value.shape == weight.shape:

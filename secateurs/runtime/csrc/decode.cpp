@@ -493,14 +493,9 @@ class Plan {
       a.tile = w;
       return a;
     }
-    const int64_t tile = batch <= w ? w : 2 * w, n_tiles = (batch + tile - 1) / tile;
-    float* tiles = tiles_.get();
-    std::memset(tiles, 0, ((n_tiles * cols + 1) * tile) * sizeof(float));
-    for (int64_t b = 0; b < batch; ++b) {
-      float* lane = tiles + (b / tile) * cols * tile + b % tile;
-      for (int64_t j = 0; j < cols; ++j) lane[j * tile] = x[b * cols + j];
-    }
-    return Activations{batch, nullptr, padded_stride(cols), tiles, tile};
+    const int64_t tile = sparse_tile(batch, w);
+    write_tiles([x](int64_t i) { return x[i]; }, batch, cols, tile, tiles_.get());
+    return Activations{batch, nullptr, padded_stride(cols), tiles_.get(), tile};
   }
 
   // All rows on up to threads_ OpenMP threads (contiguous ranges of equal cost), no parallel

@@ -73,22 +73,14 @@ Buffer activation_rows(const void* x, int type, int64_t batch, int64_t cols, int
   return rows;
 }
 
-// [n_tiles][cols][tile]: the batch lanes of one column are contiguous, padded with zeros.
-// Column-major within a tile: each column's `tile` lanes are written together, so the writes run
-// contiguously and the reads are `tile` sequential streams (one per token).
+// Tiles [n_tiles][cols][tile] of x in any activation type (kernels.h: write_tiles).
 Buffer activation_tiles(const void* x, int type, int64_t batch, int64_t cols, int64_t tile) {
-  Buffer tiles = zeroed_floats(((batch + tile - 1) / tile * cols + 1) * tile);
-  for (int64_t first = 0; first < batch; first += tile) {
-    const int64_t lanes = std::min(tile, batch - first);
-    float* out = tiles.get() + first / tile * cols * tile;
-    if (type == kFloat32) {
-      const float* in = static_cast<const float*>(x) + first * cols;
-      for (int64_t j = 0; j < cols; ++j)
-        for (int64_t lane = 0; lane < lanes; ++lane) out[j * tile + lane] = in[lane * cols + j];
-    } else {
-      for (int64_t j = 0; j < cols; ++j)
-        for (int64_t lane = 0; lane < lanes; ++lane) out[j * tile + lane] = activation(x, type, (first + lane) * cols + j);
-    }
+  Buffer tiles = zeroed_floats(tile_floats(batch, cols, tile));
+  if (type == kFloat32) {
+    const float* in = static_cast<const float*>(x);
+    write_tiles([in](int64_t i) { return in[i]; }, batch, cols, tile, tiles.get());
+  } else {
+    write_tiles([x, type](int64_t i) { return activation(x, type, i); }, batch, cols, tile, tiles.get());
   }
   return tiles;
 }
@@ -105,7 +97,7 @@ struct SparseActivations {
 SparseActivations sparse_activations(const void* x, int type, int64_t batch, int64_t cols, int simd_width,
                                      bool rows_when_many = false) {
   SparseActivations a;
-  a.view = Activations{batch, nullptr, padded_stride(cols), nullptr, batch <= simd_width ? simd_width : 2 * simd_width};
+  a.view = Activations{batch, nullptr, padded_stride(cols), nullptr, sparse_tile(batch, simd_width)};
   if (batch > 1 && rows_when_many && many_tiles(batch, a.view.tile)) {
     if (type == kFloat32) {
       a.view.rows = static_cast<const float*>(x);

@@ -240,6 +240,27 @@ inline Buffer zeroed_floats(int64_t count) {
 // every vector load of a row kernel reads zeros there.
 inline int64_t padded_stride(int64_t cols) { return (cols + 63) / 64 * 64 + 64; }
 
+// Batch lanes per tile of the sparse row kernels: one register's W lanes for a batch that fits
+// them, else 2W.
+inline int64_t sparse_tile(int64_t batch, int64_t simd_width) { return batch <= simd_width ? simd_width : 2 * simd_width; }
+
+// Floats of the tiles [n_tiles][cols][tile] of `batch` rows, plus one tile the kernels may read past.
+inline int64_t tile_floats(int64_t batch, int64_t cols, int64_t tile) { return ((batch + tile - 1) / tile * cols + 1) * tile; }
+
+// Writes x [batch][cols] as tiles [n_tiles][cols][tile] (tile_floats floats, zeroed first): the
+// lanes of a column contiguous, missing lanes zero. Column-major within a tile, so the writes run
+// contiguously and the reads are `tile` sequential streams (one per token).
+template <class Load>
+void write_tiles(const Load& load, int64_t batch, int64_t cols, int64_t tile, float* tiles) {
+  std::memset(tiles, 0, tile_floats(batch, cols, tile) * sizeof(float));
+  for (int64_t first = 0; first < batch; first += tile) {
+    const int64_t lanes = std::min(tile, batch - first);
+    float* out = tiles + first / tile * cols * tile;
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t lane = 0; lane < lanes; ++lane) out[j * tile + lane] = load((first + lane) * cols + j);
+  }
+}
+
 // First row of part `part` out of `parts` when rows are split into contiguous ranges of about
 // equal cost; cost(r) is the (nondecreasing) work of rows [0, r).
 template <class Cost>
