@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -125,6 +126,13 @@ def teacher(seed: int):
     return model.eval(), tokenizer, data, scored, seconds
 
 
+@functools.cache
+def teacher_scores(seed: int) -> dict:
+    """The teacher's own scores, beside every gradual row: the target is "within 1 point of the teacher"."""
+    model, _, _, scored, _ = teacher(seed)
+    return {f"teacher_{key}": value for key, value in score(model, scored).items()}
+
+
 def sparsity_of(model) -> float:
     from secateurs.training.masks import block_linear_layers
 
@@ -194,7 +202,8 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     if quant == "int8":
         model = with_linears(model, lambda layer: SparseQuantLinear.from_dense(layer.weight, layer.bias))
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
-            "kd": True, "epochs": EPOCHS, "seconds": time.perf_counter() - started, "resumed": resumed} | score(model, scored)
+            "kd": True, "epochs": EPOCHS, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
+        model, scored) | teacher_scores(seed)
 
 
 def with_linears(model, make):
@@ -306,8 +315,10 @@ def speed_markdown(rows: list[dict]) -> str:
 def mean_row(rows: list[dict]) -> dict:
     """Seeds averaged: accuracy (test), its spread, F1, validation accuracy."""
     row = dict(rows[0])
-    for key in ("test_accuracy", "test_f1", "validation_accuracy", "validation_f1", "seconds", "sparsity"):
-        row[key] = statistics.fmean(r[key] for r in rows)
+    for key in ("test_accuracy", "test_f1", "validation_accuracy", "validation_f1", "seconds", "sparsity",
+                "teacher_test_accuracy"):
+        if all(key in r for r in rows):
+            row[key] = statistics.fmean(r[key] for r in rows)
     row["accuracy"], row["f1"] = row["test_accuracy"], row["test_f1"]
     row["accuracy_std"] = statistics.stdev(r["test_accuracy"] for r in rows) if len(rows) > 1 else None
     row["seeds"] = len(rows)
@@ -321,12 +332,14 @@ def label(row: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | sparsity | KD | epochs | test accuracy | ± (seeds) | macro-F1 | validation acc. | seconds |",
-             "|---|---:|---|---:|---:|---|---:|---:|---:|"]
+    lines = ["| method | sparsity | KD | epochs | test accuracy | ± (seeds) | vs its teacher | macro-F1 | validation acc. "
+             "| seconds |", "|---|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for row in sorted((r for r in rows if r["kind"] == "accuracy"), key=lambda r: (r["sparsity"] > 0, label(r), r["sparsity"])):
         spread = "" if row.get("accuracy_std") is None else f"{100 * row['accuracy_std']:.1f}"
+        teacher = row.get("teacher_test_accuracy")  # the gradual rows' teacher, scored in the same run
+        versus = "" if teacher is None else f"{100 * (row['accuracy'] - teacher):+.1f}"
         lines.append(f"| {label(row)} | {row['sparsity']:.3f} | {'yes' if row['kd'] else 'no'} | {row['epochs']} | "
-                     f"{100 * row['accuracy']:.1f} | {spread} ({row['seeds']}) | {100 * row['f1']:.1f} | "
+                     f"{100 * row['accuracy']:.1f} | {spread} ({row['seeds']}) | {versus} | {100 * row['f1']:.1f} | "
                      f"{100 * row['validation_accuracy']:.1f} | {row['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

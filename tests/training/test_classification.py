@@ -127,6 +127,40 @@ def test_gradual_pruning_reaches_the_schedule_with_masks_enforced(method, unit):
     assert result.sparsity is not None
 
 
+@pytest.mark.parametrize("method", ["obert", "gmp"])
+def test_gradual_pruning_with_distillation_resumes_bit_identically(tmp_path, method):
+    """Killed between pruning steps and continued in a fresh process (a new model object, new masks,
+    a new pruner): the same weights, masks and loss history as one uninterrupted run."""
+    teacher, examples = tiny_bert(7), data()
+    settings = config(steps=10, checkpoint_every=3, losses=LossWeights(0, 1, 0, temperature=2.0))
+
+    def run(folder, kill_at=None, seed=0):
+        model = tiny_bert(seed)
+        model.load_state_dict(teacher.state_dict())
+        masks = open_masks(model)
+        pruner = (GradualOBert(masks, 0.1, 0.7, 1, 7, every=2, grads=4, block_size=8) if method == "obert"
+                  else GradualMagnitude(masks, 0.1, 0.7, 1, 7, every=2))
+
+        def on_step(trainer, step):
+            pruner(trainer, step)
+            if step == kill_at:
+                raise KeyboardInterrupt
+
+        trainer = Trainer(model, examples, settings, teacher=teacher, masks=masks, on_step=on_step,
+                          output_dir=folder, progress=False)
+        return model, masks, trainer.train(resume=True)
+
+    whole, whole_masks, whole_result = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "parts", kill_at=8)  # after the pruning at step 7; the checkpoint of step 6 survives
+    torch.manual_seed(99)  # nothing but the checkpoint carries over
+    resumed, resumed_masks, resumed_result = run(tmp_path / "parts", seed=3)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(whole_masks.keep[name], resumed_masks.keep[name]) for name in whole_masks.keep)
+    assert whole_result.history == resumed_result.history and whole_masks.sparsity() > 0.6
+
+
 def test_scores_accuracy_and_macro_f1():
     predictions, labels = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 1, 2, 0])
     score = score_predictions(predictions, labels, 3)
