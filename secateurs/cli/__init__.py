@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--temperature", type=float, default=2.0)
     encoder.add_argument("--grads", type=int, default=64, help="oBERT: gradients per pruning step")
     encoder.add_argument("--prune-every", type=int, default=10, help="steps between pruning steps")
+    encoder.add_argument("--block", type=int, default=1, help="prune blocks of this many consecutive weights of a row "
+                         "whole (4: oBERT's 4-blocks)")
+    encoder.add_argument("--int8", action="store_true", help="round the kept weights to per-row int8 after training "
+                         "and store bitmask-int8 layers")
     encoder.add_argument("--seed", type=int, default=0)
     encoder.add_argument("--resume", action="store_true")
     encoder.set_defaults(run=cmd_prune_encoder)

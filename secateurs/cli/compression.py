@@ -104,7 +104,8 @@ def cmd_prune_encoder(args) -> None:
     result = prune_encoder(args.model, args.data, args.output, sparsity=args.sparsity, method=args.method,
                            epochs=args.epochs, seqlen=args.seqlen, batch_size=args.batch, lr=args.lr,
                            hardness=args.hardness, temperature=args.temperature, prune_every=args.prune_every,
-                           grads=args.grads, teacher_epochs=args.teacher_epochs, seed=args.seed, resume=args.resume,
+                           grads=args.grads, teacher_epochs=args.teacher_epochs, unit=args.block, int8=args.int8,
+                           seed=args.seed, resume=args.resume,
                            progress=not VERBOSITY["quiet"])
     print(f"pruned {args.model} to {result.sparsity:.3f} ({args.method}): held-out accuracy "
           f"{100 * result.pruned.accuracy:.1f}% (teacher {100 * result.teacher.accuracy:.1f}%, n = {result.pruned.n}); "

@@ -4,8 +4,11 @@ calls (oBERT, Kurtic et al. 2022, or gradual magnitude for comparison).
 The model as given (any AutoModelForSequenceClassification directory; an encoder without a head,
 such as the embedded all-minilm-l6-v2, after `teacher_epochs` of dense fine-tuning) is the teacher; a copy is trained on the labelled texts while
 the cubic schedule takes its block linear layers from 0 to `sparsity` over the first `prune_fraction`
-of the steps, then trained on at that sparsity. The result is written as a compressed directory
-(bitmask layers), scored beside the teacher on a held-out slice of the data. Checkpoints go to
+of the steps, then trained on at that sparsity. `unit` > 1 prunes blocks of that many consecutive
+weights of a row whole (oBERT's 4-blocks); `int8` rounds the kept weights to per-row symmetric int8
+after training (zeros stay exactly zero) and stores the layers as bitmask-int8, the compound the
+runtime's int8 sparse kernels run. The result is written as a compressed directory (bitmask or
+bitmask-int8 layers), scored beside the teacher on a held-out slice of the data. Checkpoints go to
 `<output>.training/` (resume continues exactly).
 """
 
@@ -17,13 +20,14 @@ from pathlib import Path
 
 import torch
 
+from secateurs.algorithms.quant import QuantSpec, round_to_nearest
 from secateurs.data.reviews import LabelledTexts, fine_foods, labelled_file
 from secateurs.errors import SecateursError
 from secateurs.formats import save_compressed
 from secateurs.models import load_classifier
 from secateurs.training.classification import ClassificationData, ClassifierScore, evaluate_classifier, tokenize
 from secateurs.training.losses import LossWeights
-from secateurs.training.masks import open_masks
+from secateurs.training.masks import block_linear_layers, open_masks
 from secateurs.training.progressive import GradualMagnitude, GradualOBert
 from secateurs.training.trainer import TrainConfig, Trainer, TrainResult
 
@@ -35,7 +39,7 @@ TRAINING_SUFFIX = ".training"
 class EncoderPruningResult:
     output: Path
     teacher: ClassifierScore  # on the held-out slice
-    pruned: ClassifierScore
+    pruned: ClassifierScore  # the stored model (after int8 rounding where asked)
     sparsity: float  # of the block linear layers, exact
     training: TrainResult
 
@@ -49,9 +53,13 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
                   method: str = "obert", epochs: float = 2.0, seqlen: int = 128, batch_size: int = 16, lr: float = 5e-5,
                   hardness: float = 1.0, temperature: float = 2.0, prune_fraction: float = 2 / 3, prune_every: int = 10,
                   grads: int = 64, block_size: int = 50, validation: float = 0.1, teacher_epochs: float = 0.0,
-                  seed: int = 0, resume: bool = False, progress: bool = True) -> EncoderPruningResult:
+                  unit: int = 1, int8: bool = False, seed: int = 0, resume: bool = False,
+                  progress: bool = True) -> EncoderPruningResult:
+    """`block_size` (oBERT's Fisher blocks) is rounded down to a multiple of `unit`."""
     if method not in METHODS:
         raise SecateursError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if unit < 1 or block_size < unit:
+        raise SecateursError(f"need 1 <= unit <= block_size, got unit {unit} and block size {block_size}")
     if not 0 < sparsity < 1 or not 0 < prune_fraction <= 1 or not 0 < validation < 1 or not 0 <= hardness <= 1:
         raise SecateursError("need 0 < sparsity < 1, 0 < prune_fraction <= 1, 0 < validation < 1, 0 <= hardness <= 1")
     if epochs <= 0 or prune_every < 1 or seqlen < 2 or batch_size < 1:
@@ -63,6 +71,9 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
         raise SecateursError(f"{model} has no classification head: pass teacher_epochs (--teacher-epochs) to fine-tune "
                              f"the dense teacher first, or give a fine-tuned classifier")
     student, tokenizer = loaded.model, loaded.tokenizer
+    for name, layer in block_linear_layers(student).items():
+        if layer.weight.shape[1] % unit:
+            raise SecateursError(f"unit {unit} does not divide the {layer.weight.shape[1]} inputs of layer {name}")
     examples = ClassificationData.from_texts(tokenizer, train.texts, train.labels, seqlen, seed=seed)
     output = Path(output_dir)
     training_dir = output.with_name(output.name + TRAINING_SUFFIX)
@@ -75,8 +86,9 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
     steps = max(1, round(len(examples) * epochs / batch_size))
     end = max(prune_every, int(steps * prune_fraction) // prune_every * prune_every)
     masks = open_masks(student)
-    pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=prune_every, grads=grads, block_size=block_size)
-              if method == "obert" else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=prune_every))
+    pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=prune_every, grads=grads,
+                           block_size=block_size // unit * unit, unit=unit)
+              if method == "obert" else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=prune_every, unit=unit))
     losses = LossWeights(ce=1 - hardness, kl=hardness, squarehead=0.0, temperature=temperature)
     config = TrainConfig(lr=lr, steps=steps, batch_size=batch_size, seqlen=seqlen, seed=seed, losses=losses,
                          checkpoint_every=max(1, steps // 10))
@@ -86,8 +98,24 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
     result = trainer.train(resume=resume)
     masks.apply()
     masks.check()
+    grids = round_to_int8(student) if int8 else None
     encoded = tokenize(tokenizer, held_out.texts, seqlen)
     labels = torch.tensor(held_out.labels)
     scores = [evaluate_classifier(m, encoded["input_ids"], encoded["attention_mask"], labels) for m in (teacher, student)]
-    save_compressed(student, None, output, tokenizer)
+    save_compressed(student, grids, output, tokenizer)
     return EncoderPruningResult(output, scores[0], scores[1], masks.sparsity(), result)
+
+
+@torch.no_grad()
+def round_to_int8(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Round every block linear layer's weights to per-row symmetric int8 in place; returns the grids
+    {layer: (scale, zero)} that save_compressed stores them on. A zero weight stays exactly zero (the
+    symmetric grid's zero point is a code)."""
+    grids = {}
+    for name, layer in block_linear_layers(model).items():
+        if not isinstance(layer, torch.nn.Linear):
+            raise SecateursError(f"layer {name}: int8 rounding takes torch Linear layers, not {type(layer).__name__}")
+        rounded = round_to_nearest(layer.weight.detach(), QuantSpec(bits=8, symmetric=True))
+        layer.weight.copy_(rounded.weight)
+        grids[name] = (rounded.scale, rounded.zero)
+    return grids

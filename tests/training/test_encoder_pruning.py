@@ -40,16 +40,28 @@ def classifier_and_data(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method", ["obert", "gmp"])
-def test_prune_encoder_writes_a_sparse_model_that_loads_back(classifier_and_data, tmp_path, method):
+@pytest.mark.parametrize("method, unit, int8", [("obert", 1, False), ("gmp", 1, False), ("obert", 4, True)])
+def test_prune_encoder_writes_a_sparse_model_that_loads_back(classifier_and_data, tmp_path, method, unit, int8):
     folder = classifier_and_data
     result = prune_encoder(folder / "model", folder / "train.csv", tmp_path / "out", sparsity=0.6, method=method,
-                           epochs=3, seqlen=10, batch_size=8, prune_every=2, grads=4, block_size=8, progress=False)
+                           epochs=3, seqlen=10, batch_size=8, prune_every=2, grads=4, block_size=10, unit=unit,
+                           int8=int8, progress=False)
     assert result.sparsity == pytest.approx(0.6, abs=0.01) and result.pruned.n == 6
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert {entry["format"] for entry in config["secateurs_compression"]["layers"].values()} == {"bitmask"}
+    formats = {entry["format"] for entry in config["secateurs_compression"]["layers"].values()}
+    # a layer too small for a bitmask to pay (16 x 16 here) is stored as dense int8
+    assert formats == {"bitmask"} if not int8 else "bitmask-int8" in formats and formats <= {"bitmask-int8", "int8"}
     loaded = secateurs.load(tmp_path / "out")
     assert type(loaded).__name__ == "BertForSequenceClassification"
+    dense = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")  # decompressed by our quantizer
+    for name, module in dense.named_modules():
+        if name.startswith("bert.encoder") and isinstance(module, torch.nn.Linear):
+            weight = module.weight.detach()
+            blocks = (weight != 0).reshape(-1, unit)
+            assert bool((blocks.all(1) | ~blocks.any(1)).all()), name  # blocks of `unit` pruned whole
+            if int8:  # every row on its symmetric int8 grid: w / (max|w| / 127) is an integer
+                codes = weight / (weight.abs().amax(1, keepdim=True) / 127)
+                assert torch.allclose(codes, codes.round(), atol=1e-3), name
     ids = torch.randint(4, 40, (3, 10))
     reference = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")  # our quantizer
     assert torch.allclose(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
