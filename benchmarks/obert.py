@@ -237,6 +237,20 @@ class DenseKernelLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None) -> tuple[float | None, str | None]:
+    """The accuracy set beside a speed row, and the row it comes from: the dense teacher at 0, else
+    the best-matching unstructured row (gradual oBERT of this quant, gradual oBERT, one-shot oBERT)."""
+    if not sparsity:
+        row = next((r for r in accuracy if r["method"] == "dense"), None)
+        return (row["accuracy"], "dense") if row else (None, None)
+    for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
+        row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
+                    and r.get("structure", "unstructured") == "unstructured" and r.get("quant") == row_quant), None)
+        if row:
+            return row["accuracy"], label(row)
+    return None, None
+
+
 def speed_rows(accuracy: list[dict]) -> list[dict]:
     """Sequences/s of the dense and sparse encoders (module docstring), with accuracy beside."""
     import os
@@ -246,17 +260,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
     from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
     from secateurs.training.masks import block_linear_layers
 
-    def accuracy_at(sparsity: float, quant: str | None) -> tuple[float | None, str | None]:
-        """The accuracy of the best-matching unstructured row: gradual oBERT of this quant, else fp32."""
-        for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
-            row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
-                        and r.get("structure", "unstructured") == "unstructured" and r.get("quant") == row_quant), None)
-            if row:
-                return row["accuracy"], label(row)
-        return None, None
-
     dense = load_classifier(ENCODER, 2).model.eval()
-    dense_row = next((r for r in accuracy if r["method"] == "dense"), None)
     variants = {("dense", 0.0, None, "torch", "fp32"): dense,
                 ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16),
                 ("dense", 0.0, None, "secateurs", "fp32"): with_linears(dense, DenseKernelLinear)}
@@ -282,7 +286,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                         started = time.perf_counter()
                         model(input_ids=ids, attention_mask=mask)
                         times.append(time.perf_counter() - started)
-                acc, source = accuracy_at(sparsity, quant) if sparsity else (dense_row and dense_row["accuracy"], "dense")
+                acc, source = accuracy_for(accuracy, sparsity, quant)
                 rows.append({"kind": "speed", "method": method, "sparsity": sparsity, "quant": quant, "engine": engine,
                              "dtype": dtype, "batch": batch, "seqlen": SEQLEN, "threads": threads,
                              "seq_per_s": batch / statistics.median(times), "accuracy": acc, "accuracy_from": source,
@@ -415,8 +419,14 @@ def main() -> None:
     for r in runs:
         groups.setdefault(key(r), []).append(r)
     summary = [mean_row(group) | {"kind": "accuracy"} for group in groups.values()]
-    write_json(JSON_PATH, runs + summary + [r for r in rows if r.get("kind") == "speed"])
+    # the speed rows' accuracy follows the accuracy rows (no timing is repeated)
+    speed = [r | dict(zip(("accuracy", "accuracy_from"), accuracy_for(summary, r["sparsity"], r["quant"])))
+             for r in rows if r.get("kind") == "speed"]
+    write_json(JSON_PATH, runs + summary + speed)
     (RESULTS / "obert-table.md").write_text(markdown(summary))
+    latest_cpu = speed[-1]["cpu"] if speed else None
+    if latest_cpu:
+        (RESULTS / "obert-speed.md").write_text(speed_markdown([r for r in speed if r["cpu"] == latest_cpu]))
     plot(summary)
     print(markdown(summary))
 
