@@ -9,6 +9,12 @@ only its blocks of B consecutive weights (B = 50 in the paper): F⁻¹ is block-
 Inverse (Sherman-Morrison). Starting from F₀⁻¹ = I/λ, adding (1/m) g gᵀ is a rank-1 update:
     F_k⁻¹ = F_{k-1}⁻¹ - v vᵀ / (m + gᵀ v),    v = F_{k-1}⁻¹ g,
 exact for any SPD F_{k-1}; per block it costs O(B²), so one gradient costs O(d·B), all blocks at once.
+k gradients G = [g_1 … g_k] at once are the same k updates in one step (Woodbury):
+    F⁻¹ ← F⁻¹ - V S⁻¹ Vᵀ,    V = F⁻¹ G,    S = m I + Gᵀ V = L Lᵀ (Cholesky),
+applied as F⁻¹ - U Uᵀ with U = V L⁻ᵀ (symmetric by construction). It reads the d·B numbers of F⁻¹
+three times per k gradients instead of per gradient: memory-bound batched products of tiny
+matrices are what the rank-1 form spends its time on (k = 16 was about 10x faster per gradient on
+a 384 x 1536 layer, one Zen 3 thread). k = 1 is the rank-1 update itself.
 
 Pruning a set S of coordinates (weights forced to 0) minimises ½ δᵀ F δ subject to E_Sᵀ (w + δ) = 0.
 The Lagrangian gives F δ = E_S μ, so δ = F⁻¹ E_S μ with E_Sᵀ F⁻¹ E_S μ = -w_S:
@@ -75,8 +81,9 @@ class FisherInverse:
 
 class FisherInverseBuilder:
     """Streams m gradient samples of one weight tensor into the block-diagonal inverse of
-    λI + (1/m) Σ g gᵀ, one Sherman-Morrison update per sample (m is needed up front: it scales
-    each update). Memory: the d·B numbers of the inverse and one padded gradient."""
+    λI + (1/m) Σ g gᵀ (m is needed up front: it scales each update), `chunk` samples per rank-k
+    Woodbury update (chunk = 1: one Sherman-Morrison update per sample). Memory: the d·B numbers of
+    the inverse and `chunk` padded gradients waiting for their update."""
 
     def __init__(
         self,
@@ -86,9 +93,11 @@ class FisherInverseBuilder:
         damp: float = 1e-7,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        chunk: int = 16,
     ):
-        if numel < 1 or num_grads < 1 or block_size < 1:
-            raise ValueError(f"need numel, num_grads and block_size >= 1, got {numel}, {num_grads}, {block_size}")
+        if numel < 1 or num_grads < 1 or block_size < 1 or chunk < 1:
+            raise ValueError(f"need numel, num_grads, block_size and chunk >= 1, got {numel}, {num_grads}, "
+                             f"{block_size}, {chunk}")
         if not (math.isfinite(damp) and damp > 0):
             raise ValueError(f"damp must be a positive number, got {damp!r}")
         if dtype not in (torch.float32, torch.float64):
@@ -97,7 +106,9 @@ class FisherInverseBuilder:
         n_blocks = -(-numel // size)
         self.numel, self.num_grads, self.count = numel, num_grads, 0
         self.blocks = torch.eye(size, dtype=dtype, device=device).div_(damp).repeat(n_blocks, 1, 1)
-        self._gradient = torch.zeros(n_blocks * size, dtype=dtype, device=device)
+        # gradients waiting for their update, one per column: [n_blocks, B, chunk], padding stays 0
+        self._pending = torch.zeros(n_blocks, size, min(chunk, num_grads), dtype=dtype, device=device)
+        self._waiting = 0
 
     def add(self, grads: Tensor) -> None:
         """Add a chunk of gradient samples: [k, *weight.shape], [k, numel] or one gradient."""
@@ -110,14 +121,28 @@ class FisherInverseBuilder:
             raise ValueError(f"{self.count + len(grads)} gradients added to a Fisher of {self.num_grads}")
         if not (grads.amin().isfinite() and grads.amax().isfinite()):
             raise ValueError("gradient contains NaN or Inf")
-        n_blocks, size = self.blocks.shape[:2]
-        column = self._gradient.view(n_blocks, size, 1)
+        flat = self._pending.view(-1, self._pending.shape[-1])  # [n_blocks * B, chunk]
         for g in grads:
-            self._gradient[: self.numel] = g
-            v = torch.bmm(self.blocks, column)  # F⁻¹ g, [n_blocks, B, 1]
-            denominator = torch.bmm(column.transpose(1, 2), v).add_(self.num_grads)  # m + gᵀ F⁻¹ g
-            self.blocks.baddbmm_(v / denominator, v.transpose(1, 2), alpha=-1)
+            flat[: self.numel, self._waiting] = g
+            self._waiting += 1
+            if self._waiting == self._pending.shape[-1]:
+                self._update()
         self.count += len(grads)
+        if self.count == self.num_grads:
+            self._update()
+
+    def _update(self) -> None:
+        """The rank-k Woodbury update with the waiting gradients (module docstring)."""
+        if not self._waiting:
+            return
+        G = self._pending[..., : self._waiting]
+        V = torch.bmm(self.blocks, G)  # F⁻¹ G, [n_blocks, B, k]
+        S = torch.baddbmm(torch.eye(self._waiting, dtype=G.dtype, device=G.device).mul_(self.num_grads),
+                          G.transpose(1, 2), V)  # m I + Gᵀ F⁻¹ G
+        L = torch.linalg.cholesky(S)
+        U = torch.linalg.solve_triangular(L.transpose(1, 2), V, upper=True, left=False)  # V L⁻ᵀ
+        self.blocks.baddbmm_(U, U.transpose(1, 2), alpha=-1)
+        self._waiting = 0
 
     def result(self) -> FisherInverse:
         """The inverse, once all m gradients are in (it shares memory with the builder)."""
@@ -127,12 +152,12 @@ class FisherInverseBuilder:
 
 
 def fisher_inverse(
-    grads: Tensor, block_size: int = 50, damp: float = 1e-7, dtype: torch.dtype = torch.float32
+    grads: Tensor, block_size: int = 50, damp: float = 1e-7, dtype: torch.dtype = torch.float32, chunk: int = 16
 ) -> FisherInverse:
     """Block-diagonal inverse of λI + (1/m) Σ g gᵀ from all m gradients at once, [m, *weight.shape]."""
     if grads.dim() < 2 or not len(grads):
         raise ValueError(f"gradients must have shape [m, *weight.shape] with m >= 1, got {tuple(grads.shape)}")
-    builder = FisherInverseBuilder(grads[0].numel(), len(grads), block_size, damp, dtype, grads.device)
+    builder = FisherInverseBuilder(grads[0].numel(), len(grads), block_size, damp, dtype, grads.device, chunk)
     builder.add(grads)
     return builder.result()
 

@@ -73,11 +73,14 @@ def assert_close(actual, expected, tol):
     m=st.integers(1, 9),
     damp=st.sampled_from([1e-2, 0.3, 2.0]),
     cuts=st.lists(st.integers(0, 9), max_size=3),
+    chunk=st.integers(1, 5),
     seed=st.integers(0, 2**16),
 )
-def test_sherman_morrison_equals_dense_block_inverse(d, block_size, m, damp, cuts, seed):
+def test_sherman_morrison_equals_dense_block_inverse(d, block_size, m, damp, cuts, chunk, seed):
+    """Rank-1 (chunk 1) and rank-k Woodbury updates (any chunk, dividing m or not) both give the
+    dense inverse of every block."""
     G = randn(seed, m, d)
-    builder = FisherInverseBuilder(d, m, block_size, damp, dtype=F64)
+    builder = FisherInverseBuilder(d, m, block_size, damp, dtype=F64, chunk=chunk)
     bounds = sorted({0, m, *(min(c, m) for c in cuts)})
     for start, end in zip(bounds, bounds[1:]):  # streamed in chunks of any size, one gradient, or none
         builder.add(G[start:end] if end - start != 1 else G[start])
@@ -86,7 +89,7 @@ def test_sherman_morrison_equals_dense_block_inverse(d, block_size, m, damp, cut
     scale = expected.abs().max().item()
     assert_close(result.blocks / scale, expected / scale, 1e-10)
     assert_close(result.diagonal(), torch.block_diag(*expected.unbind()).diagonal()[:d], 1e-9 * scale)
-    assert_close(fisher_inverse(G.view(m, 1, d), block_size, damp, dtype=F64).blocks, result.blocks, 0)
+    assert_close(fisher_inverse(G.view(m, 1, d), block_size, damp, dtype=F64, chunk=chunk).blocks, result.blocks, 0)
 
 
 def test_float32_inverse_tracks_float64():
@@ -96,6 +99,8 @@ def test_float32_inverse_tracks_float64():
     assert fast.blocks.dtype == torch.float32 and fast.blocks.shape == (6, 50, 50)
     # F⁻¹ spans 1e7 (the dampened directions) down to ~1/(σ² m⁻¹ Σ g²); compare on its own scale
     assert (fast.blocks.double() - exact.blocks).abs().max() <= 1e-4 * exact.blocks.abs().max()
+    rank_one = fisher_inverse(G.float(), 50, 1e-7, chunk=1)  # the float32 Woodbury chunks track it as closely
+    assert (rank_one.blocks.double() - exact.blocks).abs().max() <= 1e-4 * exact.blocks.abs().max()
     W = randn(1, 3, 100) * 0.05
     exact_step = obert_prune([W], [exact], 0.8, recomputations=2)
     fast_step = obert_prune([W.float()], [fast], 0.8, recomputations=2)
