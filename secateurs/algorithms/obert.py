@@ -195,10 +195,15 @@ def obert_update(weight: Tensor, fisher: FisherInverse, keep: Tensor) -> tuple[T
     pruned = ~_padded(keep.flatten(), fisher, fill=True).view(n_blocks, size)
     loss = 0.0
     for part in _chunks(fisher):
-        inverse = fisher.blocks[part]
-        x = _solve_on(inverse, pruned[part], w[part, :, None])  # ([F⁻¹]_SS)⁻¹ w_S, zero off S
-        loss += (w[part, :, None] * x).sum().item() / 2
-        w[part] -= torch.bmm(inverse, x).squeeze(2)
+        # a block whose pruned weights are all 0 already (pruned before) has x = 0 exactly: only the
+        # blocks with a weight still to remove are solved (in a gradual step, a minority)
+        active = (pruned[part] & (w[part] != 0)).any(1)
+        if not bool(active.any()):
+            continue
+        inverse, rows = fisher.blocks[part][active], w[part][active]
+        x = _solve_on(inverse, pruned[part][active], rows[:, :, None])  # ([F⁻¹]_SS)⁻¹ w_S, zero off S
+        loss += (rows[:, :, None] * x).sum().item() / 2
+        w[part.start + active.nonzero().flatten()] = rows - torch.bmm(inverse, x).squeeze(2)
     w = w.flatten()[: fisher.numel].masked_fill(~keep.flatten(), 0)
     return w.to(weight.dtype).reshape(weight.shape), loss
 
@@ -362,7 +367,13 @@ def _restrict_(blocks: Tensor, fisher: FisherInverse, keep: Tensor) -> Tensor:
     eye = torch.eye(size, dtype=blocks.dtype, device=blocks.device)
     for part in _chunks(fisher):
         inverse, removed = blocks[part], pruned[part]
-        inverse -= torch.bmm(inverse, _solve_on(inverse, removed, inverse))
+        # Only blocks where a removed coordinate is coupled to a kept one need the solve: elsewhere
+        # [F⁻¹]_RP = 0 and the Schur complement is [F⁻¹]_RR exactly (a Fisher of masked gradients
+        # is such, so a gradual step mostly skips it).
+        coupled = (inverse.ne(0) & removed[:, :, None] & ~removed[:, None, :]).flatten(1).any(1)
+        if bool(coupled.any()):
+            sub = inverse[coupled]
+            inverse[coupled] = sub - torch.bmm(sub, _solve_on(sub, removed[coupled], sub))
         decoupled = removed[:, :, None] | removed[:, None, :]
         blocks[part] = torch.where(decoupled, eye, inverse)
     return blocks

@@ -424,3 +424,15 @@ def test_bad_input_is_refused():
         obert_prune([W], [fisher], 1.5)
     with pytest.raises(ValueError, match="cover"):
         FisherInverse(torch.eye(4, dtype=F64)[None], 5)
+
+
+def test_fisher_of_masked_gradients_is_decoupled_and_restricts_without_change():
+    """Gradients that are 0 on pruned weights give an inverse with [F⁻¹]_RP = 0: restricting it to the
+    kept weights only puts the identity on the pruned rows and columns (the solve is skipped)."""
+    keep = torch.rand(6, 20, generator=torch.Generator().manual_seed(3)) > 0.4
+    G = randn(4, 16, 6, 20) * keep
+    fisher = fisher_inverse(G, 8, 0.1, dtype=F64)
+    restricted = restrict_fisher_inverse(fisher, keep)
+    pruned = ~keep.flatten().view(-1, 8)  # 120 weights: 15 blocks of 8
+    both = pruned[:, :, None] | pruned[:, None, :]
+    assert torch.equal(restricted.blocks, torch.where(both, torch.eye(8, dtype=F64), fisher.blocks))
