@@ -436,3 +436,16 @@ def test_fisher_of_masked_gradients_is_decoupled_and_restricts_without_change():
     pruned = ~keep.flatten().view(-1, 8)  # 120 weights: 15 blocks of 8
     both = pruned[:, :, None] | pruned[:, None, :]
     assert torch.equal(restricted.blocks, torch.where(both, torch.eye(8, dtype=F64), fisher.blocks))
+
+
+def test_woodbury_falls_back_to_rank_one_updates_when_a_factorization_fails(monkeypatch):
+    G = randn(5, 7, 30)
+    rank_one = fisher_inverse(G, 10, 0.1, dtype=F64, chunk=1)
+    factorize = torch.linalg.cholesky_ex
+
+    def failing_for_chunks(S):
+        L, info = factorize(S)
+        return L, info + (S.shape[-1] > 1)  # as if rounding broke every k x k system
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_for_chunks)
+    assert torch.equal(fisher_inverse(G, 10, 0.1, dtype=F64, chunk=4).blocks, rank_one.blocks)
