@@ -81,3 +81,5 @@ def test_cli_prune_encoder_and_its_errors(classifier_and_data, tmp_path, capsys)
     assert "method must be one of" in capsys.readouterr().err
     assert main(args(tmp_path / "absent.csv")) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(args(folder / "train.csv", "--block", "3")) == 2  # 3 does not divide the 16 inputs
+    assert "unit 3 does not divide the 16 inputs" in capsys.readouterr().err
