@@ -97,8 +97,10 @@ def steps_for(data, epochs: float) -> int:
     return max(1, round(len(data) * epochs / BATCH))
 
 
+@functools.cache
 def teacher(seed: int):
-    """The dense fine-tuned classifier of `seed` (trained once, then loaded from the cache)."""
+    """The dense fine-tuned classifier of `seed` (trained once, then loaded from the cache; loaded once
+    per process, read only: every row copies it before changing it)."""
     from secateurs.models import load_classifier
     from secateurs.training.losses import LossWeights
     from secateurs.training.trainer import TrainConfig, Trainer
@@ -127,7 +129,7 @@ def teacher(seed: int):
 
 
 @functools.cache
-def teacher_scores(seed: int) -> dict:
+def teacher_scores(seed: int) -> dict:  # scored once per process
     """The teacher's own scores, beside every gradual row: the target is "within 1 point of the teacher"."""
     model, _, _, scored, _ = teacher(seed)
     return {f"teacher_{key}": value for key, value in score(model, scored).items()}

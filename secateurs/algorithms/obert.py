@@ -203,7 +203,7 @@ def obert_update(weight: Tensor, fisher: FisherInverse, keep: Tensor) -> tuple[T
     loss = 0.0
     for part in _chunks(fisher):
         # a block whose pruned weights are all 0 already (pruned before) has x = 0 exactly: only the
-        # blocks with a weight still to remove are solved (in a gradual step, a minority)
+        # blocks with a weight still to remove are solved (late in a gradual schedule, a minority)
         active = (pruned[part] & (w[part] != 0)).any(1)
         if not bool(active.any()):
             continue

@@ -494,6 +494,7 @@ class Plan {
       return a;
     }
     const int64_t tile = sparse_tile(batch, w);
+    std::memset(tiles_.get(), 0, tile_floats(batch, cols, tile) * sizeof(float));  // reused between calls
     write_tiles([x](int64_t i) { return x[i]; }, batch, cols, tile, tiles_.get());
     return Activations{batch, nullptr, padded_stride(cols), tiles_.get(), tile};
   }

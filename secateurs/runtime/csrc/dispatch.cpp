@@ -73,7 +73,7 @@ Buffer activation_rows(const void* x, int type, int64_t batch, int64_t cols, int
   return rows;
 }
 
-// Tiles [n_tiles][cols][tile] of x in any activation type (kernels.h: write_tiles).
+// Tiles [n_tiles][cols][tile] of x in any activation type (kernels.h: write_tiles), in a zeroed buffer.
 Buffer activation_tiles(const void* x, int type, int64_t batch, int64_t cols, int64_t tile) {
   Buffer tiles = zeroed_floats(tile_floats(batch, cols, tile));
   if (type == kFloat32) {

@@ -247,12 +247,11 @@ inline int64_t sparse_tile(int64_t batch, int64_t simd_width) { return batch <= 
 // Floats of the tiles [n_tiles][cols][tile] of `batch` rows, plus one tile the kernels may read past.
 inline int64_t tile_floats(int64_t batch, int64_t cols, int64_t tile) { return ((batch + tile - 1) / tile * cols + 1) * tile; }
 
-// Writes x [batch][cols] as tiles [n_tiles][cols][tile] (tile_floats floats, zeroed first): the
-// lanes of a column contiguous, missing lanes zero. Column-major within a tile, so the writes run
+// Writes x [batch][cols] into zeroed tiles [n_tiles][cols][tile] (tile_floats floats): the lanes of
+// a column contiguous, missing lanes left zero. Column-major within a tile, so the writes run
 // contiguously and the reads are `tile` sequential streams (one per token).
 template <class Load>
 void write_tiles(const Load& load, int64_t batch, int64_t cols, int64_t tile, float* tiles) {
-  std::memset(tiles, 0, tile_floats(batch, cols, tile) * sizeof(float));
   for (int64_t first = 0; first < batch; first += tile) {
     const int64_t lanes = std::min(tile, batch - first);
     float* out = tiles + first / tile * cols * tile;
