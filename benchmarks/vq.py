@@ -19,8 +19,11 @@ back to other types: each row lists the types it holds). With `--decode`, llama-
 the same run as our decode path (the decode benchmark's protocol: 32-token prompt, 128 new tokens).
 
 Rows are cached in benchmarks/results/vq.json; a rerun fills in missing rows (`--only CONFIG`).
+`--block-steps N` makes the rows with block fine-tuning: after a block's layers are coded, N Adam
+steps on their codebooks and scales against the dense block's outputs (one calibration chunk of 4
+windows a step, so 32 steps are two passes over the 64 windows).
 
-    nice .venv/bin/python benchmarks/vq.py [--only 2x8g8 ...] [--rounds N] [--llama-cpp] [--decode]
+    nice .venv/bin/python benchmarks/vq.py [--only 2x8g8 ...] [--rounds N] [--block-steps N] [--llama-cpp] [--decode]
 """
 
 from __future__ import annotations
@@ -53,16 +56,19 @@ def row_init(row: dict) -> str:
     return row.get("init", "kmeans")
 
 
-def output_dir(config: str, rounds: int) -> Path:
+def output_dir(config: str, rounds: int, block_steps: int = 0) -> Path:
     from secateurs.models import cache_dir
 
-    suffix = "" if CODE_INIT == "kmeans" else f"-{CODE_INIT}"
+    suffix = ("" if CODE_INIT == "kmeans" else f"-{CODE_INIT}") + (f"-tuned{block_steps}" if block_steps else "")
     return cache_dir() / "vq-bench" / f"{PROTOCOL['model']}-vq-{config}-r{rounds}{suffix}"
 
 
-def recipe(config: str, rounds: int) -> list:
+def recipe(config: str, rounds: int, block_steps: int = 0) -> list:
+    """The vq stage; block_steps > 0: each block's codebooks and scales then take that many Adam
+    steps against the dense block's outputs, one calibration chunk (4 windows) a step."""
     books, bits, group = CONFIGS[config]
-    return [{"vq": {"codebooks": books, "bits": bits, "group_size": group, "rounds": rounds}}]
+    tuning = {"block_steps": block_steps} if block_steps else {}
+    return [{"vq": {"codebooks": books, "bits": bits, "group_size": group, "rounds": rounds} | tuning}]
 
 
 def quantized_bits(model, config: str) -> float:
@@ -76,7 +82,7 @@ def quantized_bits(model, config: str) -> float:
     return sum(c.total for c in counts) / sum(c.weights for c in counts)
 
 
-def worker(config: str, rounds: int) -> dict:
+def worker(config: str, rounds: int, block_steps: int = 0) -> dict:
     import torch
 
     import secateurs
@@ -86,11 +92,11 @@ def worker(config: str, rounds: int) -> dict:
     loaded = load_model(PROTOCOL["model"])
     calibration, evaluation = _calibration_and_eval(loaded.tokenizer)
     bits = quantized_bits(loaded.model, config)
-    target = output_dir(config, rounds)
+    target = output_dir(config, rounds, block_steps)
     started = time.perf_counter()
     if not (target / "config.json").is_file():
         # by name, not the loaded model: a killed run resumes from its partial folder
-        secateurs.oneshot(PROTOCOL["model"], recipe(config, rounds), calibration, target,
+        secateurs.oneshot(PROTOCOL["model"], recipe(config, rounds, block_steps), calibration, target,
                           resume=target.with_name(target.name + ".partial").is_dir())
     seconds = time.perf_counter() - started
     resumed = seconds < 60  # compressed earlier (a finished or resumed run): its own time is in compression.json
@@ -268,7 +274,7 @@ def markdown(rows: list[dict]) -> str:
                                   if row.get("linear_types") else "")
         lines.append(f"| {row['engine']} | {row['method']} | {config} | {start} | {row.get('rounds', '')} | "
                      f"{row['bits_per_weight']:.3f} | "
-                     f"{'yes' if row['block_finetune'] else 'no'} | {row['ppl']:.2f} | {seconds} | {rss} |")
+                     f"{tuning(row)} | {row['ppl']:.2f} | {seconds} | {rss} |")
     decode = [r for r in rows if r.get("kind") == "decode"]
     if decode:
         lines += ["", "| engine | decode path | config | threads | tok/s | kernel path | CPU | load average |",
@@ -277,6 +283,12 @@ def markdown(rows: list[dict]) -> str:
                   f"{r['kernel_path']} | {r.get('cpu') or ''} | {', '.join(f'{v:.2f}' for v in r['uptime'])} |"
                   for r in decode]
     return "\n".join(lines) + "\n"
+
+
+def tuning(row: dict) -> str:
+    if not row["block_finetune"]:
+        return "no"
+    return f"{row['block_steps']} steps" if row.get("block_steps") else "yes"
 
 
 def plot(rows: list[dict]) -> None:
@@ -311,6 +323,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), default=["2x8g8"],
                         help="VQ configs to run (none: only the llama.cpp or decode rows asked for)")
     parser.add_argument("--rounds", type=int, default=4, help="alternations of code search and codebook steps")
+    parser.add_argument("--block-steps", type=int, default=0,
+                        help="block fine-tuning after each block is coded: Adam steps on its codebooks and scales")
     parser.add_argument("--decode", action="store_true",
                         help="time the decode path instead of compressing (a quiet machine only)")
     parser.add_argument("--llama-cpp", action="store_true",
@@ -319,7 +333,7 @@ def main() -> None:
     parser.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rounds)))
+        print(json.dumps(worker(args.worker, args.rounds, args.block_steps)))
         return
     if args.llama_worker:
         print(json.dumps(llama_worker(args.llama_worker)))
@@ -333,13 +347,14 @@ def main() -> None:
         rows = [r for r in rows if r.get("kind") != "decode" or (r.get("cpu"), r.get("kernel_path")) not in same_machine] + timed
     for config in [] if args.decode else args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
-               and row_init(r) == CODE_INIT for r in rows):
+               and row_init(r) == CODE_INIT and r.get("block_steps", 0) == args.block_steps for r in rows):
             continue
-        print(f"[vq] {config}, {args.rounds} rounds", flush=True)
-        result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds)])
+        print(f"[vq] {config}, {args.rounds} rounds, block fine-tuning {args.block_steps} steps", flush=True)
+        result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds),
+                                  "--block-steps", str(args.block_steps)])
         rows.append({"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
-                     "rounds": args.rounds, "init": CODE_INIT, "block_finetune": False, "decode_tok_s": None, "cpu": cpu_name(),
-                     "peak_rss_mb": rss} | result)
+                     "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
+                     "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss} | result)
         write_json(JSON_PATH, [r for r in rows if r.get("source") != "quality.json"] + scalar_rows())
     rows = [r for r in rows if r.get("source") != "quality.json"] + scalar_rows()
     write_json(JSON_PATH, rows)
