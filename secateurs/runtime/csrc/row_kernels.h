@@ -948,62 +948,77 @@ void vq_row_batch(const VQArgs& a, const Code* codes, int64_t r, int64_t first_b
 
 // The common case, 8-value groups of 8-bit codes from kBooks codebooks, with every index known
 // at compile time: one vector holds 8 / W groups' weights (one group under AVX2, two under AVX-512).
-template <int kBooks, int kBatch>
-void vq_row_g8(const VQArgs& a, const uint8_t* codes, int64_t r, int64_t first_batch) {
-  constexpr int kGroups = W / 8, kChains = kBatch >= 4 ? 1 : 4 / kBatch;
-  const int64_t groups = a.cols / 8, step = kGroups * kChains;
+// kRows weight rows against kBatch activation rows, kChains accumulators each: the rows share
+// every activation load and the activation rows every rebuilt weight. At batch 1, 4 rows with 2
+// chains each ran the VQ layers of SmolLM2 1.07-1.29x faster than one row with 4 chains (Zen 3,
+// AVX2, the two interleaved in one process), mostly by sharing the activation loads: the loop is
+// bound by loads (two code bytes, two codewords and an activation vector per group).
+template <int kBooks, int kRows, int kBatch, int kChains>
+void vq_tile_g8(const VQArgs& a, const uint8_t* codes, int64_t r, int64_t first_batch) {
+  constexpr int kGroups = W / 8;
+  const int64_t groups = a.cols / 8, per_row = groups * kBooks, step = kGroups * kChains;
   const float* book[kBooks];
   for (int m = 0; m < kBooks; ++m) book[m] = a.codebook_values + m * a.codewords * 8;
   const float* x[kBatch];
   for (int b = 0; b < kBatch; ++b) x[b] = a.x.rows + (first_batch + b) * a.x.row_stride;
-  F acc[kBatch][kChains];
+  F acc[kRows][kBatch][kChains];
   for (auto& row : acc)
-    for (F& v : row) v = Simd::zero();
-  const auto weights = [&](int64_t j) {
+    for (auto& batch : row)
+      for (F& v : batch) v = Simd::zero();
+  // size_t: a code times 8 computed as int is sign-extended before every address
+  const auto codeword = [&](const uint8_t* c, int64_t j, int m) { return book[m] + size_t{c[j * kBooks + m]} * 8; };
+  const auto weights = [&](int i, int64_t j) {
+    const uint8_t* c = codes + i * per_row;
     F w;
     for (int m = 0; m < kBooks; ++m) {
       F part;
       if constexpr (kGroups == 2)
-        part = Simd::load_halves(book[m] + codes[j * kBooks + m] * 8, book[m] + codes[(j + 1) * kBooks + m] * 8);
+        part = Simd::load_halves(codeword(c, j, m), codeword(c, j + 1, m));
       else
-        part = Simd::load(book[m] + codes[j * kBooks + m] * 8);
+        part = Simd::load(codeword(c, j, m));
       w = m ? Simd::add(w, part) : part;
     }
     return w;
   };
+  const auto accumulate = [&](int64_t j, int chain) {
+    F xv[kBatch];
+    for (int b = 0; b < kBatch; ++b) xv[b] = Simd::load(x[b] + j * 8);
+    for (int i = 0; i < kRows; ++i) {
+      const F w = weights(i, j);
+      for (int b = 0; b < kBatch; ++b) acc[i][b][chain] = Simd::fma(w, xv[b], acc[i][b][chain]);
+    }
+  };
   int64_t j = 0;
   for (; j + step <= groups; j += step)
-    for (int c = 0; c < kChains; ++c) {
-      const F w = weights(j + c * kGroups);
-      for (int b = 0; b < kBatch; ++b) acc[b][c] = Simd::fma(w, Simd::load(x[b] + (j + c * kGroups) * 8), acc[b][c]);
+    for (int chain = 0; chain < kChains; ++chain) accumulate(j + chain * kGroups, chain);
+  for (; j + kGroups <= groups; j += kGroups) accumulate(j, 0);
+  for (int i = 0; i < kRows; ++i)
+    for (int b = 0; b < kBatch; ++b) {
+      F sum = acc[i][b][0];
+      for (int chain = 1; chain < kChains; ++chain) sum = Simd::add(sum, acc[i][b][chain]);
+      float total = Simd::hsum(sum);
+      for (int64_t k = j; k < groups; ++k)  // an odd last group under AVX-512
+        for (int t = 0; t < 8; ++t) {
+          float w = 0.0f;
+          for (int m = 0; m < kBooks; ++m) w += codeword(codes + i * per_row, k, m)[t];
+          total += w * x[b][k * 8 + t];
+        }
+      a.y[(first_batch + b) * a.rows + r + i] = a.scale[r + i] * total;
     }
-  for (; j + kGroups <= groups; j += kGroups) {
-    const F w = weights(j);
-    for (int b = 0; b < kBatch; ++b) acc[b][0] = Simd::fma(w, Simd::load(x[b] + j * 8), acc[b][0]);
-  }
-  for (int b = 0; b < kBatch; ++b) {
-    F sum = acc[b][0];
-    for (int c = 1; c < kChains; ++c) sum = Simd::add(sum, acc[b][c]);
-    float total = Simd::hsum(sum);
-    for (int64_t k = j; k < groups; ++k)  // an odd last group under AVX-512
-      for (int t = 0; t < 8; ++t) {
-        float w = 0.0f;
-        for (int m = 0; m < kBooks; ++m) w += book[m][codes[k * kBooks + m] * 8 + t];
-        total += w * x[b][k * 8 + t];
-      }
-    a.y[(first_batch + b) * a.rows + r] = a.scale[r] * total;
-  }
 }
 
 template <int kBooks>
 void vq_rows_g8(const VQArgs& a, int64_t row_begin, int64_t row_end) {
   const int64_t per_row = a.cols / 8 * kBooks;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const uint8_t* codes = a.codes8 + r * per_row;
+  const auto row_codes = [&](int64_t r) { return a.codes8 + r * per_row; };
+  int64_t r = row_begin;
+  if (a.x.batch == 1)
+    for (; r + 4 <= row_end; r += 4) vq_tile_g8<kBooks, 4, 1, 2>(a, row_codes(r), r, 0);
+  for (; r < row_end; ++r) {
     int64_t b = 0;
-    for (; b + 4 <= a.x.batch; b += 4) vq_row_g8<kBooks, 4>(a, codes, r, b);
-    if (b + 2 <= a.x.batch) vq_row_g8<kBooks, 2>(a, codes, r, b), b += 2;
-    if (b < a.x.batch) vq_row_g8<kBooks, 1>(a, codes, r, b);
+    for (; b + 4 <= a.x.batch; b += 4) vq_tile_g8<kBooks, 1, 4, 1>(a, row_codes(r), r, b);
+    if (b + 2 <= a.x.batch) vq_tile_g8<kBooks, 1, 2, 2>(a, row_codes(r), r, b), b += 2;
+    if (b < a.x.batch) vq_tile_g8<kBooks, 1, 1, 4>(a, row_codes(r), r, b);
   }
 }
 
