@@ -339,7 +339,7 @@ def test_two_threads_agree_with_one(two_threads):
     """Layers large enough to be split between threads, and a prefill long enough for the
     attention to run its heads in parallel."""
     model = llama(hidden=192, intermediate=768, layers=1)
-    compress(model, ["bitmask", "dense", "int4-g16", "nm"])
+    compress(model, ["bitmask", "dense", "int4-g16", "nm", "vq"])
     ids = prompt(70, seed=13)
     reference = hf_logits(model, ids)[-1]
     decoder = DecodeModel.from_model(model, max_length=80, threads=2)

@@ -48,6 +48,18 @@ def test_vq_kernel_matches_reference(kernel_path, batch, dtype):
         assert_matches_reference(y, x, weight)
 
 
+@pytest.mark.parametrize("batch", (1, 3))
+def test_vq_rows_split_between_threads(kernel_path, two_threads, batch):
+    """Layers whose work puts them on two threads (a thread's range starting inside a four-row
+    tile at batch 1), against the float64 reference."""
+    generator = torch.Generator().manual_seed(11)
+    for rows, cols in ((301, 512), (590, 256)):
+        codes, codebooks, scale = random_vq(rows, cols, 2, 8, 8, generator)
+        x = torch.randn(batch, cols, generator=generator)
+        y = kernels.vq_mm(x, codes.to(torch.uint8), codebooks, scale)
+        assert_matches_reference(y, x, reference_weight(codes, codebooks, scale))
+
+
 def test_vq_linear_module_runs_kernel_and_dense_paths(kernel_path):
     generator = torch.Generator().manual_seed(0)
     codes, codebooks, scale = random_vq(24, 64, 2, 8, 8, generator)

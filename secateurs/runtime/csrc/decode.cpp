@@ -443,8 +443,7 @@ class Plan {
         const VQArgs args{xa, rows, cols, l.group_size, l.codebooks, l.codewords, l.codebook_values,
                           narrow ? static_cast<const uint8_t*>(l.values) : nullptr,
                           narrow ? nullptr : static_cast<const uint16_t*>(l.values), l.row_scale, y};
-        const int64_t row_bytes = cols / l.group_size * l.codebooks * (narrow ? 1 : 2);
-        run(table_->vq, args, [&](int64_t r) { return r * row_bytes; });
+        run(table_->vq, args, [&](int64_t r) { return vq_cost(args, r); });
         break;
       }
       default: {

@@ -252,8 +252,7 @@ SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x
     const VQArgs args{xa, rows, cols, group_size, codebooks, codewords, codebook_values,
                       narrow ? static_cast<const uint8_t*>(codes) : nullptr,
                       narrow ? nullptr : static_cast<const uint16_t*>(codes), scale, nullptr};
-    const int64_t row_bytes = cols / group_size * codebooks * (narrow ? 1 : 2);
-    run_rows(table.vq, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return r * row_bytes; });
+    run_rows(table.vq, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return vq_cost(args, r); });
   });
 }
 
