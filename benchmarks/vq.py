@@ -352,9 +352,11 @@ def main() -> None:
         print(f"[vq] {config}, {args.rounds} rounds, block fine-tuning {args.block_steps} steps", flush=True)
         result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds),
                                   "--block-steps", str(args.block_steps)])
-        rows.append({"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
-                     "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
-                     "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss} | result)
+        row = {"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
+               "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
+               "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss} | result
+        # read again: a row takes hours, and a decode pass may have written the file meanwhile
+        rows = (json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []) + [row]
         write_json(JSON_PATH, [r for r in rows if r.get("source") != "quality.json"] + scalar_rows())
     rows = [r for r in rows if r.get("source") != "quality.json"] + scalar_rows()
     write_json(JSON_PATH, rows)
