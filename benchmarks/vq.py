@@ -151,19 +151,29 @@ def llama_worker(path: str) -> dict:
     return {"ppl": ppl.ppl, "eval_tokens": ppl.tokens_evaluated, "eval_seconds": time.perf_counter() - started}
 
 
+def store(new_rows: list[dict], replaces=lambda row: False) -> list[dict]:
+    """The results file read again (a row takes minutes to hours, and another pass may have written
+    it meanwhile), less the rows `replaces` picks and quality.json's scalar rows, plus `new_rows`
+    and the scalar rows as they are now; written back and returned."""
+    rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
+    rows = [r for r in rows if r.get("source") != "quality.json" and not replaces(r)] + new_rows + scalar_rows()
+    write_json(JSON_PATH, rows)
+    return rows
+
+
 def llama_rows(rows: list[dict]) -> list[dict]:
-    """rows plus a quality row for every importance-matrix GGUF not scored yet."""
+    """rows plus a quality row for every importance-matrix GGUF not scored yet (each stored as it
+    finishes)."""
     for entry in llama_ggufs():
         if any(r["engine"] == "llama.cpp" and r["method"] == entry["type"] and r.get("kind") != "decode" for r in rows):
             continue
         print(f"[vq] llama.cpp {entry['type']}: perplexity of the dequantized GGUF", flush=True)
         bits, types = gguf_linear_bits(entry["path"])
         result, rss = _run_child([sys.executable, __file__, "--llama-worker", entry["path"]])
-        rows.append({"model": PROTOCOL["model"], "engine": "llama.cpp", "method": entry["type"], "config": "imatrix",
-                     "bits_per_weight": bits, "linear_types": types, "block_finetune": False, "seconds": None,
-                     "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss, "gguf_mb": entry["size_mb"],
-                     "made_by": entry.get("made_by")} | result)
-        write_json(JSON_PATH, [r for r in rows if r.get("source") != "quality.json"] + scalar_rows())
+        rows = store([{"model": PROTOCOL["model"], "engine": "llama.cpp", "method": entry["type"], "config": "imatrix",
+                       "bits_per_weight": bits, "linear_types": types, "block_finetune": False, "seconds": None,
+                       "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss, "gguf_mb": entry["size_mb"],
+                       "made_by": entry.get("made_by")} | result])
     return rows
 
 
@@ -344,7 +354,7 @@ def main() -> None:
     if args.decode:  # a timing pass: no compression in it (an uncompressed config is timed unfitted)
         timed = decode_rows(args.only, args.rounds, with_llama=args.llama_cpp)
         same_machine = {(r["cpu"], r["kernel_path"]) for r in timed} | {(timed[0]["cpu"], "llama.cpp")}
-        rows = [r for r in rows if r.get("kind") != "decode" or (r.get("cpu"), r.get("kernel_path")) not in same_machine] + timed
+        rows = store(timed, lambda r: r.get("kind") == "decode" and (r.get("cpu"), r.get("kernel_path")) in same_machine)
     for config in [] if args.decode else args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
                and row_init(r) == CODE_INIT and r.get("block_steps", 0) == args.block_steps for r in rows):
@@ -352,14 +362,11 @@ def main() -> None:
         print(f"[vq] {config}, {args.rounds} rounds, block fine-tuning {args.block_steps} steps", flush=True)
         result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds),
                                   "--block-steps", str(args.block_steps)])
-        row = {"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
-               "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
-               "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss} | result
-        # read again: a row takes hours, and a decode pass may have written the file meanwhile
-        rows = (json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []) + [row]
-        write_json(JSON_PATH, [r for r in rows if r.get("source") != "quality.json"] + scalar_rows())
-    rows = [r for r in rows if r.get("source") != "quality.json"] + scalar_rows()
-    write_json(JSON_PATH, rows)
+        rows = store([{"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
+                       "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
+                       "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss}
+                      | result])
+    rows = store([])
     (RESULTS / "vq-table.md").write_text(markdown(rows))
     plot(rows)
     print(markdown(rows))
