@@ -348,6 +348,24 @@ def test_two_threads_agree_with_one(two_threads):
     assert_logits_close(decoder.forward(ids), reference)
 
 
+@pytest.mark.parametrize("kind", COMPRESSORS)
+def test_two_threads_split_grouped_layers(two_threads, kind):
+    """q, k, v (and gate, up) of one layout run in one parallel region, their rows laid end to end and
+    split between the threads by cost: every row of every layer computed once, at batch 1 (one step)
+    and in a prefill."""
+    model = llama(hidden=576, intermediate=1024, layers=1, seed=4)
+    compress(model, kind)
+    ids = prompt(24, seed=14)
+    reference = hf_logits(model, ids)
+    decoder = DecodeModel.from_model(model, max_length=32, threads=2)
+    assert_logits_close(decoder.forward(ids[:-1]), reference[-2])
+    tolerance = INT16_ACTIVATIONS_TOLERANCE if "int8" in kind else 2e-5
+    two = decoder.forward(ids[-1:], len(ids) - 1)
+    assert_logits_close(two, reference[-1], tolerance)
+    decoder.set_threads(1)
+    assert_logits_close(decoder.forward(ids[-1:], len(ids) - 1), two, tolerance)
+
+
 @pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16, torch.int8))
 @pytest.mark.parametrize("batch", (1, 3, 9))
 def test_dense_kernel_matches_reference(kernel_path, value_dtype, batch):

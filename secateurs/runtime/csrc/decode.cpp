@@ -329,9 +329,8 @@ class Plan {
     const LayerSpec& l = layers_[index];
     const int64_t d = spec_.hidden, hd = spec_.head_dim;
     for (int64_t b = 0; b < batch; ++b) rms_norm(x_.get() + b * d, l.attn_in_norm, h_.get() + b * d, d, eps());
-    linear(l.q, h_.get(), batch, q_.get());
-    linear(l.k, h_.get(), batch, k_.get());
-    linear(l.v, h_.get(), batch, v_.get());
+    const Product qkv[] = {{&l.q, q_.get()}, {&l.k, k_.get()}, {&l.v, v_.get()}};
+    linears(qkv, 3, h_.get(), batch);
     const float* cos = spec_.cos[l.rope_table];
     const float* sin = spec_.sin[l.rope_table];
     for (int64_t b = 0; b < batch; ++b) {
@@ -356,8 +355,8 @@ class Plan {
     linear(l.o, att_.get(), batch, t_.get());
     residual(l.attn_out_norm, batch);
     for (int64_t b = 0; b < batch; ++b) rms_norm(x_.get() + b * d, l.mlp_in_norm, h_.get() + b * d, d, eps());
-    linear(l.gate, h_.get(), batch, gate_.get());
-    linear(l.up, h_.get(), batch, up_.get());
+    const Product gate_up[] = {{&l.gate, gate_.get()}, {&l.up, up_.get()}};
+    linears(gate_up, 2, h_.get(), batch);
     table_->gated_activation(static_cast<int>(spec_.activation), up_.get(), gate_.get(), batch * l.gate.rows);
     linear(l.down, gate_.get(), batch, t_.get());
     residual(l.mlp_out_norm, batch);
@@ -400,50 +399,87 @@ class Plan {
 
   // y [batch, l.rows] = x [batch, l.cols] W^T (+ bias), on the kernel of the layer's layout.
   void linear(const LinearSpec& l, const float* x, int64_t batch, float* y) {
+    const Product one{&l, y};
+    linears(&one, 1, x, batch);
+  }
+
+  // The products of layers that read the same x (q, k, v; gate, up). Layers of one layout share the
+  // activations' preparation and one parallel region whose threads split all their rows by cost:
+  // small layers (k and v, 192 rows on SmolLM2) no longer run alone or on one thread, and the group
+  // pays one fork / join. Layers of different layouts run one after the other.
+  struct Product {
+    const LinearSpec* layer;
+    float* y;
+  };
+  static constexpr int kMaxGroup = 3;
+
+  static bool same_layout(const LinearSpec& a, const LinearSpec& b) {
+    return a.kind == b.kind && a.value_type == b.value_type && a.cols == b.cols && a.bits == b.bits &&
+           a.group_size == b.group_size;
+  }
+
+  void linears(const Product* group, int n, const float* x, int64_t batch) {
+    for (int i = 1; i < n; ++i)
+      if (!same_layout(*group[0].layer, *group[i].layer)) {
+        for (int j = 0; j < n; ++j) linears(group + j, 1, x, batch);
+        return;
+      }
     const Clock::time_point begin = Clock::now();
-    const int64_t rows = l.rows, cols = l.cols, w = table_->simd_width;
+    const LinearSpec& l = *group[0].layer;
+    const int64_t cols = l.cols, w = table_->simd_width;
+    auto layer = [group](int i) -> const LinearSpec& { return *group[i].layer; };
     switch (l.kind) {
       case kDense: {
         Activations xa = activation_rows(x, batch, cols, 0);
         if (l.value_type == kInt8) attach_int16(xa, cols, int16_row_.get());
-        const DenseArgs args{xa, rows, cols, l.values, static_cast<int>(l.value_type), l.row_scale, y};
         const int64_t row_bytes = cols * value_bytes(l.value_type);
-        run(table_->dense, args, [&](int64_t r) { return r * row_bytes; });
+        run(table_->dense, n, [&](int i) {
+          return DenseArgs{xa, layer(i).rows, cols, layer(i).values, static_cast<int>(l.value_type),
+                           layer(i).row_scale, group[i].y};
+        }, [&](const DenseArgs&, int64_t r) { return r * row_bytes; });
         break;
       }
       case kBitmask: {
         Activations xa = sparse_activations(x, batch, cols);
         if (l.value_type == kInt8) attach_int16(xa, cols, int16_row_.get());
         const int64_t mask_stride = (cols + 7) / 8, bytes = value_bytes(l.value_type);
-        const BitmaskArgs args{xa, rows, cols, mask_stride, l.mask, l.values, static_cast<int>(l.value_type),
-                               l.row_offsets, l.row_scale, y, std::max<int64_t>(l.mask_group, 1)};
-        run(table_->bitmask, args, [&](int64_t r) { return l.row_offsets[r] * bytes + r * mask_stride; });
+        run(table_->bitmask, n, [&](int i) {
+          return BitmaskArgs{xa, layer(i).rows, cols, mask_stride, layer(i).mask, layer(i).values,
+                             static_cast<int>(l.value_type), layer(i).row_offsets, layer(i).row_scale, group[i].y,
+                             std::max<int64_t>(layer(i).mask_group, 1)};
+        }, [&](const BitmaskArgs& a, int64_t r) { return a.row_offsets[r] * bytes + r * mask_stride; });
         break;
       }
       case kNM: {
         const Activations xa = sparse_activations(x, batch, cols);
-        const NMArgs args{xa, rows, cols, l.n, l.m, l.values, static_cast<int>(l.value_type), l.indices, y};
-        const int64_t row_bytes = cols / l.m * l.n * (value_bytes(l.value_type) + 1);
-        run(table_->nm, args, [&](int64_t r) { return r * row_bytes; });
+        run(table_->nm, n, [&](int i) {
+          return NMArgs{xa, layer(i).rows, cols, layer(i).n, layer(i).m, layer(i).values,
+                        static_cast<int>(l.value_type), layer(i).indices, group[i].y};
+        }, [&](const NMArgs& a, int64_t r) { return r * (cols / a.m * a.n * (value_bytes(l.value_type) + 1)); });
         break;
       }
       case kSparseInt4: {  // a one-row kernel: a prefill chunk runs it row by row
         for (int64_t b = 0; b < batch; ++b) {
           Activations xa = activation_rows(x + b * cols, 1, cols, 0);
           attach_int16(xa, cols, int16_row_.get());
-          const SparseInt4Args args{xa, rows, cols, l.group_size, cols / l.group_size, l.mask,
-                                    static_cast<const uint8_t*>(l.values), l.row_offsets, l.scale, l.zero, y + b * rows};
-          run(table_->sparse_int4, args, [&](int64_t r) { return l.row_offsets[r] + r * (cols / 8); });
+          run(table_->sparse_int4, n, [&](int i) {
+            const LinearSpec& li = layer(i);
+            return SparseInt4Args{xa, li.rows, cols, li.group_size, cols / li.group_size, li.mask,
+                                  static_cast<const uint8_t*>(li.values), li.row_offsets, li.scale, li.zero,
+                                  group[i].y + b * li.rows};
+          }, [&](const SparseInt4Args& a, int64_t r) { return a.row_offsets[r] + r * (cols / 8); });
         }
         break;
       }
       case kVQ: {
         const Activations xa = activation_rows(x, batch, cols, 0);
-        const bool narrow = l.codewords <= 256;
-        const VQArgs args{xa, rows, cols, l.group_size, l.codebooks, l.codewords, l.codebook_values,
-                          narrow ? static_cast<const uint8_t*>(l.values) : nullptr,
-                          narrow ? nullptr : static_cast<const uint16_t*>(l.values), l.row_scale, y};
-        run(table_->vq, args, [&](int64_t r) { return vq_cost(args, r); });
+        run(table_->vq, n, [&](int i) {
+          const LinearSpec& li = layer(i);
+          const bool narrow = li.codewords <= 256;
+          return VQArgs{xa, li.rows, cols, li.group_size, li.codebooks, li.codewords, li.codebook_values,
+                        narrow ? static_cast<const uint8_t*>(li.values) : nullptr,
+                        narrow ? nullptr : static_cast<const uint16_t*>(li.values), li.row_scale, group[i].y};
+        }, [](const VQArgs& a, int64_t r) { return vq_cost(a, r); });
         break;
       }
       default: {
@@ -452,15 +488,20 @@ class Plan {
         if (quant_takes_int16(l.bits, batch, cols, n_groups, l.group_size)) attach_int16(xa, cols, int16_row_.get());
         activation_group_sums(xa, n_groups, l.group_size, [&](int64_t b, int64_t j) { return x[b * cols + j]; },
                               group_sums_.get());
-        const QuantArgs args{xa, rows, cols, l.bits, l.group_size, n_groups, int4_block,
-                             static_cast<const uint8_t*>(l.values), l.scale, l.zero, group_sums_.get(), y};
         const int64_t row_bytes = l.bits == 8 ? cols : (cols + 1) / 2;
-        run(table_->quant, args, [&](int64_t r) { return r * row_bytes; });
+        run(table_->quant, n, [&](int i) {
+          return QuantArgs{xa, layer(i).rows, cols, l.bits, l.group_size, n_groups, int4_block,
+                           static_cast<const uint8_t*>(layer(i).values), layer(i).scale, layer(i).zero,
+                           group_sums_.get(), group[i].y};
+        }, [&](const QuantArgs&, int64_t r) { return r * row_bytes; });
       }
     }
-    if (l.bias)
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t r = 0; r < rows; ++r) y[b * rows + r] += l.bias[r];
+    for (int i = 0; i < n; ++i) {
+      const LinearSpec& li = layer(i);
+      if (li.bias)
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t r = 0; r < li.rows; ++r) group[i].y[b * li.rows + r] += li.bias[r];
+    }
     kernel_seconds_ += seconds_since(begin);
   }
 
@@ -498,22 +539,36 @@ class Plan {
     return Activations{batch, nullptr, padded_stride(cols), tiles_.get(), tile};
   }
 
-  // All rows on up to threads_ OpenMP threads (contiguous ranges of equal cost), no parallel
-  // region at all when one thread is enough.
-  template <class Args, class Cost>
-  void run(RowKernel<Args> kernel, const Args& args, const Cost& cost) {
-    const int64_t rows = args.rows;
-    const double work = static_cast<double>(cost(rows)) * static_cast<double>(args.x.batch);
-    const int threads = static_cast<int>(std::min<double>(threads_, work / kMinWorkPerThread + 1));
+  // The rows of n layers (args_of(i) -> their kernel arguments) on up to threads_ OpenMP threads:
+  // contiguous ranges of equal cost over the layers' rows laid end to end, cost(args, r) the work of
+  // a layer's rows [0, r); no parallel region at all when one thread is enough.
+  template <class Args, class ArgsOf, class Cost>
+  void run(RowKernel<Args> kernel, int n, const ArgsOf& args_of, const Cost& cost) {
+    Args args[kMaxGroup];
+    double layer_cost[kMaxGroup], total = 0.0;
+    for (int i = 0; i < n; ++i) {
+      args[i] = args_of(i);
+      layer_cost[i] = static_cast<double>(cost(args[i], args[i].rows));
+      total += layer_cost[i];
+    }
+    const int threads = static_cast<int>(std::min<double>(threads_, total * args[0].x.batch / kMinWorkPerThread + 1));
     if (threads <= 1) {
-      kernel(args, 0, rows, scratch_.get());
+      for (int i = 0; i < n; ++i) kernel(args[i], 0, args[i].rows, scratch_.get());
       return;
     }
 #pragma omp parallel num_threads(threads)
     {
       const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-      kernel(args, split_row(rows, part, parts, cost), split_row(rows, part + 1, parts, cost),
-             scratch_.get() + part * scratch_stride_);
+      double offset = 0.0;  // cost of the layers before layer i
+      for (int i = 0; i < n; ++i) {
+        const auto layer_cost_of = [&](int64_t r) { return cost(args[i], r); };
+        // both ends from the same expressions as the neighbouring parts': every row exactly once
+        const int64_t first = row_at_cost(args[i].rows, total * part / parts - offset, layer_cost_of);
+        const int64_t last = part + 1 == parts ? args[i].rows
+                                               : row_at_cost(args[i].rows, total * (part + 1) / parts - offset, layer_cost_of);
+        if (first < last) kernel(args[i], first, last, scratch_.get() + part * scratch_stride_);
+        offset += layer_cost[i];
+      }
     }
   }
 

@@ -266,18 +266,24 @@ void write_tiles(const Load& load, int64_t batch, int64_t cols, int64_t tile, fl
   }
 }
 
-// First row of part `part` out of `parts` when rows are split into contiguous ranges of about
-// equal cost; cost(r) is the (nondecreasing) work of rows [0, r).
+// The first row r with cost(r) >= target (rows when none): where a range of rows of cost `target`,
+// counted from row 0, ends; cost(r) is the (nondecreasing) work of rows [0, r).
 template <class Cost>
-int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
-  if (part >= parts) return rows;
-  const double target = static_cast<double>(cost(rows)) * part / parts;
+int64_t row_at_cost(int64_t rows, double target, const Cost& cost) {
   int64_t low = 0, high = rows;
   while (low < high) {
     const int64_t mid = (low + high) / 2;
     if (static_cast<double>(cost(mid)) < target) low = mid + 1; else high = mid;
   }
   return low;
+}
+
+// First row of part `part` out of `parts` when rows are split into contiguous ranges of about
+// equal cost.
+template <class Cost>
+int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
+  if (part >= parts) return rows;
+  return row_at_cost(rows, static_cast<double>(cost(rows)) * part / parts, cost);
 }
 
 enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi2 = 3 };
