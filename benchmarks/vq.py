@@ -194,10 +194,10 @@ def scalar_rows() -> list[dict]:
     return list(unique.values())
 
 
-def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3, with_llama: bool = False) -> list[dict]:
+def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 5, with_llama: bool = False) -> list[dict]:
     """Decode tokens/s of the VQ models and, as the baseline measured in the same run, the dense
     model, on our C++ decode path (int8 embeddings; 32-token prompt of Persuasion, 128 new tokens,
-    median of `repeat`), and with_llama llama-bench on the importance-matrix GGUFs and Q4_1 (after
+    median of `repeat` interleaved rounds), and with_llama llama-bench on the importance-matrix GGUFs and Q4_1 (after
     32 tokens of context, like ours). Run on a quiet machine: `uptime` goes into every row."""
     import os
     import statistics
@@ -217,32 +217,43 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 3
         else:
             models[("vq", f"{config} (codes not fitted)")] = unfitted_vq_model(config)
     prompt = bench_prompt(dense.tokenizer, 32)
-    rows = []
+
+    def ours(decoder, count):
+        decoder.set_threads(count)
+        torch.set_num_threads(count)
+        decoder.generate(prompt[:8], 8, eos=None)  # warm: the thread pool and the caches
+        return time_decode_path(decoder, prompt, 128)["decode_tokens_per_second"]
+
+    # Every row is timed once per round, rounds in turn, so a slow spell of this VM (process-to-
+    # process differences up to 1.8x) falls on every row alike rather than on one engine's block.
+    timed = []  # (row fields, a function returning tok/s)
     for (method, config), model in models.items():
         decoder = DecodeModel.from_model(model, embeddings="int8", max_length=32 + 128)
         for count in threads:
-            decoder.set_threads(count)
-            torch.set_num_threads(count)
-            decoder.generate(prompt[:8], 8, eos=None)
-            speeds = [time_decode_path(decoder, prompt, 128)["decode_tokens_per_second"] for _ in range(repeat)]
-            rows.append({"model": PROTOCOL["model"], "engine": "secateurs", "method": method, "config": config,
-                         "kind": "decode", "decode_tok_s": statistics.median(speeds), "threads": count,
-                         "kernel_path": decoder.kernel_path, "cpu": cpu_name(), "uptime": os.getloadavg()})
-            print(f"[vq] decode {method} {config} threads {count}: {rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+            timed.append(({"engine": "secateurs", "method": method, "config": config, "threads": count,
+                           "kernel_path": decoder.kernel_path}, lambda decoder=decoder, count=count: ours(decoder, count)))
     if with_llama:
         import llama_cpp
 
         for entry in llama_ggufs() + [e for e in llama_cpp.cached_ggufs() if e["model"] == PROTOCOL["model"]
                                       and e["type"] == "Q4_1" and e.get("origin") != "original"]:
             for count in threads:
-                speeds = [llama_cpp.run_llama_bench(entry["path"], count, 32, 128, repeat=1, depth=32)["decode_tok_s"]
-                          for _ in range(repeat)]
-                rows.append({"model": PROTOCOL["model"], "engine": "llama.cpp", "method": entry["type"],
-                             "config": "imatrix" if entry.get("imatrix") else "", "kind": "decode",
-                             "decode_tok_s": statistics.median(speeds), "threads": count, "kernel_path": "llama.cpp",
-                             "cpu": cpu_name(), "uptime": os.getloadavg()})
-                print(f"[vq] decode llama.cpp {entry['type']} threads {count}: {rows[-1]['decode_tok_s']:.1f} tok/s",
-                      flush=True)
+                timed.append(({"engine": "llama.cpp", "method": entry["type"], "config": "imatrix" if entry.get("imatrix") else "",
+                               "threads": count, "kernel_path": "llama.cpp"},
+                              lambda path=entry["path"], count=count: llama_cpp.run_llama_bench(
+                                  path, count, 32, 128, repeat=1, depth=32)["decode_tok_s"]))
+    speeds = [[] for _ in timed]
+    for round_number in range(repeat):
+        for (fields, timer), measured in zip(timed, speeds):
+            measured.append(timer())
+        print(f"[vq] decode round {round_number + 1}/{repeat} done", flush=True)
+    rows = []
+    for (fields, _), measured in zip(timed, speeds):
+        rows.append({"model": PROTOCOL["model"], **fields, "kind": "decode", "decode_tok_s": statistics.median(measured),
+                     "decode_tok_s_rounds": measured, "rounds_interleaved": repeat,
+                     "cpu": cpu_name(), "uptime": os.getloadavg()})
+        print(f"[vq] decode {fields['engine']} {fields['method']} {fields['config']} threads {fields['threads']}: "
+              f"{rows[-1]['decode_tok_s']:.1f} tok/s (rounds {', '.join(f'{v:.1f}' for v in measured)})", flush=True)
     return rows
 
 
