@@ -43,7 +43,8 @@ from quality import write_json
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "tasks.json"  # --json moves it (and tasks.md beside it)
-MODEL = QUALITY_PROTOCOL["model"]
+MODEL = QUALITY_PROTOCOL["model"]  # --model moves it (Gemma-3-270M rows: --model gemma3-270m)
+MODELS = ["smollm2-135m", "gemma3-270m"]
 # cheapest first (scored tokens of a 500-document subset with SmolLM2's tokenizer, contexts shared)
 TASK_ORDER = ["arc_challenge", "arc_easy", "winogrande", "piqa", "lambada", "boolq", "hellaswag"]
 VARIANTS = ["dense", "sparsegpt-50", "wanda-50", "magnitude-50", "sparsegpt-2of4", "wanda-2of4", "magnitude-2of4",
@@ -286,9 +287,12 @@ def write_markdown(rows: list[dict]) -> None:
             if row.get("engine") == "secateurs" and "row" in row:
                 quality[row["row"]] = row.get("ppl")
     lines = []
-    for subset in sorted({row["subset"] for row in rows}, key=lambda s: (s is None, s)):
-        chosen = [row for row in rows if row["subset"] == subset]
+    groups = {(row["model"], row["subset"]) for row in rows}
+    for model, subset in sorted(groups, key=lambda g: (MODELS.index(g[0]) if g[0] in MODELS else 99, g[1] is None, g[1])):
+        chosen = [row for row in rows if row["subset"] == subset and row["model"] == model]
         label = "whole sets" if subset is None else f"subset {subset} (seed 1234)"
+        if model != QUALITY_PROTOCOL["model"]:
+            label = f"{model}, {label}"
         lines += [f"### {label}", "", ("acc (%) per task, acc_norm in brackets where lm-eval defines it; "
                   "mean = mean acc over the tasks present; ppl = Persuasion perplexity from quality.json"), "",
                   "| variant | engine | ppl | " + " | ".join(TASK_ORDER) + " | mean (tasks) |",
@@ -310,7 +314,7 @@ def write_markdown(rows: list[dict]) -> None:
                     cells.append(_fmt(row["acc"]))
             accs = [by_task[t]["acc"] for t in TASK_ORDER if t in by_task]
             mean = f"{100 * sum(accs) / len(accs):.1f} ({len(accs)})" if accs else "—"
-            ppl = quality.get(variant)
+            ppl = quality.get(variant) if model == QUALITY_PROTOCOL["model"] else None  # quality.json: SmolLM2's
             lines.append(f"| {variant} | {engine} | {'—' if ppl is None else f'{ppl:.1f}'} | " + " | ".join(cells)
                          + f" | {mean} |")
         lines.append("")
@@ -334,12 +338,14 @@ def write_plot() -> None:
 
 
 def main(argv=None) -> None:
-    global JSON_PATH
+    global JSON_PATH, MODEL
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["dense", "sparsegpt-50", "wanda-50", "magnitude-50"])
     parser.add_argument("--tasks", nargs="+", default=TASK_ORDER)
     parser.add_argument("--subset", type=int, default=500, help="0: whole sets")
     parser.add_argument("--engine", choices=["secateurs", "lm-eval"], default="secateurs")
+    parser.add_argument("--model", choices=MODELS, default=MODEL,
+                        help="the embedded model (variants compressed with quality.py's recipes and calibration)")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--markdown-only", action="store_true")
     parser.add_argument("--json", type=Path, default=JSON_PATH,
@@ -347,6 +353,7 @@ def main(argv=None) -> None:
                              "tree write into the working tree")
     args = parser.parse_args(argv)
     JSON_PATH = args.json.resolve()
+    MODEL = args.model
     subset = args.subset or None
     tasks = [task for task in TASK_ORDER if task in args.tasks]
     if args.markdown_only:

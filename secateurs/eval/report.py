@@ -110,12 +110,14 @@ def _main_subset(rows: list[dict]):
 def variant_table(results: Results) -> tuple[list[str], list[dict]]:
     """(task columns present, one dict per variant), our engine's task rows on their main subset."""
     ours = [row for row in results.tasks if row.get("engine", "secateurs") == "secateurs"]
+    # one model per table (the first one's rows); quality.py rows carry no model name: they are of the
+    # tasks' model, else of the first decode model
+    models = [row["model"] for row in ours if "model" in row] + [row["model"] for row in results.decode if "model" in row]
+    model = models[0] if models else None
+    ours = [row for row in ours if row.get("model", model) == model]
     subset = _main_subset(ours)
     ours = [row for row in ours if row["subset"] == subset]
     quality = {row["row"]: row for row in results.quality if row.get("engine", "secateurs") == "secateurs"}
-    # quality.py rows carry no model name: they are of the tasks' model, else of the first decode model
-    models = [row["model"] for row in ours if "model" in row] + [row["model"] for row in results.decode if "model" in row]
-    model = models[0] if models else None
     decode = {}  # per variant, the run with the most threads
     for row in results.decode:
         ours_decode = row.get("engine", "secateurs") == "secateurs" and row.get("model") == model

@@ -146,6 +146,16 @@ def test_tasks_only_report_renders(files):
     assert columns == ["piqa", "boolq"] and [e["variant"] for e in table] == ["dense", "sparsegpt-50", "wanda-50"]
 
 
+def test_a_second_models_rows_stay_out_of_the_first_models_table(tmp_path):
+    other = [row | {"model": "other", "acc": 0.0} for row in TASK_ROWS] + [
+        {**TASK_ROWS[0], "model": "other", "variant": "only-other"}]
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(TASK_ROWS + other))
+    _, table = variant_table(load_results([path]))
+    assert [e["variant"] for e in table] == ["dense", "sparsegpt-50", "wanda-50"]
+    assert table[0]["accs"] == {"piqa": 0.5, "boolq": 0.7}
+
+
 def test_bad_inputs_are_one_error(files, tmp_path):
     with pytest.raises(SecateursError, match="no such file"):
         load_results([tmp_path / "missing.json"])
