@@ -16,7 +16,8 @@ run still compares the methods on the tasks it finished. Each finished row is wr
 to benchmarks/results/tasks.json; a rerun only fills in missing rows (`--force` reruns those selected).
 A row runs in shards of 1,000 documents, each kept as it finishes in benchmarks/results/tasks-shards/
 (per-document outcomes, committed), so a whole-set run that is killed, or continued in a later
-session on another machine, picks up at its next shard.
+session on another machine, picks up at its next shard. The same command started twice (one thread
+each) splits a row's shards between the two processes (claim files beside the shards).
 
     nice .venv/bin/python benchmarks/tasks.py [--variants dense sparsegpt-50 ...] [--tasks ...]
         [--subset 500] [--engine secateurs|lm-eval] [--markdown-only]
@@ -162,25 +163,71 @@ def merge_shards(task: str, shards: list[dict]) -> dict:
     return row | {"seconds": sum(shard["seconds"] for shard in shards)}
 
 
-def run_sharded(engine: str, variant: str, task: str, subset: int | None, force: bool, score_shard) -> dict:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_shard(path: Path) -> bool:
+    """Whether this process scores the shard stored at `path`: it takes the shard's claim file
+    (path.claim, not committed) unless a live process holds it, so several workers started on the
+    same whole set share its shards. A claim whose process is gone is taken over."""
+    claim = path.with_suffix(".claim")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = claim.read_text().strip() if claim.is_file() else ""
+            if holder.isdigit() and not _alive(int(holder)):
+                claim.unlink(missing_ok=True)  # its worker was killed: take it over
+                continue
+            return False  # held (or being written this instant) by another worker
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        return True
+    return False
+
+
+def run_sharded(engine: str, variant: str, task: str, subset: int | None, force: bool, score_shard) -> dict | None:
     """Every shard of (variant, task): cached ones read back, the others scored by
     `score_shard((start, stop))` -> per_document(...) | {"seconds", ...} and cached as each finishes,
-    so a killed whole-set run continues where it stopped."""
-    shards = []
+    so a killed whole-set run continues where it stopped. Shards another live worker is scoring are
+    left to it: None when any is still missing at the end (that worker's run writes the row)."""
+    shards = {}
     ranges = _shards(task, subset)
     for number, shard in enumerate(ranges, 1):
         path = _shard_path(engine, variant, task, subset, shard)
         if path.is_file() and not force:
-            shards.append(json.loads(path.read_text()))
+            shards[shard] = json.loads(path.read_text())
             continue
-        if len(ranges) > 1:
-            print(f"[tasks] {engine} {variant} {task}: documents {shard[0]}-{shard[1]} "
-                  f"(shard {number}/{len(ranges)})", flush=True)
-        record = score_shard(shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, record)
-        shards.append(record)
-    return merge_shards(task, shards)
+        if not claim_shard(path):
+            print(f"[tasks] {engine} {variant} {task}: documents {shard[0]}-{shard[1]} are being scored by "
+                  f"another worker", flush=True)
+            continue
+        try:
+            if len(ranges) > 1:
+                print(f"[tasks] {engine} {variant} {task}: documents {shard[0]}-{shard[1]} "
+                      f"(shard {number}/{len(ranges)})", flush=True)
+            record = score_shard(shard)
+            write_json(path, record)
+            shards[shard] = record
+        finally:
+            path.with_suffix(".claim").unlink(missing_ok=True)
+    for shard in ranges:  # what other workers finished meanwhile
+        path = _shard_path(engine, variant, task, subset, shard)
+        if shard not in shards and path.is_file():
+            shards[shard] = json.loads(path.read_text())
+    if len(shards) < len(ranges):
+        print(f"[tasks] {engine} {variant} {task}: {len(ranges) - len(shards)} shards still with other workers; "
+              f"the last worker to finish writes the row", flush=True)
+        return None
+    return merge_shards(task, [shards[shard] for shard in ranges])
 
 
 def run_ours(variants: list[str], tasks: list[str], subset: int | None, force: bool) -> None:
@@ -208,6 +255,8 @@ def run_ours(variants: list[str], tasks: list[str], subset: int | None, force: b
             return per_document(task, result.examples) | {"seconds": result.seconds, "tokens": result.tokens}
 
         merged = run_sharded("secateurs", variant, task, subset, force, score_shard)
+        if merged is None:
+            continue
         row = {"model": MODEL, "variant": variant, "engine": "secateurs", **merged, "subset": subset,
                "tokens_per_second": merged["tokens"] / merged["seconds"], "threads": torch.get_num_threads(),
                "versions": _versions(), "recipe": QUALITY_ROWS[variant]["recipe"] if variant != "dense" else None}
@@ -266,6 +315,8 @@ def run_reference(tasks: list[str], subset: int | None, force: bool) -> None:
                 "seconds": time.perf_counter() - started, "lm_eval": result["lm_eval"]}
 
         merged = run_sharded("lm-eval", "dense", task, subset, force, score_shard)
+        if merged is None:
+            continue
         row = {"model": MODEL, "variant": "dense", "engine": "lm-eval", **merged, "subset": subset}
         rows = store(rows, row)
         print(f"[tasks] lm-eval dense {task}: acc {row['acc']:.4f}", flush=True)

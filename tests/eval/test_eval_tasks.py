@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -277,3 +278,36 @@ def test_lm_eval_shards_merge_from_its_per_sample_metrics():
     words = [{"lls": [-2.0], "acc": 1.0, "acc_norm": None}, {"lls": [-4.0], "acc": 0.0, "acc_norm": None}]
     lambada = bench.merge_shards("lambada", [bench.lmeval_per_document("lambada", words) | {"seconds": 0.0}])
     assert lambada["acc"] == 0.5 and lambada["acc_norm"] is None and lambada["ppl"] == pytest.approx(math.exp(3.0))
+
+
+def test_two_workers_share_a_rows_shards(tmp_path, monkeypatch):
+    """A shard claimed by a live worker is left to it (no row until every shard is stored); a claim
+    whose process is gone is taken over; stored shards are never scored again."""
+    import subprocess
+    import sys
+
+    bench = _bench_tasks()
+    monkeypatch.setattr(bench, "JSON_PATH", tmp_path / "tasks.json")
+    monkeypatch.setattr(bench, "_shards", lambda task, subset: [(0, 2), (2, 4), (4, 5)])
+    scored = []
+
+    def score(shard):
+        scored.append(shard)
+        return {"correct": [1.0] * (shard[1] - shard[0]), "correct_norm": None, "lls": None, "seconds": 1.0}
+
+    other = bench._shard_path("secateurs", "dense", "piqa", None, (2, 4))
+    other.parent.mkdir(parents=True)
+    other.with_suffix(".claim").write_text(str(os.getppid()))  # a live process holds it
+    assert bench.run_sharded("secateurs", "dense", "piqa", None, False, score) is None
+    assert scored == [(0, 2), (4, 5)] and not other.exists()
+    bench.write_json(other, score((2, 4)))  # the other worker finishes
+    other.with_suffix(".claim").unlink()
+    merged = bench.run_sharded("secateurs", "dense", "piqa", None, False, score)
+    assert merged["n"] == 5 and scored == [(0, 2), (4, 5), (2, 4)]
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    first = bench._shard_path("secateurs", "dense", "piqa", None, (0, 2))
+    first.unlink()
+    first.with_suffix(".claim").write_text(gone.stdout.strip())  # a killed worker's claim
+    assert bench.run_sharded("secateurs", "dense", "piqa", None, False, score)["n"] == 5
+    assert scored[-1] == (0, 2) and not first.with_suffix(".claim").exists()
