@@ -11,45 +11,13 @@ loss, so a run with tuning is never worse on the calibration set than one withou
 
 from __future__ import annotations
 
-import torch
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from secateurs.algorithms.conv import matrix_to_conv
 from secateurs.pipeline.capture import run_block
-from secateurs.runtime.layouts import vq_to_dense
-from secateurs.structure import is_transposed
-
-
-def stored_weight(module: nn.Module, matrix: Tensor, shape: torch.Size | None = None) -> Tensor:
-    """A weight [out, in] as the module keeps it (`shape`, default its weight's): [in, out] for GPT-2's
-    Conv1D, [out, in, kh, kw] for a Conv2d (columns ordered as algorithms/conv.py orders them)."""
-    if isinstance(module, nn.Conv2d):
-        return matrix_to_conv(matrix, module.weight.shape if shape is None else shape)
-    return matrix.t() if is_transposed(module) else matrix
-
-
-class _CodedWeight(nn.Module):
-    """The weight of a vq layer as a function of trainable codebooks and scales (codes fixed)."""
-
-    def __init__(self, module: nn.Module, codes: Tensor, codebooks: Tensor, scales: Tensor):
-        super().__init__()
-        self.register_buffer("codes", codes)
-        self.codebooks = nn.Parameter(codebooks.float().clone())
-        self.scales = nn.Parameter(scales.float().clone())
-        # read now: once parametrized, module.weight is this module's own output
-        self.dtype, self.shape = module.weight.dtype, module.weight.shape
-        self.layout = lambda matrix: stored_weight(module, matrix, self.shape)
-
-    def forward(self, _original: Tensor) -> Tensor:
-        return self.layout(vq_to_dense(self.codes, self.codebooks, self.scales).to(self.dtype))
-
-
-def set_vq_weight(module: nn.Module, codes: tuple) -> None:
-    """Give `module` the weight (codes, codebooks, scales) decode to."""
-    module.weight.data.copy_(stored_weight(module, vq_to_dense(*codes).to(module.weight.dtype)))
+from secateurs.runtime.vq_weight import attach_vq_weights, detach_vq_weights, set_vq_weight
 
 
 def relative_error(forward: Callable[[int], Tensor], targets: list[Tensor]) -> float:
@@ -78,14 +46,13 @@ def tune_vq_codebooks(root: nn.Module, layers: dict[str, nn.Module], codes: dict
     `root` is frozen meanwhile. Returns (the new codes of each layer, float16, the same codes where
     tuning did not help; relative output error before; after)."""
     before = relative_error(forward, targets)
-    for name, module in layers.items():
-        parametrize.register_parametrization(module, "weight", _CodedWeight(module, *codes[name]))
-    coded = {name: module.parametrizations.weight[0] for name, module in layers.items()}
+    coded = attach_vq_weights(layers, codes)
     parameters = [p for c in coded.values() for p in (c.codebooks, c.scales)]
     frozen = [p for p in root.parameters() if p.requires_grad and all(p is not q for q in parameters)]
     for p in frozen:
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(parameters, lr=lr)
+    tuned = codes
     try:
         with torch.enable_grad():
             for step in range(steps):
@@ -97,15 +64,11 @@ def tune_vq_codebooks(root: nn.Module, layers: dict[str, nn.Module], codes: dict
                 optimizer.step()
                 if on_step:
                     on_step(step, loss.item())
-        tuned = {name: (c.codes, c.codebooks.detach().to(torch.float16), c.scales.detach().to(torch.float16))
-                 for name, c in coded.items()}
+        tuned = {name: c.stored() for name, c in coded.items()}
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        for module in layers.values():
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-    for name, module in layers.items():  # the rounded values, exactly as the file decodes them
-        set_vq_weight(module, tuned[name])
+        detach_vq_weights(layers, tuned)  # the rounded values, exactly as the file decodes them
     after = relative_error(forward, targets)
     if not after < before:  # NaN included: a diverged tuning is never kept
         for name, module in layers.items():

@@ -41,10 +41,11 @@ from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.formats.module_file import compressible
 from secateurs.io import read_safetensors, write_json, write_safetensors
-from secateurs.pipeline.block_tuning import relative_error, set_vq_weight, stored_weight, tune_vq_codebooks
+from secateurs.pipeline.block_tuning import relative_error, tune_vq_codebooks
 from secateurs.pipeline.layer import compress_layer, native_sweeps
 from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator
 from secateurs.recipe import Recipe
+from secateurs.runtime.vq_weight import set_vq_weight, stored_weight
 
 # One calibration input: the positional and keyword arguments of one call of the model.
 CalibrationCall = tuple[tuple, dict]
