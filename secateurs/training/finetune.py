@@ -6,6 +6,11 @@ config.json), a plain model directory, a .gguf or an embedded name; its zeros ar
 result is written as a compressed directory with the same grids (quantization-aware training keeps
 the weights on them; without it the fine-tuned weights are rounded onto them at the end, i.e.
 "quantized after fine-tuning"). Checkpoints and the loss curve go to `<output>.training/` beside it.
+
+Vector-quantized layers keep their codes: their codebooks and scales train (AQLM's end-to-end
+fine-tuning, usually with the dense model as the KL teacher), with the norms and any other block
+weights; the embeddings and the LM head stay as they are. The result is rounded to float16, as the
+vq formats store it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from secateurs.data.corpus import load_text, tokenize
 from secateurs.errors import SecateursError
 from secateurs.formats import FORMATS, StoragePlan, decompress, read_compressed, save_compressed
 from secateurs.models import LoadedModel, is_compressed_directory, load_model, save_model
+from secateurs.runtime.vq_weight import attach_vq_weights, detach_vq_weights
 from secateurs.training.masks import MaskSet, block_linear_layers, masks_from_zeros
-from secateurs.training.qat import attach_fake_quant, bake_fake_quant
+from secateurs.training.qat import attach_fake_quant, bake_fake_quant, weight_parameter
 from secateurs.training.trainer import TrainConfig, Trainer, TrainResult
 
 TRAINING_SUFFIX = ".training"
@@ -34,13 +40,15 @@ class FinetuneResult:
 
 
 def storage_plan_of(path: str | Path) -> StoragePlan:
-    """The N:M layers and quantization grids a compressed directory records."""
+    """The N:M layers, quantization grids and vector-quantized layers (codes, codebooks, scales) a
+    compressed directory records."""
     directory = read_compressed(path)
     plan = StoragePlan()
     for layer, spec in directory.specs.items():
         if spec.format in ("vq", "vq-packed"):
-            raise SecateursError(f"{path}: layer {layer} is vector-quantized; fine-tuning keeps masks and scalar "
-                                 f"grids, not codebooks: fine-tune the model before vq")
+            plan.vq[layer] = FORMATS[spec.format].parts(directory.layers[layer], spec)
+            plan.pack_vq_codes = plan.pack_vq_codes or spec.format == "vq-packed"
+            continue
         if spec.n and spec.m:
             plan.nm[layer] = (spec.n, spec.m)
         if FORMATS[spec.format].quantized:
@@ -68,25 +76,38 @@ def finetune(model: str | Path, output_dir: str | Path, config: TrainConfig, tea
     output = Path(output_dir)
     loaded, plan = load_student(model)
     teacher_model = load_model(teacher).model if teacher is not None else None
-    masks: MaskSet | None = None if dense else masks_from_zeros(loaded.model, nm=plan.nm or None)
     if qat and not plan.grids:
         raise SecateursError(f"{model}: quantization-aware training needs a quantized model (it has no grids)")
     layers = block_linear_layers(loaded.model)
+    coded_layers = {name: layers[name] for name in plan.vq}
+    others = {name: module for name, module in layers.items() if name not in plan.vq}
+    has_zeros = any(bool((weight_parameter(module) == 0).any()) for module in others.values())
+    masks: MaskSet | None = None
+    if not dense and (has_zeros or not plan.vq):  # a vq model without pruned layers has no mask to keep
+        masks = masks_from_zeros(loaded.model, nm=plan.nm or None, layers=others)
     if qat:
         attach_fake_quant(layers, plan)
+    coded = attach_vq_weights(coded_layers, plan.vq)
+    if coded:  # the embeddings (and a tied head) are stored dense and shared with the decode path's copy
+        for module in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
     token_ids = tokenize(loaded.tokenizer, load_text(data))
     training_dir = output.with_name(output.name + TRAINING_SUFFIX)
     trainer = Trainer(loaded.model, token_ids, config, teacher=teacher_model, masks=masks, output_dir=training_dir,
                       device=device, progress=progress)
     result = trainer.train(resume=resume)
     loaded.model.to("cpu")
+    if coded:
+        plan.vq.update({name: parametrization.stored() for name, parametrization in coded.items()})
+        detach_vq_weights(coded_layers, plan.vq)
     if plan.grids and not qat:
         attach_fake_quant(layers, plan)  # round the fine-tuned weights onto the stored grids
     bake_fake_quant(layers)
     if masks is not None:
         masks.apply()
         masks.check()
-    if masks is None and not plan.grids:
+    if masks is None and not plan.grids and not plan.vq:
         save_model(loaded.model, loaded.tokenizer, output)
     else:
         save_compressed(loaded.model, plan, output, loaded.tokenizer, store_dtype=loaded.stored_dtype)
