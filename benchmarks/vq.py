@@ -21,7 +21,10 @@ the same run as our decode path (the decode benchmark's protocol: 32-token promp
 Rows are cached in benchmarks/results/vq.json; a rerun fills in missing rows (`--only CONFIG`).
 `--block-steps N` makes the rows with block fine-tuning: after a block's layers are coded, N Adam
 steps on their codebooks and scales against the dense block's outputs (one calibration chunk of 4
-windows a step, so 32 steps are two passes over the 64 windows).
+windows a step, so 32 steps are two passes over the 64 windows). `--finetune-tokens N` then
+fine-tunes the coded model end to end (AQLM's global fine-tuning: codes fixed; codebooks, scales
+and norms trained with KL to the dense model on N tokens of the calibration text, batch 4 x 512,
+lr 1e-4, `secateurs finetune`), resumable from its checkpoints.
 
     nice .venv/bin/python benchmarks/vq.py [--only 2x8g8 ...] [--rounds N] [--block-steps N] [--llama-cpp] [--decode]
 """
@@ -82,7 +85,35 @@ def quantized_bits(model, config: str) -> float:
     return sum(c.total for c in counts) / sum(c.weights for c in counts)
 
 
-def worker(config: str, rounds: int, block_steps: int = 0) -> dict:
+FINETUNE = {"lr": 1e-4, "batch_size": 4, "seqlen": 512, "checkpoint_every": 10}  # the --finetune-tokens rows
+
+
+def finetuned_dir(target: Path, tokens: int) -> Path:
+    return target.with_name(f"{target.name}-ft{tokens}")
+
+
+def finetune_vq(target: Path, tokens: int) -> tuple[Path, float]:
+    """AQLM's end-to-end fine-tuning of the coded model at `target`: codes fixed, codebooks, scales and
+    norms trained for `tokens` calibration-text tokens with KL to the dense model (secateurs
+    finetune); checkpoints every 10 steps, so a killed run continues. Returns (its directory, seconds)."""
+    from secateurs.training.finetune import finetune
+    from secateurs.training.losses import LossWeights
+    from secateurs.training.trainer import TrainConfig
+
+    tuned = finetuned_dir(target, tokens)
+    record = tuned.with_name(tuned.name + ".json")  # beside the directory: its files are checksummed
+    if (tuned / "config.json").is_file():
+        return tuned, json.loads(record.read_text())["seconds"]
+    config = TrainConfig(tokens=tokens, losses=LossWeights.named("kl"), **FINETUNE)
+    started = time.perf_counter()
+    training = tuned.with_name(tuned.name + ".training")
+    finetune(target, tuned, config, teacher=PROTOCOL["model"], data=PROTOCOL["calib"], resume=training.is_dir())
+    seconds = time.perf_counter() - started
+    write_json(record, {"seconds": seconds, "config": config.as_dict() | {"losses": "kl"}})
+    return tuned, seconds
+
+
+def worker(config: str, rounds: int, block_steps: int = 0, finetune_tokens: int = 0) -> dict:
     import torch
 
     import secateurs
@@ -100,14 +131,18 @@ def worker(config: str, rounds: int, block_steps: int = 0) -> dict:
                           resume=target.with_name(target.name + ".partial").is_dir())
     seconds = time.perf_counter() - started
     resumed = seconds < 60  # compressed earlier (a finished or resumed run): its own time is in compression.json
-    model = secateurs.load(target)
+    finetuned = {}
+    if finetune_tokens:
+        tuned, tune_seconds = finetune_vq(target, finetune_tokens)
+        finetuned = {"finetune_tokens": finetune_tokens, "finetune_seconds": tune_seconds, "finetune": FINETUNE | {"loss": "kl"}}
+    model = secateurs.load(finetuned_dir(target, finetune_tokens) if finetune_tokens else target)
     ppl = perplexity(model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
     report = json.loads((target / "compression.json").read_text())
     seconds = report["totals"]["seconds"] if resumed else seconds
     return {"bits_per_weight": bits, "ppl": ppl.ppl, "eval_tokens": ppl.tokens_evaluated, "seconds": seconds,
             "peak_rss_note": "of the scoring process only" if resumed else "compression and scoring",
             "compression_seconds": report["totals"]["seconds"], "threads": torch.get_num_threads(),
-            "layer_loss": report["totals"]["loss"]}
+            "layer_loss": report["totals"]["loss"]} | finetuned
 
 
 LLAMA_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_S")
@@ -307,9 +342,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def tuning(row: dict) -> str:
-    if not row["block_finetune"]:
-        return "no"
-    return f"{row['block_steps']} steps" if row.get("block_steps") else "yes"
+    block = "no" if not row["block_finetune"] else f"{row['block_steps']} steps" if row.get("block_steps") else "yes"
+    return block + (f" + end to end {row['finetune_tokens']:,} tokens" if row.get("finetune_tokens") else "")
 
 
 def plot(rows: list[dict]) -> None:
@@ -346,6 +380,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternations of code search and codebook steps")
     parser.add_argument("--block-steps", type=int, default=0,
                         help="block fine-tuning after each block is coded: Adam steps on its codebooks and scales")
+    parser.add_argument("--finetune-tokens", type=int, default=0,
+                        help="then fine-tune the coded model end to end (codes fixed, KL to the dense model) on this many "
+                             "calibration-text tokens")
     parser.add_argument("--decode", action="store_true",
                         help="time the decode path instead of compressing (a quiet machine only)")
     parser.add_argument("--llama-cpp", action="store_true",
@@ -354,7 +391,7 @@ def main() -> None:
     parser.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rounds, args.block_steps)))
+        print(json.dumps(worker(args.worker, args.rounds, args.block_steps, args.finetune_tokens)))
         return
     if args.llama_worker:
         print(json.dumps(llama_worker(args.llama_worker)))
@@ -368,11 +405,13 @@ def main() -> None:
         rows = store(timed, lambda r: r.get("kind") == "decode" and (r.get("cpu"), r.get("kernel_path")) in same_machine)
     for config in [] if args.decode else args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
-               and row_init(r) == CODE_INIT and r.get("block_steps", 0) == args.block_steps for r in rows):
+               and row_init(r) == CODE_INIT and r.get("block_steps", 0) == args.block_steps
+               and r.get("finetune_tokens", 0) == args.finetune_tokens for r in rows):
             continue
-        print(f"[vq] {config}, {args.rounds} rounds, block fine-tuning {args.block_steps} steps", flush=True)
+        print(f"[vq] {config}, {args.rounds} rounds, block fine-tuning {args.block_steps} steps, "
+              f"end-to-end fine-tuning {args.finetune_tokens} tokens", flush=True)
         result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds),
-                                  "--block-steps", str(args.block_steps)])
+                                  "--block-steps", str(args.block_steps), "--finetune-tokens", str(args.finetune_tokens)])
         rows = store([{"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
                        "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
                        "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss}
