@@ -43,7 +43,7 @@ class LinearStruct(ctypes.Structure):
                 ("mask", PTR), ("row_offsets", PTR), ("row_scale", PTR), ("indices", PTR), ("n", I64),
                 ("m", I64), ("bits", I64), ("group_size", I64), ("scale", PTR), ("zero", PTR),
                 ("bias", PTR), ("codebooks", I64), ("codewords", I64), ("codebook_values", PTR),
-                ("mask_group", I64)]
+                ("mask_group", I64), ("codebook_half", PTR)]
 
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -151,6 +151,7 @@ class PlanBuilder:
             spec.kind, spec.values, spec.row_scale = KIND_VQ, self.keep(module.codes), self.floats(module.scale)
             spec.codebooks, spec.codewords, spec.group_size = books, words, group_size
             spec.codebook_values = self.floats(module.codebooks)
+            spec.codebook_half = self.keep(module.codebooks_half)
         elif type(module) is nn.Linear:
             weight = module.weight.detach()
             if weight.dtype not in (torch.float32, torch.bfloat16):

@@ -223,6 +223,16 @@ def vq_to_dense(codes: Tensor, codebooks: Tensor, scale: Tensor) -> Tensor:
     return (scale[:, None, None] * total).flatten(1)
 
 
+def vq_half_codebooks(codebooks: Tensor) -> Tensor | None:
+    """The codebooks as IEEE half bits (int16, same shape) when every value is a float16 exactly
+    (the vq files store float16: those always are), else None: the kernels read 16 bytes a codeword
+    from it instead of 32 and get the same values."""
+    half = codebooks.detach().to(torch.float16)
+    if not torch.equal(half.to(codebooks.dtype), codebooks.detach()):
+        return None
+    return half.view(torch.int16).contiguous()
+
+
 def check_vq(codes: Tensor, codebooks: Tensor, scale: Tensor) -> None:
     _require(codes.dim() == 3 and not codes.is_floating_point(), "codes must be an integer tensor [rows, groups, M]")
     _require(codebooks.dim() == 3 and codebooks.shape[0] == codes.shape[2],

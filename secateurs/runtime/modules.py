@@ -334,6 +334,13 @@ class VQLinear(CompressedLinear):
         self.register_buffer("codes", stored.contiguous())
         self.register_buffer("codebooks", codebooks.to(torch.float32).contiguous())
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
+        self._refresh_half_codebooks()
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_half_codebooks())
+
+    def _refresh_half_codebooks(self) -> None:
+        # not saved: derived from the codebooks whenever they are set (construction, load_state_dict)
+        half = layouts.vq_half_codebooks(self.codebooks)
+        self.register_buffer("codebooks_half", half, persistent=False)
 
     def unpacked_codes(self) -> Tensor:
         """int32 [out, in / g, M] in [0, K)."""
@@ -341,7 +348,7 @@ class VQLinear(CompressedLinear):
         return codes % 65536 if self.codes.dtype == torch.int16 else codes
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("vq_mm")(x, self.codes, self.codebooks, self.scale)
+        return _kernel("vq_mm")(x, self.codes, self.codebooks, self.scale, self.codebooks_half)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return _cast(layouts.vq_to_dense(self.unpacked_codes(), self.codebooks, self.scale), dtype)

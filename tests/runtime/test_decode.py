@@ -197,14 +197,18 @@ def _two_of_four(weight: torch.Tensor) -> torch.Tensor:
     return (groups * keep).view_as(weight)
 
 
-def _vector_quantized(weight: torch.Tensor, bias, books: int = 2, words: int = 256) -> VQLinear:
-    """Random codes into codebooks of the weight's spread (groups of 8 inputs where they fit, else 4)."""
+def _vector_quantized(weight: torch.Tensor, bias, books: int = 2, words: int = 256, half: bool = False) -> VQLinear:
+    """Random codes into codebooks of the weight's spread (groups of 8 inputs where they fit, else 4);
+    `half`: codebooks rounded to float16, as the vq files hold them (the kernels then read halves)."""
     rows, cols = weight.shape
     group = 8 if cols % 8 == 0 else 4
     generator = torch.Generator().manual_seed(rows * 1000 + cols)
     codes = torch.randint(0, words, (rows, cols // group, books), generator=generator)
     codebooks = torch.randn(books, words, group, generator=generator) * float(weight.std()) / books**0.5
-    return VQLinear(codes, codebooks, torch.rand(rows, generator=generator) + 0.5, bias)
+    codebooks = codebooks.to(torch.float16).float() if half else codebooks
+    module = VQLinear(codes, codebooks, torch.rand(rows, generator=generator) + 0.5, bias)
+    assert (module.codebooks_half is not None) == half
+    return module
 
 
 def _sparse_int4(weight: torch.Tensor, bias) -> torch.nn.Module:
@@ -226,6 +230,7 @@ COMPRESSORS = {
     "int8": lambda w, b: QuantLinear.from_dense(w, b, format="int8"),
     "int4-g16": lambda w, b: QuantLinear.from_dense(w, b, format="int4", group_size=16),
     "vq": _vector_quantized,
+    "vq-half": lambda w, b: _vector_quantized(w, b, half=True),
 }
 EXTRA_COMPRESSORS = {
     "vq-3x1024": lambda w, b: _vector_quantized(w, b, books=3, words=1024),  # 16-bit codes
@@ -321,7 +326,7 @@ def test_forced_kernel_paths_agree(path):
         pytest.skip(f"{path} kernels cannot run here")
     model = gemma(seed=3)
     compress(model, ["bitmask", "nm", "int4-g16", "sparse-int8", "int8", "bitmask-bf16", "vq", "vq-3x1024", "sparse-int4",
-                     "sparse-int8-rows4"])
+                     "sparse-int8-rows4", "vq-half"])
     ids = prompt(13, seed=12)
     reference = hf_logits(model, ids)[-1]
     with forced_path(path):

@@ -33,30 +33,46 @@ def reference_weight(codes, codebooks, scale):
     return weight
 
 
+def half_exact(codebooks):
+    """The codebooks rounded to float16 (as the vq files hold them), with subnormal halves, a
+    negative zero and the largest half among them so every conversion path meets them."""
+    codebooks = codebooks.to(torch.float16).float()
+    special = torch.tensor([2.0**-24, -(2.0**-20), -0.0, 65504.0 / 1024, 3 * 2.0**-15, 2.0**-14, -1.5, 0.25])
+    codebooks.view(-1)[: special.numel()] = special[: codebooks.numel()]
+    return codebooks
+
+
+@pytest.mark.parametrize("half", (False, True), ids=("fp32-codebooks", "half-codebooks"))
 @pytest.mark.parametrize("batch", (1, 2, 3, 5, 8))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_vq_kernel_matches_reference(kernel_path, batch, dtype):
+def test_vq_kernel_matches_reference(kernel_path, batch, dtype, half):
     generator = torch.Generator().manual_seed(batch)
     for rows, cols, books, bits, group in CONFIGS:
         codes, codebooks, scale = random_vq(rows, cols, books, bits, group, generator)
+        if half:
+            codebooks = half_exact(codebooks)
         weight = reference_weight(codes, codebooks, scale)
         assert torch.allclose(layouts.vq_to_dense(codes, codebooks, scale).double(), weight, rtol=1e-6, atol=1e-6)
         stored = codes.to(torch.uint8) if bits <= 8 else codes.to(torch.int16)
         x = torch.randn(batch, cols, generator=generator).to(dtype)
-        y = kernels.vq_mm(x, stored, codebooks, scale)
+        halves = layouts.vq_half_codebooks(codebooks) if half else None
+        assert (halves is not None) == half
+        y = kernels.vq_mm(x, stored, codebooks, scale, halves)
         assert kernels.last_kernel_path() == kernel_path
         assert_matches_reference(y, x, weight)
 
 
+@pytest.mark.parametrize("half", (False, True), ids=("fp32-codebooks", "half-codebooks"))
 @pytest.mark.parametrize("batch", (1, 3))
-def test_vq_rows_split_between_threads(kernel_path, two_threads, batch):
+def test_vq_rows_split_between_threads(kernel_path, two_threads, batch, half):
     """Layers whose work puts them on two threads (a thread's range starting inside a four-row
     tile at batch 1), against the float64 reference."""
     generator = torch.Generator().manual_seed(11)
     for rows, cols in ((301, 512), (590, 256)):
         codes, codebooks, scale = random_vq(rows, cols, 2, 8, 8, generator)
+        codebooks = half_exact(codebooks) if half else codebooks
         x = torch.randn(batch, cols, generator=generator)
-        y = kernels.vq_mm(x, codes.to(torch.uint8), codebooks, scale)
+        y = kernels.vq_mm(x, codes.to(torch.uint8), codebooks, scale, layouts.vq_half_codebooks(codebooks) if half else None)
         assert_matches_reference(y, x, reference_weight(codes, codebooks, scale))
 
 
@@ -94,3 +110,34 @@ def test_bad_vq_arguments_are_refused():
         kernels.vq_mm(torch.randn(1, 15), codes, torch.randn(2, 16, 8), torch.ones(4))
     with pytest.raises(ValueError, match="codes must have dtype"):
         kernels.vq_mm(torch.randn(1, 16), codes.to(torch.int16), torch.randn(2, 16, 8), torch.ones(4))
+
+
+def test_vq_linear_keeps_half_codebooks_only_when_exact():
+    """The kernels read the half copy only when it holds the codebooks' values exactly; it follows
+    load_state_dict."""
+    generator = torch.Generator().manual_seed(3)
+    codes, codebooks, scale = random_vq(8, 32, 2, 4, 8, generator)
+    exact = VQLinear(codes, half_exact(codebooks), scale)
+    assert exact.codebooks_half is not None and "codebooks_half" not in exact.state_dict()
+    assert torch.equal(exact.codebooks_half.view(torch.float16).float(), exact.codebooks)
+    inexact = VQLinear(codes, codebooks + 1e-5, scale)
+    assert inexact.codebooks_half is None
+    inexact.load_state_dict(exact.state_dict())
+    assert torch.equal(inexact.codebooks_half, exact.codebooks_half)
+    x = torch.randn(1, 32, generator=generator)
+    assert torch.equal(inexact(x), exact(x))
+    with pytest.raises(ValueError, match="codebooks_half"):
+        kernels.vq_mm(x, exact.codes, exact.codebooks, exact.scale, exact.codebooks_half[:1])
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+def test_subnormal_half_codebooks(kernel_path, batch):
+    """Codebooks made only of subnormal halves (k * 2^-24): each path converts them exactly."""
+    generator = torch.Generator().manual_seed(5)
+    codes, _, scale = random_vq(13, 64, 2, 8, 8, generator)
+    codebooks = torch.randint(-1023, 1024, (2, 256, 8), generator=generator).float() * 2.0**-24
+    halves = layouts.vq_half_codebooks(codebooks)
+    assert halves is not None
+    x = torch.randn(batch, 64, generator=generator)
+    y = kernels.vq_mm(x, codes.to(torch.uint8), codebooks, scale, halves)
+    assert_matches_reference(y, x, reference_weight(codes, codebooks, scale))

@@ -4,7 +4,7 @@
 
 #include "kernels.h"
 
-#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
 
 #include "avx2_int16.h"
 
@@ -89,6 +89,8 @@ struct Simd {
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float half_value(uint16_t h) { return _cvtsh_ss(h); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
@@ -170,6 +172,11 @@ struct Simd {
   }
   static F load_halves(const float* low, const float* high) {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(low)), _mm_loadu_ps(high), 1);
+  }
+  static F load_halves(const uint16_t* low, const uint16_t* high) {  // 4 halves from each
+    const __m128i pair = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(low)),
+                                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(high)));
+    return _mm256_cvtph_ps(pair);
   }
   static F lookup2(const float* window, I idx) {
     const F low = _mm256_permutevar8x32_ps(load(window), idx);

@@ -102,6 +102,14 @@ struct Simd512 {
                                               _mm256_castps_pd(_mm256_loadu_ps(high)), 1);  // AVX-512F only
     return _mm512_castpd_ps(joined);
   }
+  static F load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load_halves(const uint16_t* low, const uint16_t* high) {  // 8 halves from each
+    const __m256i pair = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(high)), 1);
+    return _mm512_cvtph_ps(pair);
+  }
+  static float half_value(uint16_t h) { return _cvtsh_ss(h); }
   static F lookup2(const float* window, I idx) {
     return _mm512_permutex2var_ps(load(window), idx, load(window + 16));
   }

@@ -7,7 +7,7 @@
 
 #include "kernels.h"
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,popcnt,bmi,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi,bmi2")
 
 #include "avx2_int16.h"
 #include "avx512_simd.h"

@@ -48,6 +48,7 @@ struct LinearSpec {
   // bitmask-sparse 4-bit (SparseInt4Args): values are the packed codes, mask and row_offsets (bytes)
   // as for bitmask, scale and zero as for quantized, group_size a multiple of 64 (or cols)
   int64_t mask_group;  // bitmask: rows in groups of mask_group share a mask (BitmaskArgs), 0 or 1: none
+  const uint16_t* codebook_half;  // vector-quantized: the codebooks as IEEE halves, or nullptr (VQArgs)
 };
 
 struct LayerSpec {
@@ -478,7 +479,8 @@ class Plan {
           const bool narrow = li.codewords <= 256;
           return VQArgs{xa, li.rows, cols, li.group_size, li.codebooks, li.codewords, li.codebook_values,
                         narrow ? static_cast<const uint8_t*>(li.values) : nullptr,
-                        narrow ? nullptr : static_cast<const uint16_t*>(li.values), li.row_scale, group[i].y};
+                        narrow ? nullptr : static_cast<const uint16_t*>(li.values), li.row_scale, group[i].y,
+                        li.codebook_half};
         }, [](const VQArgs& a, int64_t r) { return vq_cost(a, r); });
         break;
       }

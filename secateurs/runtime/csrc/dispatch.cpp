@@ -16,8 +16,10 @@ bool cpu_supports(int path) {
   __builtin_cpu_init();
   switch (path) {
     case kPortable: return true;
-    case kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-    case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+    case kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+             __builtin_cpu_supports("popcnt");
+    case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
     case kAvx512Vbmi2:
       return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512vbmi2");
@@ -242,7 +244,7 @@ SECATEURS_EXPORT int secateurs_dense_mm(int path, int threads, const void* x, in
 
 SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows, int64_t cols,
                     int64_t group_size, int64_t codebooks, int64_t codewords, const void* codes,
-                    const float* codebook_values, const float* scale, void* y) {
+                    const float* codebook_values, const uint16_t* codebook_half, const float* scale, void* y) {
   const bool ok = valid_activation_type(x_type) && batch > 0 && rows >= 0 && group_size > 0 && cols % group_size == 0 &&
                   codebooks >= 1 && codebooks <= 16 && codewords >= 1 && codewords <= 65536;
   return guarded(path, ok, [&](const KernelTable& table) {
@@ -251,7 +253,7 @@ SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x
     const bool narrow = codewords <= 256;
     const VQArgs args{xa, rows, cols, group_size, codebooks, codewords, codebook_values,
                       narrow ? static_cast<const uint8_t*>(codes) : nullptr,
-                      narrow ? nullptr : static_cast<const uint16_t*>(codes), scale, nullptr};
+                      narrow ? nullptr : static_cast<const uint16_t*>(codes), scale, nullptr, codebook_half};
     run_rows(table.vq, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return vq_cost(args, r); });
   });
 }

@@ -26,6 +26,8 @@ struct Simd {
   static F zero() { return F{}; }
   static F set1(float v) { return map([&](int) { return v; }); }
   static F load(const float* p) { return map([&](int i) { return p[i]; }); }
+  static F load_half(const uint16_t* p) { return map([&](int i) { return half_to_float(p[i]); }); }
+  static float half_value(uint16_t h) { return half_to_float(h); }
   static void store(float* p, F v) { std::memcpy(p, v.lane, sizeof v.lane); }
   static F add(F a, F b) { return map([&](int i) { return a.lane[i] + b.lane[i]; }); }
   static F mul(F a, F b) { return map([&](int i) { return a.lane[i] * b.lane[i]; }); }
@@ -108,6 +110,9 @@ struct Simd {
   static constexpr int kSparseInt4 = kSparseInt4Scalar;
   static F load_halves(const float* low, const float* high) {
     return map([&](int i) { return i < W / 2 ? low[i] : high[i - W / 2]; });
+  }
+  static F load_halves(const uint16_t* low, const uint16_t* high) {
+    return map([&](int i) { return half_to_float(i < W / 2 ? low[i] : high[i - W / 2]); });
   }
   static F lookup2(const float* window, I idx) { return map([&](int i) { return window[idx.lane[i]]; }); }
 
