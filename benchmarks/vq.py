@@ -229,7 +229,7 @@ def scalar_rows() -> list[dict]:
     return list(unique.values())
 
 
-def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 5, with_llama: bool = False) -> list[dict]:
+def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 7, with_llama: bool = False) -> list[dict]:
     """Decode tokens/s of the VQ models and, as the baseline measured in the same run, the dense
     model, on our C++ decode path (int8 embeddings; 32-token prompt of Persuasion, 128 new tokens,
     median of `repeat` interleaved rounds), and with_llama llama-bench on the importance-matrix GGUFs and Q4_1 (after
