@@ -117,12 +117,16 @@ def _phases(entries: list, true_sequential, name: str) -> ProgressiveRecipe:
             if not group:
                 raise RecipeError(f"stages[{index}]: a finetune stage follows a compression stage (nothing to fine-tune yet)")
             recipe = Recipe(tuple(group), true_sequential, name)
-            if any(s.method in QUANT_METHODS for s in recipe.stages):
+            # vq is the exception: its codes stay and its codebooks train (AQLM's end-to-end fine-tuning)
+            if any(s.method in QUANT_METHODS and s.method != "vq" for s in recipe.stages):
                 raise RecipeError(f"stages[{index}]: fine-tuning after quantization would move the weights off "
                                   f"their grid: quantize last, or use `secateurs finetune --qat`")
             phases.append((recipe, finetune_from_dict(entry["finetune"], f"stages[{index}].finetune")))
             group = []
         else:
+            if any(s.method == "vq" for recipe, _ in phases for s in recipe.stages):
+                raise RecipeError(f"stages[{index}]: after a vq phase and its fine-tuning nothing else compresses "
+                                  f"(it would code the codebooks' values again)")
             group.append(stage_from_entry(entry, f"stages[{index}]"))
     if group:
         if phases and any(s.method == "vq" for s in group):

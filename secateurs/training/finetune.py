@@ -23,10 +23,10 @@ from secateurs.data.corpus import load_text, tokenize
 from secateurs.errors import SecateursError
 from secateurs.formats import FORMATS, StoragePlan, decompress, read_compressed, save_compressed
 from secateurs.models import LoadedModel, is_compressed_directory, load_model, save_model
-from secateurs.runtime.vq_weight import attach_vq_weights, detach_vq_weights
-from secateurs.training.masks import MaskSet, block_linear_layers, masks_from_zeros
-from secateurs.training.qat import attach_fake_quant, bake_fake_quant, weight_parameter
+from secateurs.training.masks import MaskSet, block_linear_layers
+from secateurs.training.qat import attach_fake_quant, bake_fake_quant
 from secateurs.training.trainer import TrainConfig, Trainer, TrainResult
+from secateurs.training.vq_training import attach_codebook_training, detach_codebook_training, masks_besides_vq
 
 TRAINING_SUFFIX = ".training"
 
@@ -79,28 +79,17 @@ def finetune(model: str | Path, output_dir: str | Path, config: TrainConfig, tea
     if qat and not plan.grids:
         raise SecateursError(f"{model}: quantization-aware training needs a quantized model (it has no grids)")
     layers = block_linear_layers(loaded.model)
-    coded_layers = {name: layers[name] for name in plan.vq}
-    others = {name: module for name, module in layers.items() if name not in plan.vq}
-    has_zeros = any(bool((weight_parameter(module) == 0).any()) for module in others.values())
-    masks: MaskSet | None = None
-    if not dense and (has_zeros or not plan.vq):  # a vq model without pruned layers has no mask to keep
-        masks = masks_from_zeros(loaded.model, nm=plan.nm or None, layers=others)
+    masks: MaskSet | None = None if dense else masks_besides_vq(loaded.model, layers, plan.vq, plan.nm)
     if qat:
         attach_fake_quant(layers, plan)
-    coded = attach_vq_weights(coded_layers, plan.vq)
-    if coded:  # the embeddings (and a tied head) are stored dense and shared with the decode path's copy
-        for module in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()):
-            if module is not None:
-                module.weight.requires_grad_(False)
+    coded = attach_codebook_training(loaded.model, layers, plan.vq)
     token_ids = tokenize(loaded.tokenizer, load_text(data))
     training_dir = output.with_name(output.name + TRAINING_SUFFIX)
     trainer = Trainer(loaded.model, token_ids, config, teacher=teacher_model, masks=masks, output_dir=training_dir,
                       device=device, progress=progress)
     result = trainer.train(resume=resume)
     loaded.model.to("cpu")
-    if coded:
-        plan.vq.update({name: parametrization.stored() for name, parametrization in coded.items()})
-        detach_vq_weights(coded_layers, plan.vq)
+    plan.vq.update(detach_codebook_training(layers, coded))
     if plan.grids and not qat:
         attach_fake_quant(layers, plan)  # round the fine-tuned weights onto the stored grids
     bake_fake_quant(layers)

@@ -16,10 +16,11 @@ import torch
 from secateurs.algorithms.magnitude import magnitude_mask
 from secateurs.algorithms.obert import FisherInverseBuilder, obert_prune
 from secateurs.training.losses import LossWeights
-from secateurs.training.masks import MaskSet, masks_from_zeros
+from secateurs.training.masks import MaskSet, block_linear_layers
 from secateurs.training.qat import weight_parameter
 from secateurs.training.schedules import cubic_sparsity
 from secateurs.training.trainer import TrainConfig, Trainer, TrainResult, to_device
+from secateurs.training.vq_training import attach_codebook_training, detach_codebook_training, masks_besides_vq
 
 
 @dataclass
@@ -48,11 +49,17 @@ def progressive_prune(model, compress, recipes: list, calibration: torch.Tensor,
         if config is None:  # a last phase without training (e.g. quantization after the pruning phases)
             results.append(StageResult(recipe, report, None))
             continue
-        masks = masks_from_zeros(model, nm=report.storage_plan().nm or None)
+        plan = report.storage_plan()
+        layers = block_linear_layers(model)
+        masks = masks_besides_vq(model, layers, plan.vq, plan.nm)
+        coded = attach_codebook_training(model, layers, plan.vq)  # a vq phase: its codebooks train, codes fixed
         stage_dir = Path(output_dir) / f"stage-{index + 1}" if output_dir is not None else None
         trainer = Trainer(model, token_ids, config, teacher=teacher, masks=masks, output_dir=stage_dir,
                           progress=progress, description=f"stage {index + 1}")
-        results.append(StageResult(recipe, report, trainer.train(resume=resume)))
+        training = trainer.train(resume=resume)
+        # the trained codebooks replace the phase's in its report, which the stored file is made from
+        report.vq.update(detach_codebook_training(layers, coded))
+        results.append(StageResult(recipe, report, training))
     return results
 
 

@@ -52,3 +52,29 @@ def test_progressive_recipes_are_checked_first(tmp_path):
     with pytest.raises(SecateursError, match="runs in memory"):
         secateurs.oneshot(str(model_dir), [{"wanda": {"sparsity": 0.5}}, {"finetune": {"steps": 1}}], calibration(),
                           tmp_path / "out", stream=True, progress=False)
+
+
+def test_vq_phase_with_end_to_end_finetuning(tmp_path):
+    """[vq, finetune]: the codes of the one-shot vq run stay, the codebooks train (KL to the original
+    model), the file is the vq format decoding to the trained model; compressing after it is refused."""
+    from secateurs.training.finetune import storage_plan_of
+
+    model_dir = save_tiny(tmp_path / "dense")
+    (tmp_path / "train.txt").write_text(word_text(3000, seed=4))
+    vq = {"vq": {"codebooks": 1, "bits": 4, "group_size": 8, "rounds": 1, "adam_steps": 2}}
+    finetune = {"steps": 4, "batch": 2, "seqlen": 16, "lr": 3e-3, "loss": "kl", "data": str(tmp_path / "train.txt")}
+    secateurs.oneshot(str(model_dir), [vq], calibration(), tmp_path / "oneshot", progress=False)
+    result = secateurs.oneshot(str(model_dir), [vq, {"finetune": finetune}], calibration(), tmp_path / "tuned",
+                               progress=False)
+    before, after = storage_plan_of(tmp_path / "oneshot"), storage_plan_of(tmp_path / "tuned")
+    assert sorted(after.vq) == sorted(before.vq) and after.vq
+    moved = 0
+    for name, (codes, books, scales) in before.vq.items():
+        assert torch.equal(after.vq[name][0], codes), name
+        moved += int((after.vq[name][1] != books).sum() + (after.vq[name][2] != scales).sum())
+    assert moved > 0
+    loaded = secateurs.load(tmp_path / "tuned")
+    for name in after.vq:
+        assert torch.equal(loaded.get_submodule(name).to_dense(), result.model.get_submodule(name).weight.detach()), name
+    with pytest.raises(RecipeError, match="nothing else compresses"):
+        load_recipe([vq, {"finetune": finetune}, {"gptq": {"bits": 4}}])
