@@ -17,7 +17,7 @@ to benchmarks/results/tasks.json; a rerun only fills in missing rows (`--force` 
 A row runs in shards of 1,000 documents, each kept as it finishes in benchmarks/results/tasks-shards/
 (per-document outcomes, committed), so a whole-set run that is killed, or continued in a later
 session on another machine, picks up at its next shard. The same command started twice (one thread
-each) splits a row's shards between the two processes (claim files beside the shards).
+each) splits a row's shards between the two processes (each shard's output lock, io.OutputLock).
 
     nice .venv/bin/python benchmarks/tasks.py [--variants dense sparsegpt-50 ...] [--tasks ...]
         [--subset 500] [--engine secateurs|lm-eval] [--markdown-only]
@@ -163,42 +163,14 @@ def merge_shards(task: str, shards: list[dict]) -> dict:
     return row | {"seconds": sum(shard["seconds"] for shard in shards)}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claim_shard(path: Path) -> bool:
-    """Whether this process scores the shard stored at `path`: it takes the shard's claim file
-    (path.claim, not committed) unless a live process holds it, so several workers started on the
-    same whole set share its shards. A claim whose process is gone is taken over."""
-    claim = path.with_suffix(".claim")
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            handle = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = claim.read_text().strip() if claim.is_file() else ""
-            if holder.isdigit() and not _alive(int(holder)):
-                claim.unlink(missing_ok=True)  # its worker was killed: take it over
-                continue
-            return False  # held (or being written this instant) by another worker
-        with os.fdopen(handle, "w") as file:
-            file.write(str(os.getpid()))
-        return True
-    return False
-
-
 def run_sharded(engine: str, variant: str, task: str, subset: int | None, force: bool, score_shard) -> dict | None:
     """Every shard of (variant, task): cached ones read back, the others scored by
     `score_shard((start, stop))` -> per_document(...) | {"seconds", ...} and cached as each finishes,
     so a killed whole-set run continues where it stopped. Shards another live worker is scoring are
     left to it: None when any is still missing at the end (that worker's run writes the row)."""
+    from secateurs.errors import SecateursError
+    from secateurs.io import OutputLock
+
     shards = {}
     ranges = _shards(task, subset)
     for number, shard in enumerate(ranges, 1):
@@ -206,7 +178,11 @@ def run_sharded(engine: str, variant: str, task: str, subset: int | None, force:
         if path.is_file() and not force:
             shards[shard] = json.loads(path.read_text())
             continue
-        if not claim_shard(path):
+        # the shard's output lock (flock: a killed worker's lock file is free again) claims it
+        lock = OutputLock(path)
+        try:
+            lock.acquire()
+        except SecateursError:
             print(f"[tasks] {engine} {variant} {task}: documents {shard[0]}-{shard[1]} are being scored by "
                   f"another worker", flush=True)
             continue
@@ -218,7 +194,7 @@ def run_sharded(engine: str, variant: str, task: str, subset: int | None, force:
             write_json(path, record)
             shards[shard] = record
         finally:
-            path.with_suffix(".claim").unlink(missing_ok=True)
+            lock.release()
     for shard in ranges:  # what other workers finished meanwhile
         path = _shard_path(engine, variant, task, subset, shard)
         if shard not in shards and path.is_file():

@@ -2,7 +2,6 @@
 
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -281,10 +280,9 @@ def test_lm_eval_shards_merge_from_its_per_sample_metrics():
 
 
 def test_two_workers_share_a_rows_shards(tmp_path, monkeypatch):
-    """A shard claimed by a live worker is left to it (no row until every shard is stored); a claim
-    whose process is gone is taken over; stored shards are never scored again."""
-    import subprocess
-    import sys
+    """A shard whose lock a live worker holds is left to it (no row until every shard is stored); the
+    lock file of a killed worker is taken over; stored shards are never scored again."""
+    from secateurs.io import OutputLock
 
     bench = _bench_tasks()
     monkeypatch.setattr(bench, "JSON_PATH", tmp_path / "tasks.json")
@@ -296,18 +294,16 @@ def test_two_workers_share_a_rows_shards(tmp_path, monkeypatch):
         return {"correct": [1.0] * (shard[1] - shard[0]), "correct_norm": None, "lls": None, "seconds": 1.0}
 
     other = bench._shard_path("secateurs", "dense", "piqa", None, (2, 4))
-    other.parent.mkdir(parents=True)
-    other.with_suffix(".claim").write_text(str(os.getppid()))  # a live process holds it
-    assert bench.run_sharded("secateurs", "dense", "piqa", None, False, score) is None
-    assert scored == [(0, 2), (4, 5)] and not other.exists()
-    bench.write_json(other, score((2, 4)))  # the other worker finishes
-    other.with_suffix(".claim").unlink()
+    with OutputLock(other):  # another worker holds it (flock: a second open file conflicts even in-process)
+        assert bench.run_sharded("secateurs", "dense", "piqa", None, False, score) is None
+        assert scored == [(0, 2), (4, 5)] and not other.exists()
+        bench.write_json(other, score((2, 4)))  # the other worker finishes
     merged = bench.run_sharded("secateurs", "dense", "piqa", None, False, score)
     assert merged["n"] == 5 and scored == [(0, 2), (4, 5), (2, 4)]
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     first = bench._shard_path("secateurs", "dense", "piqa", None, (0, 2))
     first.unlink()
-    first.with_suffix(".claim").write_text(gone.stdout.strip())  # a killed worker's claim
+    lock_file = first.with_name(first.name + ".lock")
+    lock_file.write_text("12345\n")  # a killed worker's lock file: no process holds its lock
     assert bench.run_sharded("secateurs", "dense", "piqa", None, False, score)["n"] == 5
-    assert scored[-1] == (0, 2) and not first.with_suffix(".claim").exists()
+    assert scored[-1] == (0, 2) and not lock_file.exists()
