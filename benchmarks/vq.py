@@ -131,11 +131,11 @@ def worker(config: str, rounds: int, block_steps: int = 0, finetune_tokens: int 
                           resume=target.with_name(target.name + ".partial").is_dir())
     seconds = time.perf_counter() - started
     resumed = seconds < 60  # compressed earlier (a finished or resumed run): its own time is in compression.json
-    finetuned = {}
+    scored, finetuned = target, {}
     if finetune_tokens:
-        tuned, tune_seconds = finetune_vq(target, finetune_tokens)
+        scored, tune_seconds = finetune_vq(target, finetune_tokens)
         finetuned = {"finetune_tokens": finetune_tokens, "finetune_seconds": tune_seconds, "finetune": FINETUNE | {"loss": "kl"}}
-    model = secateurs.load(finetuned_dir(target, finetune_tokens) if finetune_tokens else target)
+    model = secateurs.load(scored)
     ppl = perplexity(model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
     report = json.loads((target / "compression.json").read_text())
     seconds = report["totals"]["seconds"] if resumed else seconds
