@@ -73,6 +73,10 @@ METHODS = {
     "vq-1x12g4-shared": ("vq", {"codebooks": 1, "bits": 12, "group_size": 4, "shared": True}),
     "vq-1x11g4-shared": ("vq", {"codebooks": 1, "bits": 11, "group_size": 4, "shared": True}),
     "vq-2x5g4-shared": ("vq", {"codebooks": 2, "bits": 5, "group_size": 4, "shared": True}),
+    # AQLM's configurations, affordable once shared: 8-value groups (the same layer set as groups of 4
+    # on both models), 2 or 3 bits of codes plus 2-3 x 256 x 8 float16 values for the whole model
+    "vq-2x8g8-shared": ("vq", {"codebooks": 2, "bits": 8, "group_size": 8, "shared": True}),
+    "vq-3x8g8-shared": ("vq", {"codebooks": 3, "bits": 8, "group_size": 8, "shared": True}),
     # the same codes, then every codebook and scale trained on the dense model's outputs (codes fixed)
     "vq-2x6g4-tuned": ("vq", {"codebooks": 2, "bits": 6, "group_size": 4}),
     "vq-2x5g4-tuned": ("vq", {"codebooks": 2, "bits": 5, "group_size": 4}),
