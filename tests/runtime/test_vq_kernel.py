@@ -7,10 +7,12 @@ from conftest import assert_matches_reference
 from secateurs.runtime import VQLinear, kernels, layouts
 
 # (rows, cols, codebooks, bits, group size): 8-value groups with 1-4 codebooks (the specialized
-# loops, an odd number of groups for AVX-512's pairs), groups of 4 and 16 (generic vector and
-# half-vector loops), 12 and 3 (scalar), 10-bit codebooks (16-bit codes).
-CONFIGS = ((37, 48, 2, 8, 8), (19, 56, 1, 8, 8), (8, 64, 3, 6, 8), (5, 72, 4, 4, 8), (11, 64, 2, 5, 16),
-           (9, 40, 3, 4, 4), (6, 36, 2, 3, 12), (7, 21, 1, 2, 3), (9, 32, 2, 10, 8), (1, 8, 1, 1, 8))
+# loops: 8-byte words of codes, then groups left over, an odd number of groups for AVX-512's
+# pairs, rows of 256 code bytes or more whose next rows are prefetched), groups of 4 and 16
+# (generic vector and half-vector loops), 12 and 3 (scalar), 10-bit codebooks (16-bit codes).
+CONFIGS = ((37, 48, 2, 8, 8), (19, 56, 1, 8, 8), (13, 88, 1, 8, 8), (8, 64, 3, 6, 8), (5, 72, 4, 4, 8),
+           (9, 1040, 2, 8, 8), (6, 1048, 4, 8, 8), (11, 64, 2, 5, 16), (9, 40, 3, 4, 4), (6, 36, 2, 3, 12),
+           (7, 21, 1, 2, 3), (9, 32, 2, 10, 8), (1, 8, 1, 1, 8))
 
 
 def random_vq(rows, cols, books, bits, group, generator):

@@ -17,6 +17,8 @@
 // codes[2i] q[2i] + codes[2i + 1] q[2i + 1] in int32) and expand_madd(bits, values, q, count)
 // (madd of the int8 values expanded by 2W mask bits, as expand; count = their popcount).
 
+#include <type_traits>
+
 namespace secateurs {
 namespace {
 
@@ -957,6 +959,36 @@ void vq_row_batch(const VQArgs& a, const Code* codes, int64_t r, int64_t first_b
 
 // A codeword's 8 values from float32 or IEEE half codebooks.
 inline F load_codeword(const float* p) { return Simd::load(p); }
+inline F load_codeword(const char* p, float) { return Simd::load(reinterpret_cast<const float*>(p)); }
+inline F load_codeword(const char* p, uint16_t) { return Simd::load_half(reinterpret_cast<const uint16_t*>(p)); }
+inline F load_codewords(const char* low, const char* high, float) {
+  return Simd::load_halves(reinterpret_cast<const float*>(low), reinterpret_cast<const float*>(high));
+}
+inline F load_codewords(const char* low, const char* high, uint16_t) {
+  return Simd::load_halves(reinterpret_cast<const uint16_t*>(low), reinterpret_cast<const uint16_t*>(high));
+}
+
+// Calls fn(std::integral_constant<int, k>{}) for k = 0 .. N - 1, unrolled at compile time.
+template <int N, int K = 0, class Fn>
+inline void unrolled(Fn&& fn) {
+  if constexpr (K < N) {
+    fn(std::integral_constant<int, K>{});
+    unrolled<N, K + 1>(fn);
+  }
+}
+
+// The byte offset of code kCode of a little-endian word of 8 codes in its codebook of 8-value
+// codewords of type Book: one shift and one mask, where reading the code alone would take a byte
+// load and a shift (the word is one load for 8 / kBooks groups of a row).
+template <class Book, int kCode>
+inline size_t code_offset(uint64_t word) {
+  constexpr int kScale = sizeof(Book) == 2 ? 4 : 5;  // log2 of a codeword's bytes
+  constexpr uint64_t kMask = uint64_t{0xFF} << kScale;
+  if constexpr (8 * kCode >= kScale)
+    return static_cast<size_t>((word >> (8 * kCode - kScale)) & kMask);
+  else
+    return static_cast<size_t>((word << (kScale - 8 * kCode)) & kMask);
+}
 inline F load_codeword(const uint16_t* p) { return Simd::load_half(p); }
 inline float codeword_value(const float* p) { return *p; }
 inline float codeword_value(const uint16_t* p) { return Simd::half_value(*p); }
@@ -997,6 +1029,46 @@ void vq_tile_g8(const VQArgs& a, const Book* values, const uint8_t* codes, int64
     }
   };
   int64_t j = 0;
+  // Whole 8-byte words of codes per row where a word holds whole steps: on the VQ layers of SmolLM2
+  // (Zen 3, AVX2, 2 codebooks, half codebooks, batch 1) 1.09-1.21x the code-at-a-time loop below.
+  constexpr int kWordGroups = 8 / kBooks;
+  if constexpr (8 % kBooks == 0 && kWordGroups % (kGroups * kChains) == 0) {
+    const char* book_bytes[kBooks];
+    for (int m = 0; m < kBooks; ++m) book_bytes[m] = reinterpret_cast<const char*>(book[m]);
+    // Rows of 256 code bytes or more: the next tile's codes are prefetched a line at a time, where
+    // the hardware prefetcher fell behind four such rows (576 x 1536: 1.02x -> 1.13x the loop below
+    // with the codes streamed from memory; on shorter rows prefetching cost 2-3%).
+    const bool prefetch = per_row >= 256;
+    for (; j + kWordGroups <= groups; j += kWordGroups) {
+      uint64_t word[kRows];
+      for (int i = 0; i < kRows; ++i) std::memcpy(&word[i], codes + i * per_row + j * kBooks, sizeof word[i]);
+      if (prefetch && (j * kBooks) % 64 == 0)
+        for (int i = 0; i < kRows; ++i) __builtin_prefetch(codes + (kRows + i) * per_row + j * kBooks);
+      unrolled<kWordGroups / kGroups>([&](auto step_index) {
+        constexpr int kFirst = decltype(step_index)::value * kGroups;  // the step's first group in the word
+        constexpr int kChain = decltype(step_index)::value % kChains;
+        F xv[kBatch];
+        for (int b = 0; b < kBatch; ++b) xv[b] = Simd::load(x[b] + (j + kFirst) * 8);
+        for (int i = 0; i < kRows; ++i) {
+          F w;
+          unrolled<kBooks>([&](auto book_index) {
+            constexpr int kM = decltype(book_index)::value;
+            const char* low = book_bytes[kM] + code_offset<Book, kFirst * kBooks + kM>(word[i]);
+            F part;
+            if constexpr (kGroups == 2)
+              part = load_codewords(low, book_bytes[kM] + code_offset<Book, (kFirst + 1) * kBooks + kM>(word[i]), Book{});
+            else
+              part = load_codeword(low, Book{});
+            if constexpr (kM == 0)
+              w = part;
+            else
+              w = Simd::add(w, part);
+          });
+          for (int b = 0; b < kBatch; ++b) acc[i][b][kChain] = Simd::fma(w, xv[b], acc[i][b][kChain]);
+        }
+      });
+    }
+  }
   for (; j + step <= groups; j += step)
     for (int chain = 0; chain < kChains; ++chain) accumulate(j + chain * kGroups, chain);
   for (; j + kGroups <= groups; j += kGroups) accumulate(j, 0);
