@@ -959,14 +959,9 @@ void vq_row_batch(const VQArgs& a, const Code* codes, int64_t r, int64_t first_b
 
 // A codeword's 8 values from float32 or IEEE half codebooks.
 inline F load_codeword(const float* p) { return Simd::load(p); }
-inline F load_codeword(const char* p, float) { return Simd::load(reinterpret_cast<const float*>(p)); }
-inline F load_codeword(const char* p, uint16_t) { return Simd::load_half(reinterpret_cast<const uint16_t*>(p)); }
-inline F load_codewords(const char* low, const char* high, float) {
-  return Simd::load_halves(reinterpret_cast<const float*>(low), reinterpret_cast<const float*>(high));
-}
-inline F load_codewords(const char* low, const char* high, uint16_t) {
-  return Simd::load_halves(reinterpret_cast<const uint16_t*>(low), reinterpret_cast<const uint16_t*>(high));
-}
+inline F load_codeword(const uint16_t* p) { return Simd::load_half(p); }
+inline float codeword_value(const float* p) { return *p; }
+inline float codeword_value(const uint16_t* p) { return Simd::half_value(*p); }
 
 // Calls fn(std::integral_constant<int, k>{}) for k = 0 .. N - 1, unrolled at compile time.
 template <int N, int K = 0, class Fn>
@@ -989,9 +984,12 @@ inline size_t code_offset(uint64_t word) {
   else
     return static_cast<size_t>((word << (kScale - 8 * kCode)) & kMask);
 }
-inline F load_codeword(const uint16_t* p) { return Simd::load_half(p); }
-inline float codeword_value(const float* p) { return *p; }
-inline float codeword_value(const uint16_t* p) { return Simd::half_value(*p); }
+
+// The codeword of code kCode of `word` in `book`.
+template <int kCode, class Book>
+inline const Book* word_codeword(const Book* book, uint64_t word) {
+  return reinterpret_cast<const Book*>(reinterpret_cast<const char*>(book) + code_offset<Book, kCode>(word));
+}
 
 template <int kBooks, int kRows, int kBatch, int kChains, class Book>
 void vq_tile_g8(const VQArgs& a, const Book* values, const uint8_t* codes, int64_t r, int64_t first_batch) {
@@ -1029,12 +1027,11 @@ void vq_tile_g8(const VQArgs& a, const Book* values, const uint8_t* codes, int64
     }
   };
   int64_t j = 0;
-  // Whole 8-byte words of codes per row where a word holds whole steps: on the VQ layers of SmolLM2
-  // (Zen 3, AVX2, 2 codebooks, half codebooks, batch 1) 1.09-1.21x the code-at-a-time loop below.
+  // Whole 8-byte words of codes per row where a word holds whole steps: on SmolLM2's VQ layer shapes
+  // (Zen 3, AVX2, half codebooks, batch 1, through the C entry point) 1.02-1.09x the code-at-a-time
+  // loop below with 2 codebooks, 1.14-1.54x with 4.
   constexpr int kWordGroups = 8 / kBooks;
   if constexpr (8 % kBooks == 0 && kWordGroups % (kGroups * kChains) == 0) {
-    const char* book_bytes[kBooks];
-    for (int m = 0; m < kBooks; ++m) book_bytes[m] = reinterpret_cast<const char*>(book[m]);
     // Rows of 256 code bytes or more: the next tile's codes are prefetched a line at a time, where
     // the hardware prefetcher fell behind four such rows (576 x 1536: 1.02x -> 1.13x the loop below
     // with the codes streamed from memory; on shorter rows prefetching cost 2-3%).
@@ -1053,12 +1050,12 @@ void vq_tile_g8(const VQArgs& a, const Book* values, const uint8_t* codes, int64
           F w;
           unrolled<kBooks>([&](auto book_index) {
             constexpr int kM = decltype(book_index)::value;
-            const char* low = book_bytes[kM] + code_offset<Book, kFirst * kBooks + kM>(word[i]);
+            const Book* first = word_codeword<kFirst * kBooks + kM>(book[kM], word[i]);
             F part;
             if constexpr (kGroups == 2)
-              part = load_codewords(low, book_bytes[kM] + code_offset<Book, (kFirst + 1) * kBooks + kM>(word[i]), Book{});
+              part = Simd::load_halves(first, word_codeword<(kFirst + 1) * kBooks + kM>(book[kM], word[i]));
             else
-              part = load_codeword(low, Book{});
+              part = load_codeword(first);
             if constexpr (kM == 0)
               w = part;
             else
