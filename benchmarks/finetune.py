@@ -265,35 +265,61 @@ def load_rows_dense(eval_tokens: int, work: Path) -> float:
 
 # ---- report ----
 
+def budget_order(budget: dict) -> tuple:
+    """Sections of the report: the largest token budget first, then by learning rate."""
+    return (-budget["tokens"], budget["lr"], budget["eval_tokens"], budget["bf16"])
+
+
 def write_report(args, budget: dict) -> None:
-    rows = [r for r in load_rows() if r["budget"] == budget]
-    protocol = args.eval_tokens == quality.PROTOCOL["eval_tokens"]
+    """finetune.md: one table per budget that has rows (the one just run included), largest first."""
+    everything = load_rows()
+    budgets = [json.loads(b) for b in {json.dumps(r["budget"], sort_keys=True) for r in everything}]
+    if budget not in budgets:
+        budgets.append(budget)
+    budgets.sort(key=budget_order)
     lines = ["# Sparse fine-tuning (SmolLM2-135M, Austen training novels)", "",
-             f"Budget of every row: {budget['tokens']:,} training tokens (batch {budget['batch']} x {budget['seqlen']}, "
-             f"lr {budget['lr']}, warmup {budget['warmup']} steps, linear decay, AdamW, clip 1.0, "
-             f"{'bf16 autocast' if budget['bf16'] else 'float32'}), seed {args.seed}.",
-             "Perplexity: Persuasion, " + (f"the protocol's {args.eval_tokens:,} tokens" if protocol else
-                                          f"**the first {args.eval_tokens:,} tokens only (not the protocol's 40,960)**")
-             + " in windows of 512. r = (ppl_oneshot - ppl) / (ppl_oneshot - ppl_dense_ft).", ""]
-    if budget["tokens"] < 250_000:
-        lines += [f"**This budget is far below the issue's 0.25M tokens** (a smoke-scale run: the trainer measured "
-                  f"about {min((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f}-"
-                  f"{max((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f} tokens/s on "
-                  f"{rows[0]['cpu'] if rows else 'this CPU'}, {rows[0]['threads'] if rows else '?'} threads, shared "
-                  "with other jobs); a later session raises --tokens and reruns the same command.", ""]
-    subsets = {r["task_subset"] for r in rows if r.get("task_mean") is not None}
+             "One table per training budget (token count, learning rate, ...); r = (ppl_oneshot - ppl) / "
+             "(ppl_oneshot - ppl_dense_ft), against the dense model fine-tuned under the same budget.", ""]
+    subsets = {r["task_subset"] for r in everything if r.get("task_mean") is not None}
     for subset in sorted(subsets):
         reference = dense_task_mean(subset)
         lines += [f"Task mean: accuracy averaged over the seven zero-shot tasks on benchmarks/tasks.py's seeded "
                   f"subset of {subset} documents per task (stderr about 2 points on the mean); the untrained dense "
                   f"model scores {'?' if reference is None else f'{100 * reference:.2f}'} there.", ""]
+    for each in budgets:
+        lines += budget_section([r for r in everything if r["budget"] == each], each, args.seed)
+    lines += ["Rows not yet run are resumed by running the same command again (finished rows are cached, "
+              "a killed row continues from its checkpoint).", ""]
+    from secateurs.io import write_text
+
+    write_text(MD_PATH, "\n".join(lines) + "\n")
+    plot([r for r in everything if r["budget"]["tokens"] >= 250_000], args.work, budget)
+
+
+def budget_section(rows: list[dict], budget: dict, seed: int) -> list[str]:
+    protocol = budget["eval_tokens"] == quality.PROTOCOL["eval_tokens"]
+    eval_tokens = budget["eval_tokens"]
+    lines = [f"## {budget['tokens']:,} tokens, lr {budget['lr']}", "",
+             f"Budget of every row: {budget['tokens']:,} training tokens (batch {budget['batch']} x {budget['seqlen']}, "
+             f"lr {budget['lr']}, warmup {budget['warmup']} steps, linear decay, AdamW, clip 1.0, "
+             f"{'bf16 autocast' if budget['bf16'] else 'float32'}), seed {seed}.",
+             "Perplexity: Persuasion, " + (f"the protocol's {eval_tokens:,} tokens" if protocol else
+                                          f"**the first {eval_tokens:,} tokens only (not the protocol's 40,960)**")
+             + " in windows of 512.", ""]
+    if budget["tokens"] < 250_000:
+        lines += [f"**This budget is far below the issue's 0.25M tokens** (a smoke-scale run: the trainer measured "
+                  f"about {min((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f}-"
+                  f"{max((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f} tokens/s on "
+                  f"{rows[0]['cpu'] if rows else 'this CPU'}, {rows[0]['threads'] if rows else '?'} threads, shared "
+                  "with other jobs).", ""]
     lines += ["| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | task mean | sparsity | train s | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for variant, loss, qat in ROW_ORDER:
         row = find(rows, variant, loss, qat, budget)
-        if row is None:
-            lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | | |")
+        if row is None:  # the issue's budget lists what is still owed; smoke budgets only what ran
+            if budget["tokens"] >= 250_000:
+                lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | not run yet | | | | | | | |")
             continue
         rec = row.get("recovery") if variant != "dense" else None
         oneshot = row["ppl_oneshot"]
@@ -308,15 +334,12 @@ def write_report(args, budget: dict) -> None:
                      f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | "
                      f"{task_mean} | {row['sparsity']:.4f} | "
                      f"{row.get('train_seconds', 0):.0f} | {row['tokens_per_s'] or 0:.1f} |")
-    lines += ["", *notes, "", "Rows not yet run are resumed by running the same command again (finished rows are cached, "
-              "a killed row continues from its checkpoint).", ""]
-    from secateurs.io import write_text
-
-    write_text(MD_PATH, "\n".join(lines) + "\n")
-    plot(rows, args.work)
+    return lines + ["", *notes, ""]
 
 
-def plot(rows: list[dict], work) -> None:
+def plot(rows: list[dict], work, budget: dict) -> None:
+    """Perplexity before and after by row (every 0.25M-token budget, labelled by lr), and the loss
+    curves of the budget just run."""
     try:
         import matplotlib
 
@@ -325,7 +348,9 @@ def plot(rows: list[dict], work) -> None:
     except ImportError:
         return
     figure, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['variant']}\n{r['loss']}{'/qat' if r['qat'] else ''}" for r in rows]
+    rows = sorted(rows, key=lambda r: (budget_order(r["budget"]), ROW_ORDER.index(
+        (r["variant"], r["loss"], r["qat"]))))
+    labels = [f"{r['variant']}\n{r['loss']}{'/qat' if r['qat'] else ''}\nlr {r['budget']['lr']:g}" for r in rows]
     bars.bar(range(len(rows)), [r["ppl_oneshot"] for r in rows], color="#bbb", label="one-shot")
     bars.bar(range(len(rows)), [r["ppl"] for r in rows], width=0.5, color="#3a7", label="after fine-tuning")
     bars.set_xticks(range(len(rows)), labels, fontsize=6)
@@ -334,12 +359,12 @@ def plot(rows: list[dict], work) -> None:
     bars.legend()
     import csv
 
-    for folder in sorted(rows_dir(Path(work), rows[0]["budget"]).glob("*") if rows else []):
+    for folder in sorted(rows_dir(Path(work), budget).glob("*")):
         if (folder / "loss.csv").is_file():
             with open(folder / "loss.csv") as handle:
                 history = list(csv.DictReader(handle))
             curves.plot([int(h["tokens"]) for h in history], [float(h["loss"]) for h in history], label=folder.name)
-    curves.set_xlabel("tokens")
+    curves.set_xlabel(f"tokens (budget {budget['tokens']:,}, lr {budget['lr']:g})")
     curves.set_ylabel("training loss (weighted sum)")
     curves.legend(fontsize=6)
     figure.tight_layout()
@@ -370,7 +395,11 @@ def main() -> None:
               "bf16": args.bf16, "eval_tokens": args.eval_tokens}
     order = [] if args.report else ROW_ORDER
     if args.only and not args.report:  # in the order given
-        order = [row for key in args.only for row in ROW_ORDER if row_key(*row) == key]
+        known = {row_key(*row): row for row in ROW_ORDER}
+        unknown = [key for key in args.only if key not in known]
+        if unknown:
+            parser.error(f"unknown row {unknown[0]!r}; rows: {', '.join(known)}")
+        order = [known[key] for key in args.only]
     for variant, loss, qat in order:
         key = row_key(variant, loss, qat)
         if find(load_rows(), variant, loss, qat, budget) and not args.force:
