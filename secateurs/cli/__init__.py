@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SecateursError(f"SECATEURS_THREADS must be a positive integer (got {threads!r})")
             torch.set_num_threads(int(threads))
         args.run(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every process done, then the group closed
+            from secateurs.pipeline.distributed import leave_process_group
+
+            leave_process_group()
     except SecateursError as exc:
         print(f"secateurs: error: {exc}", file=sys.stderr)
         return 2

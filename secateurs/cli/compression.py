@@ -70,7 +70,7 @@ def _eval_tasks(args) -> None:
 
 def cmd_finetune(args) -> None:
     """Sparse fine-tuning with the zeros held (secateurs.training), every input checked first."""
-    from secateurs.pipeline.distributed import check_device
+    from secateurs.pipeline.distributed import check_device, init_from_environment
     from secateurs.training.finetune import finetune
     from secateurs.training.losses import LossWeights
     from secateurs.training.trainer import TrainConfig
@@ -89,8 +89,9 @@ def cmd_finetune(args) -> None:
                          gradient_checkpointing=args.gradient_checkpointing, losses=losses,
                          checkpoint_every=args.checkpoint_every)
     check_device(args.device)
+    device = init_from_environment(args.device)  # torchrun: data parallel, each process its slice of a batch
     result = finetune(args.model, args.output, config, teacher=args.teacher, data=args.data, qat=args.qat,
-                      dense=args.dense, resume=args.resume, device=args.device or "cpu",
+                      dense=args.dense, resume=args.resume, device=device or "cpu",
                       progress=not VERBOSITY["quiet"])
     trained = result.training
     print(f"fine-tuned {args.model}: {trained.steps} steps, {trained.tokens} tokens, {trained.tokens_per_s:.0f} tokens/s, "

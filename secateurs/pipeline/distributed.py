@@ -56,6 +56,14 @@ def init_from_environment(device: str | None) -> str | None:
     return device
 
 
+def leave_process_group() -> None:
+    """After a successful run under torchrun: wait for every process, then close the group. A gloo
+    group left open can abort a process at interpreter exit, after its work is written."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def layer_cost(rows: int, columns: int, methods: list[str]) -> float:
     """Rough FLOPs to compress one layer: an OBS sweep costs ~rows·columns² plus ~columns³ to
     factor the inverse Hessian; masks and rounding alone cost ~rows·columns."""

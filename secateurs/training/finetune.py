@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from secateurs.data.corpus import load_text, tokenize
 from secateurs.errors import SecateursError
 from secateurs.formats import FORMATS, StoragePlan, decompress, read_compressed, save_compressed
@@ -96,8 +98,12 @@ def finetune(model: str | Path, output_dir: str | Path, config: TrainConfig, tea
     if masks is not None:
         masks.apply()
         masks.check()
-    if masks is None and not plan.grids and not plan.vq:
-        save_model(loaded.model, loaded.tokenizer, output)
-    else:
-        save_compressed(loaded.model, plan, output, loaded.tokenizer, store_dtype=loaded.stored_dtype)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # every process holds the same weights
+        if masks is None and not plan.grids and not plan.vq:
+            save_model(loaded.model, loaded.tokenizer, output)
+        else:
+            save_compressed(loaded.model, plan, output, loaded.tokenizer, store_dtype=loaded.stored_dtype)
+    if distributed:
+        torch.distributed.barrier()
     return FinetuneResult(output, training_dir, result, plan)

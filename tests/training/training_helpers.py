@@ -83,5 +83,6 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         Trainer(student, tokens(), config, teacher=teacher, masks=masks_from_zeros(student), progress=False).train()
         if rank == 0:
             save_file({n: p.detach().contiguous() for n, p in student.named_parameters()}, out)
+        dist.barrier()  # neither process closes the group while the other still uses it
     finally:
         dist.destroy_process_group()
