@@ -113,7 +113,7 @@ def finetune_vq(target: Path, tokens: int) -> tuple[Path, float]:
     return tuned, seconds
 
 
-def worker(config: str, rounds: int, block_steps: int = 0, finetune_tokens: int = 0) -> dict:
+def worker(config: str, rounds: int, block_steps: int = 0, finetune_tokens: int = 0, integer: bool = False) -> dict:
     import torch
 
     import secateurs
@@ -136,13 +136,17 @@ def worker(config: str, rounds: int, block_steps: int = 0, finetune_tokens: int 
         scored, tune_seconds = finetune_vq(target, finetune_tokens)
         finetuned = {"finetune_tokens": finetune_tokens, "finetune_seconds": tune_seconds, "finetune": FINETUNE | {"loss": "kl"}}
     model = secateurs.load(scored)
+    if integer:  # scored as it decodes on int8 codebooks and int8 activations
+        from secateurs.runtime.modules import use_integer_vq
+
+        use_integer_vq(model)
     ppl = perplexity(model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
     report = json.loads((target / "compression.json").read_text())
     seconds = report["totals"]["seconds"] if resumed else seconds
     return {"bits_per_weight": bits, "ppl": ppl.ppl, "eval_tokens": ppl.tokens_evaluated, "seconds": seconds,
             "peak_rss_note": "of the scoring process only" if resumed else "compression and scoring",
             "compression_seconds": report["totals"]["seconds"], "threads": torch.get_num_threads(),
-            "layer_loss": report["totals"]["loss"]} | finetuned
+            "layer_loss": report["totals"]["loss"], "integer": integer} | finetuned
 
 
 LLAMA_TYPES = ("IQ2_XS", "IQ3_XXS", "Q2_K", "Q3_K_S", "Q4_K_S")
@@ -229,10 +233,12 @@ def scalar_rows() -> list[dict]:
     return list(unique.values())
 
 
-def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 7, with_llama: bool = False) -> list[dict]:
+def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 7, with_llama: bool = False,
+                integer: bool = False) -> list[dict]:
     """Decode tokens/s of the VQ models and, as the baseline measured in the same run, the dense
     model, on our C++ decode path (int8 embeddings; 32-token prompt of Persuasion, 128 new tokens,
-    median of `repeat` interleaved rounds), and with_llama llama-bench on the importance-matrix GGUFs and Q4_1 (after
+    median of `repeat` interleaved rounds; with `integer` each VQ model also on int8 codebooks and
+    activations), and with_llama llama-bench on the importance-matrix GGUFs and Q4_1 (after
     32 tokens of context, like ours). Run on a quiet machine: `uptime` goes into every row."""
     import os
     import statistics
@@ -249,6 +255,11 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 7
     for config in configs:
         if (output_dir(config, rounds) / "config.json").is_file():
             models[("vq", config)] = secateurs.load(output_dir(config, rounds))
+            if integer:
+                from secateurs.runtime.modules import use_integer_vq
+
+                models[("vq-int8", config)] = secateurs.load(output_dir(config, rounds))
+                use_integer_vq(models[("vq-int8", config)])
         else:
             models[("vq", f"{config} (codes not fitted)")] = unfitted_vq_model(config)
     prompt = bench_prompt(dense.tokenizer, 32)
@@ -343,7 +354,8 @@ def markdown(rows: list[dict]) -> str:
 
 def tuning(row: dict) -> str:
     block = "no" if not row["block_finetune"] else f"{row['block_steps']} steps" if row.get("block_steps") else "yes"
-    return block + (f" + end to end {row['finetune_tokens']:,} tokens" if row.get("finetune_tokens") else "")
+    return (block + (f" + end to end {row['finetune_tokens']:,} tokens" if row.get("finetune_tokens") else "")
+            + ("; scored on int8 codebooks + int8 activations" if row.get("integer") else ""))
 
 
 def plot(rows: list[dict]) -> None:
@@ -387,11 +399,13 @@ def main() -> None:
                         help="time the decode path instead of compressing (a quiet machine only)")
     parser.add_argument("--llama-cpp", action="store_true",
                         help="add llama.cpp's importance-matrix GGUFs (scripts/llama_cpp.sh makes them)")
+    parser.add_argument("--integer", action="store_true",
+                        help="score (and with --decode, also time) the VQ models on int8 codebooks and int8 activations")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--llama-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rounds, args.block_steps, args.finetune_tokens)))
+        print(json.dumps(worker(args.worker, args.rounds, args.block_steps, args.finetune_tokens, args.integer)))
         return
     if args.llama_worker:
         print(json.dumps(llama_worker(args.llama_worker)))
@@ -400,18 +414,20 @@ def main() -> None:
     if args.llama_cpp and not args.decode:  # quality rows; a --decode pass only times
         rows = llama_rows(rows)
     if args.decode:  # a timing pass: no compression in it (an uncompressed config is timed unfitted)
-        timed = decode_rows(args.only, args.rounds, with_llama=args.llama_cpp)
+        timed = decode_rows(args.only, args.rounds, with_llama=args.llama_cpp, integer=args.integer)
         same_machine = {(r["cpu"], r["kernel_path"]) for r in timed} | {(timed[0]["cpu"], "llama.cpp")}
         rows = store(timed, lambda r: r.get("kind") == "decode" and (r.get("cpu"), r.get("kernel_path")) in same_machine)
     for config in [] if args.decode else args.only:
         if any(r["method"] == "vq" and r["config"] == config and r.get("rounds") == args.rounds and r.get("kind") != "decode"
                and row_init(r) == CODE_INIT and r.get("block_steps", 0) == args.block_steps
-               and r.get("finetune_tokens", 0) == args.finetune_tokens for r in rows):
+               and r.get("finetune_tokens", 0) == args.finetune_tokens and r.get("integer", False) == args.integer
+               for r in rows):
             continue
         print(f"[vq] {config}, {args.rounds} rounds, block fine-tuning {args.block_steps} steps, "
               f"end-to-end fine-tuning {args.finetune_tokens} tokens", flush=True)
         result, rss = _run_child([sys.executable, __file__, "--worker", config, "--rounds", str(args.rounds),
-                                  "--block-steps", str(args.block_steps), "--finetune-tokens", str(args.finetune_tokens)])
+                                  "--block-steps", str(args.block_steps), "--finetune-tokens", str(args.finetune_tokens)]
+                                 + (["--integer"] if args.integer else []))
         rows = store([{"model": PROTOCOL["model"], "engine": "secateurs", "method": "vq", "config": config,
                        "rounds": args.rounds, "init": CODE_INIT, "block_finetune": args.block_steps > 0,
                        "block_steps": args.block_steps, "decode_tok_s": None, "cpu": cpu_name(), "peak_rss_mb": rss}

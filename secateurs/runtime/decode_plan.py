@@ -43,7 +43,7 @@ class LinearStruct(ctypes.Structure):
                 ("mask", PTR), ("row_offsets", PTR), ("row_scale", PTR), ("indices", PTR), ("n", I64),
                 ("m", I64), ("bits", I64), ("group_size", I64), ("scale", PTR), ("zero", PTR),
                 ("bias", PTR), ("codebooks", I64), ("codewords", I64), ("codebook_values", PTR),
-                ("mask_group", I64), ("codebook_half", PTR)]
+                ("mask_group", I64), ("codebook_half", PTR), ("codebook_int8", PTR), ("position_scale", PTR)]
 
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -152,6 +152,8 @@ class PlanBuilder:
             spec.codebooks, spec.codewords, spec.group_size = books, words, group_size
             spec.codebook_values = self.floats(module.codebooks)
             spec.codebook_half = self.keep(module.codebooks_half)
+            if module.codebooks_int8 is not None:
+                spec.codebook_int8, spec.position_scale = self.keep(module.codebooks_int8), self.floats(module.position_scale)
         elif type(module) is nn.Linear:
             weight = module.weight.detach()
             if weight.dtype not in (torch.float32, torch.bfloat16):

@@ -59,7 +59,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
-    library.secateurs_vq_mm.argtypes = head + [i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    library.secateurs_vq_mm.argtypes = head + [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     library.secateurs_sparse_int4_mm.argtypes = head + [i64, ptr, ptr, ptr, ptr, ptr, ptr]
     library.secateurs_obs_span.argtypes = [i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     library.secateurs_causal_attention.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
@@ -310,15 +310,27 @@ def dense_mm(x: Tensor, weight: Tensor, row_scale: Tensor | None = None) -> Tens
                 fallback=fallback)
 
 
-def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor, codebooks_half: Tensor | None = None) -> Tensor:
+def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor, codebooks_half: Tensor | None = None,
+          integer: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Vector-quantized weight (layouts.vq_to_dense): codes [rows, in / g, M], uint8 for up to
     256 codewords, else int16 holding the code's 16 bits; codebooks float32 [M, K, g]; scale
     float32 [rows]. Each group's weights are rebuilt from its codewords and multiplied into x.
     `codebooks_half` (layouts.vq_half_codebooks: the same values as IEEE half bits) lets the kernel
-    read half the bytes; it must hold exactly the codebooks' values."""
+    read half the bytes; it must hold exactly the codebooks' values. `integer` (layouts.
+    vq_int8_codebooks: int8 codebooks and position scales) computes with those and int8 activations
+    instead, as layouts.vq_int8_matmul does: an approximation of the codebooks' product."""
     _check_tensor("codebooks", codebooks, (torch.float32,), (None, None, None))
     if codebooks_half is not None:
         _check_tensor("codebooks_half", codebooks_half, (torch.int16,), tuple(codebooks.shape))
+    if integer is not None:
+        books_int8, position_scale = integer
+        _check_tensor("codebooks_int8", books_int8, (torch.int8,), tuple(codebooks.shape))
+        _check_tensor("position_scale", position_scale, (torch.float32,), (8,))
+        # that one codeword per book sums inside int8 is layouts.vq_int8_codebooks' guarantee (checked
+        # there and by VQLinear): a check per call would cost more than a small layer's product
+        _require(codebooks.shape[2] == 8 and codebooks.shape[1] <= 256 and codebooks.shape[0] <= 4,
+                 "integer codebooks need groups of 8, up to 256 codewords and up to 4 books")
+        _require(codes.shape[1] * 8 <= 131072, "integer codebooks take up to 131072 input columns")
     books, words, group_size = codebooks.shape
     _require(1 <= books <= 16 and 1 <= words <= 65536 and group_size >= 1,
              f"need 1..16 codebooks of 1..65536 codewords, got {books} x {words}")
@@ -329,10 +341,13 @@ def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor, codebooks_
 
     def fallback() -> Tensor:
         unsigned = codes.to(torch.int32) % 65536 if codes.dtype == torch.int16 else codes
+        if integer is not None and bool(torch.isfinite(x.to(torch.float32) * integer[1].repeat(codes.shape[1])).all()):
+            return layouts.vq_int8_matmul(x, unsigned, *integer, scale).to(x.dtype)
         return _dense_matmul(x, layouts.vq_to_dense(unsigned, codebooks, scale))
 
+    books_int8, position_scale = integer if integer is not None else (None, None)
     return _run("secateurs_vq_mm", x, rows, in_features, group_size, books, words, codes, codebooks, codebooks_half,
-                scale, fallback=fallback)
+                books_int8, position_scale, scale, fallback=fallback)
 
 
 def sparse_int4_mm(x: Tensor, bitmask: Tensor, packed: Tensor, row_offsets: Tensor, scale: Tensor, zero: Tensor,

@@ -233,6 +233,45 @@ def vq_half_codebooks(codebooks: Tensor) -> Tensor | None:
     return half.view(torch.int16).contiguous()
 
 
+def vq_int8_codebooks(codebooks: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Integer codebooks for decode (the kernels' codebook_int8): int8 [M, K, 8] and a float32 scale
+    per position of a group [8], codebooks ~ int8 * scale, where at every position the books'
+    largest magnitudes sum to at most 127, so one codeword per book always sums inside int8. None
+    where the layout has no integer kernel (groups other than 8 values, over 256 codewords or 4 books).
+    Rounding the codebooks changes the weights: a model decoded this way is scored with it."""
+    books, words, group_size = codebooks.shape
+    if group_size != 8 or words > 256 or books > 4:
+        return None
+    codebooks = codebooks.detach().to(torch.float32)
+    largest = codebooks.abs().amax(dim=1).sum(dim=0)  # [8]
+    # each book's largest |int8| rounds up by at most 1/2: M books stay within 128 - M/2 <= 127
+    scale = torch.where(largest > 0, largest / (128 - books), torch.ones_like(largest))
+    codes = torch.round(codebooks / scale).clamp(-127, 127)
+    _require(int(codes.abs().amax(dim=1).sum(dim=0).max()) <= 127, "integer codebooks overflow int8")  # the bound above
+    return codes.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def vq_int8_matmul(x: Tensor, codes: Tensor, codebooks_int8: Tensor, position_scale: Tensor, scale: Tensor) -> Tensor:
+    """x @ W.T as the integer VQ kernels compute it, in float64 (exact for int8 sums): each activation
+    row times the position scales rounded to int8 with one scale (its largest magnitude -> 127), its
+    integer dot product with the books' int8 sums, times that scale and the row scale. x finite (the
+    kernels run a call with a row that is not on the float codebooks)."""
+    rows, groups, books = codes.shape
+    cols = groups * 8
+    flat = x.reshape(-1, cols).to(torch.float32)
+    scaled = flat * position_scale.to(torch.float32).repeat(groups)
+    largest = scaled.abs().amax(dim=1, keepdim=True)
+    tiny = largest < 1e-30
+    inverse = torch.where(tiny, torch.zeros_like(largest), torch.tensor(127.0) / largest)
+    q = torch.round((scaled * inverse).clamp(-127.0, 127.0))
+    x_scale = torch.where(tiny, torch.zeros_like(largest), largest / torch.tensor(127.0))
+    weights = codebooks_int8[0].to(torch.int32)[codes[..., 0].long()]
+    for m in range(1, books):
+        weights = weights + codebooks_int8[m].to(torch.int32)[codes[..., m].long()]
+    dot = (q.to(torch.float64) @ weights.reshape(rows, cols).to(torch.float64).T).to(torch.float32)
+    return (scale.to(torch.float32) * (x_scale * dot)).reshape(*x.shape[:-1], rows)
+
+
 def check_vq(codes: Tensor, codebooks: Tensor, scale: Tensor) -> None:
     _require(codes.dim() == 3 and not codes.is_floating_point(), "codes must be an integer tensor [rows, groups, M]")
     _require(codebooks.dim() == 3 and codebooks.shape[0] == codes.shape[2],

@@ -334,6 +334,7 @@ class VQLinear(CompressedLinear):
         self.register_buffer("codes", stored.contiguous())
         self.register_buffer("codebooks", codebooks.to(torch.float32).contiguous())
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
+        self.integer = False
         self._refresh_half_codebooks()
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_half_codebooks())
 
@@ -341,6 +342,17 @@ class VQLinear(CompressedLinear):
         # not saved: derived from the codebooks whenever they are set (construction, load_state_dict)
         half = layouts.vq_half_codebooks(self.codebooks)
         self.register_buffer("codebooks_half", half, persistent=False)
+        books = layouts.vq_int8_codebooks(self.codebooks) if self.integer else None
+        self.register_buffer("codebooks_int8", None if books is None else books[0], persistent=False)
+        self.register_buffer("position_scale", None if books is None else books[1], persistent=False)
+
+    def use_integer_codebooks(self, on: bool = True) -> bool:
+        """Compute with int8 codebooks and int8 activations (layouts.vq_int8_codebooks: about 1.3x
+        the float codebooks' tile on AVX2, and a measured perplexity cost; see benchmarks/results/
+        vq.md). False where the layout has no integer kernel (it then stays on float codebooks)."""
+        self.integer = on
+        self._refresh_half_codebooks()
+        return self.codebooks_int8 is not None
 
     def unpacked_codes(self) -> Tensor:
         """int32 [out, in / g, M] in [0, K)."""
@@ -348,7 +360,8 @@ class VQLinear(CompressedLinear):
         return codes % 65536 if self.codes.dtype == torch.int16 else codes
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("vq_mm")(x, self.codes, self.codebooks, self.scale, self.codebooks_half)
+        integer = None if self.codebooks_int8 is None else (self.codebooks_int8, self.position_scale)
+        return _kernel("vq_mm")(x, self.codes, self.codebooks, self.scale, self.codebooks_half, integer)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return _cast(layouts.vq_to_dense(self.unpacked_codes(), self.codebooks, self.scale), dtype)
@@ -394,3 +407,9 @@ class SparseInt4Linear(CompressedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def use_integer_vq(model: nn.Module, on: bool = True) -> int:
+    """Every VQLinear of `model` on integer codebooks (VQLinear.use_integer_codebooks), or back on
+    float ones; returns how many layers now compute in integers. A decoder made before keeps its plan."""
+    return sum(module.use_integer_codebooks(on) for module in model.modules() if isinstance(module, VQLinear))

@@ -159,6 +159,11 @@ struct Simd {
     return expand_madd16(bits, values, q, count);
   }
   static int gather_int16(unsigned bits, const int16_t* q, int16_t* out) { return gather_int16x8(bits, q, out); }
+  template <int kBooks>
+  static void vq_int8_rows4(const int8_t* books, int64_t codewords, const uint8_t* codes, int64_t per_row, int64_t groups,
+                            const int8_t* q, int32_t* total) {
+    vq_int8_rows4_avx2<kBooks>(books, codewords, codes, per_row, groups, q, total);
+  }
   // One int4 deinterleave block (16 columns, 8 bytes): low nibbles, then high ones.
   static I madd_int4(const uint8_t* bytes, const int16_t* q) {
     const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));

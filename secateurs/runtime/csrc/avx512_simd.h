@@ -90,6 +90,11 @@ struct Simd512 {
     return join(low, high);
   }
   static int gather_int16(unsigned bits, const int16_t* q, int16_t* out) { return gather_int16x8(bits, q, out); }
+  template <int kBooks>
+  static void vq_int8_rows4(const int8_t* books, int64_t codewords, const uint8_t* codes, int64_t per_row, int64_t groups,
+                            const int8_t* q, int32_t* total) {
+    vq_int8_rows4_avx2<kBooks>(books, codewords, codes, per_row, groups, q, total);
+  }
 
   // AVX-512F has no byte expand (VBMI2 has): the AVX2 two passes, summed in the low half.
   static constexpr int kSparseInt4 = kSparseInt4Spread;

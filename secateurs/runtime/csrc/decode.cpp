@@ -49,6 +49,8 @@ struct LinearSpec {
   // as for bitmask, scale and zero as for quantized, group_size a multiple of 64 (or cols)
   int64_t mask_group;  // bitmask: rows in groups of mask_group share a mask (BitmaskArgs), 0 or 1: none
   const uint16_t* codebook_half;  // vector-quantized: the codebooks as IEEE halves, or nullptr (VQArgs)
+  const int8_t* codebook_int8;    // vector-quantized, integer decode: int8 codebooks, or nullptr (VQArgs)
+  const float* position_scale;    // with codebook_int8: one scale per position of a group
 };
 
 struct LayerSpec {
@@ -480,7 +482,7 @@ class Plan {
           return VQArgs{xa, li.rows, cols, li.group_size, li.codebooks, li.codewords, li.codebook_values,
                         narrow ? static_cast<const uint8_t*>(li.values) : nullptr,
                         narrow ? nullptr : static_cast<const uint16_t*>(li.values), li.row_scale, group[i].y,
-                        li.codebook_half};
+                        li.codebook_half, li.position_scale ? li.codebook_int8 : nullptr, li.position_scale};
         }, [](const VQArgs& a, int64_t r) { return vq_cost(a, r); });
         break;
       }

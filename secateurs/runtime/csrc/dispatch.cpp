@@ -244,7 +244,8 @@ SECATEURS_EXPORT int secateurs_dense_mm(int path, int threads, const void* x, in
 
 SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows, int64_t cols,
                     int64_t group_size, int64_t codebooks, int64_t codewords, const void* codes,
-                    const float* codebook_values, const uint16_t* codebook_half, const float* scale, void* y) {
+                    const float* codebook_values, const uint16_t* codebook_half, const int8_t* codebook_int8,
+                    const float* position_scale, const float* scale, void* y) {
   const bool ok = valid_activation_type(x_type) && batch > 0 && rows >= 0 && group_size > 0 && cols % group_size == 0 &&
                   codebooks >= 1 && codebooks <= 16 && codewords >= 1 && codewords <= 65536;
   return guarded(path, ok, [&](const KernelTable& table) {
@@ -253,7 +254,8 @@ SECATEURS_EXPORT int secateurs_vq_mm(int path, int threads, const void* x, int x
     const bool narrow = codewords <= 256;
     const VQArgs args{xa, rows, cols, group_size, codebooks, codewords, codebook_values,
                       narrow ? static_cast<const uint8_t*>(codes) : nullptr,
-                      narrow ? nullptr : static_cast<const uint16_t*>(codes), scale, nullptr, codebook_half};
+                      narrow ? nullptr : static_cast<const uint16_t*>(codes), scale, nullptr, codebook_half,
+                      position_scale ? codebook_int8 : nullptr, position_scale};
     run_rows(table.vq, args, table.simd_width, threads, y, x_type, [&](int64_t r) { return vq_cost(args, r); });
   });
 }

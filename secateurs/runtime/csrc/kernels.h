@@ -168,7 +168,47 @@ struct VQArgs {
   // nullptr: the group-of-8 tiles then read 16 bytes a codeword instead of 32 (1.17-1.20x on Zen 3,
   // AVX2, where the tile is bound by its codeword loads).
   const uint16_t* codebook_half = nullptr;
+  // Integer decode (layouts.vq_int8_codebooks), else nullptr: the codebooks as int8 [M][codewords][8]
+  // whose sum over the books fits int8 at every position, and one float per position of a group,
+  // codebook ~ int8 * position_scale. Each activation row is then scaled by the position scales and
+  // rounded to int8 with one scale of its own (quantize_vq_int8): y = scale * x_scale * (integer dot).
+  const int8_t* codebook_int8 = nullptr;
+  const float* position_scale = nullptr;
 };
+
+// q = x * position_scale[c % 8] rounded to int8 with one scale for the row (the largest magnitude
+// -> 127); returns that scale, or -1 where x holds a NaN or an infinity (q unusable).
+inline float quantize_vq_int8(const float* x, int64_t cols, const float* position_scale, int8_t* q) {
+  // Branch-free passes the compiler vectorizes: v - v is 0 for a finite v and NaN otherwise.
+  float largest = 0.0f, not_finite = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float v = x[c] * position_scale[c % 8];
+    not_finite += v - v;
+    largest = std::max(largest, std::fabs(v));
+  }
+  if (not_finite != 0.0f) return -1.0f;
+  const float inverse = largest < 1e-30f ? 0.0f : 127.0f / largest;
+  // + 1.5 * 2^23 rounds to an integer, ties to even (torch.round), for |v| <= 127; no libm call per value
+  constexpr float kRound = 12582912.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float v = std::min(127.0f, std::max(-127.0f, x[c] * position_scale[c % 8] * inverse));
+    q[c] = static_cast<int8_t>(static_cast<int32_t>((v + kRound) - kRound));
+  }
+  return largest < 1e-30f ? 0.0f : largest / 127.0f;
+}
+
+// The integer dot product of groups [first, end) of one row (its codes: kBooks bytes a group) with q.
+inline int32_t vq_int8_dot(const int8_t* books, int64_t codewords, int64_t n_books, const uint8_t* codes, int64_t first,
+                           int64_t end, const int8_t* q) {
+  int32_t total = 0;
+  for (int64_t j = first; j < end; ++j)
+    for (int t = 0; t < 8; ++t) {
+      int32_t w = 0;
+      for (int64_t m = 0; m < n_books; ++m) w += books[(m * codewords + codes[j * n_books + m]) * 8 + t];
+      total += w * q[j * 8 + t];
+    }
+  return total;
+}
 
 // IEEE half -> float, exactly (subnormals, infinities and NaN included): the portable path's
 // conversion (the x86 paths convert in hardware, F16C).

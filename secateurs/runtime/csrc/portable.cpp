@@ -126,6 +126,11 @@ struct Simd {
     for (int i = 0; i < W; ++i) codes[i] = bytes[i] & 15, codes[W + i] = bytes[i] >> 4;
     return madd(codes, q);
   }
+  template <int kBooks>
+  static void vq_int8_rows4(const int8_t* books, int64_t codewords, const uint8_t* codes, int64_t per_row, int64_t groups,
+                            const int8_t* q, int32_t* total) {
+    for (int i = 0; i < 4; ++i) total[i] = vq_int8_dot(books, codewords, kBooks, codes + i * per_row, 0, groups, q);
+  }
   static int gather_int16(unsigned bits, const int16_t* q, int16_t* out) {
     int count = 0;
     for (int lane = 0; lane < 8; ++lane)

@@ -1119,7 +1119,48 @@ void vq_rows_typed(const VQArgs& a, const Code* all_codes, int64_t row_begin, in
   }
 }
 
+// Integer decode (VQArgs::codebook_int8) of batch row b, its activations rounded to q with x_scale.
+template <int kBooks>
+void vq_rows_int8(const VQArgs& a, const int8_t* q, float x_scale, int64_t b, int64_t row_begin, int64_t row_end) {
+  const int64_t groups = a.cols / 8, per_row = groups * kBooks, whole = groups / 4 * 4;
+  const auto store = [&](int64_t r, int32_t dot) {
+    dot += vq_int8_dot(a.codebook_int8, a.codewords, kBooks, a.codes8 + r * per_row, whole, groups, q);
+    a.y[b * a.rows + r] = a.scale[r] * (x_scale * static_cast<float>(dot));
+  };
+  int64_t r = row_begin;
+  for (int32_t total[4]; r + 4 <= row_end; r += 4) {
+    Simd::template vq_int8_rows4<kBooks>(a.codebook_int8, a.codewords, a.codes8 + r * per_row, per_row, whole, q, total);
+    for (int i = 0; i < 4; ++i) store(r + i, total[i]);
+  }
+  for (; r < row_end; ++r) store(r, vq_int8_dot(a.codebook_int8, a.codewords, kBooks, a.codes8 + r * per_row, 0, whole, q));
+}
+
+// Every activation row rounded to int8, then vq_rows_int8; false (nothing written) where a row is
+// not finite: the float codebooks run instead.
+inline bool vq_rows_int8(const VQArgs& a, int64_t row_begin, int64_t row_end) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> scales;
+  q.resize(static_cast<size_t>(a.x.batch * a.cols));
+  scales.resize(static_cast<size_t>(a.x.batch));
+  for (int64_t b = 0; b < a.x.batch; ++b) {
+    scales[b] = quantize_vq_int8(a.x.rows + b * a.x.row_stride, a.cols, a.position_scale, q.data() + b * a.cols);
+    if (scales[b] < 0.0f) return false;
+  }
+  for (int64_t b = 0; b < a.x.batch; ++b) {
+    const int8_t* row = q.data() + b * a.cols;
+    switch (a.codebooks) {
+      case 1: vq_rows_int8<1>(a, row, scales[b], b, row_begin, row_end); break;
+      case 2: vq_rows_int8<2>(a, row, scales[b], b, row_begin, row_end); break;
+      case 3: vq_rows_int8<3>(a, row, scales[b], b, row_begin, row_end); break;
+      default: vq_rows_int8<4>(a, row, scales[b], b, row_begin, row_end); break;
+    }
+  }
+  return true;
+}
+
 void vq_rows(const VQArgs& a, int64_t row_begin, int64_t row_end, float*) {
+  if (a.codebook_int8 && a.codes8 && a.group_size == 8 && a.codebooks <= 4 && vq_rows_int8(a, row_begin, row_end))
+    return;
   if (a.codes8 && a.group_size == 8 && a.codebooks <= 4) {
     switch (a.codebooks) {
       case 1: return vq_rows_g8<1>(a, row_begin, row_end);
