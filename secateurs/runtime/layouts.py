@@ -251,8 +251,10 @@ def vq_int8_codebooks(codebooks: Tensor) -> tuple[Tensor, Tensor] | None:
     return codes.to(torch.int8).contiguous(), scale.contiguous()
 
 
-def vq_int8_matmul(x: Tensor, codes: Tensor, codebooks_int8: Tensor, position_scale: Tensor, scale: Tensor) -> Tensor:
-    """x @ W.T as the integer VQ kernels compute it, in float64 (exact for int8 sums): each activation
+def vq_int8_matmul(x: Tensor, codes: Tensor, codebooks_int8: Tensor, position_scale: Tensor, scale: Tensor,
+                   exact: bool = True) -> Tensor:
+    """x @ W.T as the integer VQ kernels compute it, in float64 (exact for int8 sums; with `exact`
+    False in float32, for many rows: the integer dot then rounds past 2^24): each activation
     row times the position scales rounded to int8 with one scale (its largest magnitude -> 127), its
     integer dot product with the books' int8 sums, times that scale and the row scale. x finite (the
     kernels run a call with a row that is not on the float codebooks)."""
@@ -268,7 +270,8 @@ def vq_int8_matmul(x: Tensor, codes: Tensor, codebooks_int8: Tensor, position_sc
     weights = codebooks_int8[0].to(torch.int32)[codes[..., 0].long()]
     for m in range(1, books):
         weights = weights + codebooks_int8[m].to(torch.int32)[codes[..., m].long()]
-    dot = (q.to(torch.float64) @ weights.reshape(rows, cols).to(torch.float64).T).to(torch.float32)
+    wide = torch.float64 if exact else torch.float32
+    dot = (q.to(wide) @ weights.reshape(rows, cols).to(wide).T).to(torch.float32)
     return (scale.to(torch.float32) * (x_scale * dot)).reshape(*x.shape[:-1], rows)
 
 

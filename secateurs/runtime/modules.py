@@ -79,8 +79,12 @@ class CompressedLinear(nn.Module):
             if bias is not None:
                 y.add_(bias)  # y is the kernel's own new tensor: no second [tokens, out_features] buffer
         else:
-            y = F.linear(flat, self.to_dense(x.dtype), bias)
+            y = self._dense_forward(flat, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_forward(self, flat: Tensor, bias: Tensor | None) -> Tensor:
+        """Many rows (or autograd, or another device): the decompressed weight through torch."""
+        return F.linear(flat, self.to_dense(flat.dtype), bias)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -365,6 +369,14 @@ class VQLinear(CompressedLinear):
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return _cast(layouts.vq_to_dense(self.unpacked_codes(), self.codebooks, self.scale), dtype)
+
+    def _dense_forward(self, flat: Tensor, bias: Tensor | None) -> Tensor:
+        if self.codebooks_int8 is None or flat.requires_grad or not torch.isfinite(flat).all():
+            return super()._dense_forward(flat, bias)
+        # the integer numerics at any batch (a perplexity measures the model that decodes)
+        y = layouts.vq_int8_matmul(flat, self.unpacked_codes(), self.codebooks_int8, self.position_scale, self.scale,
+                                   exact=False).to(flat.dtype)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         books, words, _ = self.codebooks.shape

@@ -106,3 +106,16 @@ def test_vq_linear_switches_to_integers_and_back(kernel_path):
     assert torch.equal(model[0](x), layouts.vq_int8_matmul(x, codes, *integer, scale))
     use_integer_vq(model, on=False)
     assert torch.equal(model[0](x), before) and model[0].codebooks_int8 is None
+
+
+def test_many_rows_take_the_integer_numerics_too():
+    """Above the kernel's batch (a perplexity run) VQLinear computes the same integer model in torch."""
+    generator = torch.Generator().manual_seed(7)
+    codes, _, scale = random_vq(16, 64, 2, 8, 8, generator)
+    codebooks, integer = integer_books(2, generator)
+    module = VQLinear(codes, codebooks, scale)
+    module.use_integer_codebooks()
+    x = torch.randn(module.kernel_max_batch + 3, 64, generator=generator)
+    y = module(x)
+    assert torch.allclose(y, layouts.vq_int8_matmul(x, codes, *integer, scale), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, x @ module.to_dense().T, rtol=1e-5, atol=1e-5)  # not the float codebooks
