@@ -150,61 +150,76 @@ inline __m256i spread_int4_madd16(uint64_t bits, const int8_t* spread, const int
 // without saturating (2 * 127 * 127 < 2^15). 1.32-1.51x the half-codebook tile on SmolLM2's shapes
 // (Zen 3, standalone, two books).
 // One BMI1 bextr, in asm: under generic tuning GCC rewrites the intrinsic as a shift and a mask (or a
-// high-byte move), the two uops this loop cannot spare (the library's tile ran 0.97-1.07x the
-// half-codebook one that way, 1.03-1.17x with bextr).
+// high-byte move), the two uops this loop cannot spare.
 template <int kByte>
-inline uint64_t vq_code(const uint64_t* words) {
-  constexpr uint64_t kControl = (8u << 8) | (8u * (kByte % 8));  // length 8, start
+inline uint64_t vq_code(uint64_t word) {
+  static_assert(kByte < 8);
+  constexpr uint64_t kControl = (8u << 8) | (8u * kByte);  // length 8, start
   uint64_t code;
-  asm("bextr %2, %1, %0" : "=r"(code) : "r"(words[kByte / 8]), "r"(kControl));
+  asm("bextr %2, %1, %0" : "=r"(code) : "r"(word), "r"(kControl));
   return code;
 }
 
-// Book kBook's codewords of 4 groups (group g's code of book m is byte g * kBooks + m of `words`):
-// two 8-byte codewords to a 128-bit half.
+// Book kBook's codewords of 4 groups: groups 0 and 1 from the code bytes of `first`, groups 2 and 3
+// from the same byte positions of `second` (the codes from byte 2 * kBooks on), so that only
+// 2 * kBooks bit-field controls stay live.
 template <int kBooks, int kBook>
-inline __m256i vq_int8_codewords(const int8_t* book, const uint64_t* words) {
+inline __m256i vq_int8_codewords(const int8_t* book, uint64_t first, uint64_t second) {
   const auto at = [&](uint64_t code) { return reinterpret_cast<const double*>(book + code * 8); };
-  const __m128i low = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
-                                                        at(vq_code<kBook>(words))))),
-                                                    at(vq_code<kBooks + kBook>(words))));
-  const __m128i high = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(
-                                                         at(vq_code<2 * kBooks + kBook>(words))))),
-                                                     at(vq_code<3 * kBooks + kBook>(words))));
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1);
+  const auto pair = [&](uint64_t word) {
+    const __m128i low = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at(vq_code<kBook>(word))));
+    return _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(low), at(vq_code<kBooks + kBook>(word))));
+  };
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(pair(first)), pair(second), 1);
+}
+
+// The int32 partial sums of one row's 4 groups (codes at `row`) times x (32 int8 activations).
+template <int kBooks>
+inline __m256i vq_int8_step(const int8_t* const* book, const uint8_t* row, __m256i x) {
+  uint64_t first = 0, second = 0;
+  if constexpr (kBooks <= 2) {  // the 4 groups' codes in one word
+    std::memcpy(&first, row, 4 * kBooks);
+    second = first >> (16 * kBooks);
+  } else {
+    std::memcpy(&first, row, 2 * kBooks);
+    std::memcpy(&second, row + 2 * kBooks, 2 * kBooks);
+  }
+  __m256i w = vq_int8_codewords<kBooks, 0>(book[0], first, second);
+  if constexpr (kBooks > 1) w = _mm256_add_epi8(w, vq_int8_codewords<kBooks, 1>(book[1], first, second));
+  if constexpr (kBooks > 2) w = _mm256_add_epi8(w, vq_int8_codewords<kBooks, 2>(book[2], first, second));
+  if constexpr (kBooks > 3) w = _mm256_add_epi8(w, vq_int8_codewords<kBooks, 3>(book[3], first, second));
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
 // total[i] = sum over groups [0, groups) (a multiple of 4) of row i's weights (the books' int8 sum)
-// times q, for the 4 rows whose codes start at codes + i * per_row.
+// times q, for the 4 rows whose codes start at codes + i * per_row. Four named accumulators: as an
+// array GCC kept them on the stack, a store and a load on every step's dependency chain.
 template <int kBooks>
 inline void vq_int8_rows4_avx2(const int8_t* books, int64_t codewords, const uint8_t* codes, int64_t per_row, int64_t groups,
                                const int8_t* q, int32_t* total) {
   const int8_t* book[kBooks];
   for (int m = 0; m < kBooks; ++m) book[m] = books + m * codewords * 8;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   const bool prefetch = per_row >= 256;
   for (int64_t j = 0; j < groups; j += 4) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j * 8));
+    const uint8_t* row = codes + j * kBooks;
     if (prefetch && (j * kBooks) % 64 < 4 * kBooks)
-      for (int i = 0; i < 4; ++i) __builtin_prefetch(codes + (4 + i) * per_row + j * kBooks);
-    for (int i = 0; i < 4; ++i) {
-      uint64_t words[2] = {0, 0};
-      std::memcpy(words, codes + i * per_row + j * kBooks, 4 * kBooks);
-      __m256i w = vq_int8_codewords<kBooks, 0>(book[0], words);
-      if constexpr (kBooks > 1) w = _mm256_add_epi8(w, vq_int8_codewords<kBooks, 1>(book[1], words));
-      if constexpr (kBooks > 2) w = _mm256_add_epi8(w, vq_int8_codewords<kBooks, 2>(book[2], words));
-      if constexpr (kBooks > 3) w = _mm256_add_epi8(w, vq_int8_codewords<kBooks, 3>(book[3], words));
-      const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
-    }
+      for (int i = 4; i < 8; ++i) __builtin_prefetch(row + i * per_row);
+    acc0 = _mm256_add_epi32(acc0, vq_int8_step<kBooks>(book, row, x));
+    acc1 = _mm256_add_epi32(acc1, vq_int8_step<kBooks>(book, row + per_row, x));
+    acc2 = _mm256_add_epi32(acc2, vq_int8_step<kBooks>(book, row + 2 * per_row, x));
+    acc3 = _mm256_add_epi32(acc3, vq_int8_step<kBooks>(book, row + 3 * per_row, x));
   }
-  for (int i = 0; i < 4; ++i) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[i]), _mm256_extracti128_si256(acc[i], 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    total[i] = _mm_cvtsi128_si32(s);
-  }
+  total[0] = hsum_i32(acc0), total[1] = hsum_i32(acc1), total[2] = hsum_i32(acc2), total[3] = hsum_i32(acc3);
 }
 }  // namespace
 }  // namespace secateurs
