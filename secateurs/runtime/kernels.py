@@ -326,11 +326,9 @@ def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor, codebooks_
         books_int8, position_scale = integer
         _check_tensor("codebooks_int8", books_int8, (torch.int8,), tuple(codebooks.shape))
         _check_tensor("position_scale", position_scale, (torch.float32,), (8,))
-        # that one codeword per book sums inside int8 is layouts.vq_int8_codebooks' guarantee (checked
-        # there and by VQLinear): a check per call would cost more than a small layer's product
-        _require(codebooks.shape[2] == 8 and codebooks.shape[1] <= 256 and codebooks.shape[0] <= 4,
-                 "integer codebooks need groups of 8, up to 256 codewords and up to 4 books")
-        _require(codes.shape[1] * 8 <= 131072, "integer codebooks take up to 131072 input columns")
+        # the books' sum fitting int8 is vq_int8_codebooks' guarantee (per call, a check costs a layer)
+        _require(codebooks.shape[2] == 8 and codebooks.shape[1] <= 256 and codebooks.shape[0] <= 4
+                 and codes.shape[1] <= 16384, "integer codebooks: groups of 8, <= 256 words, 4 books, 131072 inputs")
     books, words, group_size = codebooks.shape
     _require(1 <= books <= 16 and 1 <= words <= 65536 and group_size >= 1,
              f"need 1..16 codebooks of 1..65536 codewords, got {books} x {words}")
