@@ -233,22 +233,33 @@ def vq_half_codebooks(codebooks: Tensor) -> Tensor | None:
     return half.view(torch.int16).contiguous()
 
 
-def vq_int8_codebooks(codebooks: Tensor) -> tuple[Tensor, Tensor] | None:
+def vq_int8_codebooks(codebooks: Tensor, codes: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
     """Integer codebooks for decode (the kernels' codebook_int8): int8 [M, K, 8] and a float32 scale
-    per position of a group [8], codebooks ~ int8 * scale, where at every position the books'
-    largest magnitudes sum to at most 127, so one codeword per book always sums inside int8. None
+    per position of a group [8], codebooks ~ int8 * scale, such that one codeword per book sums inside
+    int8: any codewords, or with `codes` [rows, groups, M] the combinations those codes use (a finer
+    scale where the books' extremes never meet; the guarantee then holds for those codes only). None
     where the layout has no integer kernel (groups other than 8 values, over 256 codewords or 4 books).
     Rounding the codebooks changes the weights: a model decoded this way is scored with it."""
     books, words, group_size = codebooks.shape
     if group_size != 8 or words > 256 or books > 4:
         return None
     codebooks = codebooks.detach().to(torch.float32)
-    largest = codebooks.abs().amax(dim=1).sum(dim=0)  # [8]
-    # each book's largest |int8| rounds up by at most 1/2: M books stay within 128 - M/2 <= 127
-    scale = torch.where(largest > 0, largest / (128 - books), torch.ones_like(largest))
-    codes = torch.round(codebooks / scale).clamp(-127, 127)
-    _require(int(codes.abs().amax(dim=1).sum(dim=0).max()) <= 127, "integer codebooks overflow int8")  # the bound above
-    return codes.to(torch.int8).contiguous(), scale.contiguous()
+
+    def rounded(largest: Tensor) -> tuple[Tensor, Tensor]:
+        # every book's term rounds by at most 1/2: a sum of M stays within 128 - M/2 <= 127
+        scale = torch.where(largest > 0, largest / (128 - books), torch.ones_like(largest))
+        return torch.round(codebooks / scale).clamp(-127, 127), scale
+
+    every = codebooks.abs().amax(dim=1).sum(dim=0)  # [8]: the largest sum of any codewords
+    q, scale = rounded(every)
+    if codes is not None and codes.numel():
+        used = vq_to_dense(codes, codebooks, torch.ones(codes.shape[0])).view(-1, 8).abs().amax(dim=0)
+        finer, finer_scale = rounded(torch.minimum(every, used))
+        sums = vq_to_dense(codes, finer, torch.ones(codes.shape[0])).abs().amax()  # integers, exactly
+        if finer.abs().amax() <= 127 and sums <= 127:  # a term clamped at 127 could push a sum over: keep `every`
+            q, scale = finer, finer_scale
+    _require(codes is not None or int(q.abs().amax(dim=1).sum(dim=0).max()) <= 127, "integer codebooks overflow int8")
+    return q.to(torch.int8).contiguous(), scale.contiguous()
 
 
 def vq_int8_matmul(x: Tensor, codes: Tensor, codebooks_int8: Tensor, position_scale: Tensor, scale: Tensor,

@@ -346,7 +346,7 @@ class VQLinear(CompressedLinear):
         # not saved: derived from the codebooks whenever they are set (construction, load_state_dict)
         half = layouts.vq_half_codebooks(self.codebooks)
         self.register_buffer("codebooks_half", half, persistent=False)
-        books = layouts.vq_int8_codebooks(self.codebooks) if self.integer else None
+        books = layouts.vq_int8_codebooks(self.codebooks, self.unpacked_codes()) if self.integer else None
         self.register_buffer("codebooks_int8", None if books is None else books[0], persistent=False)
         self.register_buffer("position_scale", None if books is None else books[1], persistent=False)
 

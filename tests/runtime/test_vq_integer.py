@@ -99,6 +99,7 @@ def test_vq_linear_switches_to_integers_and_back(kernel_path):
     generator = torch.Generator().manual_seed(6)
     codes, _, scale = random_vq(12, 64, 2, 8, 8, generator)
     codebooks, integer = integer_books(2, generator)
+    integer = layouts.vq_int8_codebooks(codebooks, codes)  # VQLinear scales by the sums its codes use
     model = torch.nn.Sequential(VQLinear(codes, codebooks, scale), VQLinear(codes[:, :4], codebooks[:, :, :4].contiguous(), scale))
     x = torch.randn(3, 64, generator=generator)
     before = model[0](x)
@@ -113,9 +114,27 @@ def test_many_rows_take_the_integer_numerics_too():
     generator = torch.Generator().manual_seed(7)
     codes, _, scale = random_vq(16, 64, 2, 8, 8, generator)
     codebooks, integer = integer_books(2, generator)
+    integer = layouts.vq_int8_codebooks(codebooks, codes)
     module = VQLinear(codes, codebooks, scale)
     module.use_integer_codebooks()
     x = torch.randn(module.kernel_max_batch + 3, 64, generator=generator)
     y = module(x)
     assert torch.allclose(y, layouts.vq_int8_matmul(x, codes, *integer, scale), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(y, x @ module.to_dense().T, rtol=1e-5, atol=1e-5)  # not the float codebooks
+
+
+def test_the_codes_in_use_allow_a_finer_scale_that_still_fits():
+    """With the layer's codes, the scale follows the codeword sums that occur (never coarser than
+    the bound over every combination), and every occurring sum still fits int8."""
+    generator = torch.Generator().manual_seed(8)
+    codebooks = torch.randn(2, 256, 8, generator=generator)
+    codes = torch.randint(0, 64, (40, 16, 2), generator=generator)  # the largest codewords mostly unused
+    codebooks[0, 200:] *= 4
+    (q_any, scale_any), (q_used, scale_used) = layouts.vq_int8_codebooks(codebooks), layouts.vq_int8_codebooks(codebooks, codes)
+    assert bool((scale_used <= scale_any).all()) and bool((scale_used < scale_any).any())
+    sums = layouts.vq_to_dense(codes, q_used.float(), torch.ones(40))
+    assert sums.abs().max() <= 127
+    assert (q_used.float() * scale_used - codebooks)[:, :64].abs().max() < (q_any.float() * scale_any - codebooks)[:, :64].abs().max()
+    x = torch.randn(3, 128, generator=generator)
+    y = kernels.vq_mm(x, codes.to(torch.uint8), codebooks, torch.ones(40), None, (q_used, scale_used))
+    assert torch.equal(y, layouts.vq_int8_matmul(x, codes, q_used, scale_used, torch.ones(40)))
