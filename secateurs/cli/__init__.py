@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     decompress.set_defaults(run=cmd_decompress)
 
     embeddings_help = "storage of the embedding matrix and the tied LM head: fp32, bf16 or int8 (per row)"
+    vq_integer_help = ("a vq model's codebooks and activations as int8: faster, at a measured perplexity cost "
+                       "(benchmarks/results/vq.md)")
     generate = commands.add_parser("generate", help="greedy generation on the C++ decode path, streamed to stdout")
     _add_model(generate)
     generate.add_argument("--prompt", required=True)
@@ -184,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--threads", type=int, default=None,
                           help="default: the CPUs other processes leave free (at most torch's thread count)")
     generate.add_argument("--embeddings", choices=("fp32", "bf16", "int8"), default="fp32", help=embeddings_help)
+    generate.add_argument("--vq-integer", action="store_true", help=vq_integer_help)
     generate.set_defaults(run=cmd_generate)
 
     demo = commands.add_parser("demo", help="compress the embedded SmolLM2 and compare perplexity on Persuasion")
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, nargs="+", default=[1])
     bench.add_argument("--repeat", type=int, default=3, help="runs per thread count (the median is printed)")
     bench.add_argument("--embeddings", choices=("fp32", "bf16", "int8"), default="fp32", help=embeddings_help)
+    bench.add_argument("--vq-integer", action="store_true", help=vq_integer_help)
     bench.add_argument("--hf", action="store_true", help="also time transformers' eager generate on the same prompt")
     bench.add_argument("--json", action="store_true", help="also print the medians as JSON")
     bench.set_defaults(run=cmd_bench_decode)

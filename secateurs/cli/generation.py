@@ -62,6 +62,12 @@ def _load_for_generation(args):
         torch.set_num_threads(positive("--threads", args.threads))
     loaded = load_any(args.model)
     loaded.model.eval()
+    if getattr(args, "vq_integer", False):
+        from secateurs.runtime.modules import use_integer_vq
+
+        if not use_integer_vq(loaded.model):
+            raise SecateursError(f"--vq-integer: {args.model} has no vq layer with an integer kernel "
+                                 "(groups of 8, up to 256 codewords and 4 codebooks)")
     return loaded, torch.get_num_threads()
 
 
@@ -134,7 +140,7 @@ def cmd_bench_decode(args) -> None:
     new_tokens = positive("--new-tokens", args.new_tokens)
     repeat = positive("--repeat", args.repeat)
     thread_counts = [positive("--threads", t) for t in args.threads]
-    loaded, _ = _load_for_generation(argparse.Namespace(model=args.model, threads=None))
+    loaded, _ = _load_for_generation(argparse.Namespace(model=args.model, threads=None, vq_integer=args.vq_integer))
     model = loaded.model
     prompt = bench_prompt(loaded.tokenizer, prompt_tokens)
     decoder = DecodeModel.from_model(model, embeddings=args.embeddings, max_length=prompt_tokens + new_tokens,

@@ -559,7 +559,8 @@ def test_cli_errors_are_one_line(saved_llama, capsys):
     path, _, _ = saved_llama
     for arguments, message in ((["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
                                (["--threads", "0"], "--threads must be a positive integer"),
-                               (["--max-new-tokens", "400"], "exceed the model's 160 positions")):
+                               (["--max-new-tokens", "400"], "exceed the model's 160 positions"),
+                               (["--vq-integer"], "has no vq layer with an integer kernel")):
         assert main(["generate", "--model", str(path), "--prompt", PROMPT, *arguments]) == 2
         last = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading progress bar
         assert last.startswith("secateurs: error: ") and message in last
