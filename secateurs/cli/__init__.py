@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="with --tasks: the first N documents of each task")
     evaluate.add_argument("--subset", type=int, default=None,
                           help="with --tasks: N documents of each task after a seeded shuffle (the benchmarks use 500)")
+    evaluate.add_argument("--vq-integer", action="store_true", help="score a vq model on int8 codebooks and activations, "
+                          "as `generate --vq-integer` decodes it")
     evaluate.set_defaults(run=cmd_eval)
 
     tune = commands.add_parser("finetune", help="fine-tune a pruned (or quantized) model with its zeros held, "

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from secateurs.cli.output import VERBOSITY, say
+from secateurs.cli.output import VERBOSITY, load_model_for_running, say
 from secateurs.errors import SecateursError
 
 
@@ -28,7 +28,6 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from secateurs.api import load_any
     from secateurs.data.corpus import load_text, tokenize
     from secateurs.eval.perplexity import check_seqlen, perplexity
 
@@ -36,7 +35,7 @@ def cmd_eval(args) -> None:
         return _eval_tasks(args)
     if args.limit is not None or args.subset is not None:
         raise SecateursError("--limit and --subset select task documents: use them with --tasks")
-    loaded = load_any(args.model)
+    loaded = load_model_for_running(args.model, args.vq_integer)
     check_seqlen(loaded.model, args.seqlen)
     ids = tokenize(loaded.tokenizer, load_text(args.data))
     result = perplexity(loaded.model, ids, args.seqlen, max_tokens=args.max_tokens)
@@ -50,7 +49,6 @@ def cmd_eval(args) -> None:
 
 def _eval_tasks(args) -> None:
     """Zero-shot multiple-choice tasks and LAMBADA (secateurs.eval.tasks), names and data checked first."""
-    from secateurs.api import load_any
     from secateurs.data.tasks import load_docs, select_indices
     from secateurs.eval.tasks import evaluate, format_table, mean_accuracy, parse_tasks
 
@@ -58,7 +56,7 @@ def _eval_tasks(args) -> None:
     select_indices(1, limit=args.limit, subset=args.subset)
     for name in names:
         load_docs(name)  # a task whose data is missing fails before the model loads
-    loaded = load_any(args.model)
+    loaded = load_model_for_running(args.model, args.vq_integer)
     results = evaluate(loaded.model, loaded.tokenizer, names, limit=args.limit, subset=args.subset,
                        progress=not VERBOSITY["quiet"])
     if args.json:

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from secateurs.cli.output import positive, say
+from secateurs.cli.output import load_model_for_running, positive, say
 from secateurs.errors import SecateursError
 
 
@@ -56,18 +56,9 @@ class _TransformersStreamer:
 def _load_for_generation(args):
     import torch
 
-    from secateurs.api import load_any
-
     if args.threads is not None:
         torch.set_num_threads(positive("--threads", args.threads))
-    loaded = load_any(args.model)
-    loaded.model.eval()
-    if getattr(args, "vq_integer", False):
-        from secateurs.runtime.modules import use_integer_vq
-
-        if not use_integer_vq(loaded.model):
-            raise SecateursError(f"--vq-integer: {args.model} has no vq layer with an integer kernel "
-                                 "(groups of 8, up to 256 codewords and 4 codebooks)")
+    loaded = load_model_for_running(args.model, getattr(args, "vq_integer", False))
     return loaded, torch.get_num_threads()
 
 

@@ -21,3 +21,17 @@ def positive(name: str, value: int) -> int:
     return value
 
 
+def load_model_for_running(name: str, vq_integer: bool = False):
+    """load_any(name) in eval mode; with vq_integer its vq layers on int8 codebooks and activations
+    (a one-line error where it has none that can)."""
+    from secateurs.api import load_any
+
+    loaded = load_any(name)
+    loaded.model.eval()
+    if vq_integer:
+        from secateurs.runtime.modules import use_integer_vq
+
+        if not use_integer_vq(loaded.model):
+            raise SecateursError(f"--vq-integer: {name} has no vq layer with an integer kernel "
+                                 "(groups of 8, up to 256 codewords and 4 codebooks)")
+    return loaded
