@@ -351,8 +351,8 @@ class VQLinear(CompressedLinear):
         self.register_buffer("position_scale", None if books is None else books[1], persistent=False)
 
     def use_integer_codebooks(self, on: bool = True) -> bool:
-        """Compute with int8 codebooks and int8 activations (layouts.vq_int8_codebooks: about 1.3x
-        the float codebooks' tile on AVX2, and a measured perplexity cost; see benchmarks/results/
+        """Compute with int8 codebooks and int8 activations (layouts.vq_int8_codebooks: 1.10-1.24x
+        the half-codebook tile on a Zen 3, and a measured perplexity cost; see benchmarks/results/
         vq.md). False where the layout has no integer kernel (it then stays on float codebooks)."""
         self.integer = on
         self._refresh_half_codebooks()
