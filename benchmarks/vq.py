@@ -255,10 +255,12 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 7
     for config in configs:
         if (output_dir(config, rounds) / "config.json").is_file():
             models[("vq", config)] = secateurs.load(output_dir(config, rounds))
-            if integer:
+            if integer:  # the same model, read once, its copy on integer codebooks
+                import copy
+
                 from secateurs.runtime.modules import use_integer_vq
 
-                models[("vq-int8", config)] = secateurs.load(output_dir(config, rounds))
+                models[("vq-int8", config)] = copy.deepcopy(models[("vq", config)])
                 use_integer_vq(models[("vq-int8", config)])
         else:
             models[("vq", f"{config} (codes not fitted)")] = unfitted_vq_model(config)

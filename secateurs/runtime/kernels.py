@@ -339,9 +339,8 @@ def vq_mm(x: Tensor, codes: Tensor, codebooks: Tensor, scale: Tensor, codebooks_
 
     def fallback() -> Tensor:
         unsigned = codes.to(torch.int32) % 65536 if codes.dtype == torch.int16 else codes
-        if integer is not None and bool(torch.isfinite(x.to(torch.float32) * integer[1].repeat(codes.shape[1])).all()):
-            return layouts.vq_int8_matmul(x, unsigned, *integer, scale).to(x.dtype)
-        return _dense_matmul(x, layouts.vq_to_dense(unsigned, codebooks, scale))
+        y = None if integer is None else layouts.vq_int8_matmul(x, unsigned, *integer, scale)  # None: not finite
+        return _dense_matmul(x, layouts.vq_to_dense(unsigned, codebooks, scale)) if y is None else y.to(x.dtype)
 
     books_int8, position_scale = integer if integer is not None else (None, None)
     return _run("secateurs_vq_mm", x, rows, in_features, group_size, books, words, codes, codebooks, codebooks_half,

@@ -252,27 +252,29 @@ def vq_int8_codebooks(codebooks: Tensor, codes: Tensor | None = None) -> tuple[T
 
     every = codebooks.abs().amax(dim=1).sum(dim=0)  # [8]: the largest sum of any codewords
     q, scale = rounded(every)
+    _require(int(q.abs().amax(dim=1).sum(dim=0).max()) <= 127, "integer codebooks overflow int8")  # the bound above
     if codes is not None and codes.numel():
         used = vq_to_dense(codes, codebooks, torch.ones(codes.shape[0])).view(-1, 8).abs().amax(dim=0)
         finer, finer_scale = rounded(torch.minimum(every, used))
         sums = vq_to_dense(codes, finer, torch.ones(codes.shape[0])).abs().amax()  # integers, exactly
         if finer.abs().amax() <= 127 and sums <= 127:  # a term clamped at 127 could push a sum over: keep `every`
             q, scale = finer, finer_scale
-    _require(codes is not None or int(q.abs().amax(dim=1).sum(dim=0).max()) <= 127, "integer codebooks overflow int8")
     return q.to(torch.int8).contiguous(), scale.contiguous()
 
 
 def vq_int8_matmul(x: Tensor, codes: Tensor, codebooks_int8: Tensor, position_scale: Tensor, scale: Tensor,
-                   exact: bool = True) -> Tensor:
+                   exact: bool = True) -> Tensor | None:
     """x @ W.T as the integer VQ kernels compute it, in float64 (exact for int8 sums; with `exact`
     False in float32, for many rows: the integer dot then rounds past 2^24): each activation
     row times the position scales rounded to int8 with one scale (its largest magnitude -> 127), its
-    integer dot product with the books' int8 sums, times that scale and the row scale. x finite (the
-    kernels run a call with a row that is not on the float codebooks)."""
+    integer dot product with the books' int8 sums, times that scale and the row scale. None where a
+    scaled row is not finite: the kernels then run the whole call on the float codebooks."""
     rows, groups, books = codes.shape
     cols = groups * 8
     flat = x.reshape(-1, cols).to(torch.float32)
     scaled = flat * position_scale.to(torch.float32).repeat(groups)
+    if not bool(torch.isfinite(scaled).all()):
+        return None
     largest = scaled.abs().amax(dim=1, keepdim=True)
     tiny = largest < 1e-30
     inverse = torch.where(tiny, torch.zeros_like(largest), torch.tensor(127.0) / largest)

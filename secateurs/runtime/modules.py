@@ -339,10 +339,10 @@ class VQLinear(CompressedLinear):
         self.register_buffer("codebooks", codebooks.to(torch.float32).contiguous())
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
         self.integer = False
-        self._refresh_half_codebooks()
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_half_codebooks())
+        self._refresh_derived_codebooks()
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_derived_codebooks())
 
-    def _refresh_half_codebooks(self) -> None:
+    def _refresh_derived_codebooks(self) -> None:
         # not saved: derived from the codebooks whenever they are set (construction, load_state_dict)
         half = layouts.vq_half_codebooks(self.codebooks)
         self.register_buffer("codebooks_half", half, persistent=False)
@@ -355,7 +355,7 @@ class VQLinear(CompressedLinear):
         the half-codebook tile on a Zen 3, and a measured perplexity cost; see benchmarks/results/
         vq.md). False where the layout has no integer kernel (it then stays on float codebooks)."""
         self.integer = on
-        self._refresh_half_codebooks()
+        self._refresh_derived_codebooks()
         return self.codebooks_int8 is not None
 
     def unpacked_codes(self) -> Tensor:
@@ -371,11 +371,12 @@ class VQLinear(CompressedLinear):
         return _cast(layouts.vq_to_dense(self.unpacked_codes(), self.codebooks, self.scale), dtype)
 
     def _dense_forward(self, flat: Tensor, bias: Tensor | None) -> Tensor:
-        if self.codebooks_int8 is None or flat.requires_grad or not torch.isfinite(flat).all():
-            return super()._dense_forward(flat, bias)
         # the integer numerics at any batch (a perplexity measures the model that decodes)
-        y = layouts.vq_int8_matmul(flat, self.unpacked_codes(), self.codebooks_int8, self.position_scale, self.scale,
-                                   exact=False).to(flat.dtype)
+        y = None if self.codebooks_int8 is None or flat.requires_grad else layouts.vq_int8_matmul(
+            flat, self.unpacked_codes(), self.codebooks_int8, self.position_scale, self.scale, exact=False)
+        if y is None:
+            return super()._dense_forward(flat, bias)
+        y = y.to(flat.dtype)
         return y if bias is None else y + bias
 
     def extra_repr(self) -> str:

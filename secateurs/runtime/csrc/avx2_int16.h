@@ -141,14 +141,14 @@ inline __m256i spread_int4_madd16(uint64_t bits, const int8_t* spread, const int
   return sum;
 }
 
-
 // Integer-codebook VQ (VQArgs::codebook_int8): 4 weight rows against one int8 activation row, 4
 // groups of 8 values (32 bytes) a step. A group's codeword of each book is 8 bytes, so its address is
 // the code scaled by the addressing mode (one bit-field extract per code, where half codebooks need a
 // shift and a mask), two codewords fill a 128-bit half and the books' sum is one byte add: the sum of
 // every position fits int8 (layouts.vq_int8_codebooks), so |w| * sign(x, w) multiplies in vpmaddubsw
-// without saturating (2 * 127 * 127 < 2^15). 1.32-1.51x the half-codebook tile on SmolLM2's shapes
-// (Zen 3, standalone, two books).
+// without saturating (2 * 127 * 127 < 2^15). 1.10-1.24x the half-codebook tile on SmolLM2's shapes
+// (Zen 3, two books, through the C entry point).
+
 // One BMI1 bextr, in asm: under generic tuning GCC rewrites the intrinsic as a shift and a mask (or a
 // high-byte move), the two uops this loop cannot spare.
 template <int kByte>
