@@ -191,7 +191,7 @@ class DecodeModel:
             spec.cos[i], spec.sin[i] = build.keep(cos), build.keep(sin)
 
         status, message = ctypes.c_int(0), ctypes.create_string_buffer(512)
-        plan = self._library.secateurs_decode_create(ctypes.byref(spec), kernels._PATH_IDS[path], threads,
+        plan = self._library.secateurs_decode_create(ctypes.byref(spec), kernels.PATH_IDS[path], threads,
                                                      PREFILL_CHUNK, ctypes.byref(status), message, len(message))
         if not plan:
             detail = message.value.decode(errors="replace")

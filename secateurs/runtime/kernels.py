@@ -3,167 +3,40 @@
 Every kernel computes y = x @ W_hat^T for activations x [batch, in_features] (float32 or bfloat16),
 returns y in x's dtype and accumulates in fp32. Shapes, dtypes, devices and contiguity are checked
 here (ValueError) so that nothing malformed reaches C++; the layout *contents* (popcounts,
-indices) are trusted and checked once by the modules that own them.
-
-The instruction-set path: SECATEURS_KERNEL_PATH=avx512vbmi2|avx512|avx2|portable forces one (KernelPathError
-if this CPU or build lacks it), =torch forces the pure-torch fallback, unset picks the best the CPU
-supports. The variable is read once, at the first kernel call, and kept for the process;
-`reset_kernel_path_override()` makes the next call read it again and `forced_kernel_path(path)`
-forces a path for a block (tests, benchmarks). `last_kernel_path()` tells which path the latest
-call used.
-
-The library is compiled when secateurs is installed (build.py); this module only loads it. When it
-is missing or was built from other sources, kernels warn once and run the pure-torch fallback.
+indices) are trusted and checked once by the modules that own them. Which instruction-set path a
+call takes, and loading the library, is native.py's business (re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
-import os
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from . import layouts
+from .native import (ENV_VAR, NATIVE_PATHS, PATH_IDS, TORCH_PATH, KernelPathError, forced_kernel_path, kernel_path,
+                     last_kernel_path, native_library, raise_for_status, record_path, requested_path,
+                     reset_kernel_path_override, supported_paths)
 
-ENV_VAR = "SECATEURS_KERNEL_PATH"
-NATIVE_PATHS = ("avx512vbmi2", "avx512", "avx2", "portable")  # best first
-TORCH_PATH = "torch"
-_PATH_IDS = {"portable": 0, "avx2": 1, "avx512": 2, "avx512vbmi2": 3}
+__all__ = ["ENV_VAR", "NATIVE_PATHS", "PATH_IDS", "TORCH_PATH", "KernelPathError", "forced_kernel_path", "kernel_path",
+           "last_kernel_path", "native_library", "reset_kernel_path_override", "supported_paths", "ACTIVATIONS", "activate", "attention",
+           "bitmask_mm", "dense_mm", "nm_mm", "obs_span", "quant_mm", "sparse_int4_mm", "vq_mm"]
+
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
-_STATUS_UNSUPPORTED_PATH, _STATUS_INVALID_ARGUMENT, _STATUS_OUT_OF_MEMORY = 1, 2, 3
+# Activations the kernels fuse (kernels.h: Activation), by the names transformers' configs use.
+ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
+_NO_ACTIVATION = 3
 
 
-class KernelPathError(RuntimeError):
-    """The requested kernel path cannot run here."""
-
-
-_library: ctypes.CDLL | None = None
-_library_failed = False
-_library_lock = threading.Lock()
-_last_path: str | None = None
-_override: str | None = None  # SECATEURS_KERNEL_PATH as read at first use ("" when unset); None: not read yet
-
-
-def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    i32, i64, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    head = [i32, i32, ptr, i32, i64, i64, i64]  # path, threads, x, x dtype, batch, rows, cols
-    library.secateurs_path_supported.argtypes = [i32]
-    library.secateurs_bitmask_mm.argtypes = head + [ptr, ptr, i32, ptr, ptr, i64, ptr]
-    library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
-    library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
-    library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
-    library.secateurs_vq_mm.argtypes = head + [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    library.secateurs_sparse_int4_mm.argtypes = head + [i64, ptr, ptr, ptr, ptr, ptr, ptr]
-    library.secateurs_obs_span.argtypes = [i32, i32, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
-    library.secateurs_causal_attention.argtypes = [i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                                                   ctypes.c_float]
-    return library
-
-
-def native_library() -> ctypes.CDLL | None:
-    """The kernel library, loaded on first use; never compiled here. None, with one warning, when
-    it is missing, was built from other sources than those beside it, or fails to load; with
-    CI=true that raises build.BuildError instead."""
-    global _library, _library_failed
-    from . import build  # not at import: `python -m secateurs.runtime.build` imports this package first
-
-    with _library_lock:
-        if _library is None and not _library_failed:
-            try:
-                _library = _declare(ctypes.CDLL(str(_checked_library())))
-            except (build.BuildError, OSError) as error:
-                if os.environ.get("CI", "").lower() == "true":
-                    if isinstance(error, build.BuildError):
-                        raise
-                    raise build.BuildError(f"loading {build.LIBRARY_PATH} failed: {error}") from error
-                _library_failed = True
-                warnings.warn(f"secateurs CPU kernels unavailable, using the slower pure-torch fallback: {error}",
-                              stacklevel=2)
-        return _library
-
-
-def _checked_library() -> Path:
-    """The library's path if it exists and matches its sources, else BuildError saying how to build it."""
-    from . import build
-
-    library = build.LIBRARY_PATH
-    if not library.exists():
-        raise build.BuildError(f"{library} was not built (no C++ compiler when secateurs was installed?); "
-                               f"build it with `{build.REBUILD_COMMAND}`")
-    if build.SOURCE_DIR.is_dir() and build.is_stale(library, build.SOURCE_DIR):
-        raise build.BuildError(f"{library} was built from other sources than those in {build.SOURCE_DIR}; "
-                               f"rebuild it with `{build.REBUILD_COMMAND}`")
-    return library
-
-
-@functools.cache
-def supported_paths() -> tuple[str, ...]:
-    """Native paths this CPU and build can run, best first, then 'torch'."""
-    library = native_library()
-    native = [p for p in NATIVE_PATHS if library is not None and library.secateurs_path_supported(_PATH_IDS[p])]
-    return (*native, TORCH_PATH)
-
-
-def _requested_path() -> str:
-    """SECATEURS_KERNEL_PATH, validated and lower-cased ("" when unset), read at the first call."""
-    global _override
-    if _override is None:
-        requested = os.environ.get(ENV_VAR, "").strip().lower()
-        _check_path_name(requested, f"{ENV_VAR}={requested!r}")
-        _override = requested
-    return _override
-
-
-def _check_path_name(path: str, what: str) -> None:
-    if path and path not in _PATH_IDS and path != TORCH_PATH:
-        raise KernelPathError(f"{what}: expected one of {', '.join(NATIVE_PATHS)}, {TORCH_PATH}")
-
-
-def reset_kernel_path_override() -> None:
-    """Forget the SECATEURS_KERNEL_PATH read so far: the next kernel call reads it again."""
-    global _override
-    _override = None
-
-
-@contextlib.contextmanager
-def forced_kernel_path(path: str | None):
-    """Kernel calls in the block behave as with SECATEURS_KERNEL_PATH=path (None or "": unset),
-    whatever the environment says; the previous state comes back after it. Process-wide, not
-    per thread: for tests and benchmarks."""
-    global _override
-    requested = (path or "").strip().lower()
-    _check_path_name(requested, f"forced kernel path {path!r}")
-    previous, _override = _override, requested
-    try:
-        yield
-    finally:
-        _override = previous
-
-
-def kernel_path() -> str:
-    """The path the next kernel call will take."""
-    requested = _requested_path()
-    if requested == TORCH_PATH:
-        return TORCH_PATH
-    available = supported_paths()
-    if not requested:
-        return available[0]
-    if requested not in available:
-        reason = "the kernel library is unavailable" if native_library() is None else "this CPU lacks it"
-        raise KernelPathError(f"{ENV_VAR}={requested} but {reason}; available: {', '.join(available)}")
-    return requested
-
-
-def last_kernel_path() -> str | None:
-    """The path used by the most recent kernel call in this process (None before any)."""
-    return _last_path
+def activate(y: Tensor, activation: str | None) -> Tensor:
+    """activation(y) as torch computes it (the fallbacks' and the dense paths' epilogue)."""
+    if activation is None:
+        return y
+    if activation == "silu":
+        return torch.nn.functional.silu(y)
+    return torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_pytorch_tanh" else "none")
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -196,9 +69,8 @@ def _check_activations(x: object, in_features: int) -> None:
 
 def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object, fallback) -> Tensor:
     """Calls the native kernel on the active path (or the torch fallback) and records the path."""
-    global _last_path
     path = kernel_path()
-    _last_path = path
+    record_path(path)
     if path == TORCH_PATH:
         return fallback().to(x.dtype)
     y = torch.empty(x.shape[0], rows, dtype=x.dtype)
@@ -206,21 +78,9 @@ def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object
         return y
     pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in arguments]
     status = getattr(native_library(), function_name)(
-        _PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, cols, *pointers, y.data_ptr())
-    _raise_for_status(function_name, status, path)
+        PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, cols, *pointers, y.data_ptr())
+    raise_for_status(function_name, status, path)
     return y
-
-
-def _raise_for_status(function_name: str, status: int, path: str) -> None:
-    """Turn a native kernel's nonzero status into the matching Python exception."""
-    if status == _STATUS_UNSUPPORTED_PATH:
-        raise KernelPathError(f"kernel path {path} is not supported by this CPU")
-    if status == _STATUS_INVALID_ARGUMENT:
-        raise ValueError(f"{function_name}: arguments rejected by the native kernel")
-    if status == _STATUS_OUT_OF_MEMORY:
-        raise MemoryError(f"{function_name}: out of memory")
-    if status != 0:
-        raise RuntimeError(f"{function_name}: unknown status {status} from the native kernel")
 
 
 def _dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
@@ -230,11 +90,14 @@ def _dense_matmul(x: Tensor, weight: Tensor) -> Tensor:
 # --- kernels -----------------------------------------------------------------------------------
 
 def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, in_features: int,
-               row_scale: Tensor | None = None, mask_group: int = 1) -> Tensor:
+               row_scale: Tensor | None = None, mask_group: int = 1, bias: Tensor | None = None,
+               activation: str | None = None) -> Tensor:
     """Bitmask-sparse weight [rows, in_features]: values float32 / bfloat16, or int8 codes with a
     float32 per-row `row_scale` (w = row_scale[r] * v). `mask_group` G > 1 promises that rows in
     groups of G (from row 0) have equal masks (layouts.mask_row_group(bitmask) says which G holds):
-    int8 rows at batch 1 then share one gathering of their kept activations."""
+    int8 rows at batch 1 then share one gathering of their kept activations. Fused epilogue:
+    y = activation(x Wᵀ + bias), bias float32 [rows], activation one of ACTIVATIONS (GELU with erf
+    to 1.5e-7, as the kernels compute it, not to the last bit of torch's)."""
     _check_activations(x, in_features)
     _check_tensor("bitmask", bitmask, (torch.uint8,), (None, (in_features + 7) // 8))
     rows = bitmask.shape[0]
@@ -247,14 +110,18 @@ def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, 
         _require(row_scale is None, f"row_scale is only for int8 values, got {values.dtype} values")
     _require(int(row_offsets[0]) == 0 and int(row_offsets[-1]) == values.numel(),
              f"row_offsets must run from 0 to values.numel() = {values.numel()}")
+    if bias is not None:
+        _check_tensor("bias", bias, (torch.float32,), (rows,))
+    _require(activation is None or activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}")
 
     def fallback() -> Tensor:
         dense = layouts.bitmask_to_dense(bitmask, values, row_offsets, in_features).to(torch.float32)
-        return _dense_matmul(x, dense if row_scale is None else dense * row_scale[:, None])
+        y = _dense_matmul(x, dense if row_scale is None else dense * row_scale[:, None])
+        return activate(y if bias is None else y + bias, activation)
 
     _require(isinstance(mask_group, int) and mask_group >= 1, f"mask_group must be an integer >= 1, got {mask_group!r}")
     return _run("secateurs_bitmask_mm", x, rows, in_features, bitmask, values, _DTYPE_IDS[values.dtype],
-                row_offsets, row_scale, mask_group, fallback=fallback)
+                row_offsets, row_scale, mask_group, bias, ACTIVATIONS.get(activation, _NO_ACTIVATION), fallback=fallback)
 
 
 def nm_mm(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
@@ -381,15 +248,14 @@ def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, 
     [rows] or None. float32 or float64. On a CUDA device the Triton twin runs (gpu_sweep.py) where
     Triton is installed; `fallback()` does the same in torch on the torch path and for tensors on
     other devices or without Triton (a sweep on a GPU stays there)."""
-    global _last_path
     if block.device.type == "cpu":
         path = kernel_path()
     else:
         from . import gpu_sweep  # imports Triton: only for a sweep off the CPU
 
-        path = "triton" if block.device.type == "cuda" and _requested_path() != TORCH_PATH and \
+        path = "triton" if block.device.type == "cuda" and requested_path() != TORCH_PATH and \
             gpu_sweep.triton_available() else TORCH_PATH
-    _last_path = path
+    record_path(path)
     if path == "triton":
         gpu_sweep.obs_span_triton(block, errors, hinv, begin, end, keep, scale, zero, max_code)
         return
@@ -414,16 +280,15 @@ def obs_span(block: Tensor, errors: Tensor, hinv: Tensor, begin: int, end: int, 
         torch.get_num_threads(), 0 if block.dtype == torch.float32 else 1, block.data_ptr(), errors.data_ptr(),
         hinv.data_ptr(), hinv.stride(0), rows, size, begin, end, None if keep is None else keep.data_ptr(),
         None if scale is None else scale.data_ptr(), None if zero is None else zero.data_ptr(), max_code)
-    _raise_for_status("secateurs_obs_span", status, path)
+    raise_for_status("secateurs_obs_span", status, path)
 
 
-def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
-    """Causal self-attention softmax(scale * Q Kᵀ, keys up to each query's position) V for the
-    calibration passes (csrc/attention.cpp): query [batch, heads, seq, dim], key and value
-    [batch, kv_heads, seq, dim] (heads a multiple of kv_heads, any strides with unit stride along
-    dim), float32 on the CPU. Returns [batch, seq, heads, dim] contiguous, the layout attention
-    modules reshape into their output projection's input."""
-    global _last_path
+def attention(query: Tensor, key: Tensor, value: Tensor, scale: float, causal: bool = True,
+              key_mask: Tensor | None = None) -> Tensor:
+    """softmax(scale * Q Kᵀ) V (csrc/attention.cpp), float32 on the CPU: query [batch, heads, seq, dim], key
+    and value [batch, kv_heads, seq, dim] (unit stride along dim). causal: keys up to each query's position;
+    key_mask, bool [batch, seq]: False hides a key from its batch entry's queries (padding; a query with no
+    key left gives 0). Returns [batch, seq, heads, dim] contiguous, as output projections take it."""
     _require(query.dim() == 4 and key.dim() == 4 and value.shape == key.shape, "query, key and value must be 4-d, key and value alike")
     batch, heads, seq, dim = query.shape
     kv_heads = key.shape[1]
@@ -431,19 +296,24 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) ->
              f"key/value {tuple(key.shape)} do not fit query {tuple(query.shape)}")
     _require(all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (query, key, value)),
              "query, key and value must be float32 on the CPU")
+    _require(key_mask is None or (key_mask.dtype == torch.bool and key_mask.shape == (batch, seq)), "key_mask: bool [batch, seq]")
     path = kernel_path()
     # No AVX-512 variant (the AVX2 one runs there); the micro-kernel needs dim in multiples of 16.
     native = TORCH_PATH if path == TORCH_PATH or dim % 16 else "portable" if path == "portable" else "avx2"
-    _last_path = native
+    record_path(native)
     if native == TORCH_PATH:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+        allowed = torch.ones(batch, 1, seq, seq, dtype=torch.bool).tril(0 if causal else seq)
+        allowed = allowed if key_mask is None else allowed & key_mask[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale,
                                                                enable_gqa=heads != kv_heads)
-        return out.transpose(1, 2).contiguous()
+        return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0).transpose(1, 2).contiguous()
     tensors = [t if t.stride(3) == 1 else t.contiguous() for t in (query, key, value)]
+    mask = None if key_mask is None else key_mask.to(torch.uint8).contiguous()  # held until the call returns
     out = torch.empty(batch, seq, heads, dim)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in tensors]
-    status = native_library().secateurs_causal_attention(
-        _PATH_IDS[native], torch.get_num_threads(), tensors[0].data_ptr(), strides[0], tensors[1].data_ptr(), strides[1],
-        tensors[2].data_ptr(), strides[2], out.data_ptr(), batch, seq, heads, kv_heads, dim, scale)
-    _raise_for_status("secateurs_causal_attention", status, native)
+    status = native_library().secateurs_attention(
+        PATH_IDS[native], torch.get_num_threads(), tensors[0].data_ptr(), strides[0], tensors[1].data_ptr(), strides[1],
+        tensors[2].data_ptr(), strides[2], out.data_ptr(), batch, seq, heads, kv_heads, dim, scale, int(causal),
+        None if mask is None else mask.data_ptr())
+    raise_for_status("secateurs_attention", status, native)
     return out

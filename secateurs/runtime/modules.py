@@ -52,6 +52,11 @@ class CompressedLinear(nn.Module):
     # Buffers that must stay float32 when the module is cast (model.to(torch.bfloat16)).
     _float32_buffers: tuple[str, ...] = ()
     kernel_max_batch = KERNEL_MAX_BATCH
+    # Whether _compressed_matmul takes bias and activation and applies them in the kernel.
+    _fuses_epilogue = False
+    # y = activation(x Wᵀ + b) when set (kernels.ACTIVATIONS): an encoder's feed-forward activation
+    # moved into its first linear layer (runtime.encoder.accelerate_encoder).
+    activation: str | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None) -> None:
         super().__init__()
@@ -74,12 +79,16 @@ class CompressedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         use_kernel = (flat.shape[0] <= self.kernel_max_batch and x.dtype in (torch.float32, torch.bfloat16)
                       and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))
-        if use_kernel:
+        if use_kernel and self._fuses_epilogue:
+            y = self._compressed_matmul(flat.contiguous(), None if bias is None else self.bias.to(torch.float32),
+                                        self.activation)
+        elif use_kernel:
             y = self._compressed_matmul(flat.contiguous())
             if bias is not None:
                 y.add_(bias)  # y is the kernel's own new tensor: no second [tokens, out_features] buffer
+            y = kernels.activate(y, self.activation)
         else:
-            y = self._dense_forward(flat, bias)
+            y = kernels.activate(self._dense_forward(flat, bias), self.activation)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _dense_forward(self, flat: Tensor, bias: Tensor | None) -> Tensor:
@@ -95,7 +104,8 @@ class CompressedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        activation = f", activation={self.activation}" if self.activation else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{activation}"
 
 
 def per_row_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,8 +122,10 @@ def _cast(weight: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 class _BitmaskKernelBatch:
-    """Bitmask layers at most SPARSE_GEMM_MAX_DENSITY dense run their kernel at any batch."""
+    """Bitmask layers at most SPARSE_GEMM_MAX_DENSITY dense run their kernel at any batch; the
+    bitmask kernel fuses bias and activation."""
 
+    _fuses_epilogue = True
     values: Tensor
     in_features: int
     out_features: int
@@ -144,8 +156,9 @@ class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
         weight = weight.detach().to(_format_dtype(format, weight))
         return cls(*layouts.bitmask_from_dense(weight), weight.shape[1], bias)
 
-    def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features)
+    def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, bias=bias,
+                                     activation=activation)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return _cast(layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features), dtype)
@@ -201,9 +214,9 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
             self._mask_group = cached
         return cached[1]
 
-    def _compressed_matmul(self, x: Tensor) -> Tensor:
+    def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
         return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
-                                     mask_group=self.mask_group)
+                                     mask_group=self.mask_group, bias=bias, activation=activation)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         codes = layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features)

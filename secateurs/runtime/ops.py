@@ -11,8 +11,9 @@ from . import kernels
 
 @torch.library.custom_op("secateurs::bitmask_mm", mutates_args=())
 def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, in_features: int,
-               row_scale: Optional[Tensor] = None) -> Tensor:
-    return kernels.bitmask_mm(x, bitmask, values, row_offsets, in_features, row_scale)
+               row_scale: Optional[Tensor] = None, mask_group: int = 1, bias: Optional[Tensor] = None,
+               activation: Optional[str] = None) -> Tensor:
+    return kernels.bitmask_mm(x, bitmask, values, row_offsets, in_features, row_scale, mask_group, bias, activation)
 
 
 @torch.library.custom_op("secateurs::nm_mm", mutates_args=())
@@ -42,7 +43,7 @@ def _output_like(x: Tensor, rows: int) -> Tensor:
 
 
 @bitmask_mm.register_fake
-def _(x, bitmask, values, row_offsets, in_features, row_scale=None):
+def _(x, bitmask, values, row_offsets, in_features, row_scale=None, mask_group=1, bias=None, activation=None):
     return _output_like(x, bitmask.shape[0])
 
 

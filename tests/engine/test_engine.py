@@ -345,8 +345,8 @@ def test_native_causal_attention_matches_the_models_own(arch, monkeypatch):
     from secateurs.runtime import kernels
 
     calls = []
-    kernel = kernels.causal_attention
-    monkeypatch.setattr(kernels, "causal_attention", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    kernel = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args, **kw: calls.append(args[0].shape) or kernel(*args, **kw))
     model, ids = tiny(arch), calibration(3)
     padding = torch.ones_like(ids)
     padding[0, -5:] = 0

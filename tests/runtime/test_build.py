@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from secateurs.runtime import build, kernels, layouts
+from secateurs.runtime import build, kernels, layouts, native
 
 # Two sources and a header: the build's parallel compiles, its link with OpenMP and its digest.
 TINY_SOURCES = {
@@ -82,8 +82,8 @@ def unloaded(monkeypatch):
 
     monkeypatch.setattr(build, "build", compile_attempt)
     monkeypatch.setattr(build, "compiler", compile_attempt)
-    monkeypatch.setattr(kernels, "_library", None)
-    monkeypatch.setattr(kernels, "_library_failed", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_library_failed", False)
     monkeypatch.delenv("CI", raising=False)
     kernels.supported_paths.cache_clear()
     with kernels.forced_kernel_path(None):

@@ -440,7 +440,7 @@ def test_native_plan_rejects_an_inconsistent_description():
     spec, status, message = decoder._spec, ctypes.c_int(0), ctypes.create_string_buffer(256)
     spec.head_dim += 2
     try:
-        plan = decoder._library.secateurs_decode_create(ctypes.byref(spec), kernels._PATH_IDS["portable"], 1, 64,
+        plan = decoder._library.secateurs_decode_create(ctypes.byref(spec), kernels.PATH_IDS["portable"], 1, 64,
                                                         ctypes.byref(status), message, len(message))
     finally:
         spec.head_dim -= 2
@@ -448,7 +448,7 @@ def test_native_plan_rejects_an_inconsistent_description():
     assert message.value.decode() == "layer 0 q_proj: unexpected shape"
     spec.n_heads += 1  # no longer a multiple of the key / value heads
     try:
-        plan = decoder._library.secateurs_decode_create(ctypes.byref(spec), kernels._PATH_IDS["portable"], 1, 64,
+        plan = decoder._library.secateurs_decode_create(ctypes.byref(spec), kernels.PATH_IDS["portable"], 1, 64,
                                                         ctypes.byref(status), message, len(message))
     finally:
         spec.n_heads -= 1

@@ -1,15 +1,18 @@
-// Causal self-attention for the calibration passes of the compression engine (fp32, CPU).
+// Self-attention, causal (the calibration passes of the compression engine) or bidirectional with
+// a key padding mask (encoders at inference), fp32 on the CPU.
 //
 // PyTorch's CPU flash attention runs SmolLM2's 512-token windows at about a third of the matmul
 // peak: its query blocks multiply against keys through general GEMM calls with a 64-wide inner
 // dimension. Here each task takes R positions of one (batch, key/value head): the queries of all
 // heads sharing that key/value head, M = R * group rows (t-major), against the keys up to the block's
-// last position, with one register-blocked micro-kernel for both products:
+// last position (all keys when bidirectional), with one register-blocked micro-kernel for both
+// products:
 //   S = (scale * Q) K^T          [M, L]   (K packed transposed once per (batch, kv head))
-//   P = exp(S - rowmax), 0 past each row's own position
-//   O = P V / rowsum             [M, D]
-// Keys past a block's last position are never touched, so the work is the causal half (plus the
-// diagonal block). Output: [batch, seq, heads, head_dim] contiguous, the layout attention modules
+//   P = exp(S + bias - rowmax), 0 past each row's own position when causal; bias is 0 for the
+//       keys a padding mask keeps and -inf for the others
+//   O = P V / rowsum             [M, D]   (a row with no key left gives 0)
+// Causal blocks never touch keys past their last position, so the work is the causal half (plus
+// the diagonal block). Output: [batch, seq, heads, head_dim] contiguous, the layout attention modules
 // reshape into their o_proj input.
 #include <immintrin.h>
 #include <omp.h>
@@ -26,7 +29,8 @@ namespace secateurs {
 namespace {
 
 constexpr int64_t kRows = 6, kCols = 16;   // micro-kernel tile
-constexpr int64_t kPositions = 32;          // query positions per task
+constexpr int64_t kPositions = 32;          // query positions per causal task
+constexpr int64_t kTaskRows = 192;          // at most this many query rows per bidirectional task
 
 struct View {  // a [batch, heads, seq, head_dim] tensor with unit stride along head_dim
   const float* data;
@@ -99,12 +103,21 @@ __attribute__((target("avx2,fma"))) __m256 exp_avx2(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 
-// Row i of S (length `live` valid, `padded` stored) becomes exp(S - max) with zeros past `live`;
-// returns the sum of the kept values.
-__attribute__((target("avx2,fma"))) float softmax_row_avx2(float* s, int64_t live, int64_t padded) {
+// Row i of S (length `live` valid, `padded` stored) plus bias (if any) becomes exp(S + bias - max)
+// with zeros past `live`; returns the sum of the kept values. The bias must leave a key in [0, live).
+__attribute__((target("avx2,fma"))) float softmax_row_avx2(float* s, const float* bias, int64_t live, int64_t padded) {
   __m256 most = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
-  for (; j + 8 <= live; j += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + j));
+  if (bias) {
+    for (; j + 8 <= live; j += 8) {
+      const __m256 biased = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j));
+      _mm256_storeu_ps(s + j, biased);
+      most = _mm256_max_ps(most, biased);
+    }
+    for (int64_t k = j; k < live; ++k) s[k] += bias[k];
+  } else {
+    for (; j + 8 <= live; j += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + j));
+  }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, most);
   float top = -INFINITY;
@@ -131,8 +144,10 @@ __attribute__((target("avx2,fma"))) float softmax_row_avx2(float* s, int64_t liv
   return sum;
 }
 
-float softmax_row_portable(float* s, int64_t live, int64_t padded) {
+float softmax_row_portable(float* s, const float* bias, int64_t live, int64_t padded) {
   float top = -INFINITY, sum = 0.0f;
+  if (bias)
+    for (int64_t j = 0; j < live; ++j) s[j] += bias[j];
   for (int64_t j = 0; j < live; ++j) top = std::max(top, s[j]);
   for (int64_t j = 0; j < live; ++j) sum += (s[j] = std::exp(s[j] - top));
   std::fill(s + live, s + padded, 0.0f);
@@ -143,13 +158,24 @@ struct Scratch {
   std::vector<float> q, s, o, sums;  // [m_pad, dim], [m_pad, padded_seq], [m_pad, dim], [m_pad]
 };
 
+// A buffer of at least n floats kept by the calling thread across calls: fresh allocations of
+// this size are mapped anew by malloc and their page faults cost as much as the attention itself
+// (encoder shapes: 3 MB of packed keys and values per call). Contents are left as they were.
+float* reusable(std::vector<float>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
+// bias: the key padding mask's row of this batch entry as 0 / -inf, or nullptr; first_key: its
+// first kept key (0 without a mask; seq when it keeps none).
 template <bool kAvx2>
-void attend_block(const Shape& x, const View& query, const float* keys_t, const float* values, float scale, int64_t b,
-                  int64_t g, int64_t t0, Scratch& work, float* out) {
+void attend_block(const Shape& x, const View& query, const float* keys_t, const float* values, const float* bias,
+                  int64_t first_key, float scale, bool causal, int64_t block, int64_t b, int64_t g, int64_t t0,
+                  Scratch& work, float* out) {
   const int64_t group = x.group(), dim = x.dim, stride = x.padded_seq();
-  const int64_t positions = std::min(kPositions, x.seq - t0);
+  const int64_t positions = std::min(block, x.seq - t0);
   const int64_t m = positions * group, m_pad = (m + kRows - 1) / kRows * kRows;
-  const int64_t keys = t0 + positions, keys_pad = (keys + kCols - 1) / kCols * kCols;
+  const int64_t keys = causal ? t0 + positions : x.seq, keys_pad = (keys + kCols - 1) / kCols * kCols;
   float* q = work.q.data();
   float* s = work.s.data();
   float* o = work.o.data();
@@ -172,14 +198,19 @@ void attend_block(const Shape& x, const View& query, const float* keys_t, const 
       std::fill(row, row + keys_pad, 0.0f);
       continue;
     }
-    const int64_t live = t0 + i / group + 1;
-    sums[i] = kAvx2 ? softmax_row_avx2(row, live, keys_pad) : softmax_row_portable(row, live, keys_pad);
+    const int64_t live = causal ? t0 + i / group + 1 : x.seq;
+    if (first_key >= live) {  // no key to attend to: the output row is 0
+      std::fill(row, row + keys_pad, 0.0f);
+      sums[i] = 0.0f;
+      continue;
+    }
+    sums[i] = kAvx2 ? softmax_row_avx2(row, bias, live, keys_pad) : softmax_row_portable(row, bias, live, keys_pad);
   }
   for (int64_t i = 0; i < m_pad; i += kRows)
     for (int64_t c = 0; c < dim; c += kCols) tile(s + i * stride, stride, values + c, dim, keys_pad, o + i * dim + c, dim);
   for (int64_t i = 0; i < m; ++i) {
     float* target = out + ((b * x.seq + t0 + i / group) * x.heads + g * group + i % group) * dim;
-    const float inverse = 1.0f / sums[i];
+    const float inverse = sums[i] > 0.0f ? 1.0f / sums[i] : 0.0f;
     for (int64_t d = 0; d < dim; ++d) target[d] = o[i * dim + d] * inverse;
   }
 }
@@ -189,10 +220,12 @@ void attend_block(const Shape& x, const View& query, const float* keys_t, const 
 
 // q [batch, heads, seq, dim] and k, v [batch, kv_heads, seq, dim] given by element strides
 // (unit stride along dim); out [batch, seq, heads, dim] contiguous. path: 0 portable, 1 AVX2.
-extern "C" __attribute__((visibility("default"))) int secateurs_causal_attention(
+// causal: each query sees the keys up to its own position; key_mask (uint8 [batch, seq], nonzero
+// = attend; nullptr = all) removes keys for every query of its batch entry.
+extern "C" __attribute__((visibility("default"))) int secateurs_attention(
     int path, int threads, const float* q, const int64_t* q_strides, const float* k, const int64_t* k_strides,
     const float* v, const int64_t* v_strides, float* out, int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads,
-    int64_t dim, float scale) {
+    int64_t dim, float scale, int causal, const uint8_t* key_mask) {
   using namespace secateurs;
   if (batch < 0 || seq < 0 || kv_heads < 1 || heads < 1 || heads % kv_heads || dim < 1 || dim % kCols)
     return kInvalidArgument;
@@ -204,35 +237,51 @@ extern "C" __attribute__((visibility("default"))) int secateurs_causal_attention
   const View value{v, v_strides[0], v_strides[1], v_strides[2]};
   const int64_t stride = x.padded_seq(), pairs = batch * kv_heads;
   // Per (batch, kv head): K^T [dim, padded seq] and V [padded seq, dim], zero padded.
-  std::vector<float> keys_t(pairs * dim * stride, 0.0f), values(pairs * stride * dim, 0.0f);
+  thread_local std::vector<float> packed_keys, packed_values;
+  float* keys_t = reusable(packed_keys, pairs * dim * stride);
+  float* values = reusable(packed_values, pairs * stride * dim);
+  std::vector<float> biases(key_mask ? batch * stride : 0, 0.0f);
+  std::vector<int64_t> first_keys(batch, key_mask ? seq : 0);
+  for (int64_t b = 0; key_mask && b < batch; ++b)
+    for (int64_t t = seq - 1; t >= 0; --t) {
+      if (key_mask[b * seq + t]) first_keys[b] = t;
+      else biases[b * stride + t] = -INFINITY;
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t pair = 0; pair < pairs; ++pair) {
     const int64_t b = pair / kv_heads, g = pair % kv_heads;
-    float* kt = keys_t.data() + pair * dim * stride;
-    float* vp = values.data() + pair * stride * dim;
-    for (int64_t t = 0; t < seq; ++t) {
-      const float* kr = key.at(b, g, t);
-      for (int64_t d = 0; d < dim; ++d) kt[d * stride + t] = kr[d];
-      std::memcpy(vp + t * dim, value.at(b, g, t), dim * sizeof(float));
+    float* kt = keys_t + pair * dim * stride;
+    float* vp = values + pair * stride * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      for (int64_t t = 0; t < seq; ++t) kt[d * stride + t] = key.at(b, g, t)[d];
+      std::fill(kt + d * stride + seq, kt + (d + 1) * stride, 0.0f);
     }
+    for (int64_t t = 0; t < seq; ++t) std::memcpy(vp + t * dim, value.at(b, g, t), dim * sizeof(float));
+    std::fill(vp + seq * dim, vp + stride * dim, 0.0f);
   }
-  const int64_t blocks = (seq + kPositions - 1) / kPositions, tasks = pairs * blocks;
-  const int64_t m_pad = (kPositions * x.group() + kRows - 1) / kRows * kRows;
+  // Causal blocks are short so that the threads share the triangle evenly; bidirectional ones take
+  // up to kTaskRows query rows (the micro-kernel pads M to a multiple of kRows: less waste).
+  const int64_t block = causal ? kPositions : std::max<int64_t>(1, std::min(seq, kTaskRows / x.group()));
+  const int64_t blocks = (seq + block - 1) / block, tasks = pairs * blocks;
+  const int64_t m_pad = (block * x.group() + kRows - 1) / kRows * kRows;
 #pragma omp parallel num_threads(threads)
   {
-    Scratch work{std::vector<float>(m_pad * dim), std::vector<float>(m_pad * stride), std::vector<float>(m_pad * dim),
-                 std::vector<float>(m_pad)};
-    // Later blocks attend to more keys: hand them out first so the threads finish together.
+    thread_local Scratch work;
+    reusable(work.q, m_pad * dim), reusable(work.s, m_pad * stride), reusable(work.o, m_pad * dim);
+    reusable(work.sums, m_pad);
+    // Later causal blocks attend to more keys: hand them out first so the threads finish together.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t pair = task % pairs, block = blocks - 1 - task / pairs;
+      const int64_t pair = task % pairs, index = blocks - 1 - task / pairs;
       const int64_t b = pair / kv_heads, g = pair % kv_heads;
-      const float* kt = keys_t.data() + pair * dim * stride;
-      const float* vp = values.data() + pair * stride * dim;
+      const float* kt = keys_t + pair * dim * stride;
+      const float* vp = values + pair * stride * dim;
+      const float* bias = key_mask ? biases.data() + b * stride : nullptr;
+      const bool is_causal = causal != 0;
       if (path == 1)
-        attend_block<true>(x, query, kt, vp, scale, b, g, block * kPositions, work, out);
+        attend_block<true>(x, query, kt, vp, bias, first_keys[b], scale, is_causal, block, b, g, index * block, work, out);
       else
-        attend_block<false>(x, query, kt, vp, scale, b, g, block * kPositions, work, out);
+        attend_block<false>(x, query, kt, vp, bias, first_keys[b], scale, is_causal, block, b, g, index * block, work, out);
     }
   }
   return kOk;

@@ -181,15 +181,17 @@ SECATEURS_EXPORT int secateurs_path_supported(int path) { return cpu_supports(pa
 
 SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows,
                          int64_t cols, const uint8_t* mask, const void* values, int value_type,
-                         const int64_t* row_offsets, const float* row_scale, int64_t mask_group, void* y) {
+                         const int64_t* row_offsets, const float* row_scale, int64_t mask_group, const float* bias,
+                         int activation, void* y) {
   const bool ok = valid_activation_type(x_type) && valid_value_type(value_type) && batch > 0 && rows >= 0 &&
-                  cols >= 0 && (value_type == kInt8) == (row_scale != nullptr) && mask_group >= 1;
+                  cols >= 0 && (value_type == kInt8) == (row_scale != nullptr) && mask_group >= 1 &&
+                  activation >= kSilu && activation <= kNoActivation;
   return guarded(path, ok, [&](const KernelTable& table) {
     SparseActivations xa = sparse_activations(x, x_type, batch, cols, table.simd_width, true);
     const Buffer int16_row = attach_int16_if(value_type == kInt8 && batch == 1, xa.view, cols);
     const int64_t mask_stride = (cols + 7) / 8, value_bytes = value_type == kFloat32 ? 4 : value_type == kBFloat16 ? 2 : 1;
     const BitmaskArgs args{xa.view, rows, cols, mask_stride, mask, values, value_type, row_offsets, row_scale, nullptr,
-                           mask_group};
+                           mask_group, bias, activation};
     // Rows cost their mask bytes plus their values: balance threads on that, not on row count.
     const auto cost = [&](int64_t r) { return row_offsets[r] * value_bytes + r * mask_stride; };
     run_rows(table.bitmask, args, table.simd_width, threads, y, x_type, cost);

@@ -20,7 +20,7 @@
 namespace secateurs {
 
 enum ValueType : int { kFloat32 = 0, kBFloat16 = 1, kInt8 = 2 };
-enum GatedActivation : int { kSilu = 0, kGeluTanh = 1, kGeluErf = 2 };
+enum Activation : int { kSilu = 0, kGeluTanh = 1, kGeluErf = 2, kNoActivation = 3 };
 
 struct Activations {
   int64_t batch;
@@ -118,6 +118,9 @@ struct BitmaskArgs {
   // caller checked it: layouts.mask_row_group). At batch 1 with int8 values a group gathers its
   // kept activations once and every row multiplies only its kept values (row_kernels.h).
   int64_t mask_group = 1;
+  // Fused epilogue: y = activation(x W^T + bias); bias float [rows] or nullptr.
+  const float* bias = nullptr;
+  int activation = kNoActivation;
 };
 
 struct NMArgs {

@@ -172,6 +172,75 @@ inline void sparse_row_times_activations(const Activations& x, int64_t cols, con
     sparse_row_times_tiles<4>(x, cols, offsets, values, count, scale, y, y_stride);
 }
 
+// e^x to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), Cephes' degree-6
+// polynomial for e^r, times 2^n. x is clamped to [-87.3, 88] (results from 2^-126 to ~1.6e38).
+inline F exp_of(F x) {
+  x = Simd::max(Simd::min(x, Simd::set1(88.0f)), Simd::set1(-87.33654f));
+  const I n = Simd::round_to_int(Simd::mul(x, Simd::set1(1.44269504088896341f)));
+  const F nf = Simd::to_float(n);
+  F r = Simd::fma(nf, Simd::set1(-0.693359375f), x);
+  r = Simd::fma(nf, Simd::set1(2.12194440e-4f), r);
+  F p = Simd::set1(1.9875691500e-4f);
+  p = Simd::fma(p, r, Simd::set1(1.3981999507e-3f));
+  p = Simd::fma(p, r, Simd::set1(8.3334519073e-3f));
+  p = Simd::fma(p, r, Simd::set1(4.1665795894e-2f));
+  p = Simd::fma(p, r, Simd::set1(1.6666665459e-1f));
+  p = Simd::fma(p, r, Simd::set1(5.0000001201e-1f));
+  p = Simd::fma(p, Simd::mul(r, r), Simd::add(r, Simd::set1(1.0f)));
+  return Simd::mul(p, Simd::pow2(n));
+}
+
+inline float scalar_activation(float g, int activation) {
+  switch (activation) {
+    case kGeluTanh: return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    case kGeluErf: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+    case kNoActivation: return g;
+    default: return g / (1.0f + std::exp(-g));
+  }
+}
+
+// act(g) by lanes: SiLU g / (1 + e^-g); GELU-tanh 0.5 g (1 + tanh(y)) with tanh(y) = 1 - 2 / (e^2y + 1);
+// GELU-erf 0.5 g (1 + erf(g / sqrt 2)) = max(g, 0) - 0.5 |g| erfc(|g| / sqrt 2), erfc by Abramowitz &
+// Stegun 7.1.26 (absolute error below 1.5e-7); kNoActivation: g.
+inline F activation_of(F g, int activation) {
+  const F one = Simd::set1(1.0f), half = Simd::set1(0.5f);
+  switch (activation) {
+    case kSilu: return Simd::div(g, Simd::add(one, exp_of(Simd::sub(Simd::zero(), g))));
+    case kGeluTanh: {
+      const F c = Simd::set1(2.0f * 0.7978845608028654f), c3 = Simd::set1(2.0f * 0.7978845608028654f * 0.044715f);
+      const F y2 = Simd::mul(g, Simd::fma(c3, Simd::mul(g, g), c));  // 2y
+      const F tanh = Simd::sub(one, Simd::div(Simd::set1(2.0f), Simd::add(exp_of(y2), one)));
+      return Simd::mul(Simd::mul(half, g), Simd::add(one, tanh));
+    }
+    case kGeluErf: {
+      const F magnitude = Simd::max(g, Simd::sub(Simd::zero(), g));
+      const F z = Simd::mul(magnitude, Simd::set1(0.7071067811865476f));
+      const F t = Simd::div(one, Simd::fma(Simd::set1(0.3275911f), z, one));
+      F p = Simd::set1(1.061405429f);
+      p = Simd::fma(p, t, Simd::set1(-1.453152027f));
+      p = Simd::fma(p, t, Simd::set1(1.421413741f));
+      p = Simd::fma(p, t, Simd::set1(-0.284496736f));
+      p = Simd::fma(p, t, Simd::set1(0.254829592f));
+      const F erfc = Simd::mul(Simd::mul(p, t), exp_of(Simd::sub(Simd::zero(), Simd::mul(z, z))));
+      return Simd::sub(Simd::max(g, Simd::zero()), Simd::mul(Simd::mul(half, magnitude), erfc));
+    }
+    default: return g;
+  }
+}
+
+// y[i] = act(y[i] + bias) for i < n: bias[i] (bias_stride 1), bias[0] for all (bias_stride 0), or
+// none (bias nullptr).
+inline void bias_activation(float* y, int64_t n, const float* bias, int64_t bias_stride, int activation) {
+  if (!bias && activation == kNoActivation) return;
+  const F broadcast = Simd::set1(bias && bias_stride == 0 ? bias[0] : 0.0f);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const F b = !bias ? Simd::zero() : bias_stride ? Simd::load(bias + i) : broadcast;
+    Simd::store(y + i, activation_of(Simd::add(Simd::load(y + i), b), activation));
+  }
+  for (; i < n; ++i) y[i] = scalar_activation(y[i] + (bias ? bias[i * bias_stride] : 0.0f), activation);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bitmask: uint8 [rows, mask_stride] LSB first, values [nnz] row-major, row_offsets [rows + 1].
 
@@ -425,18 +494,43 @@ inline void transpose(const float* in, int64_t in_stride, int64_t rows, int64_t 
     for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) out[j * out_stride + i] = in[i * in_stride + j];
 }
 
+// out[0, kVecs W) = sum_k values[k] * xt[offsets[k] + (0 .. kVecs W)]: one row's kept weights against
+// a tile of tokens. A function of its own: inlined into the loop below, GCC kept fewer of the
+// accumulators in registers (7-10% slower).
+template <int kVecs, int kChains>
+inline void row_times_tile(const float* xt, const int32_t* offsets, const float* values, int64_t count, float* out) {
+  F acc[kChains][kVecs];
+  for (auto& chain : acc)
+    for (F& v : chain) v = Simd::zero();
+  int64_t k = 0;
+  for (; k + kChains <= count; k += kChains)
+    for (int c = 0; c < kChains; ++c) {
+      const F weight = Simd::set1(values[k + c]);
+      const float* column = xt + offsets[k + c];
+      for (int v = 0; v < kVecs; ++v) acc[c][v] = Simd::fma(weight, Simd::load(column + v * W), acc[c][v]);
+    }
+  for (; k < count; ++k) {
+    const F weight = Simd::set1(values[k]);
+    for (int v = 0; v < kVecs; ++v) acc[0][v] = Simd::fma(weight, Simd::load(xt + offsets[k] + v * W), acc[0][v]);
+  }
+  for (int v = 0; v < kVecs; ++v) Simd::store(out + v * W, chain_sum(acc, v));
+}
+
 // Batches of more than one tile (kernels.h: many_tiles; encoders, prefill) come as rows: the rows
 // of [row_begin, row_end) are decoded once into (offset, fp32 value) pairs for the whole call, then
 // the tokens are taken a tile (4W tokens) at a time, transposed into a thread-local tile that every
 // row of the range passes over (in L1 up to ~250 columns with AVX2, in L2 beyond): per kept weight
-// and tile, 8 bytes of decoded weight read against 4 * tile bytes of x.
-// A tile's outputs go to a [row][lane] buffer, then into y [batch][rows] transposed in W x W blocks:
-// storing them straight into y would touch a cache line per token for every row.
+// and tile, 8 bytes of decoded weight read against 4 * tile bytes of x, 3 chains of 4 accumulators
+// (2 chains left the FMAs waiting on their own latency: 10-15% slower on MiniLM's shapes; splitting
+// the columns into L1-sized chunks, or tiles of 2W or 6W tokens, were no faster).
+// A tile's outputs go to a [row][lane] buffer, get the epilogue (bias, activation) there while in
+// cache, then go into y [batch][rows] transposed in W x W blocks: storing them straight into y
+// would touch a cache line per token for every row.
 template <class T>
 void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t row_end) {
   const T* values = static_cast<const T*>(a.values);
-  // 4W tokens per tile: each kept weight's offset and value, loaded once, feed 4 FMAs
-  constexpr int64_t tile = 4 * W;
+  constexpr int kTileVecs = 4, kChains = 3;
+  constexpr int64_t tile = kTileVecs * W;
   const int64_t first = a.row_offsets[row_begin], kept = a.row_offsets[row_end] - first;
   std::vector<int32_t> offsets(static_cast<size_t>(kept + W));  // W spare: compress_by_mask stores whole vectors
   std::vector<float> weights(static_cast<size_t>(kept + W));
@@ -447,28 +541,26 @@ void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t ro
     for (int64_t k = a.row_offsets[r]; k < a.row_offsets[r + 1]; ++k) weights[k - first] = value_to_float(values[k]) * scale;
   }
   const int64_t range = row_end - row_begin;
-  std::vector<float> tiled(static_cast<size_t>(a.cols * tile + tile)), out(static_cast<size_t>(range * tile));
+  // 64-byte aligned: a tile column's vectors then never straddle a cache line
+  const Buffer tiled = zeroed_floats(a.cols * tile + tile), out = zeroed_floats(range * tile);
   for (int64_t token0 = 0; token0 < a.x.batch; token0 += tile) {
     const int64_t lanes = std::min(tile, a.x.batch - token0);
-    if (lanes < tile) std::fill(tiled.begin(), tiled.end(), 0.0f);  // the last tile's missing tokens
-    transpose(a.x.rows + token0 * a.x.row_stride, a.x.row_stride, lanes, a.cols, tiled.data(), tile);
-    Activations part = a.x;
-    part.batch = lanes;
-    part.tiles = tiled.data();
-    part.tile = tile;
+    if (lanes < tile) std::fill(tiled.get(), tiled.get() + a.cols * tile + tile, 0.0f);  // the last tile's missing tokens
+    transpose(a.x.rows + token0 * a.x.row_stride, a.x.row_stride, lanes, a.cols, tiled.get(), tile);
     for (int64_t r = row_begin; r < row_end; ++r) {
-      const int64_t start = a.row_offsets[r] - first;
-      sparse_row_times_activations(part, a.cols, offsets.data() + start, weights.data() + start,
-                                   a.row_offsets[r + 1] - a.row_offsets[r], 1.0f, out.data() + (r - row_begin) * tile, 1);
+      float* lanes_out = out.get() + (r - row_begin) * tile;
+      const int64_t start = a.row_offsets[r] - first, count = a.row_offsets[r + 1] - a.row_offsets[r];
+      row_times_tile<kTileVecs, kChains>(tiled.get(), offsets.data() + start, weights.data() + start, count, lanes_out);
+      bias_activation(lanes_out, lanes, a.bias ? a.bias + r : nullptr, 0, a.activation);
     }
-    transpose(out.data(), tile, range, lanes, a.y + token0 * a.rows + row_begin, a.rows);
+    transpose(out.get(), tile, range, lanes, a.y + token0 * a.rows + row_begin, a.rows);
   }
 }
 
+// Batch 1, or one or two tiles of tokens.
 template <class T>
-void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+void bitmask_rows_small_batch(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
   if (a.x.batch == 1) return bitmask_rows_batch1<T>(a, row_begin, row_end, scratch);
-  if (!a.x.tiles) return bitmask_rows_many_tiles<T>(a, row_begin, row_end);
   const T* values = static_cast<const T*>(a.values);
   int32_t* offsets = reinterpret_cast<int32_t*>(scratch);
   float* converted = scratch + a.cols + 2 * W;  // fp32 values
@@ -480,6 +572,15 @@ void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end
     sparse_row_times_activations(a.x, a.cols, offsets, values_as_float(row_values, count, converted),
                                  count, scale, a.y + r, a.rows);
   }
+}
+
+template <class T>
+void bitmask_rows_typed(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
+  if (!a.x.tiles && a.x.batch > 1) return bitmask_rows_many_tiles<T>(a, row_begin, row_end);  // fuses the epilogue
+  bitmask_rows_small_batch<T>(a, row_begin, row_end, scratch);
+  for (int64_t b = 0; b < a.x.batch; ++b)
+    bias_activation(a.y + b * a.rows + row_begin, row_end - row_begin, a.bias ? a.bias + row_begin : nullptr, 1,
+                    a.activation);
 }
 
 void bitmask_rows(const BitmaskArgs& a, int64_t row_begin, int64_t row_end, float* scratch) {
@@ -754,53 +855,11 @@ void dense_rows(const DenseArgs& a, int64_t row_begin, int64_t row_end, float*) 
 // ---------------------------------------------------------------------------------------------
 // Elementwise functions of decode.cpp's forward.
 
-// e^x to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), Cephes' degree-6
-// polynomial for e^r, times 2^n. x is clamped to [-87.3, 88] (results from 2^-126 to ~1.6e38).
-inline F exp_of(F x) {
-  x = Simd::max(Simd::min(x, Simd::set1(88.0f)), Simd::set1(-87.33654f));
-  const I n = Simd::round_to_int(Simd::mul(x, Simd::set1(1.44269504088896341f)));
-  const F nf = Simd::to_float(n);
-  F r = Simd::fma(nf, Simd::set1(-0.693359375f), x);
-  r = Simd::fma(nf, Simd::set1(2.12194440e-4f), r);
-  F p = Simd::set1(1.9875691500e-4f);
-  p = Simd::fma(p, r, Simd::set1(1.3981999507e-3f));
-  p = Simd::fma(p, r, Simd::set1(8.3334519073e-3f));
-  p = Simd::fma(p, r, Simd::set1(4.1665795894e-2f));
-  p = Simd::fma(p, r, Simd::set1(1.6666665459e-1f));
-  p = Simd::fma(p, r, Simd::set1(5.0000001201e-1f));
-  p = Simd::fma(p, Simd::mul(r, r), Simd::add(r, Simd::set1(1.0f)));
-  return Simd::mul(p, Simd::pow2(n));
-}
-
-inline float scalar_activation(float g, int activation) {
-  switch (activation) {
-    case kGeluTanh: return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    case kGeluErf: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
-    default: return g / (1.0f + std::exp(-g));
-  }
-}
-
-// gate[i] = act(gate[i]) * up[i]: SiLU g / (1 + e^-g); GELU-tanh 0.5 g (1 + tanh(y)) with
-// tanh(y) = 1 - 2 / (e^2y + 1); GELU-erf scalar.
+// gate[i] = act(gate[i]) * up[i].
 void gated_activation(int activation, const float* up, float* gate, int64_t n) {
   int64_t i = 0;
-  const F one = Simd::set1(1.0f);
-  if (activation == kSilu) {
-    for (; i + W <= n; i += W) {
-      const F g = Simd::load(gate + i);
-      const F silu = Simd::div(g, Simd::add(one, exp_of(Simd::sub(Simd::zero(), g))));
-      Simd::store(gate + i, Simd::mul(silu, Simd::load(up + i)));
-    }
-  } else if (activation == kGeluTanh) {
-    const F two = Simd::set1(2.0f), half = Simd::set1(0.5f);
-    const F c = Simd::set1(2.0f * 0.7978845608028654f), c3 = Simd::set1(2.0f * 0.7978845608028654f * 0.044715f);
-    for (; i + W <= n; i += W) {
-      const F g = Simd::load(gate + i);
-      const F y2 = Simd::mul(g, Simd::fma(c3, Simd::mul(g, g), c));  // 2y
-      const F tanh = Simd::sub(one, Simd::div(two, Simd::add(exp_of(y2), one)));
-      Simd::store(gate + i, Simd::mul(Simd::mul(Simd::mul(half, g), Simd::add(one, tanh)), Simd::load(up + i)));
-    }
-  }
+  for (; i + W <= n; i += W)
+    Simd::store(gate + i, Simd::mul(activation_of(Simd::load(gate + i), activation), Simd::load(up + i)));
   for (; i < n; ++i) gate[i] = scalar_activation(gate[i], activation) * up[i];
 }
 

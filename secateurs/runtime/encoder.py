@@ -1,0 +1,97 @@
+"""Hugging Face models on secateurs' CPU kernels beyond the linear layers: attention and the
+feed-forward activation.
+
+`attention_forward` is a transformers attention function (AttentionInterface): self-attention,
+causal without a mask or bidirectional with a key padding mask, float32 on the CPU, goes through
+`kernels.attention`; anything else (another mask, a KV cache, soft-capping, sinks, dropout, other
+dtypes or devices) through transformers' own SDPA function, unchanged. The compression engine's
+calibration passes use it for causal decoders (pipeline/attention.py); `accelerate_encoder` puts a
+BERT-family encoder on it for inference and moves the feed-forward activation into the bitmask
+kernel of a compressed intermediate layer, where it costs no extra pass over its output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.activations import GELUActivation, NewGELUActivation, PytorchGELUTanh, SiLUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import kernels
+from .modules import CompressedLinear
+
+IMPLEMENTATION = "secateurs"
+# Keyword arguments that change the result of SDPA-style attention beyond a masked softmax.
+_EXTRAS = ("softcap", "s_aux", "sinks", "position_bias", "output_attentions")
+
+
+def key_padding(attention_mask: Tensor | None, batch: int, seq: int) -> Tensor | None | bool:
+    """The key padding mask [batch, seq] that a boolean [batch, 1, seq, seq] attention mask
+    (transformers' SDPA masks) amounts to when every query row of an entry is the same; None
+    without a mask; False when the mask is anything else (causal, float, per head)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.shape != (batch, 1, seq, seq):
+        return False
+    first = attention_mask[:, 0, 0, :]
+    return first if bool((attention_mask[:, 0] == first[:, None, :]).all()) else False
+
+
+def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """An AttentionInterface function: (output [batch, seq, heads, dim], None)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    batch, _, seq, dim = query.shape
+    key_mask = key_padding(attention_mask, batch, seq) if key.shape[2] == seq else False
+    plain = (key_mask is not False and dropout == 0.0 and query.device.type == "cpu"
+             and not any(kwargs.get(name) for name in _EXTRAS)
+             and all(t.dtype == torch.float32 for t in (query, key, value)))
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else dim ** -0.5
+    return kernels.attention(query, key, value, scale, causal=bool(causal), key_mask=key_mask), None
+
+
+def use_native_attention(model: nn.Module) -> nn.Module:
+    """Switch a transformers model (in place) to `attention_forward`; returns it."""
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    model.set_attn_implementation(IMPLEMENTATION)
+    return model
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """In place: every feed-forward block written as `dense` then `intermediate_act_fn` (BERT,
+    RoBERTa, MiniLM, ... in transformers) whose dense layer is a compressed bitmask layer with a
+    fusable activation computes the activation in the kernel. Returns how many were fused."""
+    fused = 0
+    for module in model.modules():
+        dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        name = activation_name(act)
+        if isinstance(dense, CompressedLinear) and dense._fuses_epilogue and dense.activation is None and name:
+            dense.activation = name
+            module.intermediate_act_fn = nn.Identity()
+            fused += 1
+    return fused
+
+
+def activation_name(function: object) -> str | None:
+    """The kernels.ACTIVATIONS name of a transformers activation module, or None."""
+    if isinstance(function, GELUActivation):  # erf GELU, in C or Python
+        return "gelu"
+    if isinstance(function, PytorchGELUTanh | NewGELUActivation):
+        return "gelu_pytorch_tanh"
+    if isinstance(function, SiLUActivation | nn.SiLU):
+        return "silu"
+    return None
+
+
+def accelerate_encoder(model: nn.Module) -> nn.Module:
+    """A BERT-family encoder (in place) on secateurs' attention kernel, with the feed-forward
+    activation fused into compressed intermediate layers; returns it. Outputs equal the model's
+    own within float32 rounding (GELU to 1.5e-7)."""
+    fuse_activations(model)
+    return use_native_attention(model)
