@@ -19,12 +19,14 @@ Speed (`--rows speed`, a quiet machine only): sequences/s of the classifier at s
 SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, our runtime's dense fp32
 kernel (kernels.dense_mm) in every block linear layer, and the encoder with its
 block linear layers at 80 / 90 / 97% sparsity through our bitmask fp32 and bitmask int8 modules (the
-batched sparse kernel at every batch; runtime.modules.SPARSE_GEMM_MAX_DENSITY); everything else
-(embeddings, attention, norms) stays torch. The sparse layers' pattern is per-layer magnitude
+batched sparse kernel at every batch; runtime.modules.SPARSE_GEMM_MAX_DENSITY), with the encoder
+runtime (runtime.encoder.accelerate_encoder: attention through our kernel, bias and GELU fused into
+the bitmask kernel) and, at 90%, also without it (linears only); embeddings, norms and residual
+adds stay torch. The sparse layers' pattern is per-layer magnitude
 pruning of the pretrained encoder: a bitmask kernel's time depends on how many weights each row
 keeps, not on which, so the gradual rows' accuracy (or the one-shot oBERT row's, where no gradual
-row exists yet) is set beside the speed of the same sparsity. Median of SPEED_REPEAT timed
-forwards after one warm-up; `uptime` in every row; written to obert.json (kind "speed") and
+row exists yet) is set beside the speed of the same sparsity. Median of SPEED_REPEAT (9) timed
+forwards after one warm-up, the variants timed in interleaved rounds; `uptime` in every row; written to obert.json (kind "speed") and
 obert-speed.md.
 
 Rows are cached in benchmarks/results/obert.json as they finish; the teacher is kept in the cache.
@@ -218,7 +220,7 @@ def with_linears(model, make):
     return model.eval()
 
 
-SPEED_SPARSITIES, SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (0.8, 0.9, 0.97), (1, 8, 32), (1, 2), 5
+SPEED_SPARSITIES, SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (0.8, 0.9, 0.97), (1, 8, 32), (1, 2), 9
 
 
 class DenseKernelLinear(torch.nn.Module):
@@ -260,58 +262,68 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
     from secateurs.algorithms.magnitude import magnitude_mask
     from secateurs.models import load_classifier
     from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
+    from secateurs.runtime.encoder import accelerate_encoder
     from secateurs.training.masks import block_linear_layers
 
     dense = load_classifier(ENCODER, 2).model.eval()
-    variants = {("dense", 0.0, None, "torch", "fp32"): dense,
-                ("dense", 0.0, None, "torch", "bf16"): copy.deepcopy(dense).to(torch.bfloat16),
-                ("dense", 0.0, None, "secateurs", "fp32"): with_linears(dense, DenseKernelLinear)}
+    # (method, sparsity, quant, engine, dtype, runtime): runtime "linears" = only the block linear
+    # layers on our kernels; "encoder" = also attention and the fused feed-forward epilogue
+    variants = {("dense", 0.0, None, "torch", "fp32", None): dense,
+                ("dense", 0.0, None, "torch", "bf16", None): copy.deepcopy(dense).to(torch.bfloat16),
+                ("dense", 0.0, None, "secateurs", "fp32", "encoder"): accelerate_encoder(with_linears(dense, DenseKernelLinear))}
     for sparsity in SPEED_SPARSITIES:
         pruned = copy.deepcopy(dense)
         with torch.no_grad():
             for module in block_linear_layers(pruned).values():
                 module.weight.mul_(magnitude_mask(module.weight, sparsity))
         for quant, kind in ((None, BitmaskLinear), ("int8", SparseQuantLinear)):
-            variants[("sparse", sparsity, quant, "secateurs", "fp32")] = with_linears(
-                pruned, lambda module, kind=kind: kind.from_dense(module.weight, module.bias))
+            linears = with_linears(pruned, lambda module, kind=kind: kind.from_dense(module.weight, module.bias))
+            if sparsity == 0.9:
+                variants[("sparse", sparsity, quant, "secateurs", "fp32", "linears")] = linears
+            variants[("sparse", sparsity, quant, "secateurs", "fp32", "encoder")] = accelerate_encoder(copy.deepcopy(linears))
     rows = []
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
         for batch in SPEED_BATCHES:
             ids = torch.randint(1000, 20000, (batch, SEQLEN), generator=torch.Generator().manual_seed(batch))
             mask = torch.ones_like(ids)
-            for (method, sparsity, quant, engine, dtype), model in variants.items():
-                with torch.no_grad():
-                    model(input_ids=ids, attention_mask=mask)
-                    times = []
-                    for _ in range(SPEED_REPEAT):
+            times = {key: [] for key in variants}
+            with torch.no_grad():
+                for model in variants.values():
+                    model(input_ids=ids, attention_mask=mask)  # warm-up
+                for _ in range(SPEED_REPEAT):  # interleaved rounds: drifts of the machine hit every variant alike
+                    for key, model in variants.items():
                         started = time.perf_counter()
                         model(input_ids=ids, attention_mask=mask)
-                        times.append(time.perf_counter() - started)
+                        times[key].append(time.perf_counter() - started)
+            for (method, sparsity, quant, engine, dtype, runtime), spent in times.items():
                 acc, source = accuracy_for(accuracy, sparsity, quant)
                 rows.append({"kind": "speed", "method": method, "sparsity": sparsity, "quant": quant, "engine": engine,
-                             "dtype": dtype, "batch": batch, "seqlen": SEQLEN, "threads": threads,
-                             "seq_per_s": batch / statistics.median(times), "accuracy": acc, "accuracy_from": source,
+                             "dtype": dtype, "runtime": runtime, "batch": batch, "seqlen": SEQLEN, "threads": threads,
+                             "seq_per_s": batch / statistics.median(spent), "accuracy": acc, "accuracy_from": source,
                              "cpu": cpu_name(), "isa": kernels.kernel_path() if engine == "secateurs" else "torch",
                              "uptime": os.getloadavg()})
-                print(f"[obert] speed {method} {sparsity} {quant or dtype} batch {batch} threads {threads}: "
-                      f"{rows[-1]['seq_per_s']:.1f} seq/s", flush=True)
+                print(f"[obert] speed {method} {sparsity} {quant or dtype} {runtime or ''} batch {batch} "
+                      f"threads {threads}: {rows[-1]['seq_per_s']:.1f} seq/s", flush=True)
     return rows
 
 
 def speed_markdown(rows: list[dict]) -> str:
     lines = [f"Sequences/s of all-MiniLM-L6-v2 + head at sequence length {SEQLEN}; {rows[0]['cpu']}, kernel path "
              f"{next((r['isa'] for r in rows if r['engine'] == 'secateurs'), '')}, load average before "
-             f"{rows[0]['uptime'][0]:.2f}. Sparse rows: block linear layers as bitmask modules (fp32 or int8 values), "
-             "the rest torch fp32; accuracy from the obert.json row named.", "",
+             f"{rows[0]['uptime'][0]:.2f}; {SPEED_REPEAT} interleaved rounds, median. Sparse rows: block linear layers as "
+             "bitmask modules (fp32 or int8 values); *linears only*: the rest torch fp32; *encoder runtime*: also "
+             "attention through secateurs' kernel and bias + GELU fused into the intermediate layer's kernel "
+             "(runtime.encoder.accelerate_encoder). Accuracy from the obert.json row named.", "",
              "| threads | batch | model | seq/s | vs torch fp32 | vs torch bf16 | accuracy (row) |", "|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         def base(dtype):
             return next(b["seq_per_s"] for b in rows if b["engine"] == "torch" and b["dtype"] == dtype
                         and (b["batch"], b["threads"]) == (r["batch"], r["threads"]))
+        runtime = {"linears": ", linears only", "encoder": ", encoder runtime"}.get(r.get("runtime"), "")
         name = (f"torch dense {r['dtype']}" if r["engine"] == "torch"
-                else "secateurs dense fp32 (dense kernel)" if r["method"] == "dense"
-                else f"bitmask {r['quant'] or 'fp32'} {100 * r['sparsity']:.0f}%")
+                else f"secateurs dense fp32 (dense kernel{runtime})" if r["method"] == "dense"
+                else f"bitmask {r['quant'] or 'fp32'} {100 * r['sparsity']:.0f}%{runtime}")
         accuracy = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f} ({r['accuracy_from']})"
         lines.append(f"| {r['threads']} | {r['batch']} | {name} | {r['seq_per_s']:.1f} | {r['seq_per_s'] / base('fp32'):.2f}x | "
                      f"{r['seq_per_s'] / base('bf16'):.2f}x | {accuracy} |")
