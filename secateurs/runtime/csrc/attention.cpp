@@ -156,6 +156,7 @@ float softmax_row_portable(float* s, const float* bias, int64_t live, int64_t pa
 
 struct Scratch {
   std::vector<float> q, s, o, sums;  // [m_pad, dim], [m_pad, padded_seq], [m_pad, dim], [m_pad]
+  std::vector<float> keys_t, values;  // one pair's packed keys and values, when its task packs them
 };
 
 // A buffer of at least n floats kept by the calling thread across calls: fresh allocations of
@@ -164,6 +165,17 @@ struct Scratch {
 float* reusable(std::vector<float>& buffer, int64_t n) {
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
   return buffer.data();
+}
+
+// K^T [dim, stride] and V [stride, dim] of (batch b, kv head g), zero past seq.
+void pack_pair(const View& key, const View& value, int64_t b, int64_t g, int64_t seq, int64_t stride, int64_t dim,
+               float* kt, float* vp) {
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int64_t t = 0; t < seq; ++t) kt[d * stride + t] = key.at(b, g, t)[d];
+    std::fill(kt + d * stride + seq, kt + (d + 1) * stride, 0.0f);
+  }
+  for (int64_t t = 0; t < seq; ++t) std::memcpy(vp + t * dim, value.at(b, g, t), dim * sizeof(float));
+  std::fill(vp + seq * dim, vp + stride * dim, 0.0f);
 }
 
 // bias: the key padding mask's row of this batch entry as 0 / -inf, or nullptr; first_key: its
@@ -236,10 +248,6 @@ extern "C" __attribute__((visibility("default"))) int secateurs_attention(
   const View key{k, k_strides[0], k_strides[1], k_strides[2]};
   const View value{v, v_strides[0], v_strides[1], v_strides[2]};
   const int64_t stride = x.padded_seq(), pairs = batch * kv_heads;
-  // Per (batch, kv head): K^T [dim, padded seq] and V [padded seq, dim], zero padded.
-  thread_local std::vector<float> packed_keys, packed_values;
-  float* keys_t = reusable(packed_keys, pairs * dim * stride);
-  float* values = reusable(packed_values, pairs * stride * dim);
   std::vector<float> biases(key_mask ? batch * stride : 0, 0.0f);
   std::vector<int64_t> first_keys(batch, key_mask ? seq : 0);
   for (int64_t b = 0; key_mask && b < batch; ++b)
@@ -247,35 +255,39 @@ extern "C" __attribute__((visibility("default"))) int secateurs_attention(
       if (key_mask[b * seq + t]) first_keys[b] = t;
       else biases[b * stride + t] = -INFINITY;
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t pair = 0; pair < pairs; ++pair) {
-    const int64_t b = pair / kv_heads, g = pair % kv_heads;
-    float* kt = keys_t + pair * dim * stride;
-    float* vp = values + pair * stride * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      for (int64_t t = 0; t < seq; ++t) kt[d * stride + t] = key.at(b, g, t)[d];
-      std::fill(kt + d * stride + seq, kt + (d + 1) * stride, 0.0f);
-    }
-    for (int64_t t = 0; t < seq; ++t) std::memcpy(vp + t * dim, value.at(b, g, t), dim * sizeof(float));
-    std::fill(vp + seq * dim, vp + stride * dim, 0.0f);
-  }
   // Causal blocks are short so that the threads share the triangle evenly; bidirectional ones take
   // up to kTaskRows query rows (the micro-kernel pads M to a multiple of kRows: less waste).
   const int64_t block = causal ? kPositions : std::max<int64_t>(1, std::min(seq, kTaskRows / x.group()));
   const int64_t blocks = (seq + block - 1) / block, tasks = pairs * blocks;
-  const int64_t m_pad = (block * x.group() + kRows - 1) / kRows * kRows;
+  const int64_t m_pad = (block * x.group() + kRows - 1) / kRows * kRows, pair_floats = dim * stride;
+  // Per (batch, kv head): K^T [dim, padded seq] and V [padded seq, dim], zero padded. Packed once for
+  // all its blocks when it has several; a pair with one block (encoders) is packed by its task, into
+  // buffers that stay in that core's cache.
+  const bool packed_by_task = blocks == 1;
+  thread_local std::vector<float> packed_keys, packed_values;
+  float* keys_t = packed_by_task ? nullptr : reusable(packed_keys, pairs * pair_floats);
+  float* values = packed_by_task ? nullptr : reusable(packed_values, pairs * pair_floats);
+  if (!packed_by_task) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t pair = 0; pair < pairs; ++pair)
+      pack_pair(key, value, pair / kv_heads, pair % kv_heads, seq, stride, dim, keys_t + pair * pair_floats,
+                values + pair * pair_floats);
+  }
 #pragma omp parallel num_threads(threads)
   {
     thread_local Scratch work;
     reusable(work.q, m_pad * dim), reusable(work.s, m_pad * stride), reusable(work.o, m_pad * dim);
     reusable(work.sums, m_pad);
+    float* own_keys = packed_by_task ? reusable(work.keys_t, pair_floats) : nullptr;
+    float* own_values = packed_by_task ? reusable(work.values, pair_floats) : nullptr;
     // Later causal blocks attend to more keys: hand them out first so the threads finish together.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t pair = task % pairs, index = blocks - 1 - task / pairs;
       const int64_t b = pair / kv_heads, g = pair % kv_heads;
-      const float* kt = keys_t + pair * dim * stride;
-      const float* vp = values + pair * stride * dim;
+      if (packed_by_task) pack_pair(key, value, b, g, seq, stride, dim, own_keys, own_values);
+      const float* kt = packed_by_task ? own_keys : keys_t + pair * pair_floats;
+      const float* vp = packed_by_task ? own_values : values + pair * pair_floats;
       const float* bias = key_mask ? biases.data() + b * stride : nullptr;
       const bool is_causal = causal != 0;
       if (path == 1)
