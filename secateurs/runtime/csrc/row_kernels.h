@@ -126,50 +126,51 @@ inline F chain_sum(const F (&acc)[kChains][kVecs], int v) {
   return total;
 }
 
+// out[0, kVecs W) = sum_k values[k] * xt[offsets[k] + (0 .. kVecs W)]: one row's kept weights against
+// a tile of tokens. A function of its own: inlined into bitmask_rows_many_tiles's loop, GCC kept
+// fewer of the accumulators in registers (7-10% slower).
+template <int kVecs, int kChains>
+inline void row_times_tile(const float* xt, const int32_t* offsets, const float* values, int64_t count, float* out) {
+  F acc[kChains][kVecs];
+  for (auto& chain : acc)
+    for (F& v : chain) v = Simd::zero();
+  int64_t k = 0;
+  for (; k + kChains <= count; k += kChains)
+    for (int c = 0; c < kChains; ++c) {
+      const F weight = Simd::set1(values[k + c]);
+      const float* column = xt + offsets[k + c];
+      for (int v = 0; v < kVecs; ++v) acc[c][v] = Simd::fma(weight, Simd::load(column + v * W), acc[c][v]);
+    }
+  for (; k < count; ++k) {
+    const F weight = Simd::set1(values[k]);
+    for (int v = 0; v < kVecs; ++v) acc[0][v] = Simd::fma(weight, Simd::load(xt + offsets[k] + v * W), acc[0][v]);
+  }
+  for (int v = 0; v < kVecs; ++v) Simd::store(out + v * W, chain_sum(acc, v));
+}
+
+// y[(t * x.tile + lane) * y_stride] = scale * (row . token), over the tiles of x (x.tile = kVecs W).
 template <int kVecs>
 void sparse_row_times_tiles(const Activations& x, int64_t cols, const int32_t* offsets,
                             const float* values, int64_t count, float scale, float* y,
                             int64_t y_stride) {
-  // Independent accumulators per vector to hide the FMA latency (wide tiles have enough already).
-  constexpr int kChains = kVecs >= 4 ? 2 : 4;
   for (int64_t tile = 0; tile * x.tile < x.batch; ++tile) {
-    const float* xt = x.tiles + tile * cols * x.tile;
-    F acc[kChains][kVecs];
-    for (auto& chain : acc)
-      for (F& v : chain) v = Simd::zero();
-    int64_t k = 0;
-    for (; k + kChains <= count; k += kChains)
-      for (int c = 0; c < kChains; ++c) {
-        const F weight = Simd::set1(values[k + c]);
-        for (int v = 0; v < kVecs; ++v)
-          acc[c][v] = Simd::fma(weight, Simd::load(xt + offsets[k + c] + v * W), acc[c][v]);
-      }
-    for (; k < count; ++k) {
-      const F weight = Simd::set1(values[k]);
-      for (int v = 0; v < kVecs; ++v)
-        acc[0][v] = Simd::fma(weight, Simd::load(xt + offsets[k] + v * W), acc[0][v]);
-    }
+    float lanes[kVecs * W];
+    // independent accumulators per vector hide the FMA latency
+    row_times_tile<kVecs, kVecs >= 4 ? 2 : 4>(x.tiles + tile * cols * x.tile, offsets, values, count, lanes);
     const int64_t first = tile * x.tile;
     const int64_t lane_count = x.batch - first < x.tile ? x.batch - first : x.tile;
-    if (y_stride == 1 && lane_count == kVecs * W) {  // a whole tile into contiguous outputs
-      for (int v = 0; v < kVecs; ++v) Simd::store(y + first + v * W, Simd::mul(chain_sum(acc, v), Simd::set1(scale)));
-      continue;
-    }
-    float lanes[kVecs * W];
-    for (int v = 0; v < kVecs; ++v) Simd::store(lanes + v * W, chain_sum(acc, v));
     for (int64_t lane = 0; lane < lane_count; ++lane) y[(first + lane) * y_stride] = lanes[lane] * scale;
   }
 }
 
+// x.tile is W or 2W here (kernels.h: sparse_tile); larger batches take bitmask_rows_many_tiles.
 inline void sparse_row_times_activations(const Activations& x, int64_t cols, const int32_t* offsets,
                                          const float* values, int64_t count, float scale, float* y,
                                          int64_t y_stride) {
   if (x.tile == W)
     sparse_row_times_tiles<1>(x, cols, offsets, values, count, scale, y, y_stride);
-  else if (x.tile == 2 * W)
-    sparse_row_times_tiles<2>(x, cols, offsets, values, count, scale, y, y_stride);
   else
-    sparse_row_times_tiles<4>(x, cols, offsets, values, count, scale, y, y_stride);
+    sparse_row_times_tiles<2>(x, cols, offsets, values, count, scale, y, y_stride);
 }
 
 // e^x to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), Cephes' degree-6
@@ -492,28 +493,6 @@ inline void transpose(const float* in, int64_t in_stride, int64_t rows, int64_t 
       Simd::transpose_block(in + i * in_stride + j, in_stride, out + j * out_stride + i, out_stride);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) out[j * out_stride + i] = in[i * in_stride + j];
-}
-
-// out[0, kVecs W) = sum_k values[k] * xt[offsets[k] + (0 .. kVecs W)]: one row's kept weights against
-// a tile of tokens. A function of its own: inlined into the loop below, GCC kept fewer of the
-// accumulators in registers (7-10% slower).
-template <int kVecs, int kChains>
-inline void row_times_tile(const float* xt, const int32_t* offsets, const float* values, int64_t count, float* out) {
-  F acc[kChains][kVecs];
-  for (auto& chain : acc)
-    for (F& v : chain) v = Simd::zero();
-  int64_t k = 0;
-  for (; k + kChains <= count; k += kChains)
-    for (int c = 0; c < kChains; ++c) {
-      const F weight = Simd::set1(values[k + c]);
-      const float* column = xt + offsets[k + c];
-      for (int v = 0; v < kVecs; ++v) acc[c][v] = Simd::fma(weight, Simd::load(column + v * W), acc[c][v]);
-    }
-  for (; k < count; ++k) {
-    const F weight = Simd::set1(values[k]);
-    for (int v = 0; v < kVecs; ++v) acc[0][v] = Simd::fma(weight, Simd::load(xt + offsets[k] + v * W), acc[0][v]);
-  }
-  for (int v = 0; v < kVecs; ++v) Simd::store(out + v * W, chain_sum(acc, v));
 }
 
 // Batches of more than one tile (kernels.h: many_tiles; encoders, prefill) come as rows: the rows
