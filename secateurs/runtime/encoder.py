@@ -15,9 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.activations import GELUActivation, NewGELUActivation, PytorchGELUTanh, SiLUActivation
+from transformers.activations import (
+    GELUActivation,
+    NewGELUActivation,
+    PytorchGELUTanh,
+    SiLUActivation,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from secateurs.errors import SecateursError
 
 from . import kernels
 from .modules import CompressedLinear
@@ -56,10 +63,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
 
 def use_native_attention(model: nn.Module) -> nn.Module:
-    """Switch a transformers model (in place) to `attention_forward`; returns it."""
+    """Switch a transformers model (in place) to `attention_forward`; returns it. SecateursError for
+    a model that takes no attention implementation by name (not a transformers model, or an
+    architecture without the attention interface)."""
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-    model.set_attn_implementation(IMPLEMENTATION)
+    try:
+        model.set_attn_implementation(IMPLEMENTATION)
+    except (AttributeError, ValueError) as error:
+        raise SecateursError(f"{type(model).__name__} cannot run secateurs' attention: {error}") from error
     return model
 
 

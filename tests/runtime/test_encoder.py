@@ -8,7 +8,12 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
-from secateurs.runtime.encoder import IMPLEMENTATION, accelerate_encoder, attention_forward, key_padding
+from secateurs.runtime.encoder import (
+    IMPLEMENTATION,
+    accelerate_encoder,
+    attention_forward,
+    key_padding,
+)
 
 
 def tiny_bert(head_dim=16, act="gelu"):
@@ -97,3 +102,10 @@ def test_calls_the_kernel_cannot_take_go_to_sdpa():
         ours, _ = attention_forward(module, *args, **kwargs)
         theirs, _ = sdpa_attention_forward(module, *args, **kwargs)
         assert torch.equal(ours, theirs)
+
+
+def test_a_model_without_the_attention_interface_is_a_clear_error():
+    from secateurs.errors import SecateursError
+
+    with pytest.raises(SecateursError, match="Sequential cannot run secateurs' attention"):
+        accelerate_encoder(torch.nn.Sequential(torch.nn.Linear(4, 4)))
