@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from secateurs.algorithms.quant import fake_quantize, group_index
+from secateurs.algorithms.quant import fake_quantize
 from secateurs.errors import SecateursError
 from secateurs.formats import StoragePlan
 from secateurs.structure import is_transposed, out_features
@@ -41,17 +41,15 @@ class FakeQuant(nn.Module):
         self.register_buffer("scale", scale.to(torch.float32), persistent=False)
         self.register_buffer("zero", zero.to(torch.float32), persistent=False)
 
-    def grid_for(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-column scale and zero [out, in] (the group size is implied by the column count)."""
-        cols = weight.shape[1]
-        groups = self.scale.shape[1]
-        index = group_index(cols, None if groups == 1 else cols // groups).to(weight.device)
-        return self.scale.to(weight.device)[:, index], self.zero.to(weight.device)[:, index]
-
     def forward(self, weight: Tensor) -> Tensor:
+        # the weight viewed as [out, groups, group size] against [out, groups, 1] grids: no per-column
+        # copies of the scale and zero (two more weight-sized tensors on every forward)
         oriented = weight.t() if self.transposed else weight
-        scale, zero = self.grid_for(oriented)
-        quantized = _StraightThrough.apply(oriented.float(), scale, zero, self.bits).to(weight.dtype)
+        rows, cols = oriented.shape
+        groups = self.scale.shape[1]
+        grouped = oriented.float().reshape(rows, groups, cols // groups)
+        scale, zero = self.scale.to(weight.device)[..., None], self.zero.to(weight.device)[..., None]
+        quantized = _StraightThrough.apply(grouped, scale, zero, self.bits).reshape(rows, cols).to(weight.dtype)
         return quantized.t() if self.transposed else quantized
 
 
