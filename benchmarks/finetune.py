@@ -287,7 +287,10 @@ def write_report(args, budget: dict) -> None:
                   f"subset of {subset} documents per task (stderr about 2 points on the mean); the untrained dense "
                   f"model scores {'?' if reference is None else f'{100 * reference:.2f}'} there.", ""]
     for each in budgets:
-        lines += budget_section([r for r in everything if r["budget"] == each], each, args.seed)
+        dense = [r for r in everything if r["variant"] == "dense" and r["budget"]["tokens"] == each["tokens"]
+                 and r["budget"]["eval_tokens"] == each["eval_tokens"]]
+        best = min(dense, key=lambda r: r["ppl"], default=None)
+        lines += budget_section([r for r in everything if r["budget"] == each], each, args.seed, best)
     lines += ["Rows not yet run are resumed by running the same command again (finished rows are cached, "
               "a killed row continues from its checkpoint).", ""]
     from secateurs.io import write_text
@@ -296,7 +299,9 @@ def write_report(args, budget: dict) -> None:
     plot([r for r in everything if r["budget"]["tokens"] >= 250_000], args.work, budget)
 
 
-def budget_section(rows: list[dict], budget: dict, seed: int) -> list[str]:
+def budget_section(rows: list[dict], budget: dict, seed: int, best_dense: dict | None = None) -> list[str]:
+    """One budget's table; where another budget of the same token count trained a better dense
+    model (another lr), r is also given against that one, the stricter ceiling."""
     protocol = budget["eval_tokens"] == quality.PROTOCOL["eval_tokens"]
     eval_tokens = budget["eval_tokens"]
     lines = [f"## {budget['tokens']:,} tokens, lr {budget['lr']}", "",
@@ -334,6 +339,15 @@ def budget_section(rows: list[dict], budget: dict, seed: int) -> list[str]:
                      f"{row['ppl']:.2f} | {'' if rec is None else f'{rec:.2f}'} | "
                      f"{task_mean} | {row['sparsity']:.4f} | "
                      f"{row.get('train_seconds', 0):.0f} | {row['tokens_per_s'] or 0:.1f} |")
+    own_dense = find(rows, "dense", "ce", False, budget)
+    if best_dense is not None and own_dense is not None and best_dense["ppl"] < own_dense["ppl"]:
+        stricter = [f"{r['variant']}/{r['loss']}{'/qat' if r['qat'] else ''} "
+                    f"{(r['ppl_oneshot'] - r['ppl']) / (r['ppl_oneshot'] - best_dense['ppl']):.2f}"
+                    for r in rows if r["variant"] not in ("dense",) and r["loss"] != "none"
+                    and not r["variant"].startswith("progressive")]
+        notes.append(f"This table's dense row ({own_dense['ppl']:.2f}) is above the best dense model at "
+                     f"{budget['tokens']:,} tokens (lr {best_dense['budget']['lr']}: {best_dense['ppl']:.2f}); "
+                     "against that one, r is " + (", ".join(stricter) if stricter else "(no sparse row yet)") + ".")
     return lines + ["", *notes, ""]
 
 
