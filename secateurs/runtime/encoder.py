@@ -83,7 +83,7 @@ def fuse_activations(model: nn.Module) -> int:
     for module in model.modules():
         dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
         name = activation_name(act)
-        if isinstance(dense, CompressedLinear) and dense._fuses_epilogue and dense.activation is None and name:
+        if isinstance(dense, CompressedLinear) and dense.fuses_epilogue and dense.activation is None and name:
             dense.activation = name
             module.intermediate_act_fn = nn.Identity()
             fused += 1

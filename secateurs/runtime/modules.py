@@ -53,7 +53,7 @@ class CompressedLinear(nn.Module):
     _float32_buffers: tuple[str, ...] = ()
     kernel_max_batch = KERNEL_MAX_BATCH
     # Whether _compressed_matmul takes bias and activation and applies them in the kernel.
-    _fuses_epilogue = False
+    fuses_epilogue = False
     # y = activation(x Wᵀ + b) when set (kernels.ACTIVATIONS): an encoder's feed-forward activation
     # moved into its first linear layer (runtime.encoder.accelerate_encoder).
     activation: str | None = None
@@ -79,7 +79,7 @@ class CompressedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         use_kernel = (flat.shape[0] <= self.kernel_max_batch and x.dtype in (torch.float32, torch.bfloat16)
                       and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()))
-        if use_kernel and self._fuses_epilogue:
+        if use_kernel and self.fuses_epilogue:
             y = self._compressed_matmul(flat.contiguous(), None if bias is None else self.bias.to(torch.float32),
                                         self.activation)
         elif use_kernel:
@@ -125,7 +125,7 @@ class _BitmaskKernelBatch:
     """Bitmask layers at most SPARSE_GEMM_MAX_DENSITY dense run their kernel at any batch; the
     bitmask kernel fuses bias and activation."""
 
-    _fuses_epilogue = True
+    fuses_epilogue = True
     values: Tensor
     in_features: int
     out_features: int
