@@ -75,7 +75,8 @@ def cache() -> Path:
 
 def datasets(tokenizer, seed: int):
     from secateurs.data.reviews import fine_foods
-    from secateurs.training.classification import ClassificationData, tokenize
+    from secateurs.eval.classifier import tokenize
+    from secateurs.training.classification import ClassificationData
 
     train, validation = fine_foods("train").split(0.1, seed=0)
     test = fine_foods("test")
@@ -86,7 +87,7 @@ def datasets(tokenizer, seed: int):
 
 
 def score(model, scored) -> dict:
-    from secateurs.training.classification import evaluate_classifier
+    from secateurs.eval.classifier import evaluate_classifier
 
     result = {}
     for name, (encoded, labels) in scored.items():

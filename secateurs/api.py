@@ -15,11 +15,20 @@ from torch import nn
 from secateurs.data.corpus import AUSTEN_CALIBRATION, calibration_from
 from secateurs.denoisers import build_denoiser, load_denoiser
 from secateurs.errors import SecateursError
+from secateurs.eval.classifier import ClassifierEvaluation, evaluate_texts
 from secateurs.formats import SavedModel
 from secateurs.formats import load as load_compressed
 from secateurs.formats.module_file import read_compressed_module, save_compressed_module
 from secateurs.io import read_safetensors
-from secateurs.models import LoadedModel, context_length, hf_step, is_compressed_directory, load_model
+from secateurs.models import (
+    LoadedModel,
+    context_length,
+    hf_step,
+    is_compressed_directory,
+    is_sequence_classifier,
+    load_classifier,
+    load_model,
+)
 from secateurs.onnx_graph import write_onnx_with_weights
 from secateurs.pipeline.distributed import check_device, init_from_environment
 from secateurs.pipeline.engine import CompressionReport, compress_model
@@ -165,13 +174,7 @@ def load_any(spec, verify: bool | None = None) -> LoadedModel:
     file or a hub id; compressed layers become secateurs.runtime modules."""
     path = _compressed_directory(spec)
     if path is not None:
-        from transformers import AutoTokenizer
-
-        from secateurs.models import quiet_loading
-
-        with quiet_loading():
-            tokenizer = hf_step(str(path), "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(path))
-        return LoadedModel(load_compressed(path, verify).eval(), tokenizer, str(path))
+        return LoadedModel(load_compressed(path, verify).eval(), _tokenizer(path), str(path))
     return load_model(spec, verify=verify)
 
 
@@ -183,6 +186,63 @@ def load(path, verify: bool | None = None) -> nn.Module:
     if compressed is not None:
         return load_compressed(compressed, verify).eval()
     return load_model(path, verify=verify).model
+
+
+# --- sequence classifiers ------------------------------------------------------------------------
+
+CLASSIFIER_ENGINES = ("secateurs", "torch")
+
+
+def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | None = None, batch_size: int = 32,
+                     progress: bool = True) -> ClassifierEvaluation:
+    """Accuracy, macro-F1 and sequences/s of a sequence classifier directory (compressed, as
+    prune-encoder writes it, or plain) on labelled texts: "fine-foods" (its test split),
+    "fine-foods:train", or a csv / jsonl file with text,label columns (labels mapped to the model's
+    classes by name, or taken as class ids when they are integers); texts padded or truncated to
+    `seqlen` tokens (None: 128, or the model's context where shorter).
+
+    engine "secateurs": compressed layers on secateurs' kernels, attention and the fused feed-forward
+    activation through runtime.encoder.accelerate_encoder; "torch": transformers' eager model with
+    the weights decompressed, the baseline to compare with."""
+    from secateurs.data.reviews import labelled_texts
+
+    if engine not in CLASSIFIER_ENGINES:
+        raise SecateursError(f"engine must be one of {', '.join(CLASSIFIER_ENGINES)}, got {engine!r}")
+    if not is_sequence_classifier(model):
+        raise SecateursError(f"{model}: not a sequence classifier directory (its config.json names no "
+                             "*ForSequenceClassification architecture)")
+    if batch_size < 1:
+        raise SecateursError(f"need batch size >= 1, got {batch_size}")
+    texts = labelled_texts(data, "test")
+    path = _compressed_directory(model)
+    if engine == "secateurs" and path is not None:
+        classifier, tokenizer = load_compressed(path).eval(), _tokenizer(path)
+    elif path is not None:  # the baseline runs plain nn.Linear layers: the directory decompressed, bit-exact
+        import tempfile
+
+        from secateurs.formats import decompress
+
+        with tempfile.TemporaryDirectory(prefix="secateurs-dense-") as scratch:
+            loaded = load_classifier(decompress(path, Path(scratch) / "dense"))
+        classifier, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        loaded = load_classifier(model)
+        classifier, tokenizer = loaded.model, loaded.tokenizer
+    texts = texts.for_model(classifier.config.id2label)
+    if engine == "secateurs":
+        from secateurs.runtime.encoder import accelerate_encoder
+
+        classifier = accelerate_encoder(classifier)
+    return evaluate_texts(classifier, tokenizer, texts, seqlen, batch_size, progress)
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    from secateurs.models import quiet_loading
+
+    with quiet_loading():
+        return hf_step(str(path), "no usable tokenizer", lambda: AutoTokenizer.from_pretrained(path))
 
 
 def _compressed_directory(spec) -> Path | None:

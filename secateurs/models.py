@@ -232,6 +232,17 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         return False
 
 
+def is_sequence_classifier(spec: str | os.PathLike) -> bool:
+    """Whether `spec` is a model directory whose config.json names a *ForSequenceClassification
+    architecture (a classifier to score on labelled texts rather than a language model)."""
+    config = Path(str(spec)).expanduser() / CONFIG_FILE
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
 def _records_compression(config: Path, key: str) -> bool:
     """Whether a config.json describes secateurs' compressed layers; an unreadable one is left to
     transformers, whose error names the problem."""
@@ -274,18 +285,22 @@ class LoadedClassifier:
     new_head: bool  # the checkpoint had no classification head: it was initialized here
 
 
-def load_classifier(spec: str | os.PathLike, num_labels: int, seed: int = 0) -> LoadedClassifier:
+def load_classifier(spec: str | os.PathLike, num_labels: int | None = None, seed: int = 0) -> LoadedClassifier:
     """A sequence classifier on an encoder; a head the checkpoint lacks is initialized from `seed`
-    (so a run is reproducible), and said so in `new_head`."""
+    (so a run is reproducible), and said so in `new_head`. `num_labels` None: the checkpoint's."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = encoder_directory(spec)
+    labels = {} if num_labels is None else {"num_labels": num_labels}
     torch.manual_seed(seed)
     with quiet_loading():
         model, info = hf_step(str(folder), "not a sequence classifier", lambda: AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, dtype=torch.float32, output_loading_info=True))
+            folder, **labels, dtype=torch.float32, output_loading_info=True))
     tokenizer = hf_step(str(folder), "unreadable tokenizer", lambda: AutoTokenizer.from_pretrained(folder))
     new_head = any(key.startswith(("classifier.", "score.")) for key in info["missing_keys"])
+    # a bare encoder's config names its base class (MiniLM's: BertModel); a directory written from
+    # this model must load back as the classifier it is
+    model.config.architectures = [type(model).__name__]
     return LoadedClassifier(model.eval(), tokenizer, new_head)
 
 

@@ -73,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep the calibration activations between blocks on disk, in <output>.partial/offload/")
     compress.set_defaults(run=cmd_compress)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model on a text")
+    evaluate = commands.add_parser("eval", help="perplexity of a model on a text, zero-shot tasks, or a sequence "
+                                   "classifier's accuracy and speed on labelled texts")
     _add_model(evaluate)
-    evaluate.add_argument("--data", default="austen-eval",
-                          help="austen-eval (Persuasion), austen:<novel>, .txt/.jsonl file or directory, hf:<dataset>")
-    evaluate.add_argument("--seqlen", type=int, default=512)
+    evaluate.add_argument("--data", default=None,
+                          help="language models: austen-eval (Persuasion, the default), austen:<novel>, .txt/.jsonl "
+                               "file or directory, hf:<dataset>; classifiers: fine-foods (its test split), "
+                               "fine-foods:train, or a csv/jsonl with text,label columns")
+    evaluate.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512), or per "
+                          "classified text (padded or truncated; default 128)")
+    evaluate.add_argument("--batch", type=int, default=None, help="classifiers: texts per forward pass (default 32)")
+    evaluate.add_argument("--engine", default=None, choices=("secateurs", "torch"),
+                          help="classifiers: secateurs' kernels (compressed layers, attention, fused activation) "
+                               "or transformers' eager model on the decompressed weights (the baseline)")
     evaluate.add_argument("--max-tokens", type=int, default=None)
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--tasks", default=None,

@@ -31,10 +31,21 @@ def cmd_eval(args) -> None:
     from secateurs.data.corpus import load_text, tokenize
     from secateurs.eval.perplexity import check_seqlen, perplexity
 
+    from secateurs.models import is_sequence_classifier
+
+    if is_sequence_classifier(args.model):
+        return _eval_classifier(args)
+    if args.data is not None and str(args.data).partition(":")[0] == "fine-foods":
+        raise SecateursError(f"{args.data} is labelled data for a sequence classifier; {args.model} is not one")
+    classifier_only = [flag for flag, value in (("--batch", args.batch), ("--engine", args.engine)) if value is not None]
+    if classifier_only:
+        raise SecateursError(f"{', '.join(classifier_only)}: for sequence classifiers; {args.model} is not one")
     if args.tasks is not None:
         return _eval_tasks(args)
     if args.limit is not None or args.subset is not None:
         raise SecateursError("--limit and --subset select task documents: use them with --tasks")
+    args.data = args.data or "austen-eval"
+    args.seqlen = 512 if args.seqlen is None else args.seqlen
     loaded = load_model_for_running(args.model, args.vq_integer)
     check_seqlen(loaded.model, args.seqlen)
     ids = tokenize(loaded.tokenizer, load_text(args.data))
@@ -45,6 +56,33 @@ def cmd_eval(args) -> None:
         print(f"perplexity {result.ppl:.3f} on {args.data}: {result.windows} windows x {result.seqlen} tokens "
               f"({result.tokens_evaluated} evaluated, {result.tokens_dropped} dropped), "
               f"{result.seconds:.1f} s, {result.tokens_per_second:.0f} tokens/s")
+
+
+def _eval_classifier(args) -> None:
+    """Accuracy, macro-F1 and sequences/s of a sequence classifier (secateurs.api.score_classifier)."""
+    import torch
+
+    from secateurs.api import score_classifier
+
+    language_only = [flag for flag, value in (("--tasks", args.tasks), ("--limit", args.limit), ("--subset", args.subset),
+                                              ("--max-tokens", args.max_tokens), ("--vq-integer", args.vq_integer)) if value]
+    if language_only:
+        raise SecateursError(f"{', '.join(language_only)}: for language models; {args.model} is a sequence classifier")
+    if args.data is None:
+        raise SecateursError("a classifier needs --data: fine-foods (test split), fine-foods:train, or a csv/jsonl "
+                             "with text,label columns")
+    engine = args.engine or "secateurs"
+    result = score_classifier(args.model, args.data, engine=engine, seqlen=args.seqlen,
+                              batch_size=32 if args.batch is None else args.batch, progress=not VERBOSITY["quiet"])
+    threads = torch.get_num_threads()
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, "engine": engine, "threads": threads}
+                         | result.as_dict(), indent=2))
+    else:
+        score = result.score
+        print(f"accuracy {100 * score.accuracy:.2f}%, macro-F1 {100 * score.macro_f1:.2f} on {args.data} ({score.n} texts); "
+              f"{result.sequences_per_second:.1f} sequences/s ({engine}, batch {result.batch_size}, "
+              f"{result.seqlen} tokens, {threads} threads)")
 
 
 def _eval_tasks(args) -> None:

@@ -45,6 +45,50 @@ class LabelledTexts:
 
         return pick(rest), pick(held)
 
+    def for_model(self, id2label: dict) -> LabelledTexts:
+        """The same texts with the label ids of a classifier whose classes `id2label` names.
+        Integer labels are class ids; named labels are looked up in `id2label` when it names the
+        classes (not transformers' default LABEL_<i>), else they keep their own numbering (the one
+        prune-encoder gives a new head and then stores in the model's config). A label the model
+        cannot have is an error, never a silent mismatch."""
+        classes = {int(i): str(name) for i, name in id2label.items()}
+        count = len(classes)
+        named = any(name != f"LABEL_{i}" for i, name in classes.items())
+        if all(_is_integer(name) for name in self.label_names):
+            ids = [int(self.label_names[label]) for label in self.labels]
+            outside = sorted({i for i in ids if not 0 <= i < count})
+            if outside:
+                raise SecateursError(f"labels {outside} are not classes of a model with {count} classes (0 to {count - 1})")
+            return LabelledTexts(self.texts, ids, tuple(classes[i] for i in range(count)))
+        if named:
+            lookup = {name: i for i, name in classes.items()}
+            missing = [name for name in self.label_names if name not in lookup]
+            if missing:
+                raise SecateursError(f"labels {', '.join(missing)} are not among the model's classes "
+                                     f"({', '.join(classes[i] for i in range(count))})")
+            return LabelledTexts(self.texts, [lookup[self.label_names[label]] for label in self.labels],
+                                 tuple(classes[i] for i in range(count)))
+        if len(self.label_names) > count:
+            raise SecateursError(f"the data has {len(self.label_names)} labels, the model {count} classes")
+        return self
+
+
+def _is_integer(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
+
+
+def labelled_texts(spec: str | Path, split: str = "train") -> LabelledTexts:
+    """"fine-foods" (r-cran-modeldata's reviews, the given split), "fine-foods:train" /
+    "fine-foods:test", or a csv / jsonl file with text,label columns."""
+    name, _, chosen = str(spec).partition(":")
+    if name == "fine-foods":
+        return fine_foods(chosen or split)
+    return labelled_file(spec)
+
 
 def modeldata_dir() -> Path:
     for root in (Path("/"), cache_dir() / "debian" / "r-cran-modeldata"):
@@ -68,7 +112,7 @@ def fine_foods(split: str) -> LabelledTexts:
 
 def labelled_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
     """A csv (header row) or jsonl file with a text and a label column; labels are names or ints,
-    numbered in sorted order of their names."""
+    numbered in sorted order (integers in numeric order: "10" after "9")."""
     path = Path(path)
     if not path.is_file():
         raise SecateursError(f"labelled data file not found: {path}")
@@ -85,6 +129,7 @@ def labelled_file(path: str | Path, text_column: str = "text", label_column: str
             raise SecateursError(f"{path}: row {number} lacks a {text_column!r} or {label_column!r} column")
     if not rows:
         raise SecateursError(f"{path}: no rows")
-    names = tuple(sorted({str(row[label_column]) for row in rows}))
+    names = {str(row[label_column]) for row in rows}
+    names = tuple(sorted(names, key=int) if all(map(_is_integer, names)) else sorted(names))
     return LabelledTexts([str(row[text_column]) for row in rows], [names.index(str(row[label_column])) for row in rows],
                          names)

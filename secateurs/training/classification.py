@@ -1,5 +1,5 @@
 """Sequence classification on the one Trainer: labelled texts as a data object (its batches and its
-loss), and the evaluation of a classifier (accuracy, macro-F1).
+loss); scoring a classifier is secateurs.eval.classifier's.
 
 The loss is oBERT's distillation (Kurtic et al. 2022): (1 - h) CE(labels) + h T^2 KL(teacher || student)
 at temperature T, with hardness h = LossWeights.kl and 1 - h = LossWeights.ce (the paper: h = 1,
@@ -8,13 +8,12 @@ T = 2); SquareHead on the encoder's hidden states (padding masked) may be added 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
+from secateurs.eval.classifier import tokenize
 from secateurs.training.losses import LossWeights, kl_divergence, squarehead
 from secateurs.training.trainer import PackedWindows
 
@@ -69,35 +68,3 @@ class ClassificationData(PackedWindows):
             total, parts["squarehead"] = total + weights.squarehead * part, part.item()
         parts["loss"] = float(total.item())
         return total, parts
-
-
-def tokenize(tokenizer, texts: list[str], seqlen: int) -> dict[str, Tensor]:
-    """input_ids and attention_mask [len(texts), seqlen]: truncated, padded to seqlen."""
-    return dict(tokenizer(list(texts), padding="max_length", truncation=True, max_length=seqlen, return_tensors="pt"))
-
-
-@dataclass
-class ClassifierScore:
-    accuracy: float
-    macro_f1: float
-    n: int
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                        batch_size: int = 64) -> ClassifierScore:
-    """Accuracy and macro-F1 (the mean over classes of each class's F1) of argmax predictions."""
-    model.eval()
-    predictions = torch.cat([
-        model(input_ids=input_ids[i : i + batch_size], attention_mask=attention_mask[i : i + batch_size]).logits.argmax(-1)
-        for i in range(0, len(labels), batch_size)])
-    return score_predictions(predictions, labels, model.config.num_labels)
-
-
-def score_predictions(predictions: Tensor, labels: Tensor, classes: int) -> ClassifierScore:
-    f1 = []
-    for c in range(classes):
-        true_positive = int(((predictions == c) & (labels == c)).sum())
-        predicted, actual = int((predictions == c).sum()), int((labels == c).sum())
-        f1.append(0.0 if predicted + actual == 0 else 2 * true_positive / (predicted + actual))
-    return ClassifierScore(float((predictions == labels).float().mean()), sum(f1) / classes, len(labels))

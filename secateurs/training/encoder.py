@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from secateurs.algorithms.quant import QuantSpec, round_to_nearest
-from secateurs.data.reviews import LabelledTexts, fine_foods, labelled_file
+from secateurs.data.reviews import labelled_texts
 from secateurs.errors import SecateursError
 from secateurs.formats import save_compressed
 from secateurs.models import load_classifier
-from secateurs.training.classification import ClassificationData, ClassifierScore, evaluate_classifier, tokenize
+from secateurs.eval.classifier import ClassifierScore, evaluate_classifier, tokenize
+from secateurs.training.classification import ClassificationData
 from secateurs.training.losses import LossWeights
 from secateurs.training.masks import block_linear_layers, open_masks
 from secateurs.training.progressive import GradualMagnitude, GradualOBert
@@ -44,11 +45,6 @@ class EncoderPruningResult:
     training: TrainResult
 
 
-def labelled_data(spec: str | Path) -> LabelledTexts:
-    """"fine-foods" (r-cran-modeldata's training reviews) or a csv / jsonl file with text,label columns."""
-    return fine_foods("train") if str(spec) == "fine-foods" else labelled_file(spec)
-
-
 def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *, sparsity: float = 0.9,
                   method: str = "obert", epochs: float = 2.0, seqlen: int = 128, batch_size: int = 16, lr: float = 5e-5,
                   hardness: float = 1.0, temperature: float = 2.0, prune_fraction: float = 2 / 3, prune_every: int = 10,
@@ -64,13 +60,18 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
         raise SecateursError("need 0 < sparsity < 1, 0 < prune_fraction <= 1, 0 < validation < 1, 0 <= hardness <= 1")
     if epochs <= 0 or prune_every < 1 or seqlen < 2 or batch_size < 1:
         raise SecateursError("need epochs > 0, prune_every >= 1, seqlen >= 2, batch_size >= 1")
-    texts = labelled_data(data)
-    train, held_out = texts.split(validation, seed=seed)
+    texts = labelled_texts(data, "train")
     loaded = load_classifier(model, len(texts.label_names), seed=seed)
     if loaded.new_head and teacher_epochs <= 0:
         raise SecateursError(f"{model} has no classification head: pass teacher_epochs (--teacher-epochs) to fine-tune "
                              f"the dense teacher first, or give a fine-tuned classifier")
     student, tokenizer = loaded.model, loaded.tokenizer
+    if not loaded.new_head:
+        texts = texts.for_model(student.config.id2label)
+    if len(texts.label_names) == student.config.num_labels:  # stored with its class names: evaluation maps by name
+        student.config.id2label = dict(enumerate(texts.label_names))
+        student.config.label2id = {name: i for i, name in enumerate(texts.label_names)}
+    train, held_out = texts.split(validation, seed=seed)
     for name, layer in block_linear_layers(student).items():
         if layer.weight.shape[1] % unit:
             raise SecateursError(f"unit {unit} does not divide the {layer.weight.shape[1]} inputs of layer {name}")

@@ -11,7 +11,8 @@ import transformers as tf
 
 from secateurs.algorithms.obert import fisher_inverse
 from secateurs.errors import SecateursError
-from secateurs.training.classification import ClassificationData, evaluate_classifier, score_predictions
+from secateurs.eval.classifier import evaluate_classifier, score_predictions
+from secateurs.training.classification import ClassificationData
 from secateurs.training.losses import LossWeights
 from secateurs.training.masks import open_masks
 from secateurs.training.progressive import FISHER_POSITION, GradualMagnitude, GradualOBert

@@ -9,6 +9,8 @@ import transformers as tf
 
 import secateurs
 from secateurs.cli import main
+from secateurs.formats import decompress
+from secateurs.runtime.layouts import unpack_bitmask
 from secateurs.training.encoder import prune_encoder
 
 
@@ -40,7 +42,7 @@ def classifier_and_data(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("method, unit, int8", [("obert", 1, False), ("gmp", 1, False), ("obert", 4, True)])
+@pytest.mark.parametrize("method, unit, int8", [("obert", 1, False), ("gmp", 1, False), ("gmp", 4, False), ("obert", 4, True)])
 def test_prune_encoder_writes_a_sparse_model_that_loads_back(classifier_and_data, tmp_path, method, unit, int8):
     folder = classifier_and_data
     result = prune_encoder(folder / "model", folder / "train.csv", tmp_path / "out", sparsity=0.6, method=method,
@@ -48,20 +50,26 @@ def test_prune_encoder_writes_a_sparse_model_that_loads_back(classifier_and_data
                            int8=int8, progress=False)
     assert result.sparsity == pytest.approx(0.6, abs=0.01) and result.pruned.n == 6
     config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "bad", "1": "good"}  # the data's class names, for evaluation by name
     formats = {entry["format"] for entry in config["secateurs_compression"]["layers"].values()}
     # a layer too small for a bitmask to pay (16 x 16 here) is stored as dense int8
     assert formats == {"bitmask"} if not int8 else "bitmask-int8" in formats and formats <= {"bitmask-int8", "int8"}
     loaded = secateurs.load(tmp_path / "out")
     assert type(loaded).__name__ == "BertForSequenceClassification"
-    dense = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")  # decompressed by our quantizer
-    for name, module in dense.named_modules():
-        if name.startswith("bert.encoder") and isinstance(module, torch.nn.Linear):
-            weight = module.weight.detach()
-            blocks = (weight != 0).reshape(-1, unit)
-            assert bool((blocks.all(1) | ~blocks.any(1)).all()), name  # blocks of `unit` pruned whole
-            if int8:  # every row on its symmetric int8 grid: w / (max|w| / 127) is an integer
-                codes = weight / (weight.abs().amax(1, keepdim=True) / 127)
-                assert torch.allclose(codes, codes.round(), atol=1e-3), name
+    dense = tf.AutoModelForSequenceClassification.from_pretrained(decompress(tmp_path / "out", tmp_path / "dense"))
+    checked = [name for name, module in dense.named_modules()
+               if name.startswith("bert.encoder") and isinstance(module, torch.nn.Linear)]
+    assert len(checked) == 12  # 6 linear layers in each of the 2 blocks, all plain after decompressing
+    for name in checked:
+        weight, stored = dense.get_submodule(name).weight.detach(), loaded.get_submodule(name)
+        assert hasattr(stored, "bitmask") or int8, name  # dense int8: a layer too small for a bitmask to pay
+        if not int8:  # blocks of `unit` pruned whole (with int8 a kept weight may round to 0, and is then stored as pruned)
+            blocks = unpack_bitmask(stored.bitmask, weight.shape[1]).reshape(-1, unit)
+            assert bool((blocks.all(1) | ~blocks.any(1)).all()), name
+        if int8:  # every row on the symmetric int8 grid stored with it: w / scale is an integer in [-128, 127]
+            codes = weight / loaded.get_submodule(name).scale.reshape(-1, 1)
+            assert torch.allclose(codes, codes.round(), atol=1e-3), name
+            assert codes.round().min() >= -128 and codes.round().max() <= 127, name
     ids = torch.randint(4, 40, (3, 10))
     reference = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")  # our quantizer
     assert torch.allclose(loaded(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
