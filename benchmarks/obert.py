@@ -425,10 +425,13 @@ def main() -> None:
                 result = oneshot(method.removeprefix("oneshot-"), target, seed)
             else:
                 result = gradual(method, target, seed, structure, quant)
-            rows.append({"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
-                         "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result)
+            row = {"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
+                   "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result
             print(f"[obert] {result}", flush=True)
+            # read again: another process (another row's run) may have written rows since this one started
+            rows = (json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []) + [row]
             write_json(JSON_PATH, rows)
+    rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
     runs = [r for r in rows if r.get("kind") == "run"]
     groups: dict[tuple, list] = {}
     for r in runs:

@@ -91,3 +91,24 @@ def test_cli_prune_encoder_and_its_errors(classifier_and_data, tmp_path, capsys)
     assert "not found" in capsys.readouterr().err
     assert main(args(folder / "train.csv", "--block", "3")) == 2  # 3 does not divide the 16 inputs
     assert "unit 3 does not divide the 16 inputs" in capsys.readouterr().err
+
+
+def test_a_bare_encoder_gets_a_head_and_is_stored_as_the_classifier_it_became(classifier_and_data, tmp_path, capsys):
+    """A bare encoder (MiniLM's config names BertModel) with --teacher-epochs: the written directory
+    must load back as a sequence classifier, name the data's classes, and score through `eval`."""
+    folder = classifier_and_data
+    bare = tf.BertModel(tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=32))
+    bare.save_pretrained(tmp_path / "bare")
+    word_tokenizer().save_pretrained(tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "config.json").read_text())["architectures"] == ["BertModel"]
+    assert main(["prune-encoder", "--model", str(tmp_path / "bare"), "--data", str(folder / "train.csv"), "--output",
+                 str(tmp_path / "out"), "--sparsity", "0.5", "--epochs", "1", "--teacher-epochs", "1", "--seqlen", "10",
+                 "--batch", "8", "--prune-every", "2", "--grads", "4", "--quiet"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert config["id2label"] == {"0": "bad", "1": "good"}
+    assert type(secateurs.load(tmp_path / "out")).__name__ == "BertForSequenceClassification"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "out"), "--data", str(folder / "train.csv"), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 60
