@@ -220,3 +220,25 @@ def test_progressive_prunes_the_finetuned_weights_further():
     results = progressive_prune(student, compress_model, [[{"sparsegpt": {"sparsity": 0.5}}], [{"sparsegpt": {"sparsity": 0.7}}]],
                                 calibration, tokens(), configs, teacher=teacher, progress=False)
     assert [r.training.sparsity["sparsity"] for r in results] == pytest.approx([0.5, 0.7], abs=1e-3)
+
+
+def test_mask_check_catches_a_revived_weight_and_a_broken_nm_group():
+    student = pruned(tiny_llama(), nm=(2, 4))
+    masks = masks_from_zeros(student, nm=(2, 4))
+    name, keep = next(iter(masks.keep.items()))
+    weight = get_weight(masks.layers[name])
+    counted = masks.check()
+    zeros = sum(int((get_weight(masks.layers[n]) == 0).sum()) for n in masks.keep)
+    total = sum(k.numel() for k in masks.keep.values())
+    assert counted["sparsity"] == pytest.approx(zeros / total) and counted["masked"] == pytest.approx(0.5)
+    pruned_at = (~keep).nonzero()[0].tolist()
+    with torch.no_grad():
+        weight[tuple(pruned_at)] = 0.25  # one pruned weight comes back: the check names it
+        with pytest.raises(SecateursError, match=f"layer {name}: 1 pruned weight\\(s\\) are not 0"):
+            masks.check()
+        weight[tuple(pruned_at)] = 0.0
+        # with a mask that keeps everything, the revived weight leaves its group of 4 with 3 nonzeros
+        masks.keep[name] = torch.ones_like(keep)
+        weight[tuple(pruned_at)] = 0.25
+        with pytest.raises(SecateursError, match="break the 2:4 pattern"):
+            masks.check()
