@@ -197,7 +197,8 @@ def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | No
                      progress: bool = True) -> ClassifierEvaluation:
     """Accuracy, macro-F1 and sequences/s of a sequence classifier directory (compressed, as
     prune-encoder writes it, or plain) on labelled texts: "fine-foods" (its test split),
-    "fine-foods:train", or a csv / jsonl file with text,label columns (labels mapped to the model's
+    "fine-foods:train", `hf:<dataset>[:split]` (default test), or a csv / jsonl / parquet file with
+    text,label columns (labels mapped to the model's
     classes by name, or taken as class ids when they are integers); texts padded or truncated to
     `seqlen` tokens (None: 128, or the model's context where shorter).
 

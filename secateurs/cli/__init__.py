@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None,
                           help="language models: austen-eval (Persuasion, the default), austen:<novel>, .txt/.jsonl "
                                "file or directory, hf:<dataset>; classifiers: fine-foods (its test split), "
-                               "fine-foods:train, or a csv/jsonl with text,label columns")
+                               "fine-foods:train, hf:<dataset>[:split], or a csv/jsonl/parquet with text,label columns")
     evaluate.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512), or per "
                           "classified text (padded or truncated; default 128)")
     evaluate.add_argument("--batch", type=int, default=None, help="classifiers: texts per forward pass (default 32)")
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "distillation (oBERT or gradual magnitude)")
     encoder.add_argument("--model", required=True, help="a sequence-classifier directory, or all-minilm-l6-v2 "
                          "(no head yet: with --teacher-epochs)")
-    encoder.add_argument("--data", required=True, help="fine-foods (r-cran-modeldata) or a csv/jsonl with text,label columns")
+    encoder.add_argument("--data", required=True, help="fine-foods (r-cran-modeldata), hf:<dataset>[:split], or a "
+                         "csv/jsonl/parquet with text,label columns")
     encoder.add_argument("--output", required=True, help="directory to write (bitmask layers; transformers loads it "
                          "after `import secateurs`)")
     encoder.add_argument("--sparsity", type=float, default=0.9)

@@ -69,8 +69,8 @@ def _eval_classifier(args) -> None:
     if language_only:
         raise SecateursError(f"{', '.join(language_only)}: for language models; {args.model} is a sequence classifier")
     if args.data is None:
-        raise SecateursError("a classifier needs --data: fine-foods (test split), fine-foods:train, or a csv/jsonl "
-                             "with text,label columns")
+        raise SecateursError("a classifier needs --data: fine-foods (test split), fine-foods:train, hf:<dataset>[:split], "
+                             "or a csv/jsonl/parquet with text,label columns")
     engine = args.engine or "secateurs"
     result = score_classifier(args.model, args.data, engine=engine, seqlen=args.seqlen,
                               batch_size=32 if args.batch is None else args.batch, progress=not VERBOSITY["quiet"])

@@ -83,10 +83,12 @@ def _is_integer(name: str) -> bool:
 
 def labelled_texts(spec: str | Path, split: str = "train") -> LabelledTexts:
     """"fine-foods" (r-cran-modeldata's reviews, the given split), "fine-foods:train" /
-    "fine-foods:test", or a csv / jsonl file with text,label columns."""
+    "fine-foods:test", `hf:<dataset>[:split]`, or a csv / jsonl / parquet file with text,label columns."""
     name, _, chosen = str(spec).partition(":")
     if name == "fine-foods":
         return fine_foods(chosen or split)
+    if name == "hf":
+        return labelled_dataset(str(spec) if chosen.count(":") else f"{spec}:{split}")
     return labelled_file(spec)
 
 
@@ -111,25 +113,57 @@ def fine_foods(split: str) -> LabelledTexts:
 
 
 def labelled_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
-    """A csv (header row) or jsonl file with a text and a label column; labels are names or ints,
-    numbered in sorted order (integers in numeric order: "10" after "9")."""
+    """A csv (header row), jsonl or parquet file with a text and a label column; labels are names or
+    ints, numbered in sorted order (integers in numeric order: "10" after "9")."""
     path = Path(path)
     if not path.is_file():
         raise SecateursError(f"labelled data file not found: {path}")
+    kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "csv")
     try:
-        if path.suffix == ".jsonl":
+        if kind == "jsonl":
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
         else:
             with open(path, newline="") as handle:
                 rows = list(csv.DictReader(handle))
-    except (ValueError, UnicodeDecodeError, csv.Error) as exc:
-        raise SecateursError(f"{path}: not a readable {'jsonl' if path.suffix == '.jsonl' else 'csv'} file ({exc})") from None
+    except (ValueError, UnicodeDecodeError, csv.Error, OSError) as exc:
+        raise SecateursError(f"{path}: not a readable {kind} file ({exc})") from None
+    return labelled_rows(rows, str(path), text_column, label_column)
+
+
+def labelled_dataset(spec: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
+    """`hf:<dataset>[:split]` (default split "test") through the datasets package, from its cache or
+    the hub: integer (ClassLabel) labels are the class ids the dataset defines."""
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise SecateursError("hf: data needs the 'datasets' package (pip install datasets)") from None
+    try:
+        rows = datasets.load_dataset(name, split=split or "test")
+    except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
+        raise SecateursError(f"dataset {name!r} could not be loaded: {exc}") from None
+    missing = [column for column in (text_column, label_column) if column not in rows.column_names]
+    if missing:
+        raise SecateursError(f"dataset {name!r} has no {' or '.join(map(repr, missing))} column "
+                             f"(columns: {rows.column_names})")
+    return labelled_rows([{text_column: t, label_column: label} for t, label in zip(rows[text_column], rows[label_column])],
+                         spec, text_column, label_column)
+
+
+def labelled_rows(rows: list, source: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
+    """Labelled texts from rows (dicts) with a text and a label column, checked; labels numbered in
+    sorted order of their names (integers in numeric order)."""
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or text_column not in row or label_column not in row:
-            raise SecateursError(f"{path}: row {number} lacks a {text_column!r} or {label_column!r} column")
+            raise SecateursError(f"{source}: row {number} lacks a {text_column!r} or {label_column!r} column")
     if not rows:
-        raise SecateursError(f"{path}: no rows")
+        raise SecateursError(f"{source}: no rows")
     names = {str(row[label_column]) for row in rows}
     names = tuple(sorted(names, key=int) if all(map(_is_integer, names)) else sorted(names))
-    return LabelledTexts([str(row[text_column]) for row in rows], [names.index(str(row[label_column])) for row in rows],
+    number_of = {name: i for i, name in enumerate(names)}
+    return LabelledTexts([str(row[text_column]) for row in rows], [number_of[str(row[label_column])] for row in rows],
                          names)

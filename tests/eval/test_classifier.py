@@ -161,3 +161,33 @@ def test_cli_eval_refuses_classifier_options_for_a_language_model(tmp_path, caps
     assert "--engine: for sequence classifiers" in capsys.readouterr().err
     assert main(["eval", "--model", "smollm2-135m", "--data", "fine-foods", "--quiet"]) == 2
     assert "labelled data for a sequence classifier" in capsys.readouterr().err
+
+
+def test_parquet_and_hf_datasets_give_the_same_labelled_texts(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from secateurs.data.reviews import labelled_texts
+
+    texts, labels = texts_and_labels(12)
+    pq.write_table(pa.table({"text": texts, "label": labels, "extra": list(range(12))}), tmp_path / "data.parquet")
+    from_parquet = labelled_texts(tmp_path / "data.parquet")
+    assert from_parquet.texts == texts and [from_parquet.label_names[i] for i in from_parquet.labels] == labels
+
+    class Rows(dict):  # the slice of datasets.Dataset that is used: column_names and columns by name
+        column_names = property(lambda self: list(self))
+
+    calls = []
+    ids = [["bad", "good", "meh"].index(label) for label in labels]  # ClassLabel: the dataset's own ids
+    fake = types.SimpleNamespace(load_dataset=lambda name, split: calls.append((name, split)) or Rows(text=texts, label=ids))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    from_hub = labelled_texts("hf:someone/reviews", "test")
+    assert calls == [("someone/reviews", "test")] and from_hub.texts == texts and from_hub.labels == ids
+    labelled_texts("hf:someone/reviews:validation")
+    assert calls[-1] == ("someone/reviews", "validation")
+    fake.load_dataset = lambda name, split: Rows(review=texts, label=ids)
+    with pytest.raises(SecateursError, match="has no 'text' column"):
+        labelled_texts("hf:someone/reviews")
