@@ -13,12 +13,14 @@ Protocol (fit to a 2-core CPU; every choice below is fixed, none tuned on the te
   - gradual: from the teacher, the cubic schedule from 0 to s over the first 2/3 of the steps
     (pruning every PRUNE_EVERY steps), the rest at s; distillation from the teacher with hardness 1,
     temperature 2 (oBERT's downstream setting); oBERT with m = 64 gradients per pruning step;
+    structures: unstructured, 4-block (4 consecutive weights of a row, the paper's) and 4-row (4
+    consecutive rows of a column: rows in groups of 4 share one mask, the batched kernel's fast path);
   - seeds: `--seeds N` (the issue asks for 3); each row is the mean over its seeds, spread beside it.
 
 Speed (`--rows speed`, a quiet machine only): sequences/s of the classifier at sequence length
 SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, our runtime's dense fp32
 kernel (kernels.dense_mm) in every block linear layer, and the encoder with its
-block linear layers at 80 / 90 / 97% sparsity through our bitmask fp32 and bitmask int8 modules (the
+block linear layers at 80 / 90 / 97% sparsity (and 4-row at 90 / 97%) through our bitmask fp32 and bitmask int8 modules (the
 batched sparse kernel at every batch; runtime.modules.SPARSE_GEMM_MAX_DENSITY), with the encoder
 runtime (runtime.encoder.accelerate_encoder: attention through our kernel, bias and GELU fused into
 the bitmask kernel) and, at 90%, also without it (linears only); embeddings, norms and residual
@@ -60,11 +62,14 @@ ONESHOT_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 # their block linear layers as the runtime's bitmask int8 modules (no training of their own)
 GRADUAL = tuple((method, target, structure, quant)
                 for target, structure in ((0.8, "unstructured"), (0.9, "unstructured"), (0.97, "unstructured"),
-                                          (0.8, "block4"))
+                                          (0.8, "block4"), (0.9, "rows4"))
                 for method, quant in (("gradual-gmp", None), ("gradual-obert", None), ("gradual-obert", "int8"))
-                if not (quant and structure == "block4"))
-UNIT = {"unstructured": 1, "block4": 4}
-FISHER_BLOCK = {"unstructured": 50, "block4": 48}  # 4-blocks need a Fisher block that 4 divides
+                if not (quant and structure == "block4") and not (method == "gradual-gmp" and structure == "rows4"))
+# structure -> (unit, across_rows, Fisher block): "block4" = oBERT's 4 consecutive weights of a row;
+# "rows4" = 4 consecutive rows of a column (rows in groups of 4 share masks: the batched kernel's fast
+# path). Blocks of 4 need a Fisher block that 4 divides.
+STRUCTURES = {"unstructured": (1, False, 50), "block4": (4, False, 48), "rows4": (4, True, 48)}
+STRUCTURE_LABELS = {"unstructured": "", "block4": " 4-block", "rows4": " 4-row"}
 
 
 def cache() -> Path:
@@ -190,10 +195,10 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     steps = steps_for(data, EPOCHS)
     end = steps * 2 // 3 // PRUNE_EVERY * PRUNE_EVERY
     masks = open_masks(model)
-    unit = UNIT[structure]
+    unit, across_rows, fisher_block = STRUCTURES[structure]
     pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, grads=64, unit=unit,
-                           block_size=FISHER_BLOCK[structure]) if method == "gradual-obert"
-              else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, unit=unit))
+                           block_size=fisher_block, across_rows=across_rows) if method == "gradual-obert"
+              else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, unit=unit, across_rows=across_rows))
     config = TrainConfig(lr=LR, steps=steps, warmup_steps=0, batch_size=BATCH, seqlen=SEQLEN, seed=seed,
                          losses=LossWeights(0, 1, 0, temperature=2.0), checkpoint_every=50)
     started = time.perf_counter()
@@ -221,7 +226,18 @@ def with_linears(model, make):
     return model.eval()
 
 
-SPEED_SPARSITIES, SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (0.8, 0.9, 0.97), (1, 8, 32), (1, 2), 9
+SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (1, 8, 32), (1, 2), 9
+SPEED_MODELS = ((0.8, "unstructured"), (0.9, "unstructured"), (0.97, "unstructured"), (0.9, "rows4"), (0.97, "rows4"))
+
+
+def structured_magnitude_mask(module, sparsity: float, structure: str) -> torch.Tensor:
+    """A magnitude mask of `module`'s weight with the blocks of `structure` (STRUCTURES)."""
+    from secateurs.algorithms.magnitude import magnitude_mask
+    from secateurs.training.masks import from_unit_view, unit_view
+
+    unit, across_rows, _ = STRUCTURES[structure]
+    view = unit_view(module.weight.detach(), module, across_rows)
+    return from_unit_view(magnitude_mask(view, sparsity, unit=unit), module, across_rows)
 
 
 class DenseKernelLinear(torch.nn.Module):
@@ -242,15 +258,16 @@ class DenseKernelLinear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None) -> tuple[float | None, str | None]:
+def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None,
+                 structure: str = "unstructured") -> tuple[float | None, str | None]:
     """The accuracy set beside a speed row, and the row it comes from: the dense teacher at 0, else
-    the best-matching unstructured row (gradual oBERT of this quant, gradual oBERT, one-shot oBERT)."""
+    the best-matching row of its structure (gradual oBERT of this quant, gradual oBERT, one-shot oBERT)."""
     if not sparsity:
         row = next((r for r in accuracy if r["method"] == "dense"), None)
         return (row["accuracy"], "dense") if row else (None, None)
     for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
         row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
-                    and r.get("structure", "unstructured") == "unstructured" and r.get("quant") == row_quant), None)
+                    and r.get("structure", "unstructured") == structure and r.get("quant") == row_quant), None)
         if row:
             return row["accuracy"], label(row)
     return None, None
@@ -260,28 +277,29 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
     """Sequences/s of the dense and sparse encoders (module docstring), with accuracy beside."""
     import os
 
-    from secateurs.algorithms.magnitude import magnitude_mask
     from secateurs.models import load_classifier
     from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
     from secateurs.runtime.encoder import accelerate_encoder
     from secateurs.training.masks import block_linear_layers
 
     dense = load_classifier(ENCODER, 2).model.eval()
-    # (method, sparsity, quant, engine, dtype, runtime): runtime "linears" = only the block linear
-    # layers on our kernels; "encoder" = also attention and the fused feed-forward epilogue
-    variants = {("dense", 0.0, None, "torch", "fp32", None): dense,
-                ("dense", 0.0, None, "torch", "bf16", None): copy.deepcopy(dense).to(torch.bfloat16),
-                ("dense", 0.0, None, "secateurs", "fp32", "encoder"): accelerate_encoder(with_linears(dense, DenseKernelLinear))}
-    for sparsity in SPEED_SPARSITIES:
+    # (method, sparsity, quant, engine, dtype, runtime, structure): runtime "linears" = only the block
+    # linear layers on our kernels; "encoder" = also attention and the fused feed-forward epilogue
+    variants = {("dense", 0.0, None, "torch", "fp32", None, "unstructured"): dense,
+                ("dense", 0.0, None, "torch", "bf16", None, "unstructured"): copy.deepcopy(dense).to(torch.bfloat16),
+                ("dense", 0.0, None, "secateurs", "fp32", "encoder", "unstructured"):
+                    accelerate_encoder(with_linears(dense, DenseKernelLinear))}
+    for sparsity, structure in SPEED_MODELS:
         pruned = copy.deepcopy(dense)
-        with torch.no_grad():
+        with torch.no_grad():  # the speed depends on the structure of the masks, not on which weights they keep
             for module in block_linear_layers(pruned).values():
-                module.weight.mul_(magnitude_mask(module.weight, sparsity))
+                module.weight.mul_(structured_magnitude_mask(module, sparsity, structure))
         for quant, kind in ((None, BitmaskLinear), ("int8", SparseQuantLinear)):
             linears = with_linears(pruned, lambda module, kind=kind: kind.from_dense(module.weight, module.bias))
-            if sparsity == 0.9:
-                variants[("sparse", sparsity, quant, "secateurs", "fp32", "linears")] = linears
-            variants[("sparse", sparsity, quant, "secateurs", "fp32", "encoder")] = accelerate_encoder(copy.deepcopy(linears))
+            if sparsity == 0.9 and structure == "unstructured":
+                variants[("sparse", sparsity, quant, "secateurs", "fp32", "linears", structure)] = linears
+            variants[("sparse", sparsity, quant, "secateurs", "fp32", "encoder", structure)] = \
+                accelerate_encoder(copy.deepcopy(linears))
     rows = []
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
@@ -297,10 +315,11 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                         started = time.perf_counter()
                         model(input_ids=ids, attention_mask=mask)
                         times[key].append(time.perf_counter() - started)
-            for (method, sparsity, quant, engine, dtype, runtime), spent in times.items():
-                acc, source = accuracy_for(accuracy, sparsity, quant)
+            for (method, sparsity, quant, engine, dtype, runtime, structure), spent in times.items():
+                acc, source = accuracy_for(accuracy, sparsity, quant, structure)
                 rows.append({"kind": "speed", "method": method, "sparsity": sparsity, "quant": quant, "engine": engine,
-                             "dtype": dtype, "runtime": runtime, "batch": batch, "seqlen": SEQLEN, "threads": threads,
+                             "dtype": dtype, "runtime": runtime, "structure": structure, "batch": batch, "seqlen": SEQLEN,
+                             "threads": threads,
                              "seq_per_s": batch / statistics.median(spent), "accuracy": acc, "accuracy_from": source,
                              "cpu": cpu_name(), "isa": kernels.kernel_path() if engine == "secateurs" else "torch",
                              "uptime": os.getloadavg()})
@@ -324,7 +343,8 @@ def speed_markdown(rows: list[dict]) -> str:
         runtime = {"linears": ", linears only", "encoder": ", encoder runtime"}.get(r.get("runtime"), "")
         name = (f"torch dense {r['dtype']}" if r["engine"] == "torch"
                 else f"secateurs dense fp32 (dense kernel{runtime})" if r["method"] == "dense"
-                else f"bitmask {r['quant'] or 'fp32'} {100 * r['sparsity']:.0f}%{runtime}")
+                else f"bitmask {r['quant'] or 'fp32'} {100 * r['sparsity']:.0f}%"
+                     f"{STRUCTURE_LABELS[r.get('structure', 'unstructured')]}{runtime}")
         accuracy = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f} ({r['accuracy_from']})"
         lines.append(f"| {r['threads']} | {r['batch']} | {name} | {r['seq_per_s']:.1f} | {r['seq_per_s'] / base('fp32'):.2f}x | "
                      f"{r['seq_per_s'] / base('bf16'):.2f}x | {accuracy} |")
@@ -345,9 +365,8 @@ def mean_row(rows: list[dict]) -> dict:
 
 
 def label(row: dict) -> str:
-    """The method of a row with its structure and quantization, e.g. "gradual-obert 4-block" or "... + int8"."""
-    structure = "" if row.get("structure", "unstructured") == "unstructured" else " 4-block"
-    return row["method"] + structure + (f" + {row['quant']}" if row.get("quant") else "")
+    """The method of a row with its structure and quantization, e.g. "gradual-obert 4-row" or "... + int8"."""
+    return row["method"] + STRUCTURE_LABELS[row.get("structure", "unstructured")] + (f" + {row['quant']}" if row.get("quant") else "")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -438,7 +457,8 @@ def main() -> None:
         groups.setdefault(key(r), []).append(r)
     summary = [mean_row(group) | {"kind": "accuracy"} for group in groups.values()]
     # the speed rows' accuracy follows the accuracy rows (no timing is repeated)
-    speed = [r | dict(zip(("accuracy", "accuracy_from"), accuracy_for(summary, r["sparsity"], r["quant"])))
+    speed = [r | dict(zip(("accuracy", "accuracy_from"),
+                          accuracy_for(summary, r["sparsity"], r["quant"], r.get("structure", "unstructured"))))
              for r in rows if r.get("kind") == "speed"]
     write_json(JSON_PATH, runs + summary + speed)
     (RESULTS / "obert-table.md").write_text(markdown(summary))

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--prune-every", type=int, default=10, help="steps between pruning steps")
     encoder.add_argument("--block", type=int, default=1, help="prune blocks of this many consecutive weights of a row "
                          "whole (4: oBERT's 4-blocks)")
+    encoder.add_argument("--shared-rows", type=int, default=None,
+                         help="prune blocks of this many consecutive rows of a column whole: rows in groups sharing one "
+                              "mask, which the batched sparse kernel multiplies four at a time (4: 1.4-1.8x faster)")
     encoder.add_argument("--int8", action="store_true", help="round the kept weights to per-row int8 after training "
                          "and store bitmask-int8 layers")
     encoder.add_argument("--seed", type=int, default=0)

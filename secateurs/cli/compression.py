@@ -138,10 +138,13 @@ def cmd_finetune(args) -> None:
 def cmd_prune_encoder(args) -> None:
     from secateurs.training.encoder import prune_encoder
 
+    if args.shared_rows is not None and args.block != 1:
+        raise SecateursError("--block and --shared-rows are two block shapes: give one")
     result = prune_encoder(args.model, args.data, args.output, sparsity=args.sparsity, method=args.method,
                            epochs=args.epochs, seqlen=args.seqlen, batch_size=args.batch, lr=args.lr,
                            hardness=args.hardness, temperature=args.temperature, prune_every=args.prune_every,
-                           grads=args.grads, teacher_epochs=args.teacher_epochs, unit=args.block, int8=args.int8,
+                           grads=args.grads, teacher_epochs=args.teacher_epochs, unit=args.shared_rows or args.block,
+                           across_rows=args.shared_rows is not None, int8=args.int8,
                            seed=args.seed, resume=args.resume,
                            progress=not VERBOSITY["quiet"])
     print(f"pruned {args.model} to {result.sparsity:.3f} ({args.method}): held-out accuracy "

@@ -123,7 +123,7 @@ def _cast(weight: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 class _BitmaskKernelBatch:
     """Bitmask layers at most SPARSE_GEMM_MAX_DENSITY dense run their kernel at any batch; the
-    bitmask kernel fuses bias and activation."""
+    bitmask kernel fuses bias and activation, and takes rows that share masks in groups."""
 
     fuses_epilogue = True
     values: Tensor
@@ -134,6 +134,21 @@ class _BitmaskKernelBatch:
     def kernel_max_batch(self) -> int:
         density = self.values.numel() / max(1, self.in_features * self.out_features)
         return sys.maxsize if density <= SPARSE_GEMM_MAX_DENSITY else KERNEL_MAX_BATCH
+
+    @property
+    def mask_group(self) -> int:
+        """layouts.mask_row_group of the bitmask, found once and again whenever the buffer is
+        replaced or written in place (load_state_dict), so the kernel never trusts a stale one.
+        While torch.compile traces: 1 (no promise, always correct; the check is data-dependent)."""
+        bitmask: Tensor = self.bitmask
+        cached = getattr(self, "_mask_group", None)
+        if torch.compiler.is_compiling():
+            return 1
+        key = (bitmask.data_ptr(), bitmask._version, tuple(bitmask.shape))
+        if cached is None or cached[0] != key:
+            cached = (key, layouts.mask_row_group(bitmask))
+            self._mask_group = cached
+        return cached[1]
 
 
 class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
@@ -157,8 +172,8 @@ class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
         return cls(*layouts.bitmask_from_dense(weight), weight.shape[1], bias)
 
     def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
-        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, bias=bias,
-                                     activation=activation)
+        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features,
+                                     mask_group=self.mask_group, bias=bias, activation=activation)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return _cast(layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features), dtype)
@@ -201,18 +216,6 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
         weight = weight.detach().to(torch.float32)
         codes, scale = per_row_int8(weight)
         return cls(*layouts.bitmask_from_dense(codes, keep=weight != 0), scale, weight.shape[1], bias)
-
-    @property
-    def mask_group(self) -> int:
-        """layouts.mask_row_group of the bitmask, found once and again whenever the buffer is
-        replaced or written in place (load_state_dict), so the kernel never trusts a stale one."""
-        bitmask: Tensor = self.bitmask
-        key = (bitmask.data_ptr(), bitmask._version, tuple(bitmask.shape))
-        cached = getattr(self, "_mask_group", None)
-        if cached is None or cached[0] != key:
-            cached = (key, layouts.mask_row_group(bitmask))
-            self._mask_group = cached
-        return cached[1]
 
     def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
         return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,

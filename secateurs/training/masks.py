@@ -33,6 +33,21 @@ def _oriented(keep: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return keep if isinstance(module, nn.Linear) else keep.t()
 
 
+def unit_view(tensor: torch.Tensor, module: nn.Module, across_rows: bool = False) -> torch.Tensor:
+    """A layer's weight-shaped tensor (weight, mask, gradient) as block pruning ranks it: rows whose
+    consecutive entries form the pruning units. By default the [out, in] rows (a unit is consecutive
+    weights of one output row: oBERT's 4-blocks); `across_rows`, the [in, out] transpose (a unit is
+    consecutive output rows of one input column, so rows in groups share their masks: the layout
+    the batched sparse kernel multiplies four rows at a time). A view; from_unit_view inverts it."""
+    oriented = _oriented(tensor, module)
+    return oriented.t() if across_rows else oriented
+
+
+def from_unit_view(view: torch.Tensor, module: nn.Module, across_rows: bool = False) -> torch.Tensor:
+    """The storage-oriented tensor of a unit_view (both steps are transposes: their own inverses)."""
+    return _oriented(view.t() if across_rows else view, module)
+
+
 @dataclass
 class MaskSet:
     """Keep-masks of pruned layers (in each weight's own storage orientation) and their N:M."""
@@ -73,7 +88,7 @@ class MaskSet:
         """Replace one layer's mask (a pruning step during training); weights follow at `apply`."""
         if keep.shape != self.keep[name].shape:
             raise SecateursError(f"layer {name}: mask of shape {tuple(keep.shape)} for a weight of shape {tuple(self.keep[name].shape)}")
-        self.keep[name] = keep.to(torch.bool)
+        self.keep[name] = keep.to(torch.bool).contiguous()  # checkpoints store it
 
     def sparsity(self) -> float:
         """Fraction of pruned weights over the masked layers."""

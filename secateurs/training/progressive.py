@@ -16,7 +16,7 @@ import torch
 from secateurs.algorithms.magnitude import magnitude_mask
 from secateurs.algorithms.obert import FisherInverseBuilder, obert_prune
 from secateurs.training.losses import LossWeights
-from secateurs.training.masks import MaskSet, block_linear_layers
+from secateurs.training.masks import MaskSet, block_linear_layers, from_unit_view, unit_view
 from secateurs.training.qat import weight_parameter
 from secateurs.training.schedules import cubic_sparsity
 from secateurs.training.trainer import TrainConfig, Trainer, TrainResult, to_device
@@ -91,19 +91,21 @@ class GradualPruning:
 class GradualMagnitude(GradualPruning):
     """Gradual magnitude pruning (GMP): each layer by the magnitude of its weights, to the target
     within the layer (N:M layers keep their pattern); a weight already at 0 has the lowest magnitude.
-    With `unit` > 1, blocks of that many consecutive weights of a row are pruned whole by their norm."""
+    With `unit` > 1, blocks of that many consecutive weights of a row are pruned whole by their norm
+    (`across_rows`: of that many consecutive rows in one column, masks.unit_view)."""
 
     def __init__(self, masks: MaskSet, initial: float, final: float, start: int, end: int, every: int = 1,
-                 unit: int = 1):
+                 unit: int = 1, across_rows: bool = False):
         super().__init__(masks, initial, final, start, end, every)
-        self.unit = unit
+        self.unit, self.across_rows = unit, across_rows
 
     @torch.no_grad()
     def prune(self, trainer: Trainer, step: int, sparsity: float) -> None:
         for name, keep in self.masks.keep.items():
-            weight = weight_parameter(self.masks.layers[name]).detach() * keep
-            new_keep = magnitude_mask(weight, sparsity, unit=self.unit) & keep
-            self.masks.set(name, new_keep)
+            layer = self.masks.layers[name]
+            weight = weight_parameter(layer).detach() * keep
+            new_keep = magnitude_mask(unit_view(weight, layer, self.across_rows), sparsity, unit=self.unit)
+            self.masks.set(name, from_unit_view(new_keep, layer, self.across_rows) & keep)
 
 
 # Gradient samples for the Fisher are drawn from the training data far past any training position,
@@ -116,19 +118,23 @@ class GradualOBert(GradualPruning):
     mode: no dropout) on mini-batches of `grad_batch` examples build each masked layer's
     block-diagonal inverse Fisher (blocks of `block_size`, dampening `damp`), then every layer is
     pruned at once to the target with OBS updates of the kept weights (algorithms.obert_prune:
-    `scope` global or per layer, units of `unit` consecutive weights, `recomputations` increments)."""
+    `scope` global or per layer, units of `unit` consecutive weights, `recomputations` increments).
+    With `across_rows` the units, and the Fisher blocks, run down the columns (masks.unit_view)."""
 
     def __init__(self, masks: MaskSet, initial: float, final: float, start: int, end: int, every: int = 1,
                  grads: int = 64, grad_batch: int = 1, block_size: int = 50, damp: float = 1e-7, unit: int = 1,
-                 scope: str = "global", recomputations: int = 1):
+                 scope: str = "global", recomputations: int = 1, across_rows: bool = False):
         super().__init__(masks, initial, final, start, end, every)
         if grads < 1 or grad_batch < 1:
             raise ValueError("gradual oBERT needs grads >= 1 and grad_batch >= 1")
         self.grads, self.grad_batch, self.block_size, self.damp = grads, grad_batch, block_size, damp
-        self.unit, self.scope, self.recomputations = unit, scope, recomputations
+        self.unit, self.scope, self.recomputations, self.across_rows = unit, scope, recomputations, across_rows
+
+    def _view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return unit_view(tensor, self.masks.layers[name], self.across_rows)
 
     def fishers(self, trainer: Trainer, step: int) -> list:
-        parameters = self.masks.parameters()
+        names, parameters = list(self.masks.keep), self.masks.parameters()
         builders = [FisherInverseBuilder(weight.numel(), self.grads, self.block_size, self.damp, device=weight.device)
                     for weight, _ in parameters]
         model, was_training = trainer.model, trainer.model.training
@@ -141,8 +147,8 @@ class GradualOBert(GradualPruning):
                 model.zero_grad(set_to_none=True)
                 loss, _ = trainer.data.loss(task_loss, model, None, batch, trainer.autocast)
                 loss.backward()
-                for builder, (weight, keep) in zip(builders, parameters):
-                    builder.add((weight.grad * keep).detach().flatten())
+                for name, builder, (weight, keep) in zip(names, builders, parameters):
+                    builder.add(self._view(name, (weight.grad * keep).detach()).flatten())
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
@@ -152,10 +158,13 @@ class GradualOBert(GradualPruning):
         fishers = self.fishers(trainer, step)
         names = list(self.masks.keep)
         parameters = self.masks.parameters()
-        result = obert_prune([weight.detach() for weight, _ in parameters], fishers, sparsity,
-                             keeps=[keep for _, keep in parameters], unit=self.unit, scope=self.scope,
-                             recomputations=self.recomputations, in_place=True)
+        # contiguous copies in the units' orientation (the weights themselves when it is theirs)
+        views = [self._view(name, weight.detach()).contiguous() for name, (weight, _) in zip(names, parameters)]
+        result = obert_prune(views, fishers, sparsity,
+                             keeps=[self._view(name, keep).contiguous() for name, (_, keep) in zip(names, parameters)],
+                             unit=self.unit, scope=self.scope, recomputations=self.recomputations, in_place=True)
         with torch.no_grad():
             for name, (weight, _), new_weight, keep in zip(names, parameters, result.weights, result.masks):
-                weight.copy_(new_weight)
-                self.masks.set(name, keep)
+                layer = self.masks.layers[name]
+                weight.copy_(from_unit_view(new_weight, layer, self.across_rows))
+                self.masks.set(name, from_unit_view(keep, layer, self.across_rows))

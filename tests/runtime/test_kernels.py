@@ -354,12 +354,13 @@ def test_mask_row_group_detects_shared_masks():
     assert layouts.mask_row_group(torch.zeros(6, 2, dtype=torch.uint8)) == 2  # 6 rows: no groups of 4 or 8
 
 
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("value_dtype", (torch.float32, torch.int8))
+@pytest.mark.parametrize("batch", (1, 3, 40, 100))
+@pytest.mark.parametrize("value_dtype", (torch.float32, torch.bfloat16, torch.int8))
 def test_shared_mask_rows_match_reference_on_every_path(kernel_path, value_dtype, batch):
-    """mask_group changes only the int8 batch-1 path; every other case ignores it."""
+    """mask_group changes the int8 batch-1 path and, for groups of 4 or 8, the many-tiles path
+    (batches above two tiles: four rows per pass over the tile); every other case ignores it."""
     generator = torch.Generator().manual_seed(batch + (value_dtype == torch.int8))
-    for rows, cols, group in ((8, 64, 4), (16, 200, 8), (12, 1031, 2), (4, 5, 4)):
+    for rows, cols, group in ((8, 64, 4), (16, 200, 8), (12, 1031, 2), (4, 5, 4), (20, 37, 4)):
         weight, dense, row_scale = stored_weight(shared_mask_weight(rows, cols, group, generator) / 64, value_dtype, generator)
         bitmask, values, row_offsets = layouts.bitmask_from_dense(weight)
         x = activations(batch, cols, torch.float32, generator)
@@ -373,17 +374,23 @@ def test_mask_group_must_be_positive():
         kernels.bitmask_mm(torch.randn(1, 8), bitmask, values, row_offsets, 8, mask_group=0)
 
 
-def test_shared_mask_rows_split_between_threads(kernel_path, two_threads):
-    """A thread whose rows start inside a group gathers that group itself."""
+@pytest.mark.parametrize("batch", (1, 70))
+def test_shared_mask_rows_split_between_threads(kernel_path, two_threads, batch):
+    """A thread whose rows start or end inside a group gathers that group itself (batch 1), or takes
+    the group's rows in its range one by one (many tiles), with the fused bias and activation."""
     if kernel_path == "torch":
         pytest.skip("no native kernel")
     generator = torch.Generator().manual_seed(5)
     for rows in (36, 44, 1020):
         weight, dense, row_scale = stored_weight(shared_mask_weight(rows, 320, 4, generator) / 64, torch.int8, generator)
         bitmask, values, row_offsets = layouts.bitmask_from_dense(weight)
-        x = activations(1, 320, torch.float32, generator)
+        x = activations(batch, 320, torch.float32, generator)
         y = kernels.bitmask_mm(x, bitmask, values, row_offsets, 320, row_scale, mask_group=4)
         assert_matches_reference(y, x, dense, int8=True)
+        bias = torch.randn(rows, generator=generator)
+        fused = kernels.bitmask_mm(x, bitmask, values, row_offsets, 320, row_scale, mask_group=4, bias=bias,
+                                   activation="silu")
+        assert torch.allclose(fused, torch.nn.functional.silu(y + bias), atol=1e-5, rtol=1e-5)
 
 
 def test_share_row_masks_restores_groups_that_rounding_broke():

@@ -12,6 +12,7 @@ import transformers as tf
 from secateurs.algorithms.obert import fisher_inverse
 from secateurs.errors import SecateursError
 from secateurs.eval.classifier import evaluate_classifier, score_predictions
+from secateurs.runtime import layouts
 from secateurs.training.classification import ClassificationData
 from secateurs.training.losses import LossWeights
 from secateurs.training.masks import open_masks
@@ -88,10 +89,13 @@ def test_labels_must_fit_the_model():
         Trainer(tiny_bert(), examples, config(), progress=False)
 
 
-def test_gradual_obert_fisher_comes_from_per_example_gradients():
+@pytest.mark.parametrize("across_rows", [False, True])
+def test_gradual_obert_fisher_comes_from_per_example_gradients(across_rows):
+    """Per-example gradients in eval mode, flattened along rows (or down the columns, across_rows)."""
     model, examples = tiny_bert(), data()
     trainer = Trainer(model, examples, config(), masks=open_masks(model), progress=False)
-    pruner = GradualOBert(trainer.masks, 0.0, 0.5, 0, 4, every=2, grads=5, grad_batch=1, block_size=8)
+    pruner = GradualOBert(trainer.masks, 0.0, 0.5, 0, 4, every=2, grads=5, grad_batch=1, block_size=8,
+                          across_rows=across_rows)
     fishers = pruner.fishers(trainer, step=2)
     assert model.training is False
     name, (weight, _) = next(iter(trainer.masks.keep)), trainer.masks.parameters()[0]
@@ -101,26 +105,29 @@ def test_gradual_obert_fisher_comes_from_per_example_gradients():
         model.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         F.cross_entropy(logits, batch["labels"]).backward()
-        grads.append(weight.grad.detach().clone())
+        grads.append((weight.grad.t() if across_rows else weight.grad).flatten())
     expected = fisher_inverse(torch.stack(grads), block_size=8)
     assert torch.allclose(fishers[0].blocks, expected.blocks, rtol=1e-4, atol=1e-3 * float(expected.blocks.abs().max())), name
 
 
 @pytest.mark.parametrize("method", ["obert", "gmp"])
-@pytest.mark.parametrize("unit", [1, 4])
-def test_gradual_pruning_reaches_the_schedule_with_masks_enforced(method, unit):
+@pytest.mark.parametrize("unit, across_rows", [(1, False), (4, False), (4, True)])
+def test_gradual_pruning_reaches_the_schedule_with_masks_enforced(method, unit, across_rows):
     model, examples = tiny_bert(), data()
     masks = open_masks(model)
-    pruner = (GradualOBert(masks, 0.2, 0.6, 1, 5, every=2, grads=4, block_size=8, unit=unit) if method == "obert"
-              else GradualMagnitude(masks, 0.2, 0.6, 1, 5, every=2, unit=unit))
+    pruner = (GradualOBert(masks, 0.2, 0.6, 1, 5, every=2, grads=4, block_size=8, unit=unit, across_rows=across_rows)
+              if method == "obert" else GradualMagnitude(masks, 0.2, 0.6, 1, 5, every=2, unit=unit, across_rows=across_rows))
     trainer = Trainer(model, examples, config(steps=8), masks=masks, on_step=pruner, progress=False)
     result = trainer.train()
     total = sum(keep.numel() for keep in masks.keep.values())
     pruned = sum(int((~keep).sum()) for keep in masks.keep.values())
     assert pruned == round(0.6 * total / unit) * unit if method == "obert" else abs(pruned / total - 0.6) < 0.01
     for weight, keep in masks.parameters():
-        blocks = keep.reshape(-1, unit)
-        assert bool((blocks.all(1) | ~blocks.any(1)).all())  # blocks of `unit` weights pruned whole
+        # blocks of `unit` weights pruned whole: along a row, or down a column (rows in groups of 4 share masks)
+        blocks = (keep.t() if across_rows else keep).reshape(-1, unit)
+        assert bool((blocks.all(1) | ~blocks.any(1)).all())
+        if across_rows:
+            assert layouts.mask_row_group(layouts.pack_bitmask(keep)) >= 4
         assert not bool(weight[~keep].any())
         for value in trainer.optimizer.state[weight].values():
             if torch.is_tensor(value) and value.shape == weight.shape:

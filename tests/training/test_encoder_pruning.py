@@ -91,6 +91,23 @@ def test_cli_prune_encoder_and_its_errors(classifier_and_data, tmp_path, capsys)
     assert "not found" in capsys.readouterr().err
     assert main(args(folder / "train.csv", "--block", "3")) == 2  # 3 does not divide the 16 inputs
     assert "unit 3 does not divide the 16 inputs" in capsys.readouterr().err
+    assert main(args(folder / "train.csv", "--shared-rows", "3")) == 2
+    assert "unit 3 does not divide the 16 outputs" in capsys.readouterr().err
+    assert main(args(folder / "train.csv", "--shared-rows", "4", "--block", "4")) == 2
+    assert "give one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_shared_rows_store_masks_that_rows_in_groups_of_4_share(classifier_and_data, tmp_path, capsys, int8):
+    """--shared-rows 4: every layer's stored bitmask has rows in groups of 4 (or 8) with one mask,
+    int8 rounding included, so the grouped kernel paths apply; scores as the trained model did."""
+    folder = classifier_and_data
+    assert main(["prune-encoder", "--model", str(folder / "model"), "--data", str(folder / "train.csv"), "--output",
+                 str(tmp_path / "out"), "--sparsity", "0.5", "--epochs", "1", "--seqlen", "10", "--batch", "8",
+                 "--prune-every", "2", "--grads", "4", "--shared-rows", "4", "--quiet"] + (["--int8"] if int8 else [])) == 0
+    loaded = secateurs.load(tmp_path / "out")
+    grouped = [m for m in loaded.modules() if hasattr(m, "bitmask")]
+    assert grouped and all(m.mask_group >= 4 for m in grouped)
 
 
 def test_a_bare_encoder_gets_a_head_and_is_stored_as_the_classifier_it_became(classifier_and_data, tmp_path, capsys):

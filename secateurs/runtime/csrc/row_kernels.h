@@ -495,6 +495,35 @@ inline void transpose(const float* in, int64_t in_stride, int64_t rows, int64_t 
     for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) out[j * out_stride + i] = in[i * in_stride + j];
 }
 
+// Four rows sharing one mask (4 x 1 blocks: rows in groups of mask_group, a multiple of 4) against
+// a tile of tokens, one half tile (2 vectors: one 64-byte line of a tile column at W = 8) at a time:
+// each kept column's x is loaded once for the four rows, 8 FMAs on 2 loads and 4 broadcasts, where a
+// single row needs 6 loads for 4 FMAs. The half tile of every column fits L1 up to ~400 columns.
+// On a Zen 3 (stand-alone loop, 1536 x 384 at 90%, 1024 tokens, one thread) 84-89 GFLOP/s against 55
+// for rows one at a time. weights: [kept][4], each row's value times its scale.
+constexpr int kGroupRows = 4, kHalfVecs = 2;
+inline void group_times_tile(const float* xt, int64_t tile, const int32_t* offsets, const float* weights, int64_t count,
+                             float* out) {
+  for (int64_t half = 0; half < tile; half += kHalfVecs * W) {
+    F acc[kGroupRows][kHalfVecs];
+    for (auto& row : acc)
+      for (F& v : row) v = Simd::zero();
+    for (int64_t k = 0; k < count; ++k) {
+      const float* column = xt + offsets[k] + half;
+      const F x0 = Simd::load(column), x1 = Simd::load(column + W);
+      for (int r = 0; r < kGroupRows; ++r) {
+        const F weight = Simd::set1(weights[k * kGroupRows + r]);
+        acc[r][0] = Simd::fma(weight, x0, acc[r][0]);
+        acc[r][1] = Simd::fma(weight, x1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kGroupRows; ++r) {
+      Simd::store(out + r * tile + half, acc[r][0]);
+      Simd::store(out + r * tile + half + W, acc[r][1]);
+    }
+  }
+}
+
 // Batches of more than one tile (kernels.h: many_tiles; encoders, prefill) come as rows: the rows
 // of [row_begin, row_end) are decoded once into (offset, fp32 value) pairs for the whole call, then
 // the tokens are taken a tile (4W tokens) at a time, transposed into a thread-local tile that every
@@ -505,19 +534,34 @@ inline void transpose(const float* in, int64_t in_stride, int64_t rows, int64_t 
 // A tile's outputs go to a [row][lane] buffer, get the epilogue (bias, activation) there while in
 // cache, then go into y [batch][rows] transposed in W x W blocks: storing them straight into y
 // would touch a cache line per token for every row.
+// Rows in groups of 4 sharing a mask (mask_group a multiple of 4) take group_times_tile: the
+// groups wholly inside [row_begin, row_end) are [group_begin, group_end); rows outside go one by one.
+// A group's offsets are stored once, at its first row's place; its weights interleaved [kept][4] from
+// there (the group's four rows hold 4x its first row's kept count, so they fit the rows' span).
 template <class T>
 void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t row_end) {
   const T* values = static_cast<const T*>(a.values);
   constexpr int kTileVecs = 4, kChains = 3;
   constexpr int64_t tile = kTileVecs * W;
+  const bool grouped = a.mask_group % kGroupRows == 0;
+  const int64_t group_begin = grouped ? std::min(row_end, (row_begin + kGroupRows - 1) / kGroupRows * kGroupRows) : row_end;
+  const int64_t group_end = grouped ? std::max(group_begin, row_end / kGroupRows * kGroupRows) : row_end;
+  const auto in_group = [&](int64_t r) { return r >= group_begin && r < group_end; };
   const int64_t first = a.row_offsets[row_begin], kept = a.row_offsets[row_end] - first;
   std::vector<int32_t> offsets(static_cast<size_t>(kept + W));  // W spare: compress_by_mask stores whole vectors
   std::vector<float> weights(static_cast<size_t>(kept + W));
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t start = a.row_offsets[r] - first;
-    bitmask_row_offsets(a.mask + r * a.mask_stride, a.mask_stride, tile, offsets.data() + start);
+    if (!in_group(r) || (r - group_begin) % kGroupRows == 0)
+      bitmask_row_offsets(a.mask + r * a.mask_stride, a.mask_stride, tile, offsets.data() + start);
     const float scale = a.row_scale ? a.row_scale[r] : 1.0f;
-    for (int64_t k = a.row_offsets[r]; k < a.row_offsets[r + 1]; ++k) weights[k - first] = value_to_float(values[k]) * scale;
+    if (!in_group(r)) {
+      for (int64_t k = a.row_offsets[r]; k < a.row_offsets[r + 1]; ++k) weights[k - first] = value_to_float(values[k]) * scale;
+      continue;
+    }
+    const int64_t lead = r - (r - group_begin) % kGroupRows, lane = r - lead, count = a.row_offsets[lead + 1] - a.row_offsets[lead];
+    float* group_weights = weights.data() + (a.row_offsets[lead] - first);
+    for (int64_t k = 0; k < count; ++k) group_weights[k * kGroupRows + lane] = value_to_float(values[a.row_offsets[r] + k]) * scale;
   }
   const int64_t range = row_end - row_begin;
   // 64-byte aligned: a tile column's vectors then never straddle a cache line
@@ -526,11 +570,17 @@ void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t ro
     const int64_t lanes = std::min(tile, a.x.batch - token0);
     if (lanes < tile) std::fill(tiled.get(), tiled.get() + a.cols * tile + tile, 0.0f);  // the last tile's missing tokens
     transpose(a.x.rows + token0 * a.x.row_stride, a.x.row_stride, lanes, a.cols, tiled.get(), tile);
-    for (int64_t r = row_begin; r < row_end; ++r) {
+    for (int64_t r = row_begin; r < row_end;) {
       float* lanes_out = out.get() + (r - row_begin) * tile;
       const int64_t start = a.row_offsets[r] - first, count = a.row_offsets[r + 1] - a.row_offsets[r];
-      row_times_tile<kTileVecs, kChains>(tiled.get(), offsets.data() + start, weights.data() + start, count, lanes_out);
-      bias_activation(lanes_out, lanes, a.bias ? a.bias + r : nullptr, 0, a.activation);
+      const int64_t rows_done = in_group(r) ? kGroupRows : 1;
+      if (in_group(r))
+        group_times_tile(tiled.get(), tile, offsets.data() + start, weights.data() + start, count, lanes_out);
+      else
+        row_times_tile<kTileVecs, kChains>(tiled.get(), offsets.data() + start, weights.data() + start, count, lanes_out);
+      for (int64_t done = 0; done < rows_done; ++done)
+        bias_activation(lanes_out + done * tile, lanes, a.bias ? a.bias + r + done : nullptr, 0, a.activation);
+      r += rows_done;
     }
     transpose(out.get(), tile, range, lanes, a.y + token0 * a.rows + row_begin, a.rows);
   }
