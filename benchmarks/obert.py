@@ -412,6 +412,7 @@ def main() -> None:
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
     if "speed" in args.rows:
         speed = speed_rows([r for r in rows if r.get("kind") == "accuracy"])
+        rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []  # as it is now, other runs' rows too
         rows = [r for r in rows if not (r.get("kind") == "speed" and r["cpu"] == speed[0]["cpu"])] + speed
         write_json(JSON_PATH, rows)
         (RESULTS / "obert-speed.md").write_text(speed_markdown(speed))
