@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from secateurs.data.corpus import hf_dataset
 from secateurs.data.rdata import RDataError, data_frame, read_object
 from secateurs.errors import SecateursError
 from secateurs.io import cache_dir
@@ -137,15 +138,8 @@ def labelled_file(path: str | Path, text_column: str = "text", label_column: str
 def labelled_dataset(spec: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
     """`hf:<dataset>[:split]` (default split "test") through the datasets package, from its cache or
     the hub: integer (ClassLabel) labels are the class ids the dataset defines."""
-    name, _, split = spec.removeprefix("hf:").partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise SecateursError("hf: data needs the 'datasets' package (pip install datasets)") from None
-    try:
-        rows = datasets.load_dataset(name, split=split or "test")
-    except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
-        raise SecateursError(f"dataset {name!r} could not be loaded: {exc}") from None
+    name = spec.removeprefix("hf:").partition(":")[0]
+    rows = hf_dataset(spec, "test")
     missing = [column for column in (text_column, label_column) if column not in rows.column_names]
     if missing:
         raise SecateursError(f"dataset {name!r} has no {' or '.join(map(repr, missing))} column "

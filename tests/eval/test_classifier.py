@@ -19,16 +19,6 @@ from secateurs.runtime import CompressedLinear
 from secateurs.runtime.encoder import IMPLEMENTATION
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 40)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                      cls_token="[CLS]", sep_token="[SEP]")
-
-
 def texts_and_labels(count=40, seed=1):
     generator = torch.Generator().manual_seed(seed)
     texts, labels = [], []
@@ -40,7 +30,7 @@ def texts_and_labels(count=40, seed=1):
 
 
 @pytest.fixture(scope="module")
-def classifiers(tmp_path_factory):
+def classifiers(tmp_path_factory, bert_word_tokenizer):
     """A tiny BERT classifier whose classes are named, as a plain directory and as a compressed
     one (every encoder linear layer 70% zeros, stored as bitmask), with a labelled csv."""
     folder = tmp_path_factory.mktemp("classifier")
@@ -55,7 +45,7 @@ def classifiers(tmp_path_factory):
                 if isinstance(module, torch.nn.Linear):
                     weight = module.weight
                     weight.mul_(weight.abs() > weight.abs().flatten().kthvalue(int(0.7 * weight.numel())).values)
-    tokenizer = word_tokenizer()
+    tokenizer = bert_word_tokenizer
     model.save_pretrained(folder / "plain")
     tokenizer.save_pretrained(folder / "plain")
     save_compressed(model, None, folder / "compressed", tokenizer)

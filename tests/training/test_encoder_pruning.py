@@ -14,24 +14,14 @@ from secateurs.runtime.layouts import unpack_bitmask
 from secateurs.training.encoder import prune_encoder
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 40)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                      cls_token="[CLS]", sep_token="[SEP]")
-
-
 @pytest.fixture(scope="module")
-def classifier_and_data(tmp_path_factory):
+def classifier_and_data(tmp_path_factory, bert_word_tokenizer):
     folder = tmp_path_factory.mktemp("encoder")
     torch.manual_seed(0)
     config = tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                            max_position_embeddings=32, num_labels=2)
     tf.BertForSequenceClassification(config).save_pretrained(folder / "model")
-    word_tokenizer().save_pretrained(folder / "model")
+    bert_word_tokenizer.save_pretrained(folder / "model")
     generator = torch.Generator().manual_seed(1)
     rows = ["text,label"]
     for _ in range(60):
@@ -110,14 +100,15 @@ def test_shared_rows_store_masks_that_rows_in_groups_of_4_share(classifier_and_d
     assert grouped and all(m.mask_group >= 4 for m in grouped)
 
 
-def test_a_bare_encoder_gets_a_head_and_is_stored_as_the_classifier_it_became(classifier_and_data, tmp_path, capsys):
+def test_a_bare_encoder_gets_a_head_and_is_stored_as_the_classifier_it_became(classifier_and_data, tmp_path, capsys,
+                                                                              bert_word_tokenizer):
     """A bare encoder (MiniLM's config names BertModel) with --teacher-epochs: the written directory
     must load back as a sequence classifier, name the data's classes, and score through `eval`."""
     folder = classifier_and_data
     bare = tf.BertModel(tf.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=32, max_position_embeddings=32))
     bare.save_pretrained(tmp_path / "bare")
-    word_tokenizer().save_pretrained(tmp_path / "bare")
+    bert_word_tokenizer.save_pretrained(tmp_path / "bare")
     assert json.loads((tmp_path / "bare" / "config.json").read_text())["architectures"] == ["BertModel"]
     assert main(["prune-encoder", "--model", str(tmp_path / "bare"), "--data", str(folder / "train.csv"), "--output",
                  str(tmp_path / "out"), "--sparsity", "0.5", "--epochs", "1", "--teacher-epochs", "1", "--seqlen", "10",
