@@ -24,14 +24,17 @@ def tiny_bert(head_dim=16, act="gelu"):
     return BertForSequenceClassification(config).eval()
 
 
-def sparse_copy(model, kind, sparsity=0.8):
-    """The model with every encoder linear layer pruned by magnitude and stored as `kind`."""
+def sparse_copy(model, kind, sparsity=0.8, shared_rows=1):
+    """The model with every encoder linear layer pruned by magnitude and stored as `kind`; with
+    shared_rows, blocks of that many consecutive rows of a column by their norm (rows in groups
+    sharing one mask)."""
     model = copy.deepcopy(model)
     for layer in model.bert.encoder.layer:
         for name, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 weight = module.weight.detach()
-                keep = weight.abs() > weight.abs().flatten().kthvalue(int(sparsity * weight.numel())).values
+                score = weight.reshape(-1, shared_rows, weight.shape[1]).norm(dim=1)
+                keep = (score > score.flatten().kthvalue(int(sparsity * score.numel())).values).repeat_interleave(shared_rows, 0)
                 with torch.no_grad():
                     module.weight.mul_(keep)
                 layer.set_submodule(name, kind.from_dense(module.weight.detach(), module.bias.detach()))
@@ -44,6 +47,27 @@ def batch_with_padding():
     mask[0, 15:] = 0  # right padding
     mask[2, :4] = 0  # left padding
     return ids, mask
+
+
+@pytest.mark.parametrize("kind", [BitmaskLinear, SparseQuantLinear])
+def test_rows_sharing_masks_run_grouped_and_match_the_eager_forward(kernel_path, kind):
+    """4-row blocks: every layer's module finds its groups, and the encoder (63 tokens: the
+    batched kernel's grouped loop) gives the logits of the same weights in plain torch layers."""
+    model = sparse_copy(tiny_bert(), kind, sparsity=0.75, shared_rows=4)
+    assert all(m.mask_group >= 4 for m in model.modules() if isinstance(m, kind))
+    reference = copy.deepcopy(model)  # the same weights as plain torch layers
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, kind):
+            linear = torch.nn.Linear(module.in_features, module.out_features)
+            with torch.no_grad():
+                linear.weight.copy_(module.to_dense(torch.float32))
+                linear.bias.copy_(module.bias)
+            reference.set_submodule(name, linear)
+    ids, mask = batch_with_padding()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        got = accelerate_encoder(copy.deepcopy(model))(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "silu"])
