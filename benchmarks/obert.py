@@ -408,6 +408,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
     parser.add_argument("--sparsities", nargs="*", type=float, help="targets to run, e.g. 0.9 0.97")
+    parser.add_argument("--structures", nargs="*", choices=sorted(STRUCTURES), help="structures to run, e.g. unstructured")
     args = parser.parse_args()
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
     if "speed" in args.rows:
@@ -431,7 +432,8 @@ def main() -> None:
     if "gradual" in args.rows:
         plan += list(GRADUAL)
     plan = [p for p in plan if (not args.only or p[0] in args.only)
-            and (not args.sparsities or any(abs(p[1] - s) < 1e-9 for s in args.sparsities))]
+            and (not args.sparsities or any(abs(p[1] - s) < 1e-9 for s in args.sparsities))
+            and (not args.structures or p[2] in args.structures)]
     for method, target, structure, quant in plan:
         for seed in range(args.seeds):
             if (method, target, structure, quant, seed) in runs:
