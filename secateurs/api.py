@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from secateurs.data.corpus import AUSTEN_CALIBRATION, calibration_from
 from secateurs.denoisers import build_denoiser, load_denoiser
 from secateurs.errors import SecateursError
 from secateurs.eval.classifier import ClassifierEvaluation, evaluate_texts
-from secateurs.formats import SavedModel
+from secateurs.formats import SavedModel, decompress
 from secateurs.formats import load as load_compressed
 from secateurs.formats.module_file import read_compressed_module, save_compressed_module
 from secateurs.io import read_safetensors
@@ -198,9 +199,9 @@ def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | No
     """Accuracy, macro-F1 and sequences/s of a sequence classifier directory (compressed, as
     prune-encoder writes it, or plain) on labelled texts: "fine-foods" (its test split),
     "fine-foods:train", `hf:<dataset>[:split]` (default test), or a csv / jsonl / parquet file with
-    text,label columns (labels mapped to the model's
-    classes by name, or taken as class ids when they are integers); texts padded or truncated to
-    `seqlen` tokens (None: 128, or the model's context where shorter).
+    text,label columns (labels mapped to the model's classes by name, or taken as class ids when
+    they are integers); texts padded or truncated to `seqlen` tokens (None: 128, or the model's
+    context where shorter).
 
     engine "secateurs": compressed layers on secateurs' kernels, attention and the fused feed-forward
     activation through runtime.encoder.accelerate_encoder; "torch": transformers' eager model with
@@ -219,10 +220,6 @@ def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | No
     if engine == "secateurs" and path is not None:
         classifier, tokenizer = load_compressed(path).eval(), _tokenizer(path)
     elif path is not None:  # the baseline runs plain nn.Linear layers: the directory decompressed, bit-exact
-        import tempfile
-
-        from secateurs.formats import decompress
-
         with tempfile.TemporaryDirectory(prefix="secateurs-dense-") as scratch:
             loaded = load_classifier(decompress(path, Path(scratch) / "dense"))
         classifier, tokenizer = loaded.model, loaded.tokenizer
