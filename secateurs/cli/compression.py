@@ -30,7 +30,6 @@ def cmd_prepare(args) -> None:
 def cmd_eval(args) -> None:
     from secateurs.data.corpus import load_text, tokenize
     from secateurs.eval.perplexity import check_seqlen, perplexity
-
     from secateurs.models import is_sequence_classifier
 
     if is_sequence_classifier(args.model):

@@ -54,26 +54,28 @@ def _read_file(path: Path) -> str:
     return content
 
 
-def hf_dataset(spec: str, default_split: str = "train"):
-    """The rows of `hf:<dataset>[:split]` through the datasets package (from its cache or the hub); a
-    missing package or a dataset it cannot load is a one-line error."""
+def hf_dataset(spec: str, default_split: str = "train", columns: tuple[str, ...] = ("text",)):
+    """The rows of `hf:<dataset>[:split]` through the datasets package (from its cache or the hub),
+    which must have `columns`; a missing package, a dataset it cannot load or a missing column is a
+    one-line error."""
     name, _, split = spec.removeprefix("hf:").partition(":")
     try:
         import datasets
     except ImportError:
         raise SecateursError("hf: data needs the 'datasets' package (pip install datasets)") from None
     try:
-        return datasets.load_dataset(name, split=split or default_split)
+        rows = datasets.load_dataset(name, split=split or default_split)
     except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
         raise SecateursError(f"dataset {name!r} could not be loaded: {exc}") from None
+    missing = [column for column in columns if column not in rows.column_names]
+    if missing:
+        raise SecateursError(f"dataset {name!r} has no {' or '.join(map(repr, missing))} column "
+                             f"(columns: {rows.column_names})")
+    return rows
 
 
 def _load_dataset(spec: str) -> str:
-    name = spec.removeprefix("hf:").partition(":")[0]
-    rows = hf_dataset(spec)
-    if "text" not in rows.column_names:
-        raise SecateursError(f"dataset {name!r} has no 'text' column (columns: {rows.column_names})")
-    return "\n".join(rows["text"])
+    return "\n".join(hf_dataset(spec)["text"])
 
 
 def load_text(spec: str) -> str:

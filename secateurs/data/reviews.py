@@ -138,12 +138,7 @@ def labelled_file(path: str | Path, text_column: str = "text", label_column: str
 def labelled_dataset(spec: str, text_column: str = "text", label_column: str = "label") -> LabelledTexts:
     """`hf:<dataset>[:split]` (default split "test") through the datasets package, from its cache or
     the hub: integer (ClassLabel) labels are the class ids the dataset defines."""
-    name = spec.removeprefix("hf:").partition(":")[0]
-    rows = hf_dataset(spec, "test")
-    missing = [column for column in (text_column, label_column) if column not in rows.column_names]
-    if missing:
-        raise SecateursError(f"dataset {name!r} has no {' or '.join(map(repr, missing))} column "
-                             f"(columns: {rows.column_names})")
+    rows = hf_dataset(spec, "test", (text_column, label_column))
     return labelled_rows([{text_column: t, label_column: label} for t, label in zip(rows[text_column], rows[label_column])],
                          spec, text_column, label_column)
 

@@ -140,10 +140,10 @@ class _BitmaskKernelBatch:
         """layouts.mask_row_group of the bitmask, found once and again whenever the buffer is
         replaced or written in place (load_state_dict), so the kernel never trusts a stale one.
         While torch.compile traces: 1 (no promise, always correct; the check is data-dependent)."""
-        bitmask: Tensor = self.bitmask
-        cached = getattr(self, "_mask_group", None)
         if torch.compiler.is_compiling():
             return 1
+        bitmask: Tensor = self.bitmask
+        cached = getattr(self, "_mask_group", None)
         key = (bitmask.data_ptr(), bitmask._version, tuple(bitmask.shape))
         if cached is None or cached[0] != key:
             cached = (key, layouts.mask_row_group(bitmask))
