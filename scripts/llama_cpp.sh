@@ -84,9 +84,10 @@ fetch_source() {
     rm -rf "$SRC.partial"
     mkdir -p "$SRC.partial"
     run tar -xzf "$sdist" -C "$SRC.partial" --strip-components=3 "$SDIST_NAME/vendor/llama.cpp"
-    # The sdist has no git metadata; the CHANGELOG entry of this release names the commit.
+    # The sdist has no git metadata; the CHANGELOG entry of this release names the commit. awk stops
+    # at the entry, so tar may die of SIGPIPE: not a failure (pipefail off in the subshell).
     local commit
-    commit=$(tar -xzOf "$sdist" "$SDIST_NAME/CHANGELOG.md" | awk -v v="## [$VERSION]" '
+    commit=$(set +o pipefail; tar -xzOf "$sdist" "$SDIST_NAME/CHANGELOG.md" | awk -v v="## [$VERSION]" '
         index($0, v) == 1 { on = 1; next }
         on && /^## \[/ { exit }
         on && match($0, /llama\.cpp@[0-9a-f]+/) { print substr($0, RSTART + 10, RLENGTH - 10); exit }')
