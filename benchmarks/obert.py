@@ -329,8 +329,11 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
 
 
 def speed_markdown(rows: list[dict]) -> str:
-    lines = [f"Sequences/s of all-MiniLM-L6-v2 + head at sequence length {SEQLEN}; {rows[0]['cpu']}, kernel path "
-             f"{next((r['isa'] for r in rows if r['engine'] == 'secateurs'), '')}, load average before "
+    """One CPU's speed rows as a section of obert-speed.md."""
+    isa = next((r["isa"] for r in rows if r["engine"] == "secateurs"), "")
+    lines = [f"## {rows[0]['cpu']} ({isa})", "",
+             f"Sequences/s of all-MiniLM-L6-v2 + head at sequence length {SEQLEN}; {rows[0]['cpu']}, kernel path "
+             f"{isa}, load average before "
              f"{rows[0]['uptime'][0]:.2f}; {SPEED_REPEAT} interleaved rounds, median. Sparse rows: block linear layers as "
              "bitmask modules (fp32 or int8 values); *linears only*: the rest torch fp32; *encoder runtime*: also "
              "attention through secateurs' kernel and bias + GELU fused into the intermediate layer's kernel "
@@ -465,9 +468,10 @@ def main() -> None:
              for r in rows if r.get("kind") == "speed"]
     write_json(JSON_PATH, runs + summary + speed)
     (RESULTS / "obert-table.md").write_text(markdown(summary))
-    latest_cpu = speed[-1]["cpu"] if speed else None
-    if latest_cpu:
-        (RESULTS / "obert-speed.md").write_text(speed_markdown([r for r in speed if r["cpu"] == latest_cpu]))
+    cpus = list(dict.fromkeys(r["cpu"] for r in reversed(speed)))  # the latest measured first
+    if cpus:
+        sections = [speed_markdown([r for r in speed if r["cpu"] == cpu]) for cpu in cpus]
+        (RESULTS / "obert-speed.md").write_text("# Encoder speed, one section per CPU\n\n" + "\n".join(sections))
     plot(summary)
     print(markdown(summary))
 

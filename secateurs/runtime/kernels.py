@@ -303,8 +303,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, scale: float, causal: b
              "query, key and value must be float32 on the CPU")
     _require(key_mask is None or (key_mask.dtype == torch.bool and key_mask.shape == (batch, seq)), "key_mask: bool [batch, seq]")
     path = kernel_path()
-    # No AVX-512 variant (the AVX2 one runs there); the micro-kernel needs dim in multiples of 16.
-    native = TORCH_PATH if path == TORCH_PATH or dim % 16 else "portable" if path == "portable" else "avx2"
+    native = TORCH_PATH if dim % 16 else path  # the micro-kernel takes head dims in multiples of 16
     record_path(native)
     if native == TORCH_PATH:
         allowed = torch.ones(batch, 1, seq, seq, dtype=torch.bool).tril(0 if causal else seq)

@@ -275,6 +275,10 @@ struct AttentionArgs {
 template <class Args>
 using RowKernel = void (*)(const Args&, int64_t row_begin, int64_t row_end, float* scratch);
 
+// The batched attention's tiles: kAttentionCols key (or value) columns, query rows padded to a
+// multiple of kAttentionPad (every path's tile height divides it).
+constexpr int64_t kAttentionCols = 16, kAttentionPad = 12;
+
 struct KernelTable {
   int simd_width;  // floats per vector register; fixes the tile and int4 block layouts
   RowKernel<BitmaskArgs> bitmask;
@@ -286,6 +290,11 @@ struct KernelTable {
   void (*attention)(const AttentionArgs&);
   // gate[i] = activation(gate[i]) * up[i] for i < n (a GatedActivation), the gated MLP's middle.
   void (*gated_activation)(int activation, const float* up, float* gate, int64_t n);
+  // The batched attention (attention.cpp): its micro-kernel, attention_rows x kAttentionCols, and a
+  // softmax row (row_kernels.h).
+  int attention_rows;
+  void (*attention_tile)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc);
+  float (*attention_softmax_row)(float* s, const float* bias, const float* keep, int64_t live, int64_t padded);
 };
 
 inline int64_t scratch_floats(int64_t cols, int64_t simd_width) { return 2 * (cols + 4 * simd_width); }

@@ -175,8 +175,8 @@ inline void sparse_row_times_activations(const Activations& x, int64_t cols, con
 
 // e^x to within a few ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), Cephes' degree-6
 // polynomial for e^r, times 2^n. x is clamped to [-87.3, 88] (results from 2^-126 to ~1.6e38).
-inline F exp_of(F x) {
-  x = Simd::max(Simd::min(x, Simd::set1(88.0f)), Simd::set1(-87.33654f));
+inline F exp_of(F x) {  // a NaN stays NaN: min and max return their second operand for a NaN
+  x = Simd::max(Simd::set1(-87.33654f), Simd::min(Simd::set1(88.0f), x));
   const I n = Simd::round_to_int(Simd::mul(x, Simd::set1(1.44269504088896341f)));
   const F nf = Simd::to_float(n);
   F r = Simd::fma(nf, Simd::set1(-0.693359375f), x);
@@ -1264,6 +1264,77 @@ void vq_rows(const VQArgs& a, int64_t row_begin, int64_t row_end, float*) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The batched attention's arithmetic (attention.cpp: encoders and the engine's calibration passes).
+
+// C [kAttentionRows x kAttentionCols] = A [kAttentionRows x depth] (row stride lda) times B [depth x
+// kAttentionCols] (row stride ldb). Each row of B is loaded once for all rows of A; 12 accumulators
+// on every ISA (6 rows of 2 vectors with AVX2, 12 rows of one with AVX-512: with half the rows the
+// six FMA chains left AVX-512's two FMA units waiting on their latency), indexed by compile-time
+// constants so that they stay in registers.
+constexpr int kAttentionVecs = kAttentionCols / W;
+constexpr int kAttentionRows = 12 / kAttentionVecs;
+static_assert(kAttentionCols % W == 0 && kAttentionPad % kAttentionRows == 0, "attention tiles must fit the padding");
+
+void attention_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc) {
+  F acc[kAttentionRows][kAttentionVecs];
+  unrolled<kAttentionRows>([&](auto r) { unrolled<kAttentionVecs>([&](auto v) { acc[r][v] = Simd::zero(); }); });
+  for (int64_t k = 0; k < depth; ++k, b += ldb) {
+    F column[kAttentionVecs];
+    unrolled<kAttentionVecs>([&](auto v) { column[v] = Simd::load(b + v * W); });
+    unrolled<kAttentionRows>([&](auto r) {
+      const F x = Simd::set1(a[r * lda + k]);
+      unrolled<kAttentionVecs>([&](auto v) { acc[r][v] = Simd::fma(x, column[v], acc[r][v]); });
+    });
+  }
+  unrolled<kAttentionRows>([&](auto r) {
+    unrolled<kAttentionVecs>([&](auto v) { Simd::store(c + r * ldc + v * W, acc[r][v]); });
+  });
+}
+
+// A row of scores s (`live` valid, `padded` stored) becomes exp(s + bias - max), times keep, with
+// zeros past `live`; returns their sum. bias / keep (both or neither): a key padding mask's row as
+// 0 / -inf and 1 / 0; the keys it drops weigh exactly 0. Needs a kept key in [0, live). A NaN score
+// makes its row NaN.
+float attention_softmax_row(float* s, const float* bias, const float* keep, int64_t live, int64_t padded) {
+  F most = Simd::set1(-INFINITY);
+  int64_t j = 0;
+  for (; j + W <= live; j += W) {
+    F v = Simd::load(s + j);
+    if (bias) {
+      v = Simd::add(v, Simd::load(bias + j));
+      Simd::store(s + j, v);
+    }
+    most = Simd::max(most, v);
+  }
+  float lanes[W];
+  Simd::store(lanes, most);
+  float top = -INFINITY;
+  for (float lane : lanes) top = std::max(top, lane);
+  for (int64_t k = j; k < live; ++k) top = std::max(top, bias ? (s[k] += bias[k]) : s[k]);
+  const F shift = Simd::set1(top);
+  F total = Simd::zero();
+  for (j = 0; j + W <= live; j += W) {
+    F e = exp_of(Simd::sub(Simd::load(s + j), shift));
+    if (keep) e = Simd::mul(e, Simd::load(keep + j));
+    Simd::store(s + j, e);
+    total = Simd::add(total, e);
+  }
+  float sum = Simd::hsum(total);
+  if (j < live) {  // the last partial vector, through a buffer
+    float tail[W] = {}, tail_keep[W] = {};
+    std::copy(s + j, s + live, tail);
+    if (keep) std::copy(keep + j, keep + live, tail_keep);
+    F e = exp_of(Simd::sub(Simd::load(tail), shift));
+    if (keep) e = Simd::mul(e, Simd::load(tail_keep));
+    Simd::store(tail, e);
+    for (int64_t k = 0; k < live - j; ++k) sum += (s[j + k] = tail[k]);
+    j = live;
+  }
+  std::fill(s + j, s + padded, 0.0f);
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bitmask-sparse 4-bit codes (SparseInt4Args), batch 1: one 64-column int16 activation block at a
 // time, its kept codes expanded to their columns (Simd::sparse_int4_madd: one masked byte expand
 // with VBMI2, a pshufb table per 8 columns on AVX2; portable: a scalar walk over the mask bits),
@@ -1349,6 +1420,6 @@ void sparse_int4_rows(const SparseInt4Args& a, int64_t row_begin, int64_t row_en
 }  // namespace
 
 const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, vq_rows, sparse_int4_rows, attention_head,
-                         gated_activation};
+                         gated_activation, kAttentionRows, attention_tile, attention_softmax_row};
 
 }  // namespace secateurs
