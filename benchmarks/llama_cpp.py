@@ -69,9 +69,11 @@ def tool(name: str = "llama-bench") -> Path:
 
 
 def available() -> bool:
-    """Whether llama-bench is built in the cache."""
+    """Whether llama-bench is built and the GGUFs' manifest written in the cache (a build still
+    converting models has the tools but no manifest yet)."""
     try:
         tool("llama-bench")
+        manifest()
     except LlamaCppMissing:
         return False
     return True
