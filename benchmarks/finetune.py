@@ -315,7 +315,8 @@ def budget_section(rows: list[dict], budget: dict, seed: int, best_dense: dict |
         lines += [f"**This budget is far below the issue's 0.25M tokens** (a smoke-scale run: the trainer measured "
                   f"about {min((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f}-"
                   f"{max((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), default=0):.0f} tokens/s on "
-                  f"{rows[0]['cpu'] if rows else 'this CPU'}, {rows[0]['threads'] if rows else '?'} threads, shared "
+                  f"{rows[0]['cpu'] if rows else 'this CPU'}, "
+                  f"{' or '.join(str(t) for t in sorted({r['threads'] for r in rows})) or '?'} threads, shared "
                   "with other jobs).", ""]
     lines += ["| variant | loss | QAT | tokens | ppl one-shot | ppl after | r | task mean | sparsity | train s | tokens/s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
