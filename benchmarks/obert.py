@@ -15,7 +15,8 @@ Protocol (fit to a 2-core CPU; every choice below is fixed, none tuned on the te
     temperature 2 (oBERT's downstream setting); oBERT with m = 64 gradients per pruning step;
     structures: unstructured, 4-block (4 consecutive weights of a row, the paper's) and 4-row (4
     consecutive rows of a column: rows in groups of 4 share one mask, the batched kernel's fast path);
-  - seeds: `--seeds N` (the issue asks for 3); each row is the mean over its seeds, spread beside it.
+  - seeds: `--seeds N` (the issue asks for 3), or `--seed S` for one seed (a lane per seed); each row
+    is the mean over its seeds, spread beside it.
 
 Speed (`--rows speed`, a quiet machine only): sequences/s of the classifier at sequence length
 SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, our runtime's dense fp32
@@ -409,6 +410,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual", "speed"], default=["dense", "oneshot"])
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seed", type=int, help="run only this seed (one lane per seed on a multi-core machine)")
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
     parser.add_argument("--sparsities", nargs="*", type=float, help="targets to run, e.g. 0.9 0.97")
     parser.add_argument("--structures", nargs="*", choices=sorted(STRUCTURES), help="structures to run, e.g. unstructured")
@@ -438,7 +440,7 @@ def main() -> None:
             and (not args.sparsities or any(abs(p[1] - s) < 1e-9 for s in args.sparsities))
             and (not args.structures or p[2] in args.structures)]
     for method, target, structure, quant in plan:
-        for seed in range(args.seeds):
+        for seed in [args.seed] if args.seed is not None else range(args.seeds):
             if (method, target, structure, quant, seed) in runs:
                 continue
             print(f"[obert] {method} {target} {structure} {quant or ''} seed {seed}", flush=True)

@@ -65,6 +65,34 @@ def test_bitmask_many_tiles_matches_reference(kernel_path, value_dtype, two_thre
         assert_matches_reference(y, x, dense)
 
 
+@pytest.mark.parametrize("x_dtype", ACTIVATION_DTYPES)
+@pytest.mark.parametrize("value_dtype", (torch.float32, torch.int8))
+def test_bitmask_token_ranges_equal_one_thread(kernel_path, value_dtype, x_dtype, two_threads):
+    """Batches of several whole many-tiles tiles are split between threads by token ranges (the
+    last range takes the partial tile): every output equals the one-thread result bit for bit,
+    with the fused epilogue, bf16 activations and outputs, and rows in groups sharing a mask."""
+    if kernel_path == "torch":
+        pytest.skip("no native kernel")
+    generator = torch.Generator().manual_seed(11)
+    rows, cols = 52, 300
+    layout, dense, row_scale = bitmask_case(rows, cols, 0.3, value_dtype, generator)
+    grouped, grouped_dense, grouped_scale = stored_weight(shared_mask_weight(rows, cols, 4, generator) / 64,
+                                                          torch.int8, generator)
+    bias = torch.randn(rows, generator=generator)
+    for batch in (129, 200, 257):  # 2-16 whole tiles of 16-64 tokens on every path, then a partial one
+        x = activations(batch, cols, x_dtype, generator)
+        calls = ((lambda: kernels.bitmask_mm(x, *layout, cols, row_scale, bias=bias, activation="gelu"), None),
+                 (lambda: kernels.bitmask_mm(x, *layouts.bitmask_from_dense(grouped), cols, grouped_scale,
+                                             mask_group=4), grouped_dense))
+        for call, weight in calls:
+            torch.set_num_threads(2)
+            split = call()
+            torch.set_num_threads(1)
+            assert torch.equal(split, call()) and split.dtype == x_dtype
+            if weight is not None:
+                assert_matches_reference(split, x, weight, int8=True)
+
+
 def exact_activation(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     """float64 activations from their definitions."""
     if activation == "gelu":

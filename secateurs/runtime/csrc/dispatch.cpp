@@ -126,11 +126,16 @@ Buffer attach_int16_if(bool wanted, Activations& xa, int64_t cols) {
   return storage;
 }
 
-// Runs kernel over all rows on `threads` OpenMP threads (static contiguous ranges) and writes y
-// in `y_type`; bf16 outputs go through an fp32 buffer converted by the thread owning the rows.
-// cost(r) is the weight bytes of rows [0, r).
+// Runs kernel over all rows on `threads` OpenMP threads and writes y in `y_type`; bf16 outputs go
+// through an fp32 buffer converted by the thread that computed them. cost(r) is the weight bytes of
+// rows [0, r). Threads take contiguous row ranges of equal cost, or, with token_unit > 0 (a batch
+// the kernel takes as rows, many_tiles) and at least one whole tile of token_unit tokens per thread,
+// contiguous token ranges over all rows: a row range would leave every thread tiling the
+// whole batch itself, and rows of equal weight bytes need not keep equally many weights (their
+// work at a batch), which left a query layer of a 90%-sparse MiniLM 1.24x faster on two threads.
 template <class Args, class Cost>
-void run_rows(RowKernel<Args> kernel, Args args, int simd_width, int threads, void* y, int y_type, const Cost& cost) {
+void run_rows(RowKernel<Args> kernel, Args args, int simd_width, int threads, void* y, int y_type, const Cost& cost,
+              int64_t token_unit = 0) {
   const int64_t rows = args.rows, batch = args.x.batch;
   Buffer y_float = y_type == kBFloat16 ? zeroed_floats(batch * rows) : Buffer();
   args.y = y_type == kBFloat16 ? y_float.get() : static_cast<float*>(y);
@@ -138,15 +143,27 @@ void run_rows(RowKernel<Args> kernel, Args args, int simd_width, int threads, vo
   constexpr double kMinWorkPerThread = 1 << 17;  // weight bytes x batch rows
   const double work = static_cast<double>(cost(rows)) * static_cast<double>(batch);
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(work / kMinWorkPerThread) + 1)));
+  const int64_t units = token_unit > 0 ? batch / token_unit : 0;  // whole units: every range holds one or more
+  const bool by_tokens = threads > 1 && units >= threads;
   const int64_t scratch_per_thread = scratch_floats(args.cols, simd_width);
   Buffer scratch = zeroed_floats(threads * scratch_per_thread);
 #pragma omp parallel num_threads(threads)
   {
     const int part = omp_get_thread_num(), parts = omp_get_num_threads();
-    const int64_t begin = split_row(rows, part, parts, cost), end = split_row(rows, part + 1, parts, cost);
-    kernel(args, begin, end, scratch.get() + part * scratch_per_thread);
+    Args own = args;
+    int64_t begin = 0, end = rows, token_begin = 0, token_end = batch;
+    if (by_tokens) {
+      token_begin = units * part / parts * token_unit;
+      token_end = part + 1 == parts ? batch : units * (part + 1) / parts * token_unit;  // the last takes the rest
+      own.x.rows += token_begin * own.x.row_stride;
+      own.x.batch = token_end - token_begin;
+      own.y += token_begin * rows;
+    } else {
+      begin = split_row(rows, part, parts, cost), end = split_row(rows, part + 1, parts, cost);
+    }
+    if (token_end > token_begin) kernel(own, begin, end, scratch.get() + part * scratch_per_thread);
     if (y_type == kBFloat16)
-      for (int64_t b = 0; b < batch; ++b)
+      for (int64_t b = token_begin; b < token_end; ++b)
         for (int64_t r = begin; r < end; ++r)
           static_cast<uint16_t*>(y)[b * rows + r] = float_to_bf16(args.y[b * rows + r]);
   }
@@ -194,7 +211,9 @@ SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, 
                            mask_group, bias, activation};
     // Rows cost their mask bytes plus their values: balance threads on that, not on row count.
     const auto cost = [&](int64_t r) { return row_offsets[r] * value_bytes + r * mask_stride; };
-    run_rows(table.bitmask, args, table.simd_width, threads, y, x_type, cost);
+    const bool as_rows = batch > 1 && !xa.view.tiles;  // many_tiles
+    run_rows(table.bitmask, args, table.simd_width, threads, y, x_type, cost,
+             as_rows ? kManyTilesVecs * table.simd_width : 0);
   });
 }
 

@@ -104,6 +104,8 @@ void activation_group_sums(const Activations& x, int64_t n_groups, int64_t group
 // thread (kept in L1 while every row of the thread passes over it), rather than as tiles of the
 // whole batch built up front: batches of more than one tile.
 inline bool many_tiles(int64_t batch, int64_t tile) { return batch > tile; }
+// Vectors of tokens per tile of the many_tiles kernel (tile = kManyTilesVecs * W tokens).
+constexpr int kManyTilesVecs = 4;
 
 struct BitmaskArgs {
   Activations x;

@@ -541,7 +541,7 @@ inline void group_times_tile(const float* xt, int64_t tile, const int32_t* offse
 template <class T>
 void bitmask_rows_many_tiles(const BitmaskArgs& a, int64_t row_begin, int64_t row_end) {
   const T* values = static_cast<const T*>(a.values);
-  constexpr int kTileVecs = 4, kChains = 3;
+  constexpr int kTileVecs = kManyTilesVecs, kChains = 3;
   constexpr int64_t tile = kTileVecs * W;
   const bool grouped = a.mask_group % kGroupRows == 0;
   const int64_t group_begin = grouped ? std::min(row_end, (row_begin + kGroupRows - 1) / kGroupRows * kGroupRows) : row_end;
