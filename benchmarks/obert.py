@@ -406,6 +406,14 @@ def plot(rows: list[dict]) -> None:
     figure.savefig(RESULTS / "obert.png", dpi=120)
 
 
+def write_speed_markdown(speed: list[dict]) -> None:
+    """obert-speed.md: one section per CPU measured, the latest first."""
+    cpus = list(dict.fromkeys(r["cpu"] for r in reversed(speed)))
+    if cpus:
+        sections = [speed_markdown([r for r in speed if r["cpu"] == cpu]) for cpu in cpus]
+        (RESULTS / "obert-speed.md").write_text("# Encoder speed, one section per CPU\n\n" + "\n".join(sections))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual", "speed"], default=["dense", "oneshot"])
@@ -421,7 +429,7 @@ def main() -> None:
         rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []  # as it is now, other runs' rows too
         rows = [r for r in rows if not (r.get("kind") == "speed" and r["cpu"] == speed[0]["cpu"])] + speed
         write_json(JSON_PATH, rows)
-        (RESULTS / "obert-speed.md").write_text(speed_markdown(speed))
+        write_speed_markdown([r for r in rows if r.get("kind") == "speed"])
         print(speed_markdown(speed))
         return
     def key(row: dict) -> tuple:
@@ -470,10 +478,7 @@ def main() -> None:
              for r in rows if r.get("kind") == "speed"]
     write_json(JSON_PATH, runs + summary + speed)
     (RESULTS / "obert-table.md").write_text(markdown(summary))
-    cpus = list(dict.fromkeys(r["cpu"] for r in reversed(speed)))  # the latest measured first
-    if cpus:
-        sections = [speed_markdown([r for r in speed if r["cpu"] == cpu]) for cpu in cpus]
-        (RESULTS / "obert-speed.md").write_text("# Encoder speed, one section per CPU\n\n" + "\n".join(sections))
+    write_speed_markdown(speed)
     plot(summary)
     print(markdown(summary))
 
