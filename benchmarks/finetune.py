@@ -13,7 +13,11 @@ Each finished row is written atomically into benchmarks/results/finetune.json as
 row that is killed resumes from its trainer checkpoint (in --work, default the secateurs cache). The
 one-shot model of each variant and the fine-tuned dense teacher are cached there too.
 
-    .venv/bin/python benchmarks/finetune.py [--tokens 250000] [--only ROW ...] [--eval-tokens N]
+`--seed S` (S > 0) runs the training rows again with the fine-tuning windows in another order (the
+one-shot models and the teacher stay seed 0's); the report lists every seed beside seed 0's and
+their mean.
+
+    .venv/bin/python benchmarks/finetune.py [--tokens 250000] [--only ROW ...] [--eval-tokens N] [--seed S]
 """
 
 from __future__ import annotations
@@ -48,18 +52,22 @@ def load_rows() -> list[dict]:
     return json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
 
 
-def find(rows: list[dict], variant: str, loss: str, qat: bool, budget: dict) -> dict | None:
+def find(rows: list[dict], variant: str, loss: str, qat: bool, budget: dict, seed: int = 0) -> dict | None:
     for row in rows:
-        if (row["variant"], row["loss"], row["qat"]) == (variant, loss, qat) and row["budget"] == budget:
+        if (row["variant"], row["loss"], row["qat"], row.get("seed", 0)) == (variant, loss, qat, seed) \
+                and row["budget"] == budget:
             return row
     return None
+
+
+def identity(row: dict) -> tuple:
+    return row["variant"], row["loss"], row["qat"], json.dumps(row["budget"], sort_keys=True), row.get("seed", 0)
 
 
 def store(row: dict) -> None:
     from secateurs.io import write_json
 
-    rows = [r for r in load_rows() if (r["variant"], r["loss"], r["qat"], r["budget"]) !=
-            (row["variant"], row["loss"], row["qat"], row["budget"])]
+    rows = [r for r in load_rows() if identity(r) != identity(row)]
     write_json(JSON_PATH, rows + [row])
 
 
@@ -201,7 +209,7 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
                 "train_seconds": result.seconds, "tokens_per_s": result.tokens_per_s}
         row |= tasks(loaded.model, loaded.tokenizer) if tasks else {}
     else:
-        dense_ft = find(load_rows(), "dense", "ce", False, budget)
+        dense_ft = find(load_rows(), "dense", "ce", False, budget)  # seed 0's: the teacher of every seed
         if loss != "none" and dense_ft is None:
             raise SystemExit(f"{row_key(variant, loss, qat)}: run the dense CE row (the teacher) first")
         if loss != "none" and not teacher_dir.is_dir():
@@ -219,7 +227,8 @@ def run_row(variant: str, loss: str, qat: bool, args, budget: dict) -> dict:
             row |= tasks(model, tokenizer) if tasks else {}
         else:
             teacher = load_model(teacher_dir).model
-            out = rows_dir(work, budget) / row_key(variant, loss, qat).replace("/", "-")
+            out = rows_dir(work, budget) / (row_key(variant, loss, qat).replace("/", "-")
+                                            + (f"-seed{args.seed}" if args.seed else ""))
             layers = block_linear_layers(model)
             if qat:
                 attach_fake_quant(layers, grids)
@@ -288,9 +297,9 @@ def write_report(args, budget: dict) -> None:
                   f"model scores {'?' if reference is None else f'{100 * reference:.2f}'} there.", ""]
     for each in budgets:
         dense = [r for r in everything if r["variant"] == "dense" and r["budget"]["tokens"] == each["tokens"]
-                 and r["budget"]["eval_tokens"] == each["eval_tokens"]]
+                 and r["budget"]["eval_tokens"] == each["eval_tokens"] and r.get("seed", 0) == 0]
         best = min(dense, key=lambda r: r["ppl"], default=None)
-        lines += budget_section([r for r in everything if r["budget"] == each], each, args.seed, best)
+        lines += budget_section([r for r in everything if r["budget"] == each], each, best)
     lines += ["Rows not yet run are resumed by running the same command again (finished rows are cached, "
               "a killed row continues from its checkpoint).", ""]
     from secateurs.io import write_text
@@ -299,15 +308,16 @@ def write_report(args, budget: dict) -> None:
     plot([r for r in everything if r["budget"]["tokens"] >= 250_000], args.work, budget)
 
 
-def budget_section(rows: list[dict], budget: dict, seed: int, best_dense: dict | None = None) -> list[str]:
-    """One budget's table; where another budget of the same token count trained a better dense
-    model (another lr), r is also given against that one, the stricter ceiling."""
+def budget_section(rows: list[dict], budget: dict, best_dense: dict | None = None) -> list[str]:
+    """One budget's table (seed 0), and where other seeds ran, their rows beside seed 0's with the
+    mean; where another budget of the same token count trained a better dense model (another lr),
+    r is also given against that one, the stricter ceiling."""
     protocol = budget["eval_tokens"] == quality.PROTOCOL["eval_tokens"]
     eval_tokens = budget["eval_tokens"]
     lines = [f"## {budget['tokens']:,} tokens, lr {budget['lr']}", "",
              f"Budget of every row: {budget['tokens']:,} training tokens (batch {budget['batch']} x {budget['seqlen']}, "
              f"lr {budget['lr']}, warmup {budget['warmup']} steps, linear decay, AdamW, clip 1.0, "
-             f"{'bf16 autocast' if budget['bf16'] else 'float32'}), seed {seed}.",
+             f"{'bf16 autocast' if budget['bf16'] else 'float32'}), seed 0.",
              "Perplexity: Persuasion, " + (f"the protocol's {eval_tokens:,} tokens" if protocol else
                                           f"**the first {eval_tokens:,} tokens only (not the protocol's 40,960)**")
              + " in windows of 512.", ""]
@@ -345,11 +355,37 @@ def budget_section(rows: list[dict], budget: dict, seed: int, best_dense: dict |
         stricter = [f"{r['variant']}/{r['loss']}{'/qat' if r['qat'] else ''} "
                     f"{(r['ppl_oneshot'] - r['ppl']) / (r['ppl_oneshot'] - best_dense['ppl']):.2f}"
                     for r in rows if r["variant"] not in ("dense",) and r["loss"] != "none"
-                    and not r["variant"].startswith("progressive")]
+                    and not r["variant"].startswith("progressive") and r.get("seed", 0) == 0]
         notes.append(f"This table's dense row ({own_dense['ppl']:.2f}) is above the best dense model at "
                      f"{budget['tokens']:,} tokens (lr {best_dense['budget']['lr']}: {best_dense['ppl']:.2f}); "
                      "against that one, r is " + (", ".join(stricter) if stricter else "(no sparse row yet)") + ".")
-    return lines + ["", *notes, ""]
+    return lines + ["", *notes, ""] + seeds_section(rows, budget)
+
+
+def seeds_section(rows: list[dict], budget: dict) -> list[str]:
+    """Rows run with more than one seed: perplexity per seed, mean and standard deviation, mean r.
+    A seed changes the order of the fine-tuning windows; the one-shot model and the teacher are
+    the same for every seed."""
+    import statistics
+
+    lines = []
+    for variant, loss, qat in ROW_ORDER:
+        runs = sorted((r for r in rows if (r["variant"], r["loss"], r["qat"]) == (variant, loss, qat)),
+                      key=lambda r: r.get("seed", 0))
+        if len(runs) < 2:
+            continue
+        ppls = [r["ppl"] for r in runs]
+        recoveries = [r["recovery"] for r in runs if r.get("recovery") is not None]
+        lines.append(f"| {variant} | {loss} | {'yes' if qat else 'no'} | "
+                     + ", ".join(f"{r.get('seed', 0)}: {r['ppl']:.2f}" for r in runs)
+                     + f" | {statistics.mean(ppls):.2f} ± {statistics.stdev(ppls):.2f} | "
+                     + (f"{statistics.mean(recoveries):.2f}" if recoveries else "") + " |")
+    if not lines:
+        return []
+    return [f"Seeds at {budget['tokens']:,} tokens, lr {budget['lr']} (a seed orders the fine-tuning windows; "
+            "the one-shot model and the teacher are seed 0's):", "",
+            "| variant | loss | QAT | perplexity by seed | mean ± std | mean r |", "|---|---|---|---|---|---|",
+            *lines, ""]
 
 
 def plot(rows: list[dict], work, budget: dict) -> None:
@@ -363,7 +399,7 @@ def plot(rows: list[dict], work, budget: dict) -> None:
     except ImportError:
         return
     figure, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
-    rows = sorted(rows, key=lambda r: (budget_order(r["budget"]), ROW_ORDER.index(
+    rows = sorted((r for r in rows if r.get("seed", 0) == 0), key=lambda r: (budget_order(r["budget"]), ROW_ORDER.index(
         (r["variant"], r["loss"], r["qat"]))))
     labels = [f"{r['variant']}\n{r['loss']}{'/qat' if r['qat'] else ''}\nlr {r['budget']['lr']:g}" for r in rows]
     bars.bar(range(len(rows)), [r["ppl_oneshot"] for r in rows], color="#bbb", label="one-shot")
@@ -417,7 +453,10 @@ def main() -> None:
         order = [known[key] for key in args.only]
     for variant, loss, qat in order:
         key = row_key(variant, loss, qat)
-        if find(load_rows(), variant, loss, qat, budget) and not args.force:
+        if args.seed and (variant == "dense" or loss == "none"):
+            print(f"{key}: seed 0's row serves every seed (the teacher; no training)", flush=True)
+            continue
+        if find(load_rows(), variant, loss, qat, budget, args.seed) and not args.force:
             continue
         print(f"{key}: running", flush=True)
         row = run_row(variant, loss, qat, args, budget)
