@@ -52,16 +52,14 @@ def load_rows() -> list[dict]:
     return json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
 
 
-def find(rows: list[dict], variant: str, loss: str, qat: bool, budget: dict, seed: int = 0) -> dict | None:
-    for row in rows:
-        if (row["variant"], row["loss"], row["qat"], row.get("seed", 0)) == (variant, loss, qat, seed) \
-                and row["budget"] == budget:
-            return row
-    return None
-
-
 def identity(row: dict) -> tuple:
+    """What makes a row one row: (variant, loss, qat, budget, seed)."""
     return row["variant"], row["loss"], row["qat"], json.dumps(row["budget"], sort_keys=True), row.get("seed", 0)
+
+
+def find(rows: list[dict], variant: str, loss: str, qat: bool, budget: dict, seed: int = 0) -> dict | None:
+    wanted = identity({"variant": variant, "loss": loss, "qat": qat, "budget": budget, "seed": seed})
+    return next((row for row in rows if identity(row) == wanted), None)
 
 
 def store(row: dict) -> None:
