@@ -36,6 +36,7 @@ Rows are cached in benchmarks/results/obert.json as they finish; the teacher is 
 
     nice .venv/bin/python benchmarks/obert.py [--rows dense oneshot gradual] [--seeds 1]
     .venv/bin/python benchmarks/obert.py --rows speed
+    .venv/bin/python benchmarks/obert.py --rows split     # where a forward's time goes (a quiet machine only)
 """
 
 from __future__ import annotations
@@ -241,6 +242,18 @@ def structured_magnitude_mask(module, sparsity: float, structure: str) -> torch.
     return from_unit_view(magnitude_mask(view, sparsity, unit=unit), module, across_rows)
 
 
+def magnitude_pruned(dense, sparsity: float, structure: str):
+    """A copy of `dense` with its block linear layers magnitude-pruned to `sparsity` in `structure`:
+    the speed depends on the structure of the masks, not on which weights they keep."""
+    from secateurs.training.masks import block_linear_layers
+
+    pruned = copy.deepcopy(dense)
+    with torch.no_grad():
+        for module in block_linear_layers(pruned).values():
+            module.weight.mul_(structured_magnitude_mask(module, sparsity, structure))
+    return pruned
+
+
 class DenseKernelLinear(torch.nn.Module):
     """A dense fp32 linear layer through our runtime's dense kernel (kernels.dense_mm): the speed
     table's baseline of our own engine without sparsity."""
@@ -281,7 +294,6 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
     from secateurs.models import load_classifier
     from secateurs.runtime import BitmaskLinear, SparseQuantLinear, kernels
     from secateurs.runtime.encoder import accelerate_encoder
-    from secateurs.training.masks import block_linear_layers
 
     dense = load_classifier(ENCODER, 2).model.eval()
     # (method, sparsity, quant, engine, dtype, runtime, structure): runtime "linears" = only the block
@@ -291,10 +303,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                 ("dense", 0.0, None, "secateurs", "fp32", "encoder", "unstructured"):
                     accelerate_encoder(with_linears(dense, DenseKernelLinear))}
     for sparsity, structure in SPEED_MODELS:
-        pruned = copy.deepcopy(dense)
-        with torch.no_grad():  # the speed depends on the structure of the masks, not on which weights they keep
-            for module in block_linear_layers(pruned).values():
-                module.weight.mul_(structured_magnitude_mask(module, sparsity, structure))
+        pruned = magnitude_pruned(dense, sparsity, structure)
         for quant, kind in ((None, BitmaskLinear), ("int8", SparseQuantLinear)):
             linears = with_linears(pruned, lambda module, kind=kind: kind.from_dense(module.weight, module.bias))
             if sparsity == 0.9 and structure == "unstructured":
@@ -327,6 +336,113 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                 print(f"[obert] speed {method} {sparsity} {quant or dtype} {runtime or ''} batch {batch} "
                       f"threads {threads}: {rows[-1]['seq_per_s']:.1f} seq/s", flush=True)
     return rows
+
+
+SPLIT_PARTS = ("block linear layers", "attention besides its projections", "layer norms", "embeddings", "the rest")
+
+
+def time_split(model, linear_names, ids, mask, rounds: int) -> dict[str, float]:
+    """Milliseconds of one forward by part (median of `rounds`), timed by forward hooks: the block
+    linear layers (`linear_names`); the self-attention modules less the projections inside them; the
+    layer norms; the embeddings; the rest (residual adds, unfused activations, pooler, head,
+    transformers' glue)."""
+    spent = dict.fromkeys(SPLIT_PARTS, 0.0)
+    state = {"attention_depth": 0, "linears_in_attention": 0.0}
+    started: dict[int, float] = {}
+    linears = {id(model.get_submodule(name)) for name in linear_names}
+
+    def part_of(module) -> str | None:
+        if id(module) in linears:
+            return "block linear layers"
+        if all(hasattr(module, name) for name in ("query", "key", "value")):
+            return "attention besides its projections"
+        if isinstance(module, torch.nn.LayerNorm):
+            return "layer norms"
+        return "embeddings" if module is model.base_model.embeddings else None
+
+    def before(module, _args):
+        started[id(module)] = time.perf_counter()
+        if part_of(module) == "attention besides its projections":
+            state["attention_depth"] += 1
+
+    def after(module, _args, _output):
+        elapsed = time.perf_counter() - started.pop(id(module))
+        part = part_of(module)
+        if part == "attention besides its projections":
+            state["attention_depth"] -= 1
+        elif part == "block linear layers" and state["attention_depth"]:
+            state["linears_in_attention"] += elapsed
+        spent[part] += elapsed
+
+    handles = [h for m in model.modules() if part_of(m)
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    totals, parts = [], {name: [] for name in SPLIT_PARTS}
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # warm-up
+            for _ in range(rounds):
+                for name in SPLIT_PARTS:
+                    spent[name] = 0.0
+                state["linears_in_attention"] = 0.0
+                begin = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask)
+                totals.append(time.perf_counter() - begin)
+                spent["attention besides its projections"] -= state["linears_in_attention"]
+                spent["the rest"] = totals[-1] - sum(spent[name] for name in SPLIT_PARTS[:-1])
+                for name in SPLIT_PARTS:
+                    parts[name].append(spent[name])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"total": 1e3 * statistics.median(totals)} | {name: 1e3 * statistics.median(v) for name, v in parts.items()}
+
+
+def split_rows() -> list[dict]:
+    """Where the time of a forward goes (time_split) at batch 8, 1 and 2 threads: torch dense fp32
+    against the 90% int8 encoder on our runtime, the issue's speed target pair."""
+    import os
+
+    from secateurs.models import load_classifier
+    from secateurs.runtime import SparseQuantLinear, kernels
+    from secateurs.runtime.encoder import accelerate_encoder
+    from secateurs.training.masks import block_linear_layers
+
+    dense = load_classifier(ENCODER, 2).model.eval()
+    linear_names = list(block_linear_layers(dense))
+    sparse = accelerate_encoder(with_linears(magnitude_pruned(dense, 0.9, "unstructured"),
+                                             lambda m: SparseQuantLinear.from_dense(m.weight, m.bias)))
+    batch, rows = 8, []
+    ids = torch.randint(1000, 20000, (batch, SEQLEN), generator=torch.Generator().manual_seed(batch))
+    for threads in SPEED_THREADS:
+        torch.set_num_threads(threads)
+        for name, model, isa in (("torch dense fp32", dense, "torch"),
+                                 ("bitmask int8 90%, encoder runtime", sparse, kernels.kernel_path())):
+            ms = time_split(model, linear_names, ids, torch.ones_like(ids), SPEED_REPEAT)
+            rows.append({"kind": "split", "model": name, "batch": batch, "seqlen": SEQLEN, "threads": threads,
+                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_name(), "isa": isa,
+                         "uptime": os.getloadavg()})
+            print(f"[obert] split {name} threads {threads}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
+    return rows
+
+
+def split_markdown(rows: list[dict]) -> str:
+    """The time split of one CPU's forward, and what the 5x target leaves for the parts besides the linears."""
+    lines = ["", f"Where the time of one forward goes (batch {rows[0]['batch']}, sequence {SEQLEN}; forward hooks, "
+             f"median of {SPEED_REPEAT}; milliseconds; load average before {rows[0]['uptime'][0]:.2f}):", "",
+             "| threads | model | total | " + " | ".join(SPLIT_PARTS) + " |", "|---:|---|---:|" + "---:|" * len(SPLIT_PARTS)]
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['model']} | {r['total_ms']:.1f} | "
+                     + " | ".join(f"{r['ms'][name]:.1f}" for name in SPLIT_PARTS) + " |")
+    lines.append("")
+    for threads in sorted({r["threads"] for r in rows}):
+        torch_row = next((r for r in rows if r["threads"] == threads and r["isa"] == "torch"), None)
+        ours = next((r for r in rows if r["threads"] == threads and r["isa"] != "torch"), None)
+        if torch_row and ours:
+            others = ours["total_ms"] - ours["ms"]["block linear layers"]
+            lines.append(f"- {threads} thread(s): 5x torch fp32 would be {torch_row['total_ms'] / 5:.1f} ms per batch; "
+                         f"our encoder spends {others:.1f} ms outside the block linear layers and "
+                         f"{ours['ms']['block linear layers']:.1f} ms in them.")
+    return "\n".join(lines) + "\n"
 
 
 def speed_markdown(rows: list[dict]) -> str:
@@ -406,17 +522,20 @@ def plot(rows: list[dict]) -> None:
     figure.savefig(RESULTS / "obert.png", dpi=120)
 
 
-def write_speed_markdown(speed: list[dict]) -> None:
-    """obert-speed.md: one section per CPU measured, the latest first."""
+def write_speed_markdown(speed: list[dict], split: list[dict]) -> None:
+    """obert-speed.md: one section per CPU measured (speed table, then time split), the latest first."""
     cpus = list(dict.fromkeys(r["cpu"] for r in reversed(speed)))
-    if cpus:
-        sections = [speed_markdown([r for r in speed if r["cpu"] == cpu]) for cpu in cpus]
+    sections = []
+    for cpu in cpus:
+        here = [r for r in split if r["cpu"] == cpu]
+        sections.append(speed_markdown([r for r in speed if r["cpu"] == cpu]) + (split_markdown(here) if here else ""))
+    if sections:
         (RESULTS / "obert-speed.md").write_text("# Encoder speed, one section per CPU\n\n" + "\n".join(sections))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual", "speed"], default=["dense", "oneshot"])
+    parser.add_argument("--rows", nargs="+", choices=["dense", "oneshot", "gradual", "speed", "split"], default=["dense", "oneshot"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, help="run only this seed (one lane per seed on a multi-core machine)")
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
@@ -424,13 +543,14 @@ def main() -> None:
     parser.add_argument("--structures", nargs="*", choices=sorted(STRUCTURES), help="structures to run, e.g. unstructured")
     args = parser.parse_args()
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
-    if "speed" in args.rows:
-        speed = speed_rows([r for r in rows if r.get("kind") == "accuracy"])
+    if "speed" in args.rows or "split" in args.rows:
+        kind = "speed" if "speed" in args.rows else "split"
+        timed = speed_rows([r for r in rows if r.get("kind") == "accuracy"]) if kind == "speed" else split_rows()
         rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []  # as it is now, other runs' rows too
-        rows = [r for r in rows if not (r.get("kind") == "speed" and r["cpu"] == speed[0]["cpu"])] + speed
+        rows = [r for r in rows if not (r.get("kind") == kind and r["cpu"] == timed[0]["cpu"])] + timed
         write_json(JSON_PATH, rows)
-        write_speed_markdown([r for r in rows if r.get("kind") == "speed"])
-        print(speed_markdown(speed))
+        write_speed_markdown([r for r in rows if r.get("kind") == "speed"], [r for r in rows if r.get("kind") == "split"])
+        print(speed_markdown(timed) if kind == "speed" else split_markdown(timed))
         return
     def key(row: dict) -> tuple:
         return row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant")
@@ -476,9 +596,10 @@ def main() -> None:
     speed = [r | dict(zip(("accuracy", "accuracy_from"),
                           accuracy_for(summary, r["sparsity"], r["quant"], r.get("structure", "unstructured"))))
              for r in rows if r.get("kind") == "speed"]
-    write_json(JSON_PATH, runs + summary + speed)
+    split = [r for r in rows if r.get("kind") == "split"]
+    write_json(JSON_PATH, runs + summary + speed + split)
     (RESULTS / "obert-table.md").write_text(markdown(summary))
-    write_speed_markdown(speed)
+    write_speed_markdown(speed, split)
     plot(summary)
     print(markdown(summary))
 
