@@ -21,13 +21,14 @@ from .native import (ENV_VAR, NATIVE_PATHS, PATH_IDS, TORCH_PATH, KernelPathErro
 
 __all__ = ["ENV_VAR", "NATIVE_PATHS", "PATH_IDS", "TORCH_PATH", "KernelPathError", "forced_kernel_path", "kernel_path",
            "last_kernel_path", "native_library", "reset_kernel_path_override", "supported_paths", "ACTIVATIONS", "activate", "attention",
-           "bitmask_mm", "dense_mm", "nm_mm", "obs_span", "quant_mm", "sparse_int4_mm", "vq_mm"]
+           "bitmask_mm", "dense_mm", "int8_blocks_mm", "int8_blocks_reference", "nm_mm", "obs_span", "quant_mm", "sparse_int4_mm", "vq_mm"]
 
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # Activations the kernels fuse (kernels.h: Activation), by the names transformers' configs use.
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
 _NO_ACTIVATION = 3
+_STATUS_NON_FINITE = 4  # kernels.h: Status::kNonFinite
 
 
 def activate(y: Tensor, activation: str | None) -> Tensor:
@@ -127,6 +128,74 @@ def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, 
     _require(isinstance(mask_group, int) and mask_group >= 1, f"mask_group must be an integer >= 1, got {mask_group!r}")
     return _run("secateurs_bitmask_mm", x, rows, in_features, bitmask, values, _DTYPE_IDS[values.dtype],
                 row_offsets, row_scale, mask_group, bias, ACTIVATIONS.get(activation, _NO_ACTIVATION), fallback=fallback)
+
+
+# Batches of at least this many tokens take the int8-activation kernel (a tile of 64 tokens is its unit).
+INT8_BLOCKS_MIN_TOKENS = 64
+
+
+def int8_blocks_mm(x: Tensor, groups: Tensor, codes: Tensor, block_offsets: Tensor, code_sums: Tensor,
+                   row_scale: Tensor, in_features: int, bias: Tensor | None = None,
+                   activation: str | None = None) -> Tensor:
+    """int8 weights in blocks of 4 columns (layouts.int8_blocks) times x quantized to int8 per token
+    (q = round(x * 127 / max |x|), kernels.h: Int8BlockArgs): y = activation(float(q . codes) *
+    (token scale * row_scale) + bias). The integer sums are exact, so the native kernel (AVX-512
+    VNNI) and the torch computation of other paths agree bit for bit before the activation. A
+    token holding a NaN or an infinity is computed in float32 instead (x @ (codes * row_scale)ᵀ)."""
+    _check_tensor("x", x, (torch.float32,), (None, in_features))
+    rows = block_offsets.shape[0] - 1 if isinstance(block_offsets, Tensor) else -1
+    _check_tensor("block_offsets", block_offsets, (torch.int64,), (None,))
+    _check_tensor("groups", groups, (torch.int32,), (None,))
+    _check_tensor("codes", codes, (torch.int32,), (groups.shape[0],))
+    _check_tensor("code_sums", code_sums, (torch.int32,), (rows,))
+    _check_tensor("row_scale", row_scale, (torch.float32,), (rows,))
+    if bias is not None:
+        _check_tensor("bias", bias, (torch.float32,), (rows,))
+    _require(activation is None or activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}")
+    _require(in_features > 0, "in_features must be positive")
+
+    def dense_codes() -> Tensor:
+        return layouts.int8_blocks_to_dense(groups, codes, block_offsets, in_features)
+
+    def fallback() -> Tensor:
+        return int8_blocks_reference(x, dense_codes(), row_scale, bias, activation)
+
+    path = kernel_path()
+    library = native_library() if path != TORCH_PATH else None
+    if library is None or path != "avx512vbmi2":  # the kernel needs VNNI, which only that path requires
+        record_path(TORCH_PATH if library is None else path)
+        return fallback()
+    record_path(path)
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    if x.shape[0] == 0 or rows == 0:
+        return y
+    status = library.secateurs_int8_blocks_mm(
+        PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, in_features,
+        groups.data_ptr(), codes.data_ptr(), block_offsets.data_ptr(), code_sums.data_ptr(), row_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), ACTIVATIONS.get(activation, _NO_ACTIVATION), y.data_ptr())
+    if status == _STATUS_NON_FINITE:
+        rows_with = ~torch.isfinite(x).all(dim=1)
+        y[rows_with] = int8_blocks_reference(x[rows_with], dense_codes(), row_scale, bias, activation)
+        return y
+    raise_for_status("secateurs_int8_blocks_mm", status, path)
+    return y
+
+
+def int8_blocks_reference(x: Tensor, codes: Tensor, row_scale: Tensor, bias: Tensor | None,
+                          activation: str | None) -> Tensor:
+    """int8_blocks_mm in torch, from dense int8 codes [rows, in_features]: the same per-token
+    quantization and exact integer sums (float64), the same float32 scaling."""
+    amax = x.abs().amax(dim=1)
+    zero = amax < 1e-30  # below it a token rounds to zero: its inverse scale would overflow
+    levels = torch.full_like(amax, 127.0)  # tensor / tensor: IEEE division, as the kernel's (127 / t is not)
+    inverse = torch.where(zero, 0.0, levels / amax)
+    q = torch.round(x * inverse[:, None])
+    scale = torch.where(zero, 0.0, amax / levels)
+    y = (q.double() @ codes.double().T).float() * (scale[:, None] * row_scale[None, :])
+    finite = torch.isfinite(x).all(dim=1)
+    if not bool(finite.all()):
+        y[~finite] = x[~finite] @ (codes.float() * row_scale[:, None]).T
+    return activate(y if bias is None else y + bias, activation)
 
 
 def nm_mm(x: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:

@@ -98,6 +98,34 @@ def bitmask_to_dense(bitmask: Tensor, values: Tensor, row_offsets: Tensor, cols:
     return dense
 
 
+def int8_blocks(codes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The int8-activation kernel's layout (kernels.int8_blocks_mm) of int8 codes [rows, cols]:
+    every group of 4 consecutive columns of a row with a nonzero code is a block. Returns groups
+    int32 [blocks] (the group of each block, row-major), codes int32 [blocks] (the group's 4 codes,
+    column 4g + c in byte c, zero past cols), block_offsets int64 [rows + 1] and code_sums int32
+    [rows] (each row's sum of codes)."""
+    _require_2d("codes", codes)
+    _require(codes.dtype == torch.int8, f"codes must be int8, got {codes.dtype}")
+    rows, cols = codes.shape
+    grouped = torch.zeros(rows, (cols + 3) // 4, 4, dtype=torch.int8)
+    grouped.view(rows, grouped.shape[1] * 4)[:, :cols] = codes
+    kept = (grouped != 0).any(dim=2)
+    row_of_block, groups = kept.nonzero(as_tuple=True)
+    block_offsets = torch.zeros(rows + 1, dtype=torch.int64)
+    block_offsets[1:] = kept.sum(dim=1).cumsum(0)
+    packed = grouped[row_of_block, groups].contiguous().view(torch.int32).view(-1)
+    return groups.to(torch.int32), packed, block_offsets, codes.to(torch.int32).sum(dim=1, dtype=torch.int32)
+
+
+def int8_blocks_to_dense(groups: Tensor, codes: Tensor, block_offsets: Tensor, cols: int) -> Tensor:
+    """int8 codes [rows, cols] back from int8_blocks' layout."""
+    rows = block_offsets.numel() - 1
+    grouped = torch.zeros(rows, (cols + 3) // 4, 4, dtype=torch.int8)
+    row_of_block = torch.repeat_interleave(torch.arange(rows), block_offsets.diff())
+    grouped[row_of_block, groups.long()] = codes.contiguous().view(torch.int8).view(-1, 4)
+    return grouped.view(rows, grouped.shape[1] * 4)[:, :cols].contiguous()
+
+
 def check_bitmask(bitmask: Tensor, values: Tensor, row_offsets: Tensor, cols: int) -> None:
     """Full consistency check of a bitmask layout (shapes, padding bits, offsets = popcounts)."""
     _require_2d("bitmask", bitmask)

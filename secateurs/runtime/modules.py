@@ -180,9 +180,14 @@ class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
 
 
 class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
-    """Bitmask sparsity with int8 symmetric codes: w = scale[r] * v, scale float32 [out]."""
+    """Bitmask sparsity with int8 symmetric codes: w = scale[r] * v, scale float32 [out].
+
+    With `int8_activations` set (runtime.encoder.accelerate_encoder(..., int8_activations=True)),
+    batches of at least kernels.INT8_BLOCKS_MIN_TOKENS tokens are quantized to int8 per token and
+    multiplied in groups of 4 columns (kernels.int8_blocks_mm: AVX-512 VNNI, torch elsewhere)."""
 
     _float32_buffers = ("scale",)
+    int8_activations = False
 
     def __init__(self, bitmask: Tensor, values: Tensor, row_offsets: Tensor, scale: Tensor, in_features: int,
                  bias: Tensor | None = None) -> None:
@@ -218,8 +223,24 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
         return cls(*layouts.bitmask_from_dense(codes, keep=weight != 0), scale, weight.shape[1], bias)
 
     def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+        if self.int8_activations and x.shape[0] >= kernels.INT8_BLOCKS_MIN_TOKENS:
+            y = kernels.int8_blocks_mm(x.to(torch.float32), *self.int8_blocks, self.scale, self.in_features, bias=bias,
+                                       activation=activation)
+            return y.to(x.dtype)
         return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
                                      mask_group=self.mask_group, bias=bias, activation=activation)
+
+    @property
+    def int8_blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """layouts.int8_blocks of the codes, built on first use and again whenever the values or the
+        mask are replaced or written in place (load_state_dict)."""
+        key = tuple((b.data_ptr(), b._version, tuple(b.shape)) for b in (self.bitmask, self.values))
+        cached = getattr(self, "_int8_blocks", None)
+        if cached is None or cached[0] != key:
+            codes = layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features)
+            cached = (key, layouts.int8_blocks(codes))
+            self._int8_blocks = cached
+        return cached[1]
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         codes = layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features)

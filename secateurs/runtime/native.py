@@ -44,6 +44,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.secateurs_path_supported.argtypes = [i32]
     library.secateurs_bitmask_mm.argtypes = head + [ptr, ptr, i32, ptr, ptr, i64, ptr, i32, ptr]
     library.secateurs_nm_mm.argtypes = head + [i64, i64, ptr, i32, ptr, ptr]
+    library.secateurs_int8_blocks_mm.argtypes = head + [ptr, ptr, ptr, ptr, ptr, ptr, i32, ptr]
     library.secateurs_quant_mm.argtypes = head + [i64, i64, ptr, ptr, ptr, ptr]
     library.secateurs_dense_mm.argtypes = head + [ptr, i32, ptr, ptr]
     library.secateurs_vq_mm.argtypes = head + [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]

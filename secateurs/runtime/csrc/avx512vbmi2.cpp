@@ -2,12 +2,13 @@
 // values under a bitmask expanded by one vpexpandb per 32 columns (a masked expand-load that
 // reads only the kept bytes) and multiplied with the int16 activations on 512-bit vpmaddwd,
 // instead of the AVX2 path's pshufb table on two 256-bit halves; dense int8 codes take the
-// 512-bit vpmaddwd too. Everything else is the avx512 path's.
+// 512-bit vpmaddwd too. With VNNI (every CPU with VBMI2 has it), int8 activations times int8 blocks
+// of weights on vpdpbusd (int8_blocks_rows, below). Everything else is the avx512 path's.
 #include <immintrin.h>
 
 #include "kernels.h"
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx2,fma,f16c,popcnt,bmi,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx2,fma,f16c,popcnt,bmi,bmi2")
 
 #include "avx2_int16.h"
 #include "avx512_simd.h"
@@ -55,8 +56,101 @@ struct Simd : Simd512 {
 }  // namespace
 }  // namespace secateurs
 
+#define SECATEURS_INT8_BLOCKS
 #include "row_kernels.h"
 
 namespace secateurs {
+namespace {
+
+constexpr int64_t kBlockBytes = kInt8Tile * 4;  // one block of a tile: [token][4 columns] bytes
+
+// Tokens [token0, token0 + lanes) of x as a tile of unsigned bytes, [group][kInt8Tile][4] (q + 128;
+// missing tokens and columns past `cols` are q = 0), and each token's scale (0 past `lanes`).
+// False when a token holds a NaN or an infinity.
+bool quantize_tile(const Activations& x, int64_t cols, int64_t token0, int64_t lanes, uint8_t* tile, float* scale) {
+  const int64_t groups = (cols + 3) / 4;
+  std::memset(tile, 128, static_cast<size_t>(groups * kBlockBytes));
+  std::fill(scale, scale + kInt8Tile, 0.0f);
+  bool finite = true;
+  for (int64_t lane = 0; lane < lanes; ++lane) {
+    const float* row = x.rows + (token0 + lane) * x.row_stride;
+    __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: x * 0 is NaN only for NaN / inf
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 live = cols - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(live, row + j);
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, _mm512_setzero_ps()));
+    }
+    const float amax = _mm512_reduce_max_ps(largest);
+    if (_mm512_reduce_add_ps(poison) != 0.0f || !(amax <= 3.0e38f)) {
+      finite = false;
+      continue;
+    }
+    const bool zero = amax < 1e-30f;  // below it a token rounds to zero: its inverse scale would overflow
+    scale[lane] = zero ? 0.0f : amax / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(zero ? 0.0f : 127.0f / amax);
+    uint8_t* out = tile + lane * 4;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 live = cols - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+      // round to nearest even (the default MXCSR), as torch.round does
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + j), inverse)),
+                                         _mm512_set1_epi32(128));
+      alignas(16) uint32_t words[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(q));
+      const int64_t first = j / 4, count = std::min<int64_t>(4, groups - first);
+      for (int64_t g = 0; g < count; ++g) std::memcpy(out + (first + g) * kBlockBytes, &words[g], 4);
+    }
+  }
+  return finite;
+}
+
+}  // namespace
+
+// Each tile of 64 tokens is quantized once per thread and stays in L1 for every row of the range up
+// to ~190 columns of groups (48 KiB), in L2 beyond; a block costs one broadcast and four vpdpbusd
+// (64 tokens x 4 columns) against four loads, where the fp32 bitmask kernel spends four FMAs and four
+// loads on each single weight, from a tile four times the bytes.
+void int8_blocks_rows(const Int8BlockArgs& a, int64_t row_begin, int64_t row_end, float*) {
+  constexpr int kChains = 3, kVecs = kInt8Tile / 16;
+  const int64_t groups = (a.cols + 3) / 4, range = row_end - row_begin;
+  const Buffer tile_storage = zeroed_floats(groups * kBlockBytes / 4 + 16), out = zeroed_floats(range * kInt8Tile);
+  uint8_t* tile = reinterpret_cast<uint8_t*>(tile_storage.get());
+  alignas(64) float scale[kInt8Tile];
+  for (int64_t token0 = 0; token0 < a.x.batch; token0 += kInt8Tile) {
+    const int64_t lanes = std::min(kInt8Tile, a.x.batch - token0);
+    if (!quantize_tile(a.x, a.cols, token0, lanes, tile, scale)) __atomic_store_n(a.nonfinite, 1, __ATOMIC_RELAXED);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      __m512i acc[kChains][kVecs];
+      for (auto& chain : acc)
+        for (__m512i& v : chain) v = _mm512_setzero_si512();
+      const int64_t end = a.block_offsets[r + 1];
+      int64_t k = a.block_offsets[r];
+      for (; k + kChains <= end; k += kChains)
+        for (int c = 0; c < kChains; ++c) {
+          const __m512i weights = _mm512_set1_epi32(a.codes[k + c]);
+          const uint8_t* block = tile + static_cast<int64_t>(a.groups[k + c]) * kBlockBytes;
+          for (int v = 0; v < kVecs; ++v)
+            acc[c][v] = _mm512_dpbusd_epi32(acc[c][v], _mm512_load_si512(block + 64 * v), weights);
+        }
+      for (; k < end; ++k) {
+        const __m512i weights = _mm512_set1_epi32(a.codes[k]);
+        const uint8_t* block = tile + static_cast<int64_t>(a.groups[k]) * kBlockBytes;
+        for (int v = 0; v < kVecs; ++v) acc[0][v] = _mm512_dpbusd_epi32(acc[0][v], _mm512_load_si512(block + 64 * v), weights);
+      }
+      const __m512i offset = _mm512_set1_epi32(128 * a.code_sums[r]);
+      const __m512 row_scale = _mm512_set1_ps(a.row_scale[r]);
+      float* lanes_out = out.get() + (r - row_begin) * kInt8Tile;
+      for (int v = 0; v < kVecs; ++v) {
+        __m512i total = acc[0][v];
+        for (int c = 1; c < kChains; ++c) total = _mm512_add_epi32(total, acc[c][v]);
+        const __m512 factor = _mm512_mul_ps(_mm512_load_ps(scale + 16 * v), row_scale);
+        _mm512_store_ps(lanes_out + 16 * v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(total, offset)), factor));
+      }
+      bias_activation(lanes_out, lanes, a.bias ? a.bias + r : nullptr, 0, a.activation);
+    }
+    transpose(out.get(), kInt8Tile, range, lanes, a.y + token0 * a.rows + row_begin, a.rows);
+  }
+}
+
 const KernelTable& avx512vbmi2_kernels() { return kTable; }
 }  // namespace secateurs

@@ -22,7 +22,7 @@ bool cpu_supports(int path) {
     case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
     case kAvx512Vbmi2:
       return cpu_supports(kAvx512) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512vbmi2");
+             __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
   }
   return false;
 }
@@ -215,6 +215,23 @@ SECATEURS_EXPORT int secateurs_bitmask_mm(int path, int threads, const void* x, 
     run_rows(table.bitmask, args, table.simd_width, threads, y, x_type, cost,
              as_rows ? kManyTilesVecs * table.simd_width : 0);
   });
+}
+
+SECATEURS_EXPORT int secateurs_int8_blocks_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows,
+                                              int64_t cols, const int32_t* groups, const int32_t* codes,
+                                              const int64_t* block_offsets, const int32_t* code_sums,
+                                              const float* row_scale, const float* bias, int activation, void* y) {
+  if (cpu_supports(path) && !kernels_for(path).int8_blocks) return kUnsupportedPath;
+  const bool ok = x_type == kFloat32 && batch > 0 && rows >= 0 && cols > 0 && activation >= kSilu &&
+                  activation <= kNoActivation;
+  int nonfinite = 0;
+  const int status = guarded(path, ok, [&](const KernelTable& table) {
+    const Activations xa{batch, static_cast<const float*>(x), cols, nullptr, 0};
+    Int8BlockArgs args{xa, rows, cols, groups, codes, block_offsets, code_sums, row_scale, nullptr, bias, activation, &nonfinite};
+    run_rows(table.int8_blocks, args, table.simd_width, threads, y, kFloat32,
+             [&](int64_t r) { return block_offsets[r] * 4 + r * 8; }, kInt8Tile);
+  });
+  return status == kOk && nonfinite ? kNonFinite : status;
 }
 
 SECATEURS_EXPORT int secateurs_nm_mm(int path, int threads, const void* x, int x_type, int64_t batch, int64_t rows, int64_t cols,

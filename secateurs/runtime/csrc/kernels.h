@@ -125,6 +125,27 @@ struct BitmaskArgs {
   int activation = kNoActivation;
 };
 
+// int8 activations times int8 weights, 4 columns at a time (runtime.layouts.int8_blocks): every
+// group of 4 consecutive columns of a row that keeps a nonzero code is one block, its 4 codes (zero
+// where pruned) one int32 (column 4g + c in byte c). A token is quantized on its own: q = rint(x *
+// (127 / max |x|)) and its scale max |x| / 127; the kernel adds 128 to q (unsigned bytes, as VNNI's
+// vpdpbusd takes them) and subtracts 128 times the row's code sum, so the integer sums are exact:
+// y = float(sum_j q_j code_j) * (token scale * row_scale) + bias, then the activation.
+constexpr int64_t kInt8Tile = 64;  // tokens per tile: one 64-byte line per block
+struct Int8BlockArgs {
+  Activations x;  // rows: fp32 [batch][row_stride]
+  int64_t rows, cols;
+  const int32_t* groups;         // [blocks] the column group of each block
+  const int32_t* codes;          // [blocks] its 4 codes
+  const int64_t* block_offsets;  // [rows + 1]
+  const int32_t* code_sums;      // [rows]
+  const float* row_scale;        // [rows]
+  float* y;                      // [batch][rows]
+  const float* bias = nullptr;
+  int activation = kNoActivation;
+  int* nonfinite = nullptr;  // set to 1 when a token holds a NaN or an infinity (its outputs are then unusable)
+};
+
 struct NMArgs {
   Activations x;
   int64_t rows, cols, n, m;
@@ -297,6 +318,8 @@ struct KernelTable {
   int attention_rows;
   void (*attention_tile)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc);
   float (*attention_softmax_row)(float* s, const float* bias, const float* keep, int64_t live, int64_t padded);
+  // nullptr on paths without AVX-512 VNNI: Python computes the same integers with torch there.
+  RowKernel<Int8BlockArgs> int8_blocks;
 };
 
 inline int64_t scratch_floats(int64_t cols, int64_t simd_width) { return 2 * (cols + 4 * simd_width); }
@@ -360,7 +383,7 @@ int64_t split_row(int64_t rows, int part, int parts, const Cost& cost) {
 }
 
 enum Path : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi2 = 3 };
-enum Status : int { kOk = 0, kUnsupportedPath = 1, kInvalidArgument = 2, kOutOfMemory = 3 };
+enum Status : int { kOk = 0, kUnsupportedPath = 1, kInvalidArgument = 2, kOutOfMemory = 3, kNonFinite = 4 };
 
 const KernelTable& portable_kernels();
 const KernelTable& avx2_kernels();

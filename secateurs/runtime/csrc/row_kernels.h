@@ -1419,7 +1419,14 @@ void sparse_int4_rows(const SparseInt4Args& a, int64_t row_begin, int64_t row_en
 
 }  // namespace
 
+#ifdef SECATEURS_INT8_BLOCKS
+void int8_blocks_rows(const Int8BlockArgs& a, int64_t row_begin, int64_t row_end, float*);  // defined by the including file
+constexpr RowKernel<Int8BlockArgs> kInt8Blocks = int8_blocks_rows;
+#else
+constexpr RowKernel<Int8BlockArgs> kInt8Blocks = nullptr;
+#endif
+
 const KernelTable kTable{W, bitmask_rows, nm_rows, quant_rows, dense_rows, vq_rows, sparse_int4_rows, attention_head,
-                         gated_activation, kAttentionRows, attention_tile, attention_softmax_row};
+                         gated_activation, kAttentionRows, attention_tile, attention_softmax_row, kInt8Blocks};
 
 }  // namespace secateurs
