@@ -21,7 +21,8 @@ Protocol (fit to a 2-core CPU; every choice below is fixed, none tuned on the te
 Speed (`--rows speed`, a quiet machine only): sequences/s of the classifier at sequence length
 SEQLEN, batch 1 / 8 / 32, 1 and 2 threads: torch eager dense fp32 and bf16, our runtime's dense fp32
 kernel (kernels.dense_mm) in every block linear layer, and the encoder with its
-block linear layers at 80 / 90 / 97% sparsity (and 4-row at 90 / 97%) through our bitmask fp32 and bitmask int8 modules (the
+block linear layers at 80 / 90 / 97% sparsity (4-row at 90 / 97%, 4-block at 80 / 90%) through our bitmask fp32 and bitmask
+int8 modules, the latter also with int8 activations (int8-a8: kernels.int8_blocks_mm) (the
 batched sparse kernel at every batch; runtime.modules.SPARSE_GEMM_MAX_DENSITY), with the encoder
 runtime (runtime.encoder.accelerate_encoder: attention through our kernel, bias and GELU fused into
 the bitmask kernel) and, at 90%, also without it (linears only); embeddings, norms and residual
@@ -61,11 +62,13 @@ JSON_PATH = RESULTS / "obert.json"
 ENCODER, SEQLEN, EPOCHS, BATCH, LR, PRUNE_EVERY = "all-minilm-l6-v2", 128, 2, 16, 5e-5, 10
 ONESHOT_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
 # (method, target, structure, quant): the int8 rows are the gradual oBERT models of the row before,
-# their block linear layers as the runtime's bitmask int8 modules (no training of their own)
+# their block linear layers as the runtime's bitmask int8 modules (no training of their own); int8-a8
+# the same with int8 activations too (SparseQuantLinear.int8_activations)
 GRADUAL = tuple((method, target, structure, quant)
                 for target, structure in ((0.8, "unstructured"), (0.9, "unstructured"), (0.97, "unstructured"),
                                           (0.8, "block4"), (0.9, "rows4"))
-                for method, quant in (("gradual-gmp", None), ("gradual-obert", None), ("gradual-obert", "int8"))
+                for method, quant in (("gradual-gmp", None), ("gradual-obert", None), ("gradual-obert", "int8"),
+                                      ("gradual-obert", "int8-a8"))
                 if not (quant and structure == "block4") and not (method == "gradual-gmp" and structure == "rows4"))
 # structure -> (unit, across_rows, Fisher block): "block4" = oBERT's 4 consecutive weights of a row;
 # "rows4" = 4 consecutive rows of a column (rows in groups of 4 share masks: the batched kernel's fast
@@ -185,7 +188,8 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
 
 def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None) -> dict:
     """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
-    bitmask int8 modules (the deployed model, scored through its kernels)."""
+    bitmask int8 modules (the deployed model, scored through its kernels); "int8-a8" also quantizes
+    their inputs to int8 per token."""
     from secateurs.runtime import SparseQuantLinear
     from secateurs.training.losses import LossWeights
     from secateurs.training.masks import open_masks
@@ -211,8 +215,11 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     resumed = trainer.resume()  # a finished row's checkpoint is its final model: nothing left to train
     trainer.train()
     achieved = sparsity_of(model)
-    if quant == "int8":
+    if quant in ("int8", "int8-a8"):
         model = with_linears(model, lambda layer: SparseQuantLinear.from_dense(layer.weight, layer.bias))
+        for module in model.modules():
+            if isinstance(module, SparseQuantLinear):
+                module.int8_activations = quant == "int8-a8"
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
             "kd": True, "epochs": EPOCHS, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
@@ -229,7 +236,8 @@ def with_linears(model, make):
 
 
 SPEED_BATCHES, SPEED_THREADS, SPEED_REPEAT = (1, 8, 32), (1, 2), 9
-SPEED_MODELS = ((0.8, "unstructured"), (0.9, "unstructured"), (0.97, "unstructured"), (0.9, "rows4"), (0.97, "rows4"))
+SPEED_MODELS = ((0.8, "unstructured"), (0.9, "unstructured"), (0.97, "unstructured"), (0.9, "rows4"), (0.97, "rows4"),
+                (0.8, "block4"), (0.9, "block4"))
 
 
 def structured_magnitude_mask(module, sparsity: float, structure: str) -> torch.Tensor:
@@ -310,6 +318,9 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                 variants[("sparse", sparsity, quant, "secateurs", "fp32", "linears", structure)] = linears
             variants[("sparse", sparsity, quant, "secateurs", "fp32", "encoder", structure)] = \
                 accelerate_encoder(copy.deepcopy(linears))
+        # the int8 model of the loop's last pass with int8 activations too
+        variants[("sparse", sparsity, "int8-a8", "secateurs", "fp32", "encoder", structure)] = \
+            accelerate_encoder(copy.deepcopy(linears), int8_activations=True)
     rows = []
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
@@ -399,7 +410,8 @@ def time_split(model, linear_names, ids, mask, rounds: int) -> dict[str, float]:
 
 def split_rows() -> list[dict]:
     """Where the time of a forward goes (time_split) at batch 8, 1 and 2 threads: torch dense fp32
-    against the 90% int8 encoder on our runtime, the issue's speed target pair."""
+    against the 90% int8 encoder on our runtime (the issue's speed target pair), with and without
+    int8 activations, and the 4-block model with them."""
     import os
 
     from secateurs.models import load_classifier
@@ -409,14 +421,19 @@ def split_rows() -> list[dict]:
 
     dense = load_classifier(ENCODER, 2).model.eval()
     linear_names = list(block_linear_layers(dense))
-    sparse = accelerate_encoder(with_linears(magnitude_pruned(dense, 0.9, "unstructured"),
-                                             lambda m: SparseQuantLinear.from_dense(m.weight, m.bias)))
+    int8 = with_linears(magnitude_pruned(dense, 0.9, "unstructured"), lambda m: SparseQuantLinear.from_dense(m.weight, m.bias))
+    sparse = accelerate_encoder(copy.deepcopy(int8))
+    sparse_a8 = accelerate_encoder(int8, int8_activations=True)
+    block_a8 = accelerate_encoder(with_linears(magnitude_pruned(dense, 0.9, "block4"),
+                                               lambda m: SparseQuantLinear.from_dense(m.weight, m.bias)), int8_activations=True)
     batch, rows = 8, []
     ids = torch.randint(1000, 20000, (batch, SEQLEN), generator=torch.Generator().manual_seed(batch))
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
         for name, model, isa in (("torch dense fp32", dense, "torch"),
-                                 ("bitmask int8 90%, encoder runtime", sparse, kernels.kernel_path())):
+                                 ("bitmask int8 90%, encoder runtime", sparse, kernels.kernel_path()),
+                                 ("bitmask int8-a8 90%, encoder runtime", sparse_a8, kernels.kernel_path()),
+                                 ("bitmask int8-a8 90% 4-block, encoder runtime", block_a8, kernels.kernel_path())):
             ms = time_split(model, linear_names, ids, torch.ones_like(ids), SPEED_REPEAT)
             rows.append({"kind": "split", "model": name, "batch": batch, "seqlen": SEQLEN, "threads": threads,
                          "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_name(), "isa": isa,
@@ -436,11 +453,10 @@ def split_markdown(rows: list[dict]) -> str:
     lines.append("")
     for threads in sorted({r["threads"] for r in rows}):
         torch_row = next((r for r in rows if r["threads"] == threads and r["isa"] == "torch"), None)
-        ours = next((r for r in rows if r["threads"] == threads and r["isa"] != "torch"), None)
-        if torch_row and ours:
+        for ours in (r for r in rows if r["threads"] == threads and r["isa"] != "torch" and torch_row):
             others = ours["total_ms"] - ours["ms"]["block linear layers"]
-            lines.append(f"- {threads} thread(s): 5x torch fp32 would be {torch_row['total_ms'] / 5:.1f} ms per batch; "
-                         f"our encoder spends {others:.1f} ms outside the block linear layers and "
+            lines.append(f"- {threads} thread(s), {ours['model']}: 5x torch fp32 would be {torch_row['total_ms'] / 5:.1f} ms "
+                         f"per batch; it spends {others:.1f} ms outside the block linear layers and "
                          f"{ours['ms']['block linear layers']:.1f} ms in them.")
     return "\n".join(lines) + "\n"
 
@@ -452,7 +468,8 @@ def speed_markdown(rows: list[dict]) -> str:
              f"Sequences/s of all-MiniLM-L6-v2 + head at sequence length {SEQLEN}; {rows[0]['cpu']}, kernel path "
              f"{isa}, load average before "
              f"{rows[0]['uptime'][0]:.2f}; {SPEED_REPEAT} interleaved rounds, median. Sparse rows: block linear layers as "
-             "bitmask modules (fp32 or int8 values); *linears only*: the rest torch fp32; *encoder runtime*: also "
+             "bitmask modules (fp32 or int8 values; int8-a8: int8 values and int8 activations per token, "
+             "kernels.int8_blocks_mm); *linears only*: the rest torch fp32; *encoder runtime*: also "
              "attention through secateurs' kernel and bias + GELU fused into the intermediate layer's kernel "
              "(runtime.encoder.accelerate_encoder). Accuracy from the obert.json row named.", "",
              "| threads | batch | model | seq/s | vs torch fp32 | vs torch bf16 | accuracy (row) |", "|---:|---:|---|---:|---:|---:|---|"]

@@ -195,7 +195,7 @@ CLASSIFIER_ENGINES = ("secateurs", "torch")
 
 
 def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | None = None, batch_size: int = 32,
-                     progress: bool = True) -> ClassifierEvaluation:
+                     progress: bool = True, int8_activations: bool = False) -> ClassifierEvaluation:
     """Accuracy, macro-F1 and sequences/s of a sequence classifier directory (compressed, as
     prune-encoder writes it, or plain) on labelled texts: "fine-foods" (its test split),
     "fine-foods:train", `hf:<dataset>[:split]` (default test), or a csv / jsonl / parquet file with
@@ -204,8 +204,9 @@ def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | No
     context where shorter).
 
     engine "secateurs": compressed layers on secateurs' kernels, attention and the fused feed-forward
-    activation through runtime.encoder.accelerate_encoder; "torch": transformers' eager model with
-    the weights decompressed, the baseline to compare with."""
+    activation through runtime.encoder.accelerate_encoder (with int8_activations, its int8 layers
+    also quantize their inputs to int8 per token); "torch": transformers' eager model with the
+    weights decompressed, the baseline to compare with."""
     from secateurs.data.reviews import labelled_texts
 
     if engine not in CLASSIFIER_ENGINES:
@@ -215,6 +216,8 @@ def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | No
                              "*ForSequenceClassification architecture)")
     if batch_size < 1:
         raise SecateursError(f"need batch size >= 1, got {batch_size}")
+    if int8_activations and engine != "secateurs":
+        raise SecateursError("int8 activations run on secateurs' kernels: use engine secateurs")
     texts = labelled_texts(data, "test")
     path = _compressed_directory(model)
     if engine == "secateurs" and path is not None:
@@ -230,7 +233,7 @@ def score_classifier(model, data, *, engine: str = "secateurs", seqlen: int | No
     if engine == "secateurs":
         from secateurs.runtime.encoder import accelerate_encoder
 
-        classifier = accelerate_encoder(classifier)
+        classifier = accelerate_encoder(classifier, int8_activations=int8_activations)
     return evaluate_texts(classifier, tokenizer, texts, seqlen, batch_size, progress)
 
 

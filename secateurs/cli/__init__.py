@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--engine", default=None, choices=("secateurs", "torch"),
                           help="classifiers: secateurs' kernels (compressed layers, attention, fused activation) "
                                "or transformers' eager model on the decompressed weights (the baseline)")
+    evaluate.add_argument("--int8-activations", action="store_true",
+                          help="classifiers on secateurs' kernels: sparse int8 layers (prune-encoder --int8) also "
+                               "quantize their inputs to int8 per token (fastest on AVX-512 VNNI CPUs)")
     evaluate.add_argument("--max-tokens", type=int, default=None)
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--tasks", default=None,

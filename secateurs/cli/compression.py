@@ -36,7 +36,8 @@ def cmd_eval(args) -> None:
         return _eval_classifier(args)
     if args.data is not None and str(args.data).partition(":")[0] == "fine-foods":
         raise SecateursError(f"{args.data} is labelled data for a sequence classifier; {args.model} is not one")
-    classifier_only = [flag for flag, value in (("--batch", args.batch), ("--engine", args.engine)) if value is not None]
+    classifier_only = [flag for flag, value in (("--batch", args.batch), ("--engine", args.engine),
+                                                ("--int8-activations", args.int8_activations or None)) if value is not None]
     if classifier_only:
         raise SecateursError(f"{', '.join(classifier_only)}: for sequence classifiers; {args.model} is not one")
     if args.tasks is not None:
@@ -72,10 +73,12 @@ def _eval_classifier(args) -> None:
                              "or a csv/jsonl/parquet with text,label columns")
     engine = args.engine or "secateurs"
     result = score_classifier(args.model, args.data, engine=engine, seqlen=args.seqlen,
-                              batch_size=32 if args.batch is None else args.batch, progress=not VERBOSITY["quiet"])
+                              batch_size=32 if args.batch is None else args.batch, progress=not VERBOSITY["quiet"],
+                              int8_activations=args.int8_activations)
     threads = torch.get_num_threads()
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, "engine": engine, "threads": threads}
+        print(json.dumps({"model": args.model, "data": args.data, "engine": engine, "threads": threads,
+                          "int8_activations": args.int8_activations}
                          | result.as_dict(), indent=2))
     else:
         score = result.score

@@ -133,6 +133,10 @@ def test_cli_eval_of_a_classifier_and_its_errors(classifiers, tmp_path, capsys):
     assert row["accuracy"] == pytest.approx(expected.accuracy) and row["n"] == 40 and row["engine"] == "secateurs"
     assert main(["eval", "--model", model_dir, "--data", data, "--engine", "torch", "--quiet"]) == 0
     assert f"accuracy {100 * expected.accuracy:.2f}%" in capsys.readouterr().out
+    # no int8 layers here (bitmask fp32): int8 activations change nothing
+    assert main(["eval", "--model", model_dir, "--data", data, "--seqlen", "16", "--int8-activations", "--json", "--quiet"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["accuracy"] == pytest.approx(expected.accuracy) and row["int8_activations"] is True
 
     other = tmp_path / "other.csv"
     other.write_text("text,label\nw4 w5,good\nw6,great\n")
@@ -140,7 +144,8 @@ def test_cli_eval_of_a_classifier_and_its_errors(classifiers, tmp_path, capsys):
                           ([], "a classifier needs --data"),
                           (["--data", str(other)], "labels great are not among the model's classes"),
                           (["--data", str(tmp_path / "absent.csv")], "not found"),
-                          (["--data", data, "--batch", "0"], "batch size >= 1")]:
+                          (["--data", data, "--batch", "0"], "batch size >= 1"),
+                          (["--data", data, "--engine", "torch", "--int8-activations"], "use engine secateurs")]:
         assert main(["eval", "--model", model_dir, *args, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
@@ -149,6 +154,8 @@ def test_cli_eval_of_a_classifier_and_its_errors(classifiers, tmp_path, capsys):
 def test_cli_eval_refuses_classifier_options_for_a_language_model(tmp_path, capsys):
     assert main(["eval", "--model", "smollm2-135m", "--engine", "torch", "--quiet"]) == 2
     assert "--engine: for sequence classifiers" in capsys.readouterr().err
+    assert main(["eval", "--model", "smollm2-135m", "--int8-activations", "--quiet"]) == 2
+    assert "--int8-activations: for sequence classifiers" in capsys.readouterr().err
     assert main(["eval", "--model", "smollm2-135m", "--data", "fine-foods", "--quiet"]) == 2
     assert "labelled data for a sequence classifier" in capsys.readouterr().err
 
