@@ -66,13 +66,16 @@ constexpr int64_t kBlockBytes = kInt8Tile * 4;  // one block of a tile: [token][
 
 // Tokens [token0, token0 + lanes) of x as a tile of unsigned bytes, [group][kInt8Tile][4] (q + 128;
 // missing tokens and columns past `cols` are q = 0), and each token's scale (0 past `lanes`).
-// False when a token holds a NaN or an infinity.
+// False when a token holds a NaN or an infinity. 16 tokens x 16 columns at a time: each token's 16
+// bytes (4 groups) into one 128-bit lane, then a 16 x 4 transpose of 32-bit words gives each group's
+// 16 tokens as one 64-byte store (storing every token's 4 bytes on their own cost 3x the time).
 bool quantize_tile(const Activations& x, int64_t cols, int64_t token0, int64_t lanes, uint8_t* tile, float* scale) {
   const int64_t groups = (cols + 3) / 4;
-  std::memset(tile, 128, static_cast<size_t>(groups * kBlockBytes));
-  std::fill(scale, scale + kInt8Tile, 0.0f);
+  alignas(64) float inverse[kInt8Tile];
   bool finite = true;
-  for (int64_t lane = 0; lane < lanes; ++lane) {
+  for (int64_t lane = 0; lane < kInt8Tile; ++lane) {
+    scale[lane] = inverse[lane] = 0.0f;
+    if (lane >= lanes) continue;
     const float* row = x.rows + (token0 + lane) * x.row_stride;
     __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: x * 0 is NaN only for NaN / inf
     for (int64_t j = 0; j < cols; j += 16) {
@@ -83,22 +86,37 @@ bool quantize_tile(const Activations& x, int64_t cols, int64_t token0, int64_t l
     }
     const float amax = _mm512_reduce_max_ps(largest);
     if (_mm512_reduce_add_ps(poison) != 0.0f || !(amax <= 3.0e38f)) {
-      finite = false;
+      finite = false;  // q = 0 and scale 0: the caller recomputes this token in float32
       continue;
     }
     const bool zero = amax < 1e-30f;  // below it a token rounds to zero: its inverse scale would overflow
     scale[lane] = zero ? 0.0f : amax / 127.0f;
-    const __m512 inverse = _mm512_set1_ps(zero ? 0.0f : 127.0f / amax);
-    uint8_t* out = tile + lane * 4;
+    inverse[lane] = zero ? 0.0f : 127.0f / amax;
+  }
+  const __m512i within = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int64_t t0 = 0; t0 < kInt8Tile; t0 += 16) {
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 live = cols - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - j)) - 1);
-      // round to nearest even (the default MXCSR), as torch.round does
-      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + j), inverse)),
-                                         _mm512_set1_epi32(128));
-      alignas(16) uint32_t words[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(q));
-      const int64_t first = j / 4, count = std::min<int64_t>(4, groups - first);
-      for (int64_t g = 0; g < count; ++g) std::memcpy(out + (first + g) * kBlockBytes, &words[g], 4);
+      __m512i words[4];  // words[k]: tokens t0 + 4k .. + 3, a 128-bit lane each (their 4 groups' bytes)
+      for (int k = 0; k < 4; ++k) {
+        __m512i packed = _mm512_setzero_si512();
+        for (int i = 0; i < 4; ++i) {
+          const int64_t lane = t0 + 4 * k + i;
+          // round to nearest even (the default MXCSR), as torch.round does; missing tokens are q = 0
+          const __m512 v = lane < lanes ? _mm512_maskz_loadu_ps(live, x.rows + (token0 + lane) * x.row_stride + j)
+                                        : _mm512_setzero_ps();
+          const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse[lane]))),
+                                             _mm512_set1_epi32(128));
+          packed = _mm512_inserti32x4(packed, _mm512_cvtepi32_epi8(q), i);
+        }
+        words[k] = _mm512_permutexvar_epi32(within, packed);  // lane g: group g of the 4 tokens
+      }
+      const __m512i low01 = _mm512_shuffle_i32x4(words[0], words[1], 0x44), high01 = _mm512_shuffle_i32x4(words[0], words[1], 0xEE);
+      const __m512i low23 = _mm512_shuffle_i32x4(words[2], words[3], 0x44), high23 = _mm512_shuffle_i32x4(words[2], words[3], 0xEE);
+      const __m512i group[4] = {_mm512_shuffle_i32x4(low01, low23, 0x88), _mm512_shuffle_i32x4(low01, low23, 0xDD),
+                                _mm512_shuffle_i32x4(high01, high23, 0x88), _mm512_shuffle_i32x4(high01, high23, 0xDD)};
+      for (int64_t g = 0; g < 4 && j / 4 + g < groups; ++g)
+        _mm512_store_si512(tile + (j / 4 + g) * kBlockBytes + t0 * 4, group[g]);
     }
   }
   return finite;
