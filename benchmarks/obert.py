@@ -352,11 +352,10 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
 SPLIT_PARTS = ("block linear layers", "attention besides its projections", "layer norms", "embeddings", "the rest")
 
 
-def time_split(model, linear_names, ids, mask, rounds: int) -> dict[str, float]:
-    """Milliseconds of one forward by part (median of `rounds`), timed by forward hooks: the block
-    linear layers (`linear_names`); the self-attention modules less the projections inside them; the
-    layer norms; the embeddings; the rest (residual adds, unfused activations, pooler, head,
-    transformers' glue)."""
+def time_split(model, linear_names, ids, mask) -> dict[str, float]:
+    """Milliseconds of one forward by part, timed by forward hooks: the block linear layers
+    (`linear_names`); the self-attention modules less the projections inside them; the layer norms;
+    the embeddings; the rest (residual adds, unfused activations, pooler, head, transformers' glue)."""
     spent = dict.fromkeys(SPLIT_PARTS, 0.0)
     state = {"attention_depth": 0, "linears_in_attention": 0.0}
     started: dict[int, float] = {}
@@ -387,25 +386,17 @@ def time_split(model, linear_names, ids, mask, rounds: int) -> dict[str, float]:
 
     handles = [h for m in model.modules() if part_of(m)
                for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    totals, parts = [], {name: [] for name in SPLIT_PARTS}
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)  # warm-up
-            for _ in range(rounds):
-                for name in SPLIT_PARTS:
-                    spent[name] = 0.0
-                state["linears_in_attention"] = 0.0
-                begin = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask)
-                totals.append(time.perf_counter() - begin)
-                spent["attention besides its projections"] -= state["linears_in_attention"]
-                spent["the rest"] = totals[-1] - sum(spent[name] for name in SPLIT_PARTS[:-1])
-                for name in SPLIT_PARTS:
-                    parts[name].append(spent[name])
+            begin = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask)
+            total = time.perf_counter() - begin
     finally:
         for handle in handles:
             handle.remove()
-    return {"total": 1e3 * statistics.median(totals)} | {name: 1e3 * statistics.median(v) for name, v in parts.items()}
+    spent["attention besides its projections"] -= state["linears_in_attention"]
+    spent["the rest"] = total - sum(spent[name] for name in SPLIT_PARTS[:-1])
+    return {name: 1e3 * value for name, value in ({"total": total} | spent).items()}
 
 
 def split_rows() -> list[dict]:
@@ -428,16 +419,22 @@ def split_rows() -> list[dict]:
                                                lambda m: SparseQuantLinear.from_dense(m.weight, m.bias)), int8_activations=True)
     batch, rows = 8, []
     ids = torch.randint(1000, 20000, (batch, SEQLEN), generator=torch.Generator().manual_seed(batch))
+    models = (("torch dense fp32", dense, "torch"),
+              ("bitmask int8 90%, encoder runtime", sparse, kernels.kernel_path()),
+              ("bitmask int8-a8 90%, encoder runtime", sparse_a8, kernels.kernel_path()),
+              ("bitmask int8-a8 90% 4-block, encoder runtime", block_a8, kernels.kernel_path()))
+    mask = torch.ones_like(ids)
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
-        for name, model, isa in (("torch dense fp32", dense, "torch"),
-                                 ("bitmask int8 90%, encoder runtime", sparse, kernels.kernel_path()),
-                                 ("bitmask int8-a8 90%, encoder runtime", sparse_a8, kernels.kernel_path()),
-                                 ("bitmask int8-a8 90% 4-block, encoder runtime", block_a8, kernels.kernel_path())):
-            ms = time_split(model, linear_names, ids, torch.ones_like(ids), SPEED_REPEAT)
+        load = os.getloadavg()
+        for _, model, _ in models:
+            time_split(model, linear_names, ids, mask)  # warm-up
+        # interleaved rounds: drifts of the machine hit every model alike
+        rounds = [[time_split(model, linear_names, ids, mask) for _, model, _ in models] for _ in range(SPEED_REPEAT)]
+        for index, (name, _, isa) in enumerate(models):
+            ms = {part: statistics.median(r[index][part] for r in rounds) for part in rounds[0][index]}
             rows.append({"kind": "split", "model": name, "batch": batch, "seqlen": SEQLEN, "threads": threads,
-                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_name(), "isa": isa,
-                         "uptime": os.getloadavg()})
+                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_name(), "isa": isa, "uptime": load})
             print(f"[obert] split {name} threads {threads}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
     return rows
 
@@ -445,7 +442,8 @@ def split_rows() -> list[dict]:
 def split_markdown(rows: list[dict]) -> str:
     """The time split of one CPU's forward, and what the 5x target leaves for the parts besides the linears."""
     lines = ["", f"Where the time of one forward goes (batch {rows[0]['batch']}, sequence {SEQLEN}; forward hooks, "
-             f"median of {SPEED_REPEAT}; milliseconds; load average before {rows[0]['uptime'][0]:.2f}):", "",
+             f"median of {SPEED_REPEAT} interleaved rounds, each part's median on its own, so parts need not add up "
+             f"to the total; milliseconds; load average before {rows[0]['uptime'][0]:.2f}):", "",
              "| threads | model | total | " + " | ".join(SPLIT_PARTS) + " |", "|---:|---|---:|" + "---:|" * len(SPLIT_PARTS)]
     for r in rows:
         lines.append(f"| {r['threads']} | {r['model']} | {r['total_ms']:.1f} | "
