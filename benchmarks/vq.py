@@ -137,7 +137,7 @@ def worker(config: str, rounds: int, block_steps: int = 0, finetune_tokens: int 
         finetuned = {"finetune_tokens": finetune_tokens, "finetune_seconds": tune_seconds, "finetune": FINETUNE | {"loss": "kl"}}
     model = secateurs.load(scored)
     if integer:  # scored as it decodes on int8 codebooks and int8 activations
-        from secateurs.runtime.modules import use_integer_vq
+        from secateurs.runtime import use_integer_vq
 
         use_integer_vq(model)
     ppl = perplexity(model, evaluation, PROTOCOL["eval_seqlen"], max_tokens=PROTOCOL["eval_tokens"], progress=False)
@@ -258,7 +258,7 @@ def decode_rows(configs: list[str], rounds: int, threads=(1, 2), repeat: int = 7
             if integer:  # the same model, read once, its copy on integer codebooks
                 import copy
 
-                from secateurs.runtime.modules import use_integer_vq
+                from secateurs.runtime import use_integer_vq
 
                 models[("vq-int8", config)] = copy.deepcopy(models[("vq", config)])
                 use_integer_vq(models[("vq-int8", config)])

@@ -29,7 +29,7 @@ def load_model_for_running(name: str, vq_integer: bool = False):
     loaded = load_any(name)
     loaded.model.eval()
     if vq_integer:
-        from secateurs.runtime.modules import use_integer_vq
+        from secateurs.runtime import use_integer_vq
 
         if not use_integer_vq(loaded.model):
             raise SecateursError(f"--vq-integer: {name} has no vq layer with an integer kernel "

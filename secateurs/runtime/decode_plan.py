@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
 
-from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseInt4Linear, SparseQuantLinear, VQLinear, per_row_int8
+from .modules import BitmaskLinear, NMLinear, QuantLinear, SparseInt4Linear, SparseQuantLinear, per_row_int8
+from .vq_linear import VQLinear
 
 
 class DecodeUnsupported(SecateursError):

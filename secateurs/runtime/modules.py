@@ -41,8 +41,8 @@ def _format_dtype(format: str | None, weight: Tensor) -> torch.dtype:
     return _VALUE_FORMATS[format]
 
 
-def _kernel(name: str):
-    """The kernel function, or its custom op while torch.compile traces (the op costs ~30 us more)."""
+def kernel_function(name: str):
+    """The kernels.py function `name`, or its custom op while torch.compile traces (the op costs ~30 us more)."""
     return getattr(ops if torch.compiler.is_compiling() else kernels, name)
 
 
@@ -117,7 +117,7 @@ def per_row_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
-def _cast(weight: Tensor, dtype: torch.dtype | None) -> Tensor:
+def cast_weight(weight: Tensor, dtype: torch.dtype | None) -> Tensor:
     return weight if dtype is None else weight.to(dtype)
 
 
@@ -172,11 +172,11 @@ class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
         return cls(*layouts.bitmask_from_dense(weight), weight.shape[1], bias)
 
     def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
-        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features,
+        return kernel_function("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features,
                                      mask_group=self.mask_group, bias=bias, activation=activation)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        return _cast(layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features), dtype)
+        return cast_weight(layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features), dtype)
 
 
 class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
@@ -227,7 +227,7 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
             y = kernels.int8_blocks_mm(x.to(torch.float32), *self.int8_blocks, self.scale, self.in_features, bias=bias,
                                        activation=activation)
             return y.to(x.dtype)
-        return _kernel("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
+        return kernel_function("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
                                      mask_group=self.mask_group, bias=bias, activation=activation)
 
     @property
@@ -244,7 +244,7 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         codes = layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features)
-        return _cast(codes.to(torch.float32) * self.scale[:, None], dtype)
+        return cast_weight(codes.to(torch.float32) * self.scale[:, None], dtype)
 
 
 # PyTorch's 2:4 semi-structured kernels (CUTLASS / cuSPARSELt) take half-precision inputs whose
@@ -277,7 +277,7 @@ class NMLinear(CompressedLinear):
         return cls(*layouts.nm_from_dense(weight, n, m), n, m, bias)
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("nm_mm")(x, self.values, self.indices, self.n, self.m)
+        return kernel_function("nm_mm")(x, self.values, self.indices, self.n, self.m)
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cuda" and (self.n, self.m) == (2, 4) and x.dtype in SEMI_STRUCTURED_DTYPES
@@ -299,7 +299,7 @@ class NMLinear(CompressedLinear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        return _cast(layouts.nm_to_dense(self.values, self.indices, self.n, self.m), dtype)
+        return cast_weight(layouts.nm_to_dense(self.values, self.indices, self.n, self.m), dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n={self.n}, m={self.m}"
@@ -346,79 +346,16 @@ class QuantLinear(CompressedLinear):
         return cls.from_codes(codes, scale, zero, bias, format, group_size)
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("quant_mm")(x, self.qweight, self.scale, self.zero, self.bits, self.in_features, self.group_size)
+        return kernel_function("quant_mm")(x, self.qweight, self.scale, self.zero, self.bits, self.in_features, self.group_size)
 
     def codes(self) -> Tensor:
         return self.qweight if self.bits == 8 else layouts.unpack_int4(self.qweight, self.in_features)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        return _cast(layouts.dequantize(self.codes(), self.scale, self.zero, self.group_size), dtype)
+        return cast_weight(layouts.dequantize(self.codes(), self.scale, self.zero, self.group_size), dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
-
-
-class VQLinear(CompressedLinear):
-    """Vector-quantized weight (additive codebooks, formats/vector.py): row i's group j of
-    group_size inputs is scale[i] * sum_m codebooks[m, codes[i, j, m]]. codes integers in [0, K)
-    [out, in / g, M]; codebooks [M, K, g]; scale [out]. Kept as the kernel reads them: codes uint8
-    (K <= 256) or their low 16 bits in int16; codebooks and scale float32."""
-
-    _float32_buffers = ("codebooks", "scale")
-
-    def __init__(self, codes: Tensor, codebooks: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
-        layouts.check_vq(codes, codebooks, scale)
-        rows, groups, _ = codes.shape
-        self.group_size = codebooks.shape[2]
-        super().__init__(groups * self.group_size, rows, bias)
-        stored = codes.to(torch.uint8) if codebooks.shape[1] <= 256 else codes.to(torch.int32).to(torch.int16)
-        self.register_buffer("codes", stored.contiguous())
-        self.register_buffer("codebooks", codebooks.to(torch.float32).contiguous())
-        self.register_buffer("scale", scale.to(torch.float32).contiguous())
-        self.integer = False
-        self._refresh_derived_codebooks()
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_derived_codebooks())
-
-    def _refresh_derived_codebooks(self) -> None:
-        # not saved: derived from the codebooks whenever they are set (construction, load_state_dict)
-        half = layouts.vq_half_codebooks(self.codebooks)
-        self.register_buffer("codebooks_half", half, persistent=False)
-        books = layouts.vq_int8_codebooks(self.codebooks, self.unpacked_codes()) if self.integer else None
-        self.register_buffer("codebooks_int8", None if books is None else books[0], persistent=False)
-        self.register_buffer("position_scale", None if books is None else books[1], persistent=False)
-
-    def use_integer_codebooks(self, on: bool = True) -> bool:
-        """Compute with int8 codebooks and int8 activations (layouts.vq_int8_codebooks: 1.10-1.24x
-        the half-codebook tile on a Zen 3, and a measured perplexity cost; see benchmarks/results/
-        vq.md). False where the layout has no integer kernel (it then stays on float codebooks)."""
-        self.integer = on
-        self._refresh_derived_codebooks()
-        return self.codebooks_int8 is not None
-
-    def unpacked_codes(self) -> Tensor:
-        """int32 [out, in / g, M] in [0, K)."""
-        codes = self.codes.to(torch.int32)
-        return codes % 65536 if self.codes.dtype == torch.int16 else codes
-
-    def _compressed_matmul(self, x: Tensor) -> Tensor:
-        integer = None if self.codebooks_int8 is None else (self.codebooks_int8, self.position_scale)
-        return _kernel("vq_mm")(x, self.codes, self.codebooks, self.scale, self.codebooks_half, integer)
-
-    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        return _cast(layouts.vq_to_dense(self.unpacked_codes(), self.codebooks, self.scale), dtype)
-
-    def _dense_forward(self, flat: Tensor, bias: Tensor | None) -> Tensor:
-        # the integer numerics at any batch (a perplexity measures the model that decodes)
-        y = None if self.codebooks_int8 is None or flat.requires_grad else layouts.vq_int8_matmul(
-            flat, self.unpacked_codes(), self.codebooks_int8, self.position_scale, self.scale, exact=False)
-        if y is None:
-            return super()._dense_forward(flat, bias)
-        y = y.to(flat.dtype)
-        return y if bias is None else y + bias
-
-    def extra_repr(self) -> str:
-        books, words, _ = self.codebooks.shape
-        return f"{super().extra_repr()}, codebooks={books}x{words}, group_size={self.group_size}"
 
 
 class SparseInt4Linear(CompressedLinear):
@@ -448,18 +385,12 @@ class SparseInt4Linear(CompressedLinear):
         return cls(bitmask, packed, offsets, scale.float(), zero.float(), codes.shape[1], group_size, bias)
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return _kernel("sparse_int4_mm")(x, self.bitmask, self.packed, self.row_offsets, self.scale, self.zero,
+        return kernel_function("sparse_int4_mm")(x, self.bitmask, self.packed, self.row_offsets, self.scale, self.zero,
                                         self.in_features, self.group_size)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         codes, keep = layouts.sparse_int4_unpack(self.bitmask, self.packed, self.row_offsets, self.in_features)
-        return _cast(layouts.dequantize(codes, self.scale, self.zero, self.group_size) * keep, dtype)
+        return cast_weight(layouts.dequantize(codes, self.scale, self.zero, self.group_size) * keep, dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
-
-
-def use_integer_vq(model: nn.Module, on: bool = True) -> int:
-    """Every VQLinear of `model` on integer codebooks (VQLinear.use_integer_codebooks), or back on
-    float ones; returns how many layers now compute in integers. A decoder made before keeps its plan."""
-    return sum(module.use_integer_codebooks(on) for module in model.modules() if isinstance(module, VQLinear))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from secateurs.runtime import VQLinear, kernels, layouts
-from secateurs.runtime.modules import use_integer_vq
+from secateurs.runtime import use_integer_vq
 from test_vq_kernel import random_vq
 
 # (rows, cols, codebooks): 1-4 books; rows in 4-row tiles and leftovers; groups in steps of 4 and
