@@ -186,7 +186,8 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
             "epochs": 0, "seconds": seconds} | score(model, scored)
 
 
-def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None) -> dict:
+def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None,
+            lr: float = LR) -> dict:
     """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
     bitmask int8 modules (the deployed model, scored through its kernels); "int8-a8" also quantizes
     their inputs to int8 per token."""
@@ -205,11 +206,12 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, grads=64, unit=unit,
                            block_size=fisher_block, across_rows=across_rows) if method == "gradual-obert"
               else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, unit=unit, across_rows=across_rows))
-    config = TrainConfig(lr=LR, steps=steps, warmup_steps=0, batch_size=BATCH, seqlen=SEQLEN, seed=seed,
+    config = TrainConfig(lr=lr, steps=steps, warmup_steps=0, batch_size=BATCH, seqlen=SEQLEN, seed=seed,
                          losses=LossWeights(0, 1, 0, temperature=2.0), checkpoint_every=50)
     started = time.perf_counter()
     # checkpoints (weights, masks, optimizer, data position) let a killed row continue where it stopped
-    name = f"{method}-{sparsity}-seed{seed}" + ("" if structure == "unstructured" else f"-{structure}")
+    name = (f"{method}-{sparsity}-seed{seed}" + ("" if structure == "unstructured" else f"-{structure}")
+            + ("" if lr == LR else f"-lr{lr:g}"))
     trainer = Trainer(model, data, config, teacher=dense, masks=masks, on_step=pruner,
                       output_dir=cache() / name, description=f"{method} {sparsity} {structure}")
     resumed = trainer.resume()  # a finished row's checkpoint is its final model: nothing left to train
@@ -221,7 +223,7 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
             if isinstance(module, SparseQuantLinear):
                 module.int8_activations = quant == "int8-a8"
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
-            "kd": True, "epochs": EPOCHS, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
+            "kd": True, "epochs": EPOCHS, "lr": lr, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
 
 
@@ -283,13 +285,15 @@ class DenseKernelLinear(torch.nn.Module):
 def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None,
                  structure: str = "unstructured") -> tuple[float | None, str | None]:
     """The accuracy set beside a speed row, and the row it comes from: the dense teacher at 0, else
-    the best-matching row of its structure (gradual oBERT of this quant, gradual oBERT, one-shot oBERT)."""
+    the best-matching row of its structure (gradual oBERT of this quant, gradual oBERT, one-shot oBERT)
+    at the protocol's learning rate."""
     if not sparsity:
         row = next((r for r in accuracy if r["method"] == "dense"), None)
         return (row["accuracy"], "dense") if row else (None, None)
     for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
         row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
-                    and r.get("structure", "unstructured") == structure and r.get("quant") == row_quant), None)
+                    and r.get("structure", "unstructured") == structure and r.get("quant") == row_quant
+                    and r.get("lr", LR) == LR), None)
         if row:
             return row["accuracy"], label(row)
     return None, None
@@ -501,7 +505,8 @@ def mean_row(rows: list[dict]) -> dict:
 
 def label(row: dict) -> str:
     """The method of a row with its structure and quantization, e.g. "gradual-obert 4-row" or "... + int8"."""
-    return row["method"] + STRUCTURE_LABELS[row.get("structure", "unstructured")] + (f" + {row['quant']}" if row.get("quant") else "")
+    return (row["method"] + STRUCTURE_LABELS[row.get("structure", "unstructured")] + (f" + {row['quant']}" if row.get("quant") else "")
+            + ("" if row.get("lr", LR) == LR else f" (lr {row['lr']:g})"))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -556,6 +561,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
     parser.add_argument("--sparsities", nargs="*", type=float, help="targets to run, e.g. 0.9 0.97")
     parser.add_argument("--structures", nargs="*", choices=sorted(STRUCTURES), help="structures to run, e.g. unstructured")
+    parser.add_argument("--gradual-lr", type=float, default=LR,
+                        help=f"learning rate of the gradual rows (default {LR:g}; another one makes rows of its own, "
+                             "to be chosen on the validation split)")
     args = parser.parse_args()
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else []
     if "speed" in args.rows or "split" in args.rows:
@@ -568,7 +576,7 @@ def main() -> None:
         print(speed_markdown(timed) if kind == "speed" else split_markdown(timed))
         return
     def key(row: dict) -> tuple:
-        return row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant")
+        return row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant"), row.get("lr", LR)
 
     runs = {key(r) + (r["seed"],) for r in rows if r.get("kind") == "run"}
     plan = []
@@ -583,8 +591,9 @@ def main() -> None:
             and (not args.sparsities or any(abs(p[1] - s) < 1e-9 for s in args.sparsities))
             and (not args.structures or p[2] in args.structures)]
     for method, target, structure, quant in plan:
+        lr = args.gradual_lr if method.startswith("gradual") else LR
         for seed in [args.seed] if args.seed is not None else range(args.seeds):
-            if (method, target, structure, quant, seed) in runs:
+            if (method, target, structure, quant, lr, seed) in runs:
                 continue
             print(f"[obert] {method} {target} {structure} {quant or ''} seed {seed}", flush=True)
             if method == "dense":
@@ -594,7 +603,7 @@ def main() -> None:
             elif method.startswith("oneshot"):
                 result = oneshot(method.removeprefix("oneshot-"), target, seed)
             else:
-                result = gradual(method, target, seed, structure, quant)
+                result = gradual(method, target, seed, structure, quant, lr)
             row = {"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
                    "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result
             print(f"[obert] {result}", flush=True)
