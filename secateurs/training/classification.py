@@ -47,6 +47,11 @@ class ClassificationData(PackedWindows):
         if teacher is not None and teacher.config.num_labels != classes:
             raise SecateursError(f"the teacher has {teacher.config.num_labels} classes, the model {classes}")
 
+    def example_losses(self, model: nn.Module, batch: dict) -> Tensor:
+        """Each example's cross-entropy [batch] (gradual oBERT's batched gradient samples)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
     def loss(self, weights: LossWeights, model: nn.Module, teacher: nn.Module | None, batch: dict, autocast):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         hidden = weights.squarehead > 0

@@ -110,6 +110,26 @@ def test_gradual_obert_fisher_comes_from_per_example_gradients(across_rows):
     assert torch.allclose(fishers[0].blocks, expected.blocks, rtol=1e-4, atol=1e-3 * float(expected.blocks.abs().max())), name
 
 
+@pytest.mark.parametrize("grad_batch, per_pass", [(1, 16), (1, 2), (2, 16), (3, 4)])
+def test_batched_gradient_samples_equal_one_backward_per_sample(grad_batch, per_pass, monkeypatch):
+    """Gradient samples from batched passes (per-example losses, output gradients times inputs)
+    equal one backward per mini-batch of grad_batch examples, whatever the examples per pass."""
+    import secateurs.training.progressive as progressive
+
+    model, examples = tiny_bert(), data()
+    trainer = Trainer(model, examples, config(), masks=open_masks(model), progress=False)
+    pruner = GradualOBert(trainer.masks, 0.0, 0.5, 0, 4, every=2, grads=5, grad_batch=grad_batch, block_size=8)
+    model.eval()
+    monkeypatch.setattr(progressive, "EXAMPLES_PER_PASS", per_pass)
+    batched = [[g.clone() for g in sample] for sample in pruner.gradient_samples(trainer, step=3)]
+    monkeypatch.delattr(ClassificationData, "example_losses")
+    single = [[g.clone() for g in sample] for sample in pruner.gradient_samples(trainer, step=3)]
+    assert len(batched) == len(single) == 5
+    for one, other in zip(batched, single):
+        for a, b in zip(one, other):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()) + 1e-12)
+
+
 @pytest.mark.parametrize("method", ["obert", "gmp"])
 @pytest.mark.parametrize("unit, across_rows", [(1, False), (4, False), (4, True)])
 def test_gradual_pruning_reaches_the_schedule_with_masks_enforced(method, unit, across_rows):
