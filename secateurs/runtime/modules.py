@@ -173,7 +173,7 @@ class BitmaskLinear(_BitmaskKernelBatch, CompressedLinear):
 
     def _compressed_matmul(self, x: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
         return kernel_function("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features,
-                                     mask_group=self.mask_group, bias=bias, activation=activation)
+                                             mask_group=self.mask_group, bias=bias, activation=activation)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return cast_weight(layouts.bitmask_to_dense(self.bitmask, self.values, self.row_offsets, self.in_features), dtype)
@@ -227,8 +227,8 @@ class SparseQuantLinear(_BitmaskKernelBatch, CompressedLinear):
             y = kernels.int8_blocks_mm(x.to(torch.float32), *self.int8_blocks, self.scale, self.in_features, bias=bias,
                                        activation=activation)
             return y.to(x.dtype)
-        return kernel_function("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features, self.scale,
-                                     mask_group=self.mask_group, bias=bias, activation=activation)
+        return kernel_function("bitmask_mm")(x, self.bitmask, self.values, self.row_offsets, self.in_features,
+                                             self.scale, mask_group=self.mask_group, bias=bias, activation=activation)
 
     @property
     def int8_blocks(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -385,8 +385,8 @@ class SparseInt4Linear(CompressedLinear):
         return cls(bitmask, packed, offsets, scale.float(), zero.float(), codes.shape[1], group_size, bias)
 
     def _compressed_matmul(self, x: Tensor) -> Tensor:
-        return kernel_function("sparse_int4_mm")(x, self.bitmask, self.packed, self.row_offsets, self.scale, self.zero,
-                                        self.in_features, self.group_size)
+        return kernel_function("sparse_int4_mm")(x, self.bitmask, self.packed, self.row_offsets, self.scale,
+                                                 self.zero, self.in_features, self.group_size)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         codes, keep = layouts.sparse_int4_unpack(self.bitmask, self.packed, self.row_offsets, self.in_features)
