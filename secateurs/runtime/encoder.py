@@ -12,6 +12,8 @@ kernel of a compressed intermediate layer, where it costs no extra pass over its
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
@@ -108,7 +110,10 @@ def accelerate_encoder(model: nn.Module, int8_activations: bool = False) -> nn.M
     (SparseQuantLinear) also quantize their inputs to int8 per token at batches of 64 tokens or
     more (AVX-512 VNNI; about 0.7% of a layer's largest output, so check the task's accuracy)."""
     fuse_activations(model)
-    for module in model.modules():
-        if isinstance(module, SparseQuantLinear):
-            module.int8_activations = int8_activations
+    layers = [module for module in model.modules() if isinstance(module, SparseQuantLinear)]
+    for module in layers:
+        module.int8_activations = int8_activations
+    if int8_activations and layers and kernels.kernel_path() != kernels.INT8_BLOCKS_PATH:
+        warnings.warn(f"int8 activations have no kernel on the {kernels.kernel_path()} path (AVX-512 VNNI needed): "
+                      "torch computes them, slower than the float32 sparse kernels", stacklevel=2)
     return use_native_attention(model)

@@ -132,6 +132,8 @@ def bitmask_mm(x: Tensor, bitmask: Tensor, values: Tensor, row_offsets: Tensor, 
 
 # Batches of at least this many tokens take the int8-activation kernel (a tile of 64 tokens is its unit).
 INT8_BLOCKS_MIN_TOKENS = 64
+# The path whose native kernel int8_blocks_mm runs (it needs VNNI, which only that path requires).
+INT8_BLOCKS_PATH = "avx512vbmi2"
 
 
 def int8_blocks_mm(x: Tensor, groups: Tensor, codes: Tensor, block_offsets: Tensor, code_sums: Tensor,
@@ -162,7 +164,7 @@ def int8_blocks_mm(x: Tensor, groups: Tensor, codes: Tensor, block_offsets: Tens
 
     path = kernel_path()
     library = native_library() if path != TORCH_PATH else None
-    if library is None or path != "avx512vbmi2":  # the kernel needs VNNI, which only that path requires
+    if library is None or path != INT8_BLOCKS_PATH:
         record_path(TORCH_PATH if library is None else path)
         return fallback()
     record_path(path)

@@ -150,6 +150,14 @@ def test_accelerate_encoder_sets_int8_activations_on_its_int8_layers():
     torch.testing.assert_close(quantized, reference, rtol=0.05, atol=0.05)
 
 
+def test_accelerate_encoder_warns_where_int8_activations_have_no_kernel():
+    from test_encoder import sparse_copy, tiny_bert
+
+    model = sparse_copy(tiny_bert(), SparseQuantLinear)
+    with forced_path("torch"), pytest.warns(UserWarning, match="no kernel on the torch path"):
+        accelerate_encoder(model, int8_activations=True)
+
+
 def test_forced_paths_agree(two_threads):
     codes, x, row_scale, bias = case(64, 200, 300, 0.25, seed=9)
     blocks = layouts.int8_blocks(codes)
