@@ -191,7 +191,7 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
     bitmask int8 modules (the deployed model, scored through its kernels); "int8-a8" also quantizes
     their inputs to int8 per token."""
-    from secateurs.runtime import SparseQuantLinear
+    from secateurs.runtime.encoder import use_int8_activations
     from secateurs.training.losses import LossWeights
     from secateurs.training.masks import open_masks
     from secateurs.training.progressive import GradualMagnitude, GradualOBert
@@ -218,13 +218,18 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     trainer.train()
     achieved = sparsity_of(model)
     if quant in ("int8", "int8-a8"):
-        model = with_linears(model, lambda layer: SparseQuantLinear.from_dense(layer.weight, layer.bias))
-        for module in model.modules():
-            if isinstance(module, SparseQuantLinear):
-                module.int8_activations = quant == "int8-a8"
+        model = int8_linears(model)
+        use_int8_activations(model, quant == "int8-a8")
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
             "kd": True, "epochs": EPOCHS, "lr": lr, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
+
+
+def int8_linears(model):
+    """A copy of `model` whose block linear layers are the runtime's bitmask int8 modules."""
+    from secateurs.runtime import SparseQuantLinear
+
+    return with_linears(model, lambda layer: SparseQuantLinear.from_dense(layer.weight, layer.bias))
 
 
 def with_linears(model, make):
@@ -410,17 +415,16 @@ def split_rows() -> list[dict]:
     import os
 
     from secateurs.models import load_classifier
-    from secateurs.runtime import SparseQuantLinear, kernels
+    from secateurs.runtime import kernels
     from secateurs.runtime.encoder import accelerate_encoder
     from secateurs.training.masks import block_linear_layers
 
     dense = load_classifier(ENCODER, 2).model.eval()
     linear_names = list(block_linear_layers(dense))
-    int8 = with_linears(magnitude_pruned(dense, 0.9, "unstructured"), lambda m: SparseQuantLinear.from_dense(m.weight, m.bias))
+    int8 = int8_linears(magnitude_pruned(dense, 0.9, "unstructured"))
     sparse = accelerate_encoder(copy.deepcopy(int8))
     sparse_a8 = accelerate_encoder(int8, int8_activations=True)
-    block_a8 = accelerate_encoder(with_linears(magnitude_pruned(dense, 0.9, "block4"),
-                                               lambda m: SparseQuantLinear.from_dense(m.weight, m.bias)), int8_activations=True)
+    block_a8 = accelerate_encoder(int8_linears(magnitude_pruned(dense, 0.9, "block4")), int8_activations=True)
     batch, rows = 8, []
     ids = torch.randint(1000, 20000, (batch, SEQLEN), generator=torch.Generator().manual_seed(batch))
     models = (("torch dense fp32", dense, "torch"),

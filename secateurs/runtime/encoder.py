@@ -110,10 +110,17 @@ def accelerate_encoder(model: nn.Module, int8_activations: bool = False) -> nn.M
     (SparseQuantLinear) also quantize their inputs to int8 per token at batches of 64 tokens or
     more (AVX-512 VNNI; about 0.7% of a layer's largest output, so check the task's accuracy)."""
     fuse_activations(model)
-    layers = [module for module in model.modules() if isinstance(module, SparseQuantLinear)]
-    for module in layers:
-        module.int8_activations = int8_activations
+    layers = use_int8_activations(model, int8_activations)
     if int8_activations and layers and kernels.kernel_path() != kernels.INT8_BLOCKS_PATH:
         warnings.warn(f"int8 activations have no kernel on the {kernels.kernel_path()} path (AVX-512 VNNI needed): "
                       "torch computes them, slower than the float32 sparse kernels", stacklevel=2)
     return use_native_attention(model)
+
+
+def use_int8_activations(model: nn.Module, on: bool = True) -> int:
+    """Every SparseQuantLinear of `model` (in place) on int8 activations, or back on float ones
+    (SparseQuantLinear.int8_activations); returns how many layers it set."""
+    layers = [module for module in model.modules() if isinstance(module, SparseQuantLinear)]
+    for module in layers:
+        module.int8_activations = on
+    return len(layers)

@@ -71,11 +71,15 @@ def _check_activations(x: object, in_features: int) -> None:
     _check_tensor("x", x, _ACTIVATION_DTYPES, (None, in_features))
 
 
-def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object, fallback) -> Tensor:
-    """Calls the native kernel on the active path (or the torch fallback) and records the path."""
+def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object, fallback,
+         paths: tuple[str, ...] = NATIVE_PATHS, recover=None) -> Tensor:
+    """Calls the native kernel on the active path (or the torch fallback) and records the path.
+    `paths`: the native paths that have this kernel (on the others the fallback computes it);
+    `recover(status, y)`: True when it has mended y for a nonzero status the kernel reports on
+    purpose (anything else raises)."""
     path = kernel_path()
     record_path(path)
-    if path == TORCH_PATH:
+    if path == TORCH_PATH or path not in paths:
         return fallback().to(x.dtype)
     y = torch.empty(x.shape[0], rows, dtype=x.dtype)
     if x.shape[0] == 0 or rows == 0:
@@ -83,7 +87,8 @@ def _run(function_name: str, x: Tensor, rows: int, cols: int, *arguments: object
     pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in arguments]
     status = getattr(native_library(), function_name)(
         PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, cols, *pointers, y.data_ptr())
-    raise_for_status(function_name, status, path)
+    if not (status and recover is not None and recover(status, y)):
+        raise_for_status(function_name, status, path)
     return y
 
 
@@ -145,8 +150,8 @@ def int8_blocks_mm(x: Tensor, groups: Tensor, codes: Tensor, block_offsets: Tens
     VNNI) and the torch computation of other paths agree bit for bit before the activation. A
     token holding a NaN or an infinity is computed in float32 instead (x @ (codes * row_scale)ᵀ)."""
     _check_tensor("x", x, (torch.float32,), (None, in_features))
-    rows = block_offsets.shape[0] - 1 if isinstance(block_offsets, Tensor) else -1
     _check_tensor("block_offsets", block_offsets, (torch.int64,), (None,))
+    rows = block_offsets.shape[0] - 1
     _check_tensor("groups", groups, (torch.int32,), (None,))
     _check_tensor("codes", codes, (torch.int32,), (groups.shape[0],))
     _check_tensor("code_sums", code_sums, (torch.int32,), (rows,))
@@ -159,28 +164,17 @@ def int8_blocks_mm(x: Tensor, groups: Tensor, codes: Tensor, block_offsets: Tens
     def dense_codes() -> Tensor:
         return layouts.int8_blocks_to_dense(groups, codes, block_offsets, in_features)
 
-    def fallback() -> Tensor:
-        return int8_blocks_reference(x, dense_codes(), row_scale, bias, activation)
-
-    path = kernel_path()
-    library = native_library() if path != TORCH_PATH else None
-    if library is None or path != INT8_BLOCKS_PATH:
-        record_path(TORCH_PATH if library is None else path)
-        return fallback()
-    record_path(path)
-    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    if x.shape[0] == 0 or rows == 0:
-        return y
-    status = library.secateurs_int8_blocks_mm(
-        PATH_IDS[path], torch.get_num_threads(), x.data_ptr(), _DTYPE_IDS[x.dtype], x.shape[0], rows, in_features,
-        groups.data_ptr(), codes.data_ptr(), block_offsets.data_ptr(), code_sums.data_ptr(), row_scale.data_ptr(),
-        None if bias is None else bias.data_ptr(), ACTIVATIONS.get(activation, _NO_ACTIVATION), y.data_ptr())
-    if status == _STATUS_NON_FINITE:
+    def recompute_non_finite(status: int, y: Tensor) -> bool:
+        if status != _STATUS_NON_FINITE:
+            return False
         rows_with = ~torch.isfinite(x).all(dim=1)
         y[rows_with] = int8_blocks_reference(x[rows_with], dense_codes(), row_scale, bias, activation)
-        return y
-    raise_for_status("secateurs_int8_blocks_mm", status, path)
-    return y
+        return True
+
+    return _run("secateurs_int8_blocks_mm", x, rows, in_features, groups, codes, block_offsets, code_sums, row_scale,
+                bias, ACTIVATIONS.get(activation, _NO_ACTIVATION),
+                fallback=lambda: int8_blocks_reference(x, dense_codes(), row_scale, bias, activation),
+                paths=(INT8_BLOCKS_PATH,), recover=recompute_non_finite)
 
 
 def int8_blocks_reference(x: Tensor, codes: Tensor, row_scale: Tensor, bias: Tensor | None,

@@ -64,6 +64,11 @@ namespace {
 
 constexpr int64_t kBlockBytes = kInt8Tile * 4;  // one block of a tile: [token][4 columns] bytes
 
+// The lanes of the 16 columns from j that exist (j < cols).
+inline __mmask16 columns_from(int64_t j, int64_t cols) {
+  return cols - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+}
+
 // Tokens [token0, token0 + lanes) of x as a tile of unsigned bytes, [group][kInt8Tile][4] (q + 128;
 // missing tokens and columns past `cols` are q = 0), and each token's scale (0 past `lanes`).
 // False when a token holds a NaN or an infinity. 16 tokens x 16 columns at a time: each token's 16
@@ -79,7 +84,7 @@ bool quantize_tile(const Activations& x, int64_t cols, int64_t token0, int64_t l
     const float* row = x.rows + (token0 + lane) * x.row_stride;
     __m512 largest = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: x * 0 is NaN only for NaN / inf
     for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 live = cols - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+      const __mmask16 live = columns_from(j, cols);
       const __m512 v = _mm512_maskz_loadu_ps(live, row + j);
       largest = _mm512_max_ps(largest, _mm512_abs_ps(v));
       poison = _mm512_add_ps(poison, _mm512_mul_ps(v, _mm512_setzero_ps()));
@@ -96,7 +101,7 @@ bool quantize_tile(const Activations& x, int64_t cols, int64_t token0, int64_t l
   const __m512i within = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   for (int64_t t0 = 0; t0 < kInt8Tile; t0 += 16) {
     for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 live = cols - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (cols - j)) - 1);
+      const __mmask16 live = columns_from(j, cols);
       __m512i words[4];  // words[k]: tokens t0 + 4k .. + 3, a 128-bit lane each (their 4 groups' bytes)
       for (int k = 0; k < 4; ++k) {
         __m512i packed = _mm512_setzero_si512();
