@@ -61,6 +61,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "obert.json"
 ENCODER, SEQLEN, EPOCHS, BATCH, LR, PRUNE_EVERY = "all-minilm-l6-v2", 128, 2, 16, 5e-5, 10
 ONESHOT_SPARSITIES = (0.5, 0.7, 0.8, 0.9)
+# The int8 compounds of the 90% model, stored as bitmask-int8 and scored as loaded back (training.encoder):
+# GPTQ with the mask held; QAT_EPOCHS more through a fake-quant; and the QAT's baseline, the same extra
+# epochs in float and then rounded to the grid QAT starts from.
+COMPOUNDS, QAT_EPOCHS = ("int8-gptq", "int8-qat", "int8-ft"), 0.5
 # (method, target, structure, quant): the int8 rows are the gradual oBERT models of the row before,
 # their block linear layers as the runtime's bitmask int8 modules (no training of their own); int8-a8
 # the same with int8 activations too (SparseQuantLinear.int8_activations)
@@ -69,7 +73,8 @@ GRADUAL = tuple((method, target, structure, quant)
                                           (0.8, "block4"), (0.9, "rows4"))
                 for method, quant in (("gradual-gmp", None), ("gradual-obert", None), ("gradual-obert", "int8"),
                                       ("gradual-obert", "int8-a8"))
-                if not (quant and structure == "block4") and not (method == "gradual-gmp" and structure == "rows4"))
+                if not (quant and structure == "block4") and not (method == "gradual-gmp" and structure == "rows4")) + tuple(
+    ("gradual-obert", 0.9, "unstructured", quant) for quant in COMPOUNDS)
 # structure -> (unit, across_rows, Fisher block): "block4" = oBERT's 4 consecutive weights of a row;
 # "rows4" = 4 consecutive rows of a column (rows in groups of 4 share masks: the batched kernel's fast
 # path). Blocks of 4 need a Fisher block that 4 divides.
@@ -220,9 +225,37 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     if quant in ("int8", "int8-a8"):
         model = int8_linears(model)
         use_int8_activations(model, quant == "int8-a8")
+    elif quant in COMPOUNDS:
+        model = compound(quant, model, dense, tokenizer, data, masks, config, name)
+    epochs = EPOCHS + (QAT_EPOCHS if quant in ("int8-qat", "int8-ft") else 0)
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
-            "kd": True, "epochs": EPOCHS, "lr": lr, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
+            "kd": True, "epochs": epochs, "lr": lr, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
+
+
+def compound(quant: str, model, dense, tokenizer, data, masks, config, name: str):
+    """The deployed int8 compound `quant` (COMPOUNDS) of a trained sparse model: saved as bitmask-int8
+    and loaded back. The extra training of QAT and of its float baseline resumes from checkpoints."""
+    import dataclasses
+    import tempfile
+
+    import secateurs
+    from secateurs.formats import save_compressed
+    from secateurs.training.encoder import gptq_int8, quantization_aware_int8, round_to_int8
+    from secateurs.training.trainer import Trainer
+
+    extra = dataclasses.replace(config, steps=steps_for(data, QAT_EPOCHS), checkpoint_every=25)
+    if quant == "int8-gptq":
+        grids = gptq_int8(model, data, 256, progress=True)
+    elif quant == "int8-qat":
+        grids, _ = quantization_aware_int8(model, data, extra, masks, dense, cache() / f"{name}-qat", resume=True)
+    else:
+        Trainer(model, data, extra, teacher=dense, masks=masks, output_dir=cache() / f"{name}-ft",
+                description="float baseline of QAT").train(resume=True)
+        grids = round_to_int8(model)
+    with tempfile.TemporaryDirectory(prefix="obert-int8-") as folder:
+        save_compressed(model, grids, Path(folder) / "model", tokenizer)
+        return secateurs.load(Path(folder) / "model").eval()
 
 
 def int8_linears(model):

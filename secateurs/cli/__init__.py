@@ -155,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--shared-rows", type=int, default=None,
                          help="prune blocks of this many consecutive rows of a column whole: rows in groups sharing one "
                               "mask, which the batched sparse kernel multiplies four at a time (4: 1.4-1.8x faster)")
-    encoder.add_argument("--int8", action="store_true", help="round the kept weights to per-row int8 after training "
-                         "and store bitmask-int8 layers")
+    encoder.add_argument("--int8", nargs="?", const="rtn", choices=("rtn", "gptq", "qat"),
+                         help="put the kept weights on per-row int8 grids after training and store bitmask-int8 "
+                              "layers: rtn (round to nearest, the default), gptq (second-order, on training examples), "
+                              "qat (train --qat-epochs more through a fake-quant)")
+    encoder.add_argument("--qat-epochs", type=float, default=0.5, help="epochs of quantization-aware training (--int8 qat)")
     encoder.add_argument("--seed", type=int, default=0)
     encoder.add_argument("--resume", action="store_true")
     encoder.set_defaults(run=cmd_prune_encoder)

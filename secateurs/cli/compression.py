@@ -146,7 +146,7 @@ def cmd_prune_encoder(args) -> None:
                            epochs=args.epochs, seqlen=args.seqlen, batch_size=args.batch, lr=args.lr,
                            hardness=args.hardness, temperature=args.temperature, prune_every=args.prune_every,
                            grads=args.grads, teacher_epochs=args.teacher_epochs, unit=args.shared_rows or args.block,
-                           across_rows=args.shared_rows is not None, int8=args.int8,
+                           across_rows=args.shared_rows is not None, int8=args.int8, qat_epochs=args.qat_epochs,
                            seed=args.seed, resume=args.resume,
                            progress=not VERBOSITY["quiet"])
     print(f"pruned {args.model} to {result.sparsity:.3f} ({args.method}): held-out accuracy "

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from secateurs.errors import SecateursError
-from secateurs.pipeline.statistics import HessianAccumulator
+from secateurs.algorithms.hessian import HessianAccumulator
 
 OBS_METHODS = ("sparsegpt", "gptq")  # column sweeps over an inverse Hessian factor
 

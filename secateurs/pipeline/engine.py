@@ -30,7 +30,8 @@ from secateurs.pipeline.capture import capture_block_inputs, run_block
 from secateurs.structure import find_blocks, get_weight, in_features, linear_layers, out_features, set_weight
 from secateurs.pipeline.distributed import ProcessGroup, layer_cost
 from secateurs.pipeline.layer import compress_layer, native_sweeps
-from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator, StatisticsHooks
+from secateurs.algorithms.hessian import HessianAccumulator
+from secateurs.pipeline.statistics import BlockStopped, StatisticsHooks
 from secateurs.recipe import Recipe, load_recipe
 from secateurs.sources import BlockSource, InMemoryModel
 

@@ -43,7 +43,8 @@ from secateurs.formats.module_file import compressible
 from secateurs.io import read_safetensors, write_json, write_safetensors
 from secateurs.pipeline.block_tuning import relative_error, tune_vq_codebooks
 from secateurs.pipeline.layer import compress_layer, native_sweeps
-from secateurs.pipeline.statistics import BlockStopped, HessianAccumulator
+from secateurs.algorithms.hessian import HessianAccumulator
+from secateurs.pipeline.statistics import BlockStopped
 from secateurs.recipe import Recipe
 from secateurs.runtime.vq_weight import set_vq_weight, stored_weight
 

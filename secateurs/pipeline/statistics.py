@@ -1,11 +1,5 @@
-"""Per-layer calibration statistics collected by forward hooks.
-
-H = 2 X Xᵀ / n is kept as the float sum of x xᵀ over tokens plus the token count, so partial sums
-from several processes (or resumed runs) add up exactly before the division. H is symmetric, so
-only its upper triangle is accumulated, by halving recursively: the rectangle above the diagonal
-between the two halves is one product, then each half's square the same way down to squares of at
-most LEAF_COLUMNS, computed whole. Measured on 2048-token chunks (2 cores): 32 ms instead of 51 for
-a full XᵀX of 1536 columns, 5.0 instead of 7.3 ms at 576. Wanda's
+"""Per-layer calibration statistics collected by forward hooks, into
+algorithms.hessian.HessianAccumulator (H = 2 X Xᵀ / n as an exact sum plus a token count). Wanda's
 per-input-column norms ‖X_j‖₂ are the square roots of that sum's diagonal; when no layer of the
 pass needs a Hessian (Wanda, OWL's outlier pass), only that diagonal is accumulated, which skips
 the XᵀX products (about a fifth of a block's two passes on SmolLM2).
@@ -18,50 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def upper_products(start: int, stop: int, leaf: int) -> list[tuple[int, int, int]]:
-    """(a, b, c): the products x[:, a:b]ᵀ x[:, b:c] (b == c: the square x[:, a:c]ᵀ x[:, a:c]) that
-    together cover the upper triangle of Xᵀ X restricted to columns [start, stop)."""
-    if stop - start <= leaf:
-        return [(start, stop, stop)]
-    middle = (start + stop) // 2
-    return [(start, middle, stop), *upper_products(start, middle, leaf), *upper_products(middle, stop, leaf)]
-
-
-class HessianAccumulator:
-    LEAF_COLUMNS = 192  # measured: 96 to 288 within 2% at 576 and 1536 columns
-
-    def __init__(self, columns: int, dtype: torch.dtype = torch.float32, device="cpu", full: bool = True):
-        self.full = full
-        # upper block triangle of Σ x xᵀ, or only its diagonal Σ x²
-        self.sum = torch.zeros((columns, columns) if full else (columns,), dtype=dtype, device=device)
-        self.count = 0
-        self._products = upper_products(0, columns, self.LEAF_COLUMNS)
-
-    def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.reshape(-1, inputs.shape[-1]).to(self.sum.dtype)
-        self.count += x.shape[0]
-        if not self.full:
-            self.sum.add_(x.square().sum(0))
-            return
-        for a, b, c in self._products:
-            if b == c:
-                self.sum[a:c, a:c].addmm_(x[:, a:c].t(), x[:, a:c])
-            else:
-                self.sum[a:b, b:c].addmm_(x[:, a:b].t(), x[:, b:c])
-
-    def merge(self, other_sum: torch.Tensor, other_count: int) -> None:
-        self.sum += other_sum.to(self.sum)
-        self.count += other_count
-
-    def hessian(self) -> torch.Tensor:
-        if not self.full:
-            raise ValueError("this accumulator holds only the diagonal of the Hessian")
-        upper = self.sum.triu() * (2.0 / max(self.count, 1))
-        return upper + upper.triu(1).T
-
-    def column_norms(self) -> torch.Tensor:
-        return (self.sum.diagonal() if self.full else self.sum).clamp_min(0).sqrt()
+from secateurs.algorithms.hessian import HessianAccumulator
 
 
 class BlockStopped(Exception):

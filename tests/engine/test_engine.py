@@ -7,7 +7,7 @@ import transformers as tf
 from secateurs.errors import SecateursError
 from secateurs.structure import find_blocks, get_weight, linear_layers
 from secateurs.pipeline.engine import Engine, compress_model
-from secateurs.pipeline.statistics import HessianAccumulator
+from secateurs.algorithms.hessian import HessianAccumulator
 from secateurs.recipe import load_recipe
 
 VOCAB = 96

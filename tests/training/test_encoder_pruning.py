@@ -32,7 +32,8 @@ def classifier_and_data(tmp_path_factory, bert_word_tokenizer):
     return folder
 
 
-@pytest.mark.parametrize("method, unit, int8", [("obert", 1, False), ("gmp", 1, False), ("gmp", 4, False), ("obert", 4, True)])
+@pytest.mark.parametrize("method, unit, int8", [("obert", 1, None), ("gmp", 1, None), ("gmp", 4, None), ("obert", 4, "rtn"),
+                                                ("gmp", 1, "gptq"), ("gmp", 1, "qat")])
 def test_prune_encoder_writes_a_sparse_model_that_loads_back(classifier_and_data, tmp_path, method, unit, int8):
     folder = classifier_and_data
     result = prune_encoder(folder / "model", folder / "train.csv", tmp_path / "out", sparsity=0.6, method=method,
@@ -85,16 +86,21 @@ def test_cli_prune_encoder_and_its_errors(classifier_and_data, tmp_path, capsys)
     assert "unit 3 does not divide the 16 outputs" in capsys.readouterr().err
     assert main(args(folder / "train.csv", "--shared-rows", "4", "--block", "4")) == 2
     assert "give one" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # argparse: usage, then one error line
+        main(args(folder / "train.csv", "--int8", "fp8"))
+    assert stopped.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err.splitlines()[-1]
+    assert main(args(folder / "train.csv", "--int8", "qat", "--qat-epochs", "0")) == 2
+    assert "qat_epochs > 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [[], ["--int8"], ["--int8", "gptq"]])
 def test_shared_rows_store_masks_that_rows_in_groups_of_4_share(classifier_and_data, tmp_path, capsys, int8):
     """--shared-rows 4: every layer's stored bitmask has rows in groups of 4 (or 8) with one mask,
     int8 rounding included, so the grouped kernel paths apply; scores as the trained model did."""
     folder = classifier_and_data
     assert main(["prune-encoder", "--model", str(folder / "model"), "--data", str(folder / "train.csv"), "--output",
                  str(tmp_path / "out"), "--sparsity", "0.5", "--epochs", "1", "--seqlen", "10", "--batch", "8",
-                 "--prune-every", "2", "--grads", "4", "--shared-rows", "4", "--quiet"] + (["--int8"] if int8 else [])) == 0
+                 "--prune-every", "2", "--grads", "4", "--shared-rows", "4", "--quiet"] + int8) == 0
     loaded = secateurs.load(tmp_path / "out")
     grouped = [m for m in loaded.modules() if hasattr(m, "bitmask")]
     assert grouped and all(m.mask_group >= 4 for m in grouped)
