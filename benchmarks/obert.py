@@ -192,10 +192,11 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
 
 
 def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None,
-            lr: float = LR) -> dict:
+            lr: float = LR, recovery: float = 0.0) -> dict:
     """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
     bitmask int8 modules (the deployed model, scored through its kernels); "int8-a8" also quantizes
-    their inputs to int8 per token."""
+    their inputs to int8 per token; COMPOUNDS are stored and loaded back. `recovery` > 0: that many
+    epochs more at the final sparsity after the protocol's (rows of their own)."""
     from secateurs.runtime.encoder import use_int8_activations
     from secateurs.training.losses import LossWeights
     from secateurs.training.masks import open_masks
@@ -221,15 +222,17 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
                       output_dir=cache() / name, description=f"{method} {sparsity} {structure}")
     resumed = trainer.resume()  # a finished row's checkpoint is its final model: nothing left to train
     trainer.train()
+    if recovery:
+        recover(model, dense, data, masks, config, recovery, cache() / f"{name}-recovery{recovery:g}")
     achieved = sparsity_of(model)
     if quant in ("int8", "int8-a8"):
         model = int8_linears(model)
         use_int8_activations(model, quant == "int8-a8")
     elif quant in COMPOUNDS:
         model = compound(quant, model, dense, tokenizer, data, masks, config, name)
-    epochs = EPOCHS + (QAT_EPOCHS if quant in ("int8-qat", "int8-ft") else 0)
+    epochs = EPOCHS + recovery + (QAT_EPOCHS if quant in ("int8-qat", "int8-ft") else 0)
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
-            "kd": True, "epochs": epochs, "lr": lr, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
+            "kd": True, "epochs": epochs, "lr": lr, "recovery": recovery, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
 
 
@@ -242,20 +245,30 @@ def compound(quant: str, model, dense, tokenizer, data, masks, config, name: str
     import secateurs
     from secateurs.formats import save_compressed
     from secateurs.training.encoder import gptq_int8, quantization_aware_int8, round_to_int8
-    from secateurs.training.trainer import Trainer
 
-    extra = dataclasses.replace(config, steps=steps_for(data, QAT_EPOCHS), checkpoint_every=25)
     if quant == "int8-gptq":
         grids = gptq_int8(model, data, 256, progress=True)
     elif quant == "int8-qat":
+        extra = dataclasses.replace(config, steps=steps_for(data, QAT_EPOCHS), checkpoint_every=25)
         grids, _ = quantization_aware_int8(model, data, extra, masks, dense, cache() / f"{name}-qat", resume=True)
     else:
-        Trainer(model, data, extra, teacher=dense, masks=masks, output_dir=cache() / f"{name}-ft",
-                description="float baseline of QAT").train(resume=True)
+        recover(model, dense, data, masks, config, QAT_EPOCHS, cache() / f"{name}-ft")
         grids = round_to_int8(model)
     with tempfile.TemporaryDirectory(prefix="obert-int8-") as folder:
         save_compressed(model, grids, Path(folder) / "model", tokenizer)
         return secateurs.load(Path(folder) / "model").eval()
+
+
+def recover(model, dense, data, masks, config, epochs: float, folder: Path) -> None:
+    """Train on `epochs` more at the final sparsity: the same distillation, a fresh linear schedule
+    from the row's learning rate, the masks held; resumes from its checkpoints in `folder`."""
+    import dataclasses
+
+    from secateurs.training.trainer import Trainer
+
+    extra = dataclasses.replace(config, steps=steps_for(data, epochs), checkpoint_every=25)
+    Trainer(model, data, extra, teacher=dense, masks=masks, output_dir=folder,
+            description=f"{epochs:g} epochs more at the final sparsity").train(resume=True)
 
 
 def int8_linears(model):
@@ -331,7 +344,7 @@ def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None,
     for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
         row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
                     and r.get("structure", "unstructured") == structure and r.get("quant") == row_quant
-                    and r.get("lr", LR) == LR), None)
+                    and r.get("lr", LR) == LR and not r.get("recovery")), None)
         if row:
             return row["accuracy"], label(row)
     return None, None
@@ -543,7 +556,8 @@ def mean_row(rows: list[dict]) -> dict:
 def label(row: dict) -> str:
     """The method of a row with its structure and quantization, e.g. "gradual-obert 4-row" or "... + int8"."""
     return (row["method"] + STRUCTURE_LABELS[row.get("structure", "unstructured")] + (f" + {row['quant']}" if row.get("quant") else "")
-            + ("" if row.get("lr", LR) == LR else f" (lr {row['lr']:g})"))
+            + ("" if row.get("lr", LR) == LR else f" (lr {row['lr']:g})")
+            + (f" (+{row['recovery']:g} epochs at s)" if row.get("recovery") else ""))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -598,6 +612,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="methods to run, e.g. oneshot-obert gradual-gmp")
     parser.add_argument("--sparsities", nargs="*", type=float, help="targets to run, e.g. 0.9 0.97")
     parser.add_argument("--structures", nargs="*", choices=sorted(STRUCTURES), help="structures to run, e.g. unstructured")
+    parser.add_argument("--quants", nargs="*", help="quantizations to run, e.g. none int8 int8-gptq")
+    parser.add_argument("--recovery-epochs", type=float, default=0.0,
+                        help="gradual rows train this many epochs more at their final sparsity (rows of their own)")
     parser.add_argument("--gradual-lr", type=float, default=LR,
                         help=f"learning rate of the gradual rows (default {LR:g}; another one makes rows of its own, "
                              "to be chosen on the validation split)")
@@ -613,7 +630,8 @@ def main() -> None:
         print(speed_markdown(timed) if kind == "speed" else split_markdown(timed))
         return
     def key(row: dict) -> tuple:
-        return row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant"), row.get("lr", LR)
+        return (row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant"), row.get("lr", LR),
+                row.get("recovery", 0.0))
 
     runs = {key(r) + (r["seed"],) for r in rows if r.get("kind") == "run"}
     plan = []
@@ -626,11 +644,13 @@ def main() -> None:
         plan += list(GRADUAL)
     plan = [p for p in plan if (not args.only or p[0] in args.only)
             and (not args.sparsities or any(abs(p[1] - s) < 1e-9 for s in args.sparsities))
-            and (not args.structures or p[2] in args.structures)]
+            and (not args.structures or p[2] in args.structures)
+            and (not args.quants or (p[3] or "none") in args.quants)]
     for method, target, structure, quant in plan:
         lr = args.gradual_lr if method.startswith("gradual") else LR
+        recovery = args.recovery_epochs if method.startswith("gradual") else 0.0
         for seed in [args.seed] if args.seed is not None else range(args.seeds):
-            if (method, target, structure, quant, lr, seed) in runs:
+            if (method, target, structure, quant, lr, recovery, seed) in runs:
                 continue
             print(f"[obert] {method} {target} {structure} {quant or ''} seed {seed}", flush=True)
             if method == "dense":
@@ -640,7 +660,7 @@ def main() -> None:
             elif method.startswith("oneshot"):
                 result = oneshot(method.removeprefix("oneshot-"), target, seed)
             else:
-                result = gradual(method, target, seed, structure, quant, lr)
+                result = gradual(method, target, seed, structure, quant, lr, recovery)
             row = {"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
                    "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result
             print(f"[obert] {result}", flush=True)
