@@ -13,9 +13,9 @@ the compound the runtime's int8 sparse kernels run, by one of INT8_METHODS: "rtn
 to nearest; "gptq" runs GPTQ layer after layer with the mask held, each layer's Hessian taken over
 the non-padding tokens of training examples with the layers before it already quantized; "qat"
 trains `qat_epochs` more through a straight-through fake-quant on the grids rounding fitted (the same
-distillation, masks held), so the stored model is the one trained. The result is written as a compressed directory (bitmask or
-bitmask-int8 layers), scored beside the teacher on a held-out slice of the data. Checkpoints go to
-`<output>.training/` (resume continues exactly).
+distillation, masks held), so the stored model is the one trained. The result is written as a
+compressed directory (bitmask or bitmask-int8 layers), scored beside the teacher on a held-out slice
+of the data. Checkpoints go to `<output>.training/` (resume continues exactly).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from secateurs.algorithms.hessian import HessianAccumulator
