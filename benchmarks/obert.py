@@ -239,7 +239,6 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
 def compound(quant: str, model, dense, tokenizer, data, masks, config, name: str):
     """The deployed int8 compound `quant` (COMPOUNDS) of a trained sparse model: saved as bitmask-int8
     and loaded back. The extra training of QAT and of its float baseline resumes from checkpoints."""
-    import dataclasses
     import tempfile
 
     import secateurs
@@ -249,8 +248,8 @@ def compound(quant: str, model, dense, tokenizer, data, masks, config, name: str
     if quant == "int8-gptq":
         grids = gptq_int8(model, data, 256, progress=True)
     elif quant == "int8-qat":
-        extra = dataclasses.replace(config, steps=steps_for(data, QAT_EPOCHS), checkpoint_every=25)
-        grids, _ = quantization_aware_int8(model, data, extra, masks, dense, cache() / f"{name}-qat", resume=True)
+        grids, _ = quantization_aware_int8(model, data, continuation(config, data, QAT_EPOCHS), masks, dense,
+                                           cache() / f"{name}-qat", resume=True)
     else:
         recover(model, dense, data, masks, config, QAT_EPOCHS, cache() / f"{name}-ft")
         grids = round_to_int8(model)
@@ -262,13 +261,17 @@ def compound(quant: str, model, dense, tokenizer, data, masks, config, name: str
 def recover(model, dense, data, masks, config, epochs: float, folder: Path) -> None:
     """Train on `epochs` more at the final sparsity: the same distillation, a fresh linear schedule
     from the row's learning rate, the masks held; resumes from its checkpoints in `folder`."""
-    import dataclasses
-
     from secateurs.training.trainer import Trainer
 
-    extra = dataclasses.replace(config, steps=steps_for(data, epochs), checkpoint_every=25)
-    Trainer(model, data, extra, teacher=dense, masks=masks, output_dir=folder,
+    Trainer(model, data, continuation(config, data, epochs), teacher=dense, masks=masks, output_dir=folder,
             description=f"{epochs:g} epochs more at the final sparsity").train(resume=True)
+
+
+def continuation(config, data, epochs: float):
+    """`config` for `epochs` more of training after a row (QAT, recovery), checkpointed every 25 steps."""
+    import dataclasses
+
+    return dataclasses.replace(config, steps=steps_for(data, epochs), checkpoint_every=25)
 
 
 def int8_linears(model):

@@ -95,13 +95,17 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
     examples = ClassificationData.from_texts(tokenizer, train.texts, train.labels, seqlen, seed=seed)
     output = Path(output_dir)
     training_dir = output.with_name(output.name + TRAINING_SUFFIX)
+
+    def steps_for(epochs_of_data: float) -> int:
+        return max(1, round(len(examples) * epochs_of_data / batch_size))
+
     if teacher_epochs > 0:  # the dense teacher: cross-entropy, the same batches and learning rate
-        config = TrainConfig(lr=lr, steps=max(1, round(len(examples) * teacher_epochs / batch_size)),
-                             batch_size=batch_size, seqlen=seqlen, seed=seed, losses=LossWeights(1, 0, 0))
+        config = TrainConfig(lr=lr, steps=steps_for(teacher_epochs), batch_size=batch_size, seqlen=seqlen, seed=seed,
+                             losses=LossWeights(1, 0, 0))
         Trainer(student, examples, config, output_dir=training_dir / "teacher", progress=progress,
                 description="dense teacher").train(resume=resume)
     teacher = copy.deepcopy(student).eval()
-    steps = max(1, round(len(examples) * epochs / batch_size))
+    steps = steps_for(epochs)
     end = max(prune_every, int(steps * prune_fraction) // prune_every * prune_every)
     masks = open_masks(student)
     pruner = (GradualOBert(masks, 0.0, sparsity, 0, end, every=prune_every, grads=grads,
@@ -123,7 +127,7 @@ def prune_encoder(model: str | Path, data: str | Path, output_dir: str | Path, *
     elif int8 == "gptq":
         grids = gptq_int8(student, examples, calibration, progress=progress)
     elif int8 == "qat":
-        qat_steps = max(1, round(len(examples) * qat_epochs / batch_size))
+        qat_steps = steps_for(qat_epochs)
         qat_config = TrainConfig(lr=lr, steps=qat_steps, batch_size=batch_size, seqlen=seqlen, seed=seed, losses=losses,
                                  checkpoint_every=max(1, qat_steps // 10))
         grids, _ = quantization_aware_int8(student, examples, qat_config, masks, teacher if hardness > 0 else None,
@@ -172,7 +176,7 @@ def gptq_int8(model, examples: ClassificationData, samples: int = 256, batch_siz
         tokens: list[torch.Tensor] = []  # the current batch's non-padding positions
 
         def take(module, args):
-            accumulator.add(args[0][tokens[0]].float())
+            accumulator.add(args[0][tokens[0]])  # the accumulator sums in its own float32
             raise _LayerInputTaken
 
         handle = layer.register_forward_pre_hook(take)
