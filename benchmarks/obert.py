@@ -192,11 +192,12 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
 
 
 def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None,
-            lr: float = LR, recovery: float = 0.0) -> dict:
+            lr: float = LR, recovery: float = 0.0, schedule: float = EPOCHS) -> dict:
     """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
     bitmask int8 modules (the deployed model, scored through its kernels); "int8-a8" also quantizes
     their inputs to int8 per token; COMPOUNDS are stored and loaded back. `recovery` > 0: that many
-    epochs more at the final sparsity after the protocol's (rows of their own)."""
+    epochs more at the final sparsity after the protocol's; `schedule`: the gradual run's length in
+    epochs, pruning over its first 2/3 (another than EPOCHS: rows of their own)."""
     from secateurs.runtime.encoder import use_int8_activations
     from secateurs.training.losses import LossWeights
     from secateurs.training.masks import open_masks
@@ -205,7 +206,7 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
 
     dense, tokenizer, data, scored, _ = teacher(seed)
     model = copy.deepcopy(dense)
-    steps = steps_for(data, EPOCHS)
+    steps = steps_for(data, schedule)
     end = steps * 2 // 3 // PRUNE_EVERY * PRUNE_EVERY
     masks = open_masks(model)
     unit, across_rows, fisher_block = STRUCTURES[structure]
@@ -217,7 +218,7 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
     started = time.perf_counter()
     # checkpoints (weights, masks, optimizer, data position) let a killed row continue where it stopped
     name = (f"{method}-{sparsity}-seed{seed}" + ("" if structure == "unstructured" else f"-{structure}")
-            + ("" if lr == LR else f"-lr{lr:g}"))
+            + ("" if lr == LR else f"-lr{lr:g}") + ("" if schedule == EPOCHS else f"-e{schedule:g}"))
     trainer = Trainer(model, data, config, teacher=dense, masks=masks, on_step=pruner,
                       output_dir=cache() / name, description=f"{method} {sparsity} {structure}")
     resumed = trainer.resume()  # a finished row's checkpoint is its final model: nothing left to train
@@ -230,9 +231,9 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
         use_int8_activations(model, quant == "int8-a8")
     elif quant in COMPOUNDS:
         model = compound(quant, model, dense, tokenizer, data, masks, config, name)
-    epochs = EPOCHS + recovery + (QAT_EPOCHS if quant in ("int8-qat", "int8-ft") else 0)
+    epochs = schedule + recovery + (QAT_EPOCHS if quant in ("int8-qat", "int8-ft") else 0)
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
-            "kd": True, "epochs": epochs, "lr": lr, "recovery": recovery, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
+            "kd": True, "epochs": epochs, "lr": lr, "recovery": recovery, "schedule": schedule, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
 
 
@@ -347,7 +348,7 @@ def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None,
     for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
         row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
                     and r.get("structure", "unstructured") == structure and r.get("quant") == row_quant
-                    and r.get("lr", LR) == LR and not r.get("recovery")), None)
+                    and r.get("lr", LR) == LR and not r.get("recovery") and r.get("schedule", EPOCHS) == EPOCHS), None)
         if row:
             return row["accuracy"], label(row)
     return None, None
@@ -560,7 +561,8 @@ def label(row: dict) -> str:
     """The method of a row with its structure and quantization, e.g. "gradual-obert 4-row" or "... + int8"."""
     return (row["method"] + STRUCTURE_LABELS[row.get("structure", "unstructured")] + (f" + {row['quant']}" if row.get("quant") else "")
             + ("" if row.get("lr", LR) == LR else f" (lr {row['lr']:g})")
-            + (f" (+{row['recovery']:g} epochs at s)" if row.get("recovery") else ""))
+            + (f" (+{row['recovery']:g} epochs at s)" if row.get("recovery") else "")
+            + ("" if row.get("schedule", EPOCHS) == EPOCHS else f" ({row['schedule']:g}-epoch schedule)"))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -618,6 +620,9 @@ def main() -> None:
     parser.add_argument("--quants", nargs="*", help="quantizations to run, e.g. none int8 int8-gptq")
     parser.add_argument("--recovery-epochs", type=float, default=0.0,
                         help="gradual rows train this many epochs more at their final sparsity (rows of their own)")
+    parser.add_argument("--gradual-epochs", type=float, default=EPOCHS,
+                        help=f"length of the gradual rows' run in epochs, pruning over its first 2/3 (default {EPOCHS}; "
+                             "another makes rows of their own)")
     parser.add_argument("--gradual-lr", type=float, default=LR,
                         help=f"learning rate of the gradual rows (default {LR:g}; another one makes rows of its own, "
                              "to be chosen on the validation split)")
@@ -634,7 +639,7 @@ def main() -> None:
         return
     def key(row: dict) -> tuple:
         return (row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant"), row.get("lr", LR),
-                row.get("recovery", 0.0))
+                row.get("recovery", 0.0), row.get("schedule", EPOCHS))
 
     runs = {key(r) + (r["seed"],) for r in rows if r.get("kind") == "run"}
     plan = []
@@ -652,8 +657,9 @@ def main() -> None:
     for method, target, structure, quant in plan:
         lr = args.gradual_lr if method.startswith("gradual") else LR
         recovery = args.recovery_epochs if method.startswith("gradual") else 0.0
+        schedule = args.gradual_epochs if method.startswith("gradual") else EPOCHS
         for seed in [args.seed] if args.seed is not None else range(args.seeds):
-            if (method, target, structure, quant, lr, recovery, seed) in runs:
+            if (method, target, structure, quant, lr, recovery, schedule, seed) in runs:
                 continue
             print(f"[obert] {method} {target} {structure} {quant or ''} seed {seed}", flush=True)
             if method == "dense":
@@ -663,7 +669,7 @@ def main() -> None:
             elif method.startswith("oneshot"):
                 result = oneshot(method.removeprefix("oneshot-"), target, seed)
             else:
-                result = gradual(method, target, seed, structure, quant, lr, recovery)
+                result = gradual(method, target, seed, structure, quant, lr, recovery, schedule)
             row = {"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
                    "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result
             print(f"[obert] {result}", flush=True)

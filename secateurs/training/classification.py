@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from secateurs.errors import SecateursError
 from secateurs.eval.classifier import tokenize
-from secateurs.training.losses import LossWeights, kl_divergence, squarehead
+from secateurs.training.losses import LossWeights, Share, kl_divergence, squarehead
 from secateurs.training.trainer import PackedWindows
 
 
@@ -52,7 +52,8 @@ class ClassificationData(PackedWindows):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
-    def loss(self, weights: LossWeights, model: nn.Module, teacher: nn.Module | None, batch: dict, autocast):
+    def loss(self, weights: LossWeights, model: nn.Module, teacher: nn.Module | None, batch: dict, autocast,
+             share: Share | None = None):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         hidden = weights.squarehead > 0
         teacher_out = None
@@ -63,13 +64,14 @@ class ClassificationData(PackedWindows):
             student_out = model(**inputs, output_hidden_states=hidden)
         total, parts = 0.0, {}
         if weights.ce:
+            # a mean over examples: every process holds as many, so no count needs sharing
             part = F.cross_entropy(student_out.logits.float(), batch["labels"])
             total, parts["ce"] = total + weights.ce * part, part.item()
         if weights.kl:  # one "token" per example: the mask is all ones
-            part = kl_divergence(student_out.logits[:, None], teacher_out.logits[:, None], None, weights.temperature)
+            part = kl_divergence(student_out.logits[:, None], teacher_out.logits[:, None], None, weights.temperature, share)
             total, parts["kl"] = total + weights.kl * part, part.item()
         if weights.squarehead:
-            part = squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], batch["attention_mask"])
+            part = squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], batch["attention_mask"], share)
             total, parts["squarehead"] = total + weights.squarehead * part, part.item()
         parts["loss"] = float(total.item())
         return total, parts

@@ -5,10 +5,16 @@ and SquareHead (Kurtic et al. 2023, "Sparse Fine-tuning for Inference Accelerati
 real tokens only. SquareHead for one block is mean((s - t)^2) / mean(t^2) over the real tokens and
 the hidden dimension; the loss sums it over the block outputs (transformers' hidden_states[1:], the
 last of which is taken after the final norm).
+
+Under data parallelism each process sees a slice of the batch. `share` (the trainer's mean over the
+processes) is applied to every denominator: each process then divides its own sums by the global
+batch's token count or teacher power, so the gradients averaged over the processes are exactly those
+of the global batch, SquareHead's normalization and padded batches included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,31 +60,38 @@ class LossWeights:
         return asdict(self)
 
 
+Share = Callable[[Tensor], Tensor]
+
+
 def _mask(mask: Tensor | None, shape) -> Tensor:
     return torch.ones(shape, dtype=torch.float32) if mask is None else mask.to(torch.float32)
 
 
-def cross_entropy(logits: Tensor, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+def _denominator(value: Tensor, share: Share | None) -> Tensor:
+    return value if share is None else share(value.detach())
+
+
+def cross_entropy(logits: Tensor, input_ids: Tensor, mask: Tensor | None = None, share: Share | None = None) -> Tensor:
     """Mean NLL of each next token, over positions whose token and next token are both real."""
     pair = _mask(mask, input_ids.shape).to(logits.device)
     pair = pair[:, :-1] * pair[:, 1:]
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                           reduction="none").view_as(pair)
-    return (nll * pair).sum() / pair.sum().clamp(min=1)
+    return (nll * pair).sum() / _denominator(pair.sum(), share).clamp(min=1)
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
-                  temperature: float = 1.0) -> Tensor:
+                  temperature: float = 1.0, share: Share | None = None) -> Tensor:
     """KL(teacher || student) of the softmaxes at `temperature`, mean over real tokens, times T^2
     (so its gradient's scale does not shrink with T, as in Hinton et al.)."""
     weights = _mask(mask, student_logits.shape[:2]).to(student_logits.device)
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = (teacher.exp() * (teacher - student)).sum(dim=-1)
-    return (per_token * weights).sum() / weights.sum().clamp(min=1) * temperature**2
+    return (per_token * weights).sum() / _denominator(weights.sum(), share).clamp(min=1) * temperature**2
 
 
-def squarehead(student_hidden, teacher_hidden, mask: Tensor | None = None) -> Tensor:
+def squarehead(student_hidden, teacher_hidden, mask: Tensor | None = None, share: Share | None = None) -> Tensor:
     """Sum over blocks of mean((s - t)^2) / mean(t^2) over real tokens (and the hidden dimension)."""
     if len(student_hidden) != len(teacher_hidden):
         raise SecateursError(f"SquareHead needs as many blocks in student and teacher "
@@ -89,23 +102,23 @@ def squarehead(student_hidden, teacher_hidden, mask: Tensor | None = None) -> Te
         s, t = s.float(), t.float()
         error = ((s - t).square() * weights).sum()
         scale = (t.square() * weights).sum()
-        total = total + error / scale.clamp(min=torch.finfo(torch.float32).tiny)
+        total = total + error / _denominator(scale, share).clamp(min=torch.finfo(torch.float32).tiny)
     return total
 
 
 def combined_loss(weights: LossWeights, student_out, input_ids: Tensor, mask: Tensor | None = None,
-                  teacher_out=None) -> tuple[Tensor, dict[str, float]]:
+                  teacher_out=None, share: Share | None = None) -> tuple[Tensor, dict[str, float]]:
     """The weighted sum and its parts (unweighted floats) from model outputs with `.logits` and,
     for SquareHead, `.hidden_states` (transformers' output_hidden_states=True: embeddings first)."""
     total, parts = 0.0, {}
     if weights.ce:
-        part = cross_entropy(student_out.logits, input_ids, mask)
+        part = cross_entropy(student_out.logits, input_ids, mask, share)
         total, parts["ce"] = total + weights.ce * part, part.item()
     if weights.kl:
-        part = kl_divergence(student_out.logits, teacher_out.logits, mask, weights.temperature)
+        part = kl_divergence(student_out.logits, teacher_out.logits, mask, weights.temperature, share)
         total, parts["kl"] = total + weights.kl * part, part.item()
     if weights.squarehead:
-        part = squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], mask)
+        part = squarehead(student_out.hidden_states[1:], teacher_out.hidden_states[1:], mask, share)
         total, parts["squarehead"] = total + weights.squarehead * part, part.item()
     parts["loss"] = float(total.item())
     return total, parts

@@ -10,8 +10,8 @@ optimizer moments, the masks, the RNG states, the data position and the loss his
 one continues bit-identically to a run that was never interrupted (same threads, same device).
 Under torchrun (a process group initialized by the caller, gloo on CPU or NCCL on GPU) each process
 takes its slice of every global micro-batch and the gradients are averaged before each step: equal
-to one process with the whole batch to float tolerance (for CE and KL; SquareHead's normalization is
-then per process). Rank 0 writes the checkpoints and the curve.
+to one process with the whole batch to float tolerance, for every loss (the losses' denominators,
+SquareHead's teacher power among them, are shared between the processes). Rank 0 writes the checkpoints and the curve.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from secateurs.errors import SecateursError
 from secateurs.io import atomic_directory, replace_atomically, write_safetensors, write_text
-from secateurs.training.losses import LossWeights, combined_loss
+from secateurs.training.losses import LossWeights, Share, combined_loss
 from secateurs.training.masks import MaskSet
 from secateurs.training.schedules import LR_SCHEDULES, lr_factor
 
@@ -131,7 +131,8 @@ class PackedWindows:
         if int(self.windows.min()) < 0 or int(self.windows.max()) >= vocab_size(model):
             raise SecateursError(f"the training token ids fall outside the model's vocabulary of {vocab_size(model)}")
 
-    def loss(self, weights: LossWeights, model: nn.Module, teacher: nn.Module | None, inputs: torch.Tensor, autocast):
+    def loss(self, weights: LossWeights, model: nn.Module, teacher: nn.Module | None, inputs: torch.Tensor, autocast,
+             share: Share | None = None):
         hidden = weights.squarehead > 0
         teacher_out = None
         if teacher is not None and weights.needs_teacher:
@@ -142,7 +143,7 @@ class PackedWindows:
                 teacher_out = runner(inputs, output_hidden_states=hidden, use_cache=False)
         with autocast():
             student_out = model(inputs, output_hidden_states=hidden, use_cache=False)
-        return combined_loss(weights, student_out, inputs, None, teacher_out)
+        return combined_loss(weights, student_out, inputs, None, teacher_out, share)
 
 
 @dataclass
@@ -281,9 +282,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
     def _micro_step(self, inputs) -> dict[str, float]:
-        loss, parts = self.data.loss(self.config.losses, self.model, self.teacher, inputs, self.autocast)
+        share = self._mean_over_processes if self.distributed else None
+        loss, parts = self.data.loss(self.config.losses, self.model, self.teacher, inputs, self.autocast, share)
         (loss / self.config.grad_accum).backward()
         return parts
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """`value`'s mean over the processes (the losses' shared denominators)."""
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value / self.world
 
     def _average(self, sums: dict[str, float]) -> dict[str, float]:
         """Average the gradients and the logged loss parts over the processes."""

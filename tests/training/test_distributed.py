@@ -2,14 +2,14 @@
 
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from secateurs.training.losses import LossWeights
 from secateurs.training.masks import masks_from_zeros
-from secateurs.training.trainer import TrainConfig, Trainer
-from training_helpers import DDP_CONFIG, ddp_worker, pruned, tiny_llama, tokens
+from secateurs.training.trainer import Trainer
+from training_helpers import DDP_LOSSES, ddp_case, ddp_worker, tiny_llama, tokens
 
 
 def free_port() -> int:
@@ -18,14 +18,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_equal_one_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("case", sorted(DDP_LOSSES))
+def test_two_processes_equal_one_with_the_global_batch(tmp_path, case):
+    """Every loss, SquareHead included (its teacher power and the token counts are shared between the
+    processes, so each process's loss is its part of the global batch's), and padded encoder batches."""
     out = tmp_path / "ddp.safetensors"
-    mp.spawn(ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    teacher = tiny_llama()
-    student = pruned(teacher, 0.5)
+    mp.spawn(ddp_worker, args=(2, free_port(), str(out), case), nprocs=2, join=True)
+    student, data, config, teacher = ddp_case(case, batch_size=2)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
-    config = TrainConfig(batch_size=2, losses=LossWeights(ce=1, kl=1, squarehead=0), **DDP_CONFIG)
-    Trainer(student, tokens(), config, teacher=teacher, masks=masks_from_zeros(student), progress=False).train()
+    Trainer(student, data, config, teacher=teacher, masks=masks_from_zeros(student), progress=False).train()
     parallel = load_file(out)
     for name, p in student.named_parameters():
         assert torch.allclose(parallel[name], p, rtol=1e-4, atol=1e-6), name
