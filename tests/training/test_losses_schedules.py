@@ -59,6 +59,44 @@ def test_squarehead_by_hand_with_padding():
     assert squarehead(students, teachers, mask).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_shared_denominators_make_two_halves_the_whole_batch():
+    """Two processes holding one half each of a padded batch, their losses' denominators shared
+    (share = the mean of both processes' values, as the trainer's all-reduce gives): the mean of the
+    two losses and of their gradients is the whole batch's loss and gradient, for every part."""
+    torch.manual_seed(4)
+    ids = torch.randint(0, 6, (4, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    logits = torch.randn(4, 5, 6, requires_grad=True)
+    hidden = [torch.randn(4, 5, 3, requires_grad=True) for _ in range(3)]
+    teacher = SimpleNamespace(logits=torch.randn(4, 5, 6),
+                              hidden_states=[torch.randn(4, 5, 3) * (i + 1) for i in range(3)])
+    weights = LossWeights(ce=1.0, kl=0.5, squarehead=2.0, temperature=2.0)
+
+    def loss(rows, share=None):
+        student = SimpleNamespace(logits=logits[rows], hidden_states=[h[rows] for h in hidden])
+        halves = SimpleNamespace(logits=teacher.logits[rows], hidden_states=[h[rows] for h in teacher.hidden_states])
+        return combined_loss(weights, student, ids[rows], mask[rows], halves, share)[0]
+
+    whole = loss(slice(0, 4))
+    used = [logits, *hidden[1:]]  # hidden_states[0] is the embeddings: no SquareHead term
+    expected = torch.autograd.grad(whole, used)
+    halves = (slice(0, 2), slice(2, 4))
+    seen = [[], []]
+    for index, rows in enumerate(halves):  # each process's own denominators, in the order it shares them
+        loss(rows, lambda value, index=index: seen[index].append(value) or value)
+    losses = []
+    for index, rows in enumerate(halves):
+        other = iter(seen[1 - index])
+        losses.append(loss(rows, lambda value: (value + next(other)) / 2))
+    mean = (losses[0] + losses[1]) / 2
+    assert mean.item() == pytest.approx(whole.item(), rel=1e-6)  # the losses compute in float32
+    for got, want in zip(torch.autograd.grad(mean, used), expected):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-8)
+    # without sharing, SquareHead's halves are normalized by their own teacher power: not the whole
+    alone = (loss(halves[0]) + loss(halves[1])) / 2
+    assert abs(alone.item() - whole.item()) > 1e-3
+
+
 def test_squarehead_reads_block_outputs_last_after_final_norm():
     """hidden_states[1:] of transformers are the block outputs, the last one after the final norm."""
     model = tiny_llama()
