@@ -192,12 +192,13 @@ def oneshot(method: str, sparsity: float, seed: int) -> dict:
 
 
 def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructured", quant: str | None = None,
-            lr: float = LR, recovery: float = 0.0, schedule: float = EPOCHS) -> dict:
+            lr: float = LR, recovery: float = 0.0, schedule: float = EPOCHS, squarehead: float = 0.0) -> dict:
     """A gradual row; with quant "int8", the trained model's block linear layers become the runtime's
     bitmask int8 modules (the deployed model, scored through its kernels); "int8-a8" also quantizes
     their inputs to int8 per token; COMPOUNDS are stored and loaded back. `recovery` > 0: that many
     epochs more at the final sparsity after the protocol's; `schedule`: the gradual run's length in
-    epochs, pruning over its first 2/3 (another than EPOCHS: rows of their own)."""
+    epochs, pruning over its first 2/3 (another than EPOCHS: rows of their own); `squarehead` > 0: the
+    distillation also matches every block's hidden states with that weight (rows of their own)."""
     from secateurs.runtime.encoder import use_int8_activations
     from secateurs.training.losses import LossWeights
     from secateurs.training.masks import open_masks
@@ -214,11 +215,12 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
                            block_size=fisher_block, across_rows=across_rows) if method == "gradual-obert"
               else GradualMagnitude(masks, 0.0, sparsity, 0, end, every=PRUNE_EVERY, unit=unit, across_rows=across_rows))
     config = TrainConfig(lr=lr, steps=steps, warmup_steps=0, batch_size=BATCH, seqlen=SEQLEN, seed=seed,
-                         losses=LossWeights(0, 1, 0, temperature=2.0), checkpoint_every=50)
+                         losses=LossWeights(0, 1, squarehead, temperature=2.0), checkpoint_every=50)
     started = time.perf_counter()
     # checkpoints (weights, masks, optimizer, data position) let a killed row continue where it stopped
     name = (f"{method}-{sparsity}-seed{seed}" + ("" if structure == "unstructured" else f"-{structure}")
-            + ("" if lr == LR else f"-lr{lr:g}") + ("" if schedule == EPOCHS else f"-e{schedule:g}"))
+            + ("" if lr == LR else f"-lr{lr:g}") + ("" if schedule == EPOCHS else f"-e{schedule:g}")
+            + (f"-sh{squarehead:g}" if squarehead else ""))
     trainer = Trainer(model, data, config, teacher=dense, masks=masks, on_step=pruner,
                       output_dir=cache() / name, description=f"{method} {sparsity} {structure}")
     resumed = trainer.resume()  # a finished row's checkpoint is its final model: nothing left to train
@@ -233,7 +235,7 @@ def gradual(method: str, sparsity: float, seed: int, structure: str = "unstructu
         model = compound(quant, model, dense, tokenizer, data, masks, config, name)
     epochs = schedule + recovery + (QAT_EPOCHS if quant in ("int8-qat", "int8-ft") else 0)
     return {"method": method, "sparsity": achieved, "target": sparsity, "structure": structure, "quant": quant,
-            "kd": True, "epochs": epochs, "lr": lr, "recovery": recovery, "schedule": schedule, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
+            "kd": True, "epochs": epochs, "lr": lr, "recovery": recovery, "schedule": schedule, "squarehead": squarehead, "seconds": time.perf_counter() - started, "resumed": resumed} | score(
         model, scored) | teacher_scores(seed)
 
 
@@ -348,7 +350,8 @@ def accuracy_for(accuracy: list[dict], sparsity: float, quant: str | None,
     for method, row_quant in (("gradual-obert", quant), ("gradual-obert", None), ("oneshot-obert", None)):
         row = next((r for r in accuracy if r["method"] == method and abs(r["target"] - sparsity) < 1e-9
                     and r.get("structure", "unstructured") == structure and r.get("quant") == row_quant
-                    and r.get("lr", LR) == LR and not r.get("recovery") and r.get("schedule", EPOCHS) == EPOCHS), None)
+                    and r.get("lr", LR) == LR and not r.get("recovery") and r.get("schedule", EPOCHS) == EPOCHS
+                    and not r.get("squarehead")), None)
         if row:
             return row["accuracy"], label(row)
     return None, None
@@ -562,7 +565,8 @@ def label(row: dict) -> str:
     return (row["method"] + STRUCTURE_LABELS[row.get("structure", "unstructured")] + (f" + {row['quant']}" if row.get("quant") else "")
             + ("" if row.get("lr", LR) == LR else f" (lr {row['lr']:g})")
             + (f" (+{row['recovery']:g} epochs at s)" if row.get("recovery") else "")
-            + ("" if row.get("schedule", EPOCHS) == EPOCHS else f" ({row['schedule']:g}-epoch schedule)"))
+            + ("" if row.get("schedule", EPOCHS) == EPOCHS else f" ({row['schedule']:g}-epoch schedule)")
+            + (f" (KD + SquareHead {row['squarehead']:g})" if row.get("squarehead") else ""))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -623,6 +627,9 @@ def main() -> None:
     parser.add_argument("--gradual-epochs", type=float, default=EPOCHS,
                         help=f"length of the gradual rows' run in epochs, pruning over its first 2/3 (default {EPOCHS}; "
                              "another makes rows of their own)")
+    parser.add_argument("--squarehead", type=float, default=0.0,
+                        help="weight of a SquareHead term (every block's hidden states) beside the gradual rows' "
+                             "KD (default 0: logits only, oBERT's; another makes rows of their own)")
     parser.add_argument("--gradual-lr", type=float, default=LR,
                         help=f"learning rate of the gradual rows (default {LR:g}; another one makes rows of its own, "
                              "to be chosen on the validation split)")
@@ -639,7 +646,7 @@ def main() -> None:
         return
     def key(row: dict) -> tuple:
         return (row["method"], row["target"], row.get("structure", "unstructured"), row.get("quant"), row.get("lr", LR),
-                row.get("recovery", 0.0), row.get("schedule", EPOCHS))
+                row.get("recovery", 0.0), row.get("schedule", EPOCHS), row.get("squarehead", 0.0))
 
     runs = {key(r) + (r["seed"],) for r in rows if r.get("kind") == "run"}
     plan = []
@@ -658,8 +665,9 @@ def main() -> None:
         lr = args.gradual_lr if method.startswith("gradual") else LR
         recovery = args.recovery_epochs if method.startswith("gradual") else 0.0
         schedule = args.gradual_epochs if method.startswith("gradual") else EPOCHS
+        squarehead = args.squarehead if method.startswith("gradual") else 0.0
         for seed in [args.seed] if args.seed is not None else range(args.seeds):
-            if (method, target, structure, quant, lr, recovery, schedule, seed) in runs:
+            if (method, target, structure, quant, lr, recovery, schedule, squarehead, seed) in runs:
                 continue
             print(f"[obert] {method} {target} {structure} {quant or ''} seed {seed}", flush=True)
             if method == "dense":
@@ -669,7 +677,7 @@ def main() -> None:
             elif method.startswith("oneshot"):
                 result = oneshot(method.removeprefix("oneshot-"), target, seed)
             else:
-                result = gradual(method, target, seed, structure, quant, lr, recovery, schedule)
+                result = gradual(method, target, seed, structure, quant, lr, recovery, schedule, squarehead)
             row = {"kind": "run", "seed": seed, "structure": "unstructured", "quant": None,
                    "threads": torch.get_num_threads(), "cpu": cpu_name(), "seqlen": SEQLEN} | result
             print(f"[obert] {result}", flush=True)
