@@ -56,7 +56,22 @@ def measure(bf16: bool) -> dict:
     return {"model": PROTOCOL["model"], "loss": "squarehead", "sparsity": 0.5, "bf16": bf16, "batch": BATCH,
             "seqlen": SEQLEN, "steps": STEPS, "seconds_per_step": seconds, "tokens_per_s": BATCH * SEQLEN / seconds,
             "threads": torch.get_num_threads(), "cpu": cpu_name(), "uptime": os.getloadavg(),
-            "cpu_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text()}
+            **cpu_features()}
+
+
+def cpu_features() -> dict:
+    """What tells two CPUs of the same model name apart here: native bf16, AMX tiles (oneDNN runs bf16
+    matmuls on them), and the family/model numbers."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    numbers = {key: line.split(":", 1)[1].strip() for line in info.splitlines()
+               for key in ("cpu family", "model") if line.split(":", 1)[0].strip() == key}
+    return {"cpu_bf16": "avx512_bf16" in info, "cpu_amx": "amx_tile" in info,
+            "cpu_model": f"{numbers.get('cpu family', '?')}/{numbers.get('model', '?')}"}
+
+
+def same_cpu(a: dict, b: dict) -> bool:
+    """Rows measured before the AMX/model fields existed came from CPUs without AMX."""
+    return (a["cpu"], a["cpu_bf16"], a.get("cpu_amx", False)) == (b["cpu"], b["cpu_bf16"], b.get("cpu_amx", False))
 
 
 def main() -> None:
@@ -70,7 +85,7 @@ def main() -> None:
     for kind in args.autocast:
         row = measure(kind == "bf16")
         print(f"[train_speed] bf16={row['bf16']}: {row['tokens_per_s']:.1f} tokens/s ({row['seconds_per_step']:.1f} s/step)")
-        rows = [r for r in rows if (r["cpu"], r["cpu_bf16"], r["bf16"]) != (row["cpu"], row["cpu_bf16"], row["bf16"])] + [row]
+        rows = [r for r in rows if not (same_cpu(r, row) and r["bf16"] == row["bf16"])] + [row]
         write_json(JSON_PATH, rows)
         write_markdown(rows)
 
@@ -78,12 +93,13 @@ def main() -> None:
 def write_markdown(rows: list[dict]) -> None:
     lines = ["Fine-tuning step throughput: SmolLM2-135M at 50% sparsity, SquareHead + CE with the dense teacher, "
              f"batch {BATCH} x {SEQLEN}, AdamW with masks enforced (benchmarks/train_speed.py).", "",
-             "| CPU | native bf16 | threads | autocast | tokens/s | s/step | vs float32 | load average |",
-             "|---|---|---:|---|---:|---:|---:|---|"]
+             "| CPU | family/model | native bf16 | AMX | threads | autocast | tokens/s | s/step | vs float32 | load average |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---|"]
     for row in rows:
-        base = next((r for r in rows if r["cpu"] == row["cpu"] and r["cpu_bf16"] == row["cpu_bf16"] and not r["bf16"]), None)
+        base = next((r for r in rows if same_cpu(r, row) and not r["bf16"]), None)
         ratio = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        lines.append(f"| {row['cpu']} | {'yes' if row['cpu_bf16'] else 'no'} | {row['threads']} | "
+        lines.append(f"| {row['cpu']} | {row.get('cpu_model', 'not recorded')} | {'yes' if row['cpu_bf16'] else 'no'} | "
+                     f"{'yes' if row.get('cpu_amx') else 'no'} | {row['threads']} | "
                      f"{'bf16' if row['bf16'] else 'float32'} | {row['tokens_per_s']:.1f} | {row['seconds_per_step']:.1f} | "
                      f"{ratio} | {', '.join(f'{v:.2f}' for v in row['uptime'])} |")
     (RESULTS / "train_speed.md").write_text("\n".join(lines) + "\n")
