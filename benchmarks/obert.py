@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not a package
-from quality import cpu_name, write_json
+from quality import cpu_label, cpu_name, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -404,7 +404,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                              "dtype": dtype, "runtime": runtime, "structure": structure, "batch": batch, "seqlen": SEQLEN,
                              "threads": threads,
                              "seq_per_s": batch / statistics.median(spent), "accuracy": acc, "accuracy_from": source,
-                             "cpu": cpu_name(), "isa": kernels.kernel_path() if engine == "secateurs" else "torch",
+                             "cpu": cpu_label(), "isa": kernels.kernel_path() if engine == "secateurs" else "torch",
                              "uptime": os.getloadavg()})
                 print(f"[obert] speed {method} {sparsity} {quant or dtype} {runtime or ''} batch {batch} "
                       f"threads {threads}: {rows[-1]['seq_per_s']:.1f} seq/s", flush=True)
@@ -495,7 +495,7 @@ def split_rows() -> list[dict]:
         for index, (name, _, isa) in enumerate(models):
             ms = {part: statistics.median(r[index][part] for r in rounds) for part in rounds[0][index]}
             rows.append({"kind": "split", "model": name, "batch": batch, "seqlen": SEQLEN, "threads": threads,
-                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_name(), "isa": isa, "uptime": load})
+                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_label(), "isa": isa, "uptime": load})
             print(f"[obert] split {name} threads {threads}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
     return rows
 

@@ -53,6 +53,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> dict:
+    """What tells two CPUs of the same model name apart here: native bf16, AMX tiles (oneDNN runs bf16
+    matmuls on them), and the family/model numbers."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    numbers = {key: line.split(":", 1)[1].strip() for line in info.splitlines()
+               for key in ("cpu family", "model") if line.split(":", 1)[0].strip() == key}
+    return {"cpu_bf16": "avx512_bf16" in info, "cpu_amx": "amx_tile" in info,
+            "cpu_model": f"{numbers.get('cpu family', '?')}/{numbers.get('model', '?')}"}
+
+
+def cpu_label() -> str:
+    """The model name with family/model and AMX: speed rows of two CPUs sold under one name stay apart."""
+    features = cpu_features()
+    return f"{cpu_name()} ({features['cpu_model']}{', AMX' if features['cpu_amx'] else ''})"
+
+
 def _row(method, sparsity=None, pattern="unstructured", bits=None, group_size=None, recipe=None):
     return {"method": method, "sparsity": sparsity, "pattern": pattern, "bits": bits, "group_size": group_size,
             "recipe": recipe}

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import PROTOCOL, cpu_name, write_json  # noqa: E402
+from quality import PROTOCOL, cpu_features, cpu_name, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH = RESULTS / "train_speed.json"
@@ -57,16 +57,6 @@ def measure(bf16: bool) -> dict:
             "seqlen": SEQLEN, "steps": STEPS, "seconds_per_step": seconds, "tokens_per_s": BATCH * SEQLEN / seconds,
             "threads": torch.get_num_threads(), "cpu": cpu_name(), "uptime": os.getloadavg(),
             **cpu_features()}
-
-
-def cpu_features() -> dict:
-    """What tells two CPUs of the same model name apart here: native bf16, AMX tiles (oneDNN runs bf16
-    matmuls on them), and the family/model numbers."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    numbers = {key: line.split(":", 1)[1].strip() for line in info.splitlines()
-               for key in ("cpu family", "model") if line.split(":", 1)[0].strip() == key}
-    return {"cpu_bf16": "avx512_bf16" in info, "cpu_amx": "amx_tile" in info,
-            "cpu_model": f"{numbers.get('cpu family', '?')}/{numbers.get('model', '?')}"}
 
 
 def same_cpu(a: dict, b: dict) -> bool:
