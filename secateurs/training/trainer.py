@@ -21,6 +21,7 @@ import io
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,6 +167,16 @@ def to_device(batch, device: torch.device):
     return batch.to(device)
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU lists AMX tiles, on which oneDNN multiplies bf16 matrices in hardware. Without
+    them bf16 autocast measured slower than float32 (0.56x on AVX512-BF16 alone; 1.86x with AMX:
+    benchmarks/results/train_speed.md). Unknown (no /proc/cpuinfo) counts as yes: no warning."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+
+
 def vocab_size(model: nn.Module) -> int:
     embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None:
@@ -188,6 +199,9 @@ class Trainer:
             raise SecateursError("the KL and SquareHead losses need a teacher model")
         if config.bf16 and self.device.type == "cpu" and not torch.backends.mkldnn.is_available():
             raise SecateursError("bf16 autocast on this CPU needs oneDNN (torch.backends.mkldnn)")
+        if config.bf16 and self.device.type == "cpu" and not cpu_has_amx():
+            warnings.warn("bf16 autocast on a CPU without AMX tiles runs slower than float32 here "
+                          "(measured 0.56x); it pays on CPUs with AMX (1.86x)", stacklevel=2)
         self.data = data if hasattr(data, "loss") else PackedWindows(data, config.seqlen, config.seed)
         self.data.check(model, teacher)
         self.model, self.teacher, self.masks, self.config = model, teacher, masks, config

@@ -242,3 +242,46 @@ def test_mask_check_catches_a_revived_weight_and_a_broken_nm_group():
         weight[tuple(pruned_at)] = 0.25
         with pytest.raises(SecateursError, match="break the 2:4 pattern"):
             masks.check()
+
+
+def test_bf16_autocast_trains_float32_weights_and_keeps_the_masks(monkeypatch):
+    """Under bf16 autocast the weights and Adam moments stay float32, the masks exact, and the
+    losses follow the float32 run's to bf16 precision."""
+    import secateurs.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "cpu_has_amx", lambda: True)
+    teacher = tiny_llama(seed=3)
+    runs = {}
+    for bf16 in (False, True):
+        student = pruned(teacher, 0.5)
+        masks = masks_from_zeros(student)
+        config = TrainConfig(steps=6, bf16=bf16, losses=LossWeights(ce=1, squarehead=1), **SMALL)
+        trainer = Trainer(student, tokens(), config, teacher=teacher, masks=masks, progress=False)
+        trainer.train()
+        masks.check()
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+        assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.is_floating_point())
+        runs[bf16] = [row["loss"] for row in trainer.history]
+    assert runs[False] != runs[True]  # autocast did run in bf16
+    for exact, reduced in zip(runs[False], runs[True]):
+        assert reduced == pytest.approx(exact, rel=0.05)
+
+
+def test_bf16_autocast_warns_on_a_cpu_without_amx(monkeypatch):
+    import warnings
+
+    import secateurs.training.trainer as trainer_module
+
+    ce = LossWeights(ce=1, squarehead=0)
+    config = TrainConfig(steps=1, bf16=True, losses=ce, **SMALL)
+    monkeypatch.setattr(trainer_module, "cpu_has_amx", lambda: False)
+    with pytest.warns(UserWarning, match="without AMX"):
+        Trainer(tiny_llama(), tokens(), config, progress=False)
+    monkeypatch.setattr(trainer_module, "cpu_has_amx", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(tiny_llama(), tokens(), config, progress=False)
+    with warnings.catch_warnings():  # float32 never warns
+        warnings.simplefilter("error")
+        Trainer(tiny_llama(), tokens(), TrainConfig(steps=1, losses=ce, **SMALL), progress=False)
