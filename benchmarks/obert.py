@@ -383,7 +383,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
         # the int8 model of the loop's last pass with int8 activations too
         variants[("sparse", sparsity, "int8-a8", "secateurs", "fp32", "encoder", structure)] = \
             accelerate_encoder(copy.deepcopy(linears), int8_activations=True)
-    rows = []
+    rows, cpu, isa = [], cpu_label(), kernels.kernel_path()  # read once, not per row
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
         for batch in SPEED_BATCHES:
@@ -404,7 +404,7 @@ def speed_rows(accuracy: list[dict]) -> list[dict]:
                              "dtype": dtype, "runtime": runtime, "structure": structure, "batch": batch, "seqlen": SEQLEN,
                              "threads": threads,
                              "seq_per_s": batch / statistics.median(spent), "accuracy": acc, "accuracy_from": source,
-                             "cpu": cpu_label(), "isa": kernels.kernel_path() if engine == "secateurs" else "torch",
+                             "cpu": cpu, "isa": isa if engine == "secateurs" else "torch",
                              "uptime": os.getloadavg()})
                 print(f"[obert] speed {method} {sparsity} {quant or dtype} {runtime or ''} batch {batch} "
                       f"threads {threads}: {rows[-1]['seq_per_s']:.1f} seq/s", flush=True)
@@ -484,7 +484,7 @@ def split_rows() -> list[dict]:
               ("bitmask int8 90%, encoder runtime", sparse, kernels.kernel_path()),
               ("bitmask int8-a8 90%, encoder runtime", sparse_a8, kernels.kernel_path()),
               ("bitmask int8-a8 90% 4-block, encoder runtime", block_a8, kernels.kernel_path()))
-    mask = torch.ones_like(ids)
+    mask, cpu = torch.ones_like(ids), cpu_label()
     for threads in SPEED_THREADS:
         torch.set_num_threads(threads)
         load = os.getloadavg()
@@ -495,7 +495,7 @@ def split_rows() -> list[dict]:
         for index, (name, _, isa) in enumerate(models):
             ms = {part: statistics.median(r[index][part] for r in rounds) for part in rounds[0][index]}
             rows.append({"kind": "split", "model": name, "batch": batch, "seqlen": SEQLEN, "threads": threads,
-                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu_label(), "isa": isa, "uptime": load})
+                         "total_ms": ms.pop("total"), "ms": ms, "cpu": cpu, "isa": isa, "uptime": load})
             print(f"[obert] split {name} threads {threads}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()), flush=True)
     return rows
 
